@@ -1,0 +1,1 @@
+"""Mini-ImageNet and custom dataset loaders (to be written)."""

@@ -1,0 +1,1 @@
+"""Embedded glyphs dataset (to be written)."""

@@ -1,0 +1,209 @@
+"""The canonical in-memory image store every dataset source is converted to.
+
+An :class:`ImageStore` holds
+
+* ``images``: ``uint8`` array ``(N, H, W, 3)`` (usually a read-only ``np.memmap``),
+* ``labels``: ``int64`` array ``(N,)`` indexing ``class_names``,
+* ``class_names``: one name per class (wnids for Mini-ImageNet),
+* ``class_splits``: ``"train" | "val" | "test"`` per class.
+
+Images are kept in canonical order: grouped by class (in ``class_names`` order), and
+within a class by rank (the order of the source: CSV row order for Ravi & Larochelle,
+sorted file names for folders, list order for pickles). An image is therefore addressed
+by ``(class name, rank within class)``, which is what episode files store.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ..errors import DataError
+
+SPLITS = ("train", "val", "test")
+
+
+def default_cache_dir() -> Path:
+    """``$FEWSHOT_NSL_CACHE`` or ``~/.cache/fewshot_nsl``."""
+    return Path(os.environ.get("FEWSHOT_NSL_CACHE", Path.home() / ".cache" / "fewshot_nsl"))
+
+
+@dataclass
+class ImageStore:
+    """Images, labels, class names and class splits of one dataset, in canonical order.
+
+    Attributes:
+        name: dataset name ("glyphs", "miniimagenet", "custom").
+        images: ``uint8`` ``(N, H, W, 3)``.
+        labels: ``int64`` ``(N,)``, non-decreasing (grouped by class).
+        class_names: ``C`` names.
+        class_splits: ``C`` split names.
+        synthetic: True for generated data whose numbers are not comparable to real data.
+        source: human-readable description of where the data came from.
+    """
+
+    name: str
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: List[str]
+    class_splits: List[str]
+    synthetic: bool = False
+    source: str = ""
+    _offsets: np.ndarray = field(init=False, repr=False)
+    _fingerprint: Optional[str] = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
+            raise DataError(
+                f"{self.name}: images must be uint8 (N, H, W, 3), got {self.images.dtype} "
+                f"{tuple(self.images.shape)}; convert the source to RGB uint8"
+            )
+        if len(self.labels) != len(self.images):
+            raise DataError(f"{self.name}: {len(self.images)} images but {len(self.labels)} labels")
+        if len(self.class_names) != len(self.class_splits):
+            raise DataError(f"{self.name}: class_names and class_splits differ in length")
+        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
+            raise DataError(
+                f"{self.name}: labels out of range 0..{len(self.class_names) - 1}; "
+                f"check the label column of the source"
+            )
+        if np.any(np.diff(self.labels) < 0):
+            raise DataError(f"{self.name}: images are not grouped by class; build it with ImageStore.from_unsorted")
+        bad = sorted(set(self.class_splits) - set(SPLITS))
+        if bad:
+            raise DataError(f"{self.name}: unknown split name(s) {bad}; use train/val/test")
+        counts = np.bincount(self.labels, minlength=len(self.class_names))
+        self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_unsorted(
+        cls,
+        name: str,
+        images: np.ndarray,
+        labels: Sequence[int],
+        class_names: List[str],
+        class_splits: List[str],
+        **kwargs,
+    ) -> "ImageStore":
+        """Build a store from images in any order; a stable sort keeps within-class order."""
+        labels = np.asarray(labels, dtype=np.int64)
+        order = np.argsort(labels, kind="stable")
+        if np.any(order != np.arange(len(order))):
+            images = images[order]
+            labels = labels[order]
+        return cls(name, images, labels, list(class_names), list(class_splits), **kwargs)
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple:
+        """``(H, W, 3)``."""
+        return tuple(self.images.shape[1:])
+
+    def class_size(self, c: int) -> int:
+        return int(self._offsets[c + 1] - self._offsets[c])
+
+    def class_members(self, c: int) -> np.ndarray:
+        """Store indices of class ``c`` in rank order, ``int64 (n_c,)``."""
+        return np.arange(self._offsets[c], self._offsets[c + 1], dtype=np.int64)
+
+    def index_of(self, c: int, ranks: Sequence[int]) -> np.ndarray:
+        """Store indices of the images of class ``c`` with the given ranks."""
+        ranks = np.asarray(ranks, dtype=np.int64)
+        if len(ranks) and (ranks.min() < 0 or ranks.max() >= self.class_size(c)):
+            raise DataError(
+                f"{self.name}: class {self.class_names[c]} has {self.class_size(c)} images, "
+                f"an episode asks for rank {int(ranks.max())}; the episode list does not match this dataset"
+            )
+        return self._offsets[c] + ranks
+
+    def classes_in_split(self, split: str) -> List[int]:
+        """Class indices belonging to ``split``, in class order."""
+        if split not in SPLITS:
+            raise DataError(f"unknown split '{split}'; use one of {', '.join(SPLITS)}")
+        return [i for i, s in enumerate(self.class_splits) if s == split]
+
+    def class_index(self) -> Dict[str, int]:
+        return {n: i for i, n in enumerate(self.class_names)}
+
+    def split_counts(self) -> Dict[str, int]:
+        return {s: len(self.classes_in_split(s)) for s in SPLITS}
+
+    def fingerprint(self) -> str:
+        """sha256 (hex, 16 chars) of the metadata and all image bytes; cached."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            h.update(json.dumps([self.class_names, self.class_splits]).encode())
+            h.update(self.labels.tobytes())
+            h.update(str(self.images.shape).encode())
+            chunk = 4096
+            for i in range(0, len(self.images), chunk):
+                h.update(np.ascontiguousarray(self.images[i : i + chunk]).tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    # ------------------------------------------------------------------ disk cache
+    def save(self, directory: Path) -> None:
+        """Write the store to ``directory`` (``images.npy`` + ``labels.npy`` + ``meta.json``) atomically."""
+        directory = Path(directory)
+        tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        np.save(tmp / "images.npy", np.ascontiguousarray(self.images))
+        np.save(tmp / "labels.npy", self.labels)
+        meta = {
+            "name": self.name,
+            "class_names": self.class_names,
+            "class_splits": self.class_splits,
+            "synthetic": self.synthetic,
+            "source": self.source,
+            "fingerprint": self.fingerprint(),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        if directory.exists():
+            import shutil
+
+            shutil.rmtree(directory, ignore_errors=True)
+        os.replace(tmp, directory)
+
+    @classmethod
+    def load(cls, directory: Path) -> "ImageStore":
+        """Memory-map a store written by :meth:`save`."""
+        directory = Path(directory)
+        meta = json.loads((directory / "meta.json").read_text())
+        images = np.load(directory / "images.npy", mmap_mode="r")
+        labels = np.load(directory / "labels.npy")
+        store = cls(
+            meta["name"],
+            images,
+            labels,
+            meta["class_names"],
+            meta["class_splits"],
+            synthetic=meta["synthetic"],
+            source=meta["source"],
+        )
+        store._fingerprint = meta.get("fingerprint")
+        return store
+
+    @staticmethod
+    def is_cached(directory: Path) -> bool:
+        return (Path(directory) / "meta.json").is_file()
+
+
+def check_min_images(store: ImageStore, split: str, needed: int) -> None:
+    """Refuse a split having a class with fewer than ``needed`` (= shots + queries) images."""
+    for c in store.classes_in_split(split):
+        if store.class_size(c) < needed:
+            raise DataError(
+                f"{store.name}: class {store.class_names[c]} ({split}) has {store.class_size(c)} images, "
+                f"fewer than shots+queries={needed}; lower --shots/--queries or fix the source"
+            )

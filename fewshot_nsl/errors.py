@@ -1,0 +1,27 @@
+"""User-facing errors.
+
+Every problem caused by the user's input (paths, datasets, options, configs) is raised
+as a :class:`FewShotError` whose message is one line saying what is wrong and how to
+fix it. The CLI prints ``error: <message>`` and exits with status 2, never a traceback.
+"""
+from __future__ import annotations
+
+
+class FewShotError(Exception):
+    """Base class for errors whose message is meant for the user, verbatim."""
+
+
+class DataError(FewShotError):
+    """A dataset source is missing, malformed, mislabelled or too small."""
+
+
+class ConfigError(FewShotError):
+    """A configuration value, option name or CLI argument is invalid."""
+
+
+class RegistryError(ConfigError):
+    """An unknown method, backbone or dataset name, or an unknown option for one."""
+
+
+class NumericalError(FewShotError):
+    """A NaN or Inf appeared in a loss or in logits."""

@@ -1,0 +1,84 @@
+"""The one base class every few-shot method (built-in, baseline or plugin) derives from.
+
+A method is an ``nn.Module`` around a backbone with two calls:
+
+* ``fit_support(support_x, support_y)``: absorb the support set of an episode
+  (``(ways*shots, 3, H, W)`` images, ``(ways*shots,)`` labels in ``0..ways-1``);
+* ``forward(query_x) -> logits``: ``(n_query, 3, H, W)`` -> ``(n_query, ways)``.
+
+The harness evaluates under ``torch.no_grad()``; methods that adapt by gradient steps
+open ``torch.enable_grad()`` inside ``fit_support`` themselves. Episodic training uses
+:meth:`FewShotMethod.loss`, which calls the same ``fit_support``/``forward`` (no copy of
+the forward code).
+
+Class attributes declare how a method is trained:
+
+* ``training_stages``: ordered subset of ``("pretrain", "episodic")``. ``pretrain`` trains
+  ``pretrain_module()`` plus a linear head on all base classes (cached and shared between
+  methods with the same backbone/conv config); ``episodic`` meta-trains on base-class episodes.
+* ``default_conv``: the conv spec (see :func:`fewshot_nsl.nn.make_conv_factory`) the backbone
+  is built with; ``{}`` means plain ``nn.Conv2d``.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbones import Backbone
+
+
+class FewShotMethod(nn.Module):
+    """Base class. Subclasses implement :meth:`fit_support` and :meth:`forward`.
+
+    Args:
+        backbone: feature extractor (``forward`` -> ``(B, D)``, ``forward_map`` -> ``(B, C, h, w)``).
+        image_size: side of the square input images, used to size heads.
+    """
+
+    training_stages: ClassVar[Tuple[str, ...]] = ("episodic",)
+    default_conv: ClassVar[Dict[str, Any]] = {}
+
+    def __init__(self, backbone: Backbone, image_size: int = 84) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.image_size = image_size
+
+    # ------------------------------------------------------------------ the two calls
+    def fit_support(self, support_x: torch.Tensor, support_y: torch.Tensor) -> None:
+        """Absorb an episode's support set: ``(S, 3, H, W)``, ``(S,)`` int64 in ``0..ways-1``."""
+        raise NotImplementedError
+
+    def forward(self, query_x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """Classify queries: ``(Q, 3, H, W)`` -> logits ``(Q, ways)``."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ training hooks
+    def loss(
+        self,
+        support_x: torch.Tensor,
+        support_y: torch.Tensor,
+        query_x: torch.Tensor,
+        query_y: torch.Tensor,
+    ) -> torch.Tensor:
+        """Episodic training loss (scalar): cross-entropy of ``forward`` after ``fit_support``."""
+        self.fit_support(support_x, support_y)
+        return F.cross_entropy(self(query_x), query_y)
+
+    def pretrain_module(self) -> nn.Module:
+        """The module trained with a linear head on all base classes (``(B,3,H,W)`` -> ``(B,D)``)."""
+        return self.backbone
+
+    def after_pretrain(self) -> None:
+        """Called once the pretrained weights are loaded (e.g. to wrap convs as NSConv2d)."""
+
+    def regularization(self) -> torch.Tensor:
+        """Extra loss term added during training (0 by default)."""
+        p = next(self.parameters())
+        return p.new_zeros(())
+
+    @staticmethod
+    def num_ways(support_y: torch.Tensor) -> int:
+        return int(support_y.max().item()) + 1

@@ -1,0 +1,1 @@
+"""Neural-similarity layers (to be written)."""
