@@ -1,0 +1,37 @@
+"""Prototypical Networks (Snell et al., NeurIPS 2017), as a plugin.
+
+Queries are classified by negative squared Euclidean distance to class means of the
+support embeddings; trained episodically end to end.
+"""
+from __future__ import annotations
+
+import torch
+
+from fewshot_nsl.methods import FewShotMethod
+from fewshot_nsl.registry import register_method
+
+
+def class_means(features: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
+    """``(S, D)`` features, ``(S,)`` labels -> ``(ways, D)`` per-class means."""
+    sums = features.new_zeros(ways, features.shape[1]).index_add_(0, labels, features)
+    counts = torch.bincount(labels, minlength=ways).clamp_min(1).to(features.dtype)
+    return sums / counts[:, None]
+
+
+@register_method("protonet")
+class ProtoNet(FewShotMethod):
+    """ProtoNet: negative squared Euclidean distance to class prototypes."""
+
+    training_stages = ("episodic",)
+
+    def __init__(self, backbone, image_size: int = 84, temperature: float = 1.0) -> None:
+        super().__init__(backbone, image_size)
+        self.temperature = temperature
+        self.prototypes: torch.Tensor | None = None
+
+    def fit_support(self, support_x: torch.Tensor, support_y: torch.Tensor) -> None:
+        self.prototypes = class_means(self.backbone(support_x), support_y, self.num_ways(support_y))
+
+    def forward(self, query_x: torch.Tensor) -> torch.Tensor:
+        q = self.backbone(query_x)  # (Q, D)
+        return -torch.cdist(q, self.prototypes).pow(2) / self.temperature  # (Q, ways)

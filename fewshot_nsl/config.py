@@ -1,0 +1,216 @@
+"""YAML configs -> typed dataclasses.
+
+Precedence (lowest to highest): dataclass defaults < profile file
+(``configs/profiles/<profile>.yaml``) < the profile's per-method section
+(``methods: {<name>: {...}}``) < ``--config FILE`` < command-line flags.
+A YAML file may ``include:`` other files (paths relative to itself); the including file wins.
+Unknown keys and wrong types are refused with one line naming the key and the file.
+The resolved config is saved with every run (``config.yaml``) and hashed into the run id.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from .errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PROFILES = ("smoke", "quick", "paper")
+
+
+@dataclass
+class PretrainConfig:
+    """Base-class pretraining: backbone + linear head, cross-entropy over all base classes."""
+
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    max_steps: Optional[int] = None  # cap on optimiser steps (smoke tests)
+    augment: bool = True  # random-resized crop (scale 0.8-1) + colour jitter
+
+
+@dataclass
+class EpisodicConfig:
+    """Episodic (meta-)training on base-class episodes sampled on the fly."""
+
+    steps: int = 2000  # optimiser steps
+    meta_batch: int = 1  # episodes per optimiser step
+    lr: float = 1e-3  # Adam
+    ways: Optional[int] = None  # training ways (None: the evaluation ways)
+    shots: Optional[int] = None  # training shots (None: the evaluation shots)
+    queries: int = 15
+    checkpoint_every: int = 100
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation on the fixed test episodes."""
+
+    episodes: int = 600  # the first N of the fixed list
+    queries: int = 15
+    split: str = "test"
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines one (dataset, method, backbone, ways, shots) run."""
+
+    method: str = "protonet"
+    method_options: Dict[str, Any] = field(default_factory=dict)
+    conv: Dict[str, Any] = field(default_factory=dict)  # overrides the method's default conv spec
+    backbone: str = "cnn4"
+    backbone_options: Dict[str, Any] = field(default_factory=dict)
+    dataset: str = "glyphs"
+    data_root: Optional[str] = None
+    dataset_options: Dict[str, Any] = field(default_factory=dict)
+    ways: int = 5
+    shots: int = 5
+    image_size: int = 84
+    profile: str = "quick"
+    seed: int = 0
+    device: str = "auto"
+    deterministic: bool = False
+    episodes_file: Optional[str] = None
+    results_dir: str = "results"
+    cache_dir: Optional[str] = None
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    episodic: EpisodicConfig = field(default_factory=EpisodicConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """16-hex hash of everything that can change a result (not device or output paths)."""
+        d = self.to_dict()
+        for k in ("device", "results_dir", "cache_dir", "data_root", "episodes_file"):
+            d.pop(k)
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def validate(self) -> None:
+        """Refuse impossible settings before anything runs."""
+        if self.ways < 2:
+            raise ConfigError(f"--ways must be at least 2, got {self.ways}")
+        if self.shots < 1:
+            raise ConfigError(f"--shots must be at least 1, got {self.shots}")
+        if self.eval.queries < 1 or self.eval.episodes < 1:
+            raise ConfigError("eval.queries and eval.episodes must be at least 1")
+        if self.image_size < 8:
+            raise ConfigError(f"image_size must be at least 8, got {self.image_size}")
+        if self.profile not in PROFILES:
+            raise ConfigError(f"unknown profile '{self.profile}'; use one of {', '.join(PROFILES)}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"unknown device '{self.device}'; use auto, cpu or cuda")
+
+
+# ----------------------------------------------------------------------------- loading
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_type(value, args[0], where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {type(value).__name__}")
+        return _from_dict(tp, value, where)
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {type(value).__name__}")
+        return dict(value)
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {type(value).__name__}")
+        return list(value)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"{where} must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def _from_dict(cls: Any, data: Dict[str, Any], where: str) -> Any:
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(unknown)} in {where}; accepted: {', '.join(sorted(names))}"
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {k: _check_type(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def merge(base: Dict[str, Any], override: Dict[str, Any]) -> Dict[str, Any]:
+    """Recursive dict merge; ``override`` wins. Option dicts merge key by key too."""
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_yaml(path: Path) -> Dict[str, Any]:
+    """Read a YAML mapping, resolving ``include:`` (a path or list of paths, relative to the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; check the path given to --config")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"config file {path} is not valid YAML ({first}); fix its syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must contain a mapping of keys to values")
+    includes = data.pop("include", [])
+    merged: Dict[str, Any] = {}
+    for inc in [includes] if isinstance(includes, str) else includes:
+        merged = merge(merged, load_yaml(path.parent / inc))
+    return merge(merged, data)
+
+
+def profile_overrides(profile: str, method: str) -> Dict[str, Any]:
+    """The profile file's settings with its ``methods.<method>`` section applied."""
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile '{profile}'; use one of {', '.join(PROFILES)}")
+    data = load_yaml(CONFIG_DIR / "profiles" / f"{profile}.yaml")
+    per_method = data.pop("methods", {}) or {}
+    return merge(data, per_method.get(method, {}) or {})
+
+
+def resolve_config(cli: Dict[str, Any], config_file: Optional[str] = None) -> RunConfig:
+    """Build the run config from defaults, profile, ``--config`` file and CLI values (non-None).
+
+    Args:
+        cli: flat or nested overrides from the command line, e.g. ``{"method": "protonet", "shots": 1}``.
+        config_file: optional YAML file.
+    """
+    file_data = load_yaml(Path(config_file)) if config_file else {}
+    file_methods = file_data.pop("methods", {}) or {}
+    cli = {k: v for k, v in cli.items() if v is not None}
+    profile = cli.get("profile") or file_data.get("profile") or "quick"
+    method = cli.get("method") or file_data.get("method") or RunConfig.method
+    data = merge(profile_overrides(profile, method), file_data)
+    data = merge(data, file_methods.get(method, {}) or {})
+    data = merge(data, cli)
+    data["profile"] = profile
+    data["method"] = method
+    cfg = _from_dict(RunConfig, data, config_file or "config")
+    cfg.validate()
+    return cfg
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,286 @@
+"""Episodes: seeded sampling, fixed versioned episode lists, and materialisation to tensors.
+
+An episode is ``(classes, support ranks, query ranks)``: ``ways`` class names and, per class,
+the ranks (position within the class, canonical store order) of its support and query
+images. Episode lists are JSON files under ``episodes/<dataset>/`` carrying a sha256 content
+hash; every result records the hash of the list it was evaluated on.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import DataError
+from .store import ImageStore
+
+#: Per-channel normalisation applied to every image (ImageNet statistics).
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+EPISODES_DIR = Path(__file__).resolve().parents[2] / "episodes"
+
+
+@dataclass(frozen=True)
+class Episode:
+    """One few-shot task.
+
+    Attributes:
+        classes: ``ways`` class names; episode label ``i`` is ``classes[i]``.
+        support: per class, ``shots`` ranks within the class.
+        query: per class, ``queries`` ranks within the class.
+    """
+
+    classes: Tuple[str, ...]
+    support: Tuple[Tuple[int, ...], ...]
+    query: Tuple[Tuple[int, ...], ...]
+
+    @property
+    def ways(self) -> int:
+        return len(self.classes)
+
+    def to_json(self) -> list:
+        return [list(self.classes), [list(s) for s in self.support], [list(q) for q in self.query]]
+
+    @classmethod
+    def from_json(cls, obj: list) -> "Episode":
+        classes, support, query = obj
+        return cls(tuple(classes), tuple(tuple(s) for s in support), tuple(tuple(q) for q in query))
+
+
+def sample_episode(
+    rng: np.random.Generator,
+    class_names: Sequence[str],
+    class_sizes: Sequence[int],
+    ways: int,
+    shots: int,
+    queries: int,
+) -> Episode:
+    """Draw ``ways`` classes and disjoint support/query ranks within each.
+
+    Args:
+        rng: numpy generator (the only source of randomness).
+        class_names: candidate classes (one split).
+        class_sizes: number of images of each candidate class.
+    """
+    if ways > len(class_names):
+        raise DataError(
+            f"{ways}-way episodes need {ways} classes but the split has {len(class_names)}; lower --ways"
+        )
+    chosen = rng.choice(len(class_names), size=ways, replace=False)
+    support, query = [], []
+    for c in chosen:
+        if class_sizes[c] < shots + queries:
+            raise DataError(
+                f"class {class_names[c]} has {class_sizes[c]} images, fewer than shots+queries={shots + queries}; "
+                f"lower --shots/--queries"
+            )
+        ranks = rng.choice(class_sizes[c], size=shots + queries, replace=False)
+        support.append(tuple(int(r) for r in ranks[:shots]))
+        query.append(tuple(int(r) for r in ranks[shots:]))
+    return Episode(tuple(class_names[c] for c in chosen), tuple(support), tuple(query))
+
+
+class EpisodeSampler:
+    """Seeded on-the-fly sampler of training episodes from one split of a store."""
+
+    def __init__(self, store: ImageStore, split: str, ways: int, shots: int, queries: int, seed: int) -> None:
+        self.classes = store.classes_in_split(split)
+        self.names = [store.class_names[c] for c in self.classes]
+        self.sizes = [store.class_size(c) for c in self.classes]
+        self.ways, self.shots, self.queries = ways, shots, queries
+        self.rng = np.random.default_rng(seed)
+        # Validate once, up front, so a bad request fails before any training.
+        if ways > len(self.names):
+            raise DataError(
+                f"{ways}-way episodes need {ways} classes but split '{split}' of {store.name} has "
+                f"{len(self.names)}; lower --ways"
+            )
+        small = [n for n, s in zip(self.names, self.sizes) if s < shots + queries]
+        if small:
+            raise DataError(
+                f"{store.name}: class {small[0]} ({split}) has fewer than shots+queries={shots + queries} images; "
+                f"lower --shots/--queries"
+            )
+
+    def __next__(self) -> Episode:
+        return sample_episode(self.rng, self.names, self.sizes, self.ways, self.shots, self.queries)
+
+    def __iter__(self) -> "EpisodeSampler":
+        return self
+
+
+# ----------------------------------------------------------------------------- fixed lists
+@dataclass
+class EpisodeList:
+    """A fixed, versioned list of episodes plus its metadata."""
+
+    dataset: str
+    split: str
+    ways: int
+    shots: int
+    queries: int
+    seed: int
+    episodes: List[Episode]
+
+    @property
+    def sha256(self) -> str:
+        """Content hash over (ways, shots, queries, split, episodes); 16 hex chars."""
+        payload = json.dumps(
+            [self.split, self.ways, self.shots, self.queries, [e.to_json() for e in self.episodes]],
+            separators=(",", ":"),
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def __len__(self) -> int:
+        return len(self.episodes)
+
+    def save(self, path: Path) -> None:
+        """Write JSON (one episode per line, for readable diffs) atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        head = {
+            "dataset": self.dataset, "split": self.split, "ways": self.ways, "shots": self.shots,
+            "queries": self.queries, "seed": self.seed, "n_episodes": len(self.episodes),
+            "sha256": self.sha256,
+        }
+        lines = ",\n".join(json.dumps(e.to_json(), separators=(",", ":")) for e in self.episodes)
+        text = json.dumps(head)[:-1] + ',\n"episodes": [\n' + lines + "\n]}\n"
+        tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "EpisodeList":
+        """Read and verify an episode list (its recorded hash must match its content)."""
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"episode list {path} does not exist; run `python run_benchmarks.py --make-episodes` or pass --episodes FILE")
+        try:
+            obj = json.loads(path.read_text())
+            lst = cls(
+                obj["dataset"], obj["split"], int(obj["ways"]), int(obj["shots"]), int(obj["queries"]),
+                int(obj["seed"]), [Episode.from_json(e) for e in obj["episodes"]],
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"episode list {path} is malformed ({exc}); regenerate it with --make-episodes") from None
+        if obj.get("sha256") != lst.sha256:
+            raise DataError(f"episode list {path} fails its checksum (edited or corrupted); restore it from git")
+        return lst
+
+
+def generate_episode_list(
+    dataset: str,
+    class_names: Sequence[str],
+    class_sizes: Sequence[int],
+    split: str,
+    ways: int,
+    shots: int,
+    queries: int,
+    n_episodes: int,
+    seed: int,
+) -> EpisodeList:
+    """Generate ``n_episodes`` episodes from one split with a seeded generator."""
+    rng = np.random.default_rng(seed)
+    eps = [sample_episode(rng, class_names, class_sizes, ways, shots, queries) for _ in range(n_episodes)]
+    return EpisodeList(dataset, split, ways, shots, queries, seed, eps)
+
+
+def episode_list_for_store(store: ImageStore, split: str, ways: int, shots: int, queries: int, n: int, seed: int) -> EpisodeList:
+    """Generate an episode list from the classes of ``split`` in ``store``."""
+    classes = store.classes_in_split(split)
+    return generate_episode_list(
+        store.name, [store.class_names[c] for c in classes], [store.class_size(c) for c in classes],
+        split, ways, shots, queries, n, seed,
+    )
+
+
+def default_episode_path(dataset: str, split: str, ways: int, shots: int, queries: int = 15, n: int = 600, seed: int = 0) -> Path:
+    """``episodes/<dataset>/<split>_<ways>w<shots>s<queries>q_<n>_seed<seed>.json``."""
+    return EPISODES_DIR / dataset / f"{split}_{ways}w{shots}s{queries}q_{n}_seed{seed}.json"
+
+
+def check_episodes_match_store(lst: EpisodeList, store: ImageStore) -> None:
+    """Refuse an episode list naming classes or ranks the store does not have."""
+    index = store.class_index()
+    for e in lst.episodes:
+        for name, sup, qry in zip(e.classes, e.support, e.query):
+            if name not in index:
+                raise DataError(
+                    f"episode list names class {name}, which {store.name} does not have; "
+                    f"use an episode list made for this dataset"
+                )
+            if store.class_splits[index[name]] != lst.split:
+                raise DataError(f"episode list class {name} is not in split '{lst.split}' of {store.name}")
+            size = store.class_size(index[name])
+            if max(sup + qry) >= size:
+                raise DataError(
+                    f"episode list asks for image {max(sup + qry)} of class {name}, which has {size}; "
+                    f"the list was made for a larger dataset"
+                )
+
+
+# ----------------------------------------------------------------------------- tensors
+@dataclass
+class EpisodeTensors:
+    """Materialised episode.
+
+    Attributes:
+        support_x: ``(ways*shots, 3, H, W)`` float, normalised.
+        support_y: ``(ways*shots,)`` int64 in ``0..ways-1`` (class-major order).
+        query_x: ``(ways*queries, 3, H, W)``.
+        query_y: ``(ways*queries,)``.
+    """
+
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    query_x: torch.Tensor
+    query_y: torch.Tensor
+
+
+class Materialiser:
+    """Turns episodes into normalised float tensors on a device.
+
+    uint8 images are gathered from the store in one fancy-index, converted once on the
+    target device, resized (antialiased) only if ``image_size`` differs from the store's.
+    """
+
+    def __init__(self, store: ImageStore, image_size: int, device: torch.device) -> None:
+        self.store = store
+        self.image_size = image_size
+        self.device = torch.device(device)
+        self.index = store.class_index()
+        self.mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1) * 255.0
+        self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1) * 255.0
+
+    def images(self, idx: np.ndarray) -> torch.Tensor:
+        """Store indices ``(n,)`` -> normalised ``(n, 3, image_size, image_size)`` float32."""
+        order = np.argsort(idx, kind="stable")  # sorted reads are kinder to memory maps
+        raw = np.empty((len(idx),) + self.store.image_shape, dtype=np.uint8)
+        raw[order] = self.store.images[idx[order]]
+        x = torch.from_numpy(raw).to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True, align_corners=False)
+        return ((x - self.mean) / self.std).contiguous()
+
+    def __call__(self, episode: Episode) -> EpisodeTensors:
+        ways = episode.ways
+        shots = len(episode.support[0])
+        queries = len(episode.query[0])
+        cls = [self.index[n] for n in episode.classes]
+        s_idx = np.concatenate([self.store.index_of(c, r) for c, r in zip(cls, episode.support)])
+        q_idx = np.concatenate([self.store.index_of(c, r) for c, r in zip(cls, episode.query)])
+        x = self.images(np.concatenate([s_idx, q_idx]))
+        labels = torch.arange(ways, device=self.device)
+        return EpisodeTensors(
+            x[: len(s_idx)],
+            labels.repeat_interleave(shots),
+            x[len(s_idx):],
+            labels.repeat_interleave(queries),
+        )

@@ -1,0 +1,111 @@
+"""Run a method on fixed episodes and record one accuracy per episode as it finishes.
+
+Results go to a CSV (``episode,accuracy,correct,total,seconds,status``), appended and
+fsync'ed row by row, so an interrupted evaluation resumes from the first missing episode.
+Before each episode the torch RNG is re-seeded from ``(seed, episode index)``, so an
+episode's result does not depend on which episodes ran before it in this process.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .data.episodes import EpisodeList, Materialiser
+from .data.store import ImageStore
+from .methods.base import FewShotMethod
+
+FIELDS = ["episode", "accuracy", "correct", "total", "seconds", "status"]
+
+
+def read_episode_results(path: Path) -> Dict[int, Dict[str, str]]:
+    """Rows already written, keyed by episode index (a torn last line is ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    rows: Dict[int, Dict[str, str]] = {}
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            try:
+                if row.get("status") in ("ok", "nonfinite"):
+                    rows[int(row["episode"])] = row
+            except (TypeError, ValueError):
+                continue
+    return rows
+
+
+def _repair(path: Path) -> None:
+    """Drop a torn (unterminated) last line left by a kill mid-write."""
+    if path.is_file():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def episode_seed(seed: int, episode: int) -> int:
+    return (seed * 1_000_003 + episode) % (2**63 - 1)
+
+
+def evaluate(
+    method: FewShotMethod,
+    store: ImageStore,
+    episodes: EpisodeList,
+    n_episodes: int,
+    device: torch.device,
+    image_size: int,
+    out_csv: Path,
+    seed: int = 0,
+    progress: bool = True,
+    indices: Optional[List[int]] = None,
+) -> List[float]:
+    """Evaluate ``method`` on the first ``n_episodes`` of ``episodes`` (or on ``indices``).
+
+    Each episode: ``fit_support`` then ``forward`` under ``torch.no_grad()`` with the method
+    in eval mode. A non-finite logit marks the episode ``nonfinite`` (accuracy NaN), it is
+    never averaged in silently.
+
+    Returns:
+        Per-episode accuracies in percent, in episode order (NaN for failed episodes).
+    """
+    out_csv = Path(out_csv)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    _repair(out_csv)
+    done = read_episode_results(out_csv)
+    todo = indices if indices is not None else list(range(min(n_episodes, len(episodes))))
+    mat = Materialiser(store, image_size, device)
+    method.to(device).eval()
+    new_file = not out_csv.is_file() or out_csv.stat().st_size == 0
+    with out_csv.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        if new_file:
+            writer.writeheader()
+        bar = tqdm(todo, desc=f"evaluate", disable=not progress, unit="ep")
+        for i in bar:
+            if i in done:
+                continue
+            t0 = time.perf_counter()
+            torch.manual_seed(episode_seed(seed, i))
+            t = mat(episodes.episodes[i])
+            with torch.no_grad():
+                method.fit_support(t.support_x, t.support_y)
+                logits = method(t.query_x)
+            if torch.isfinite(logits).all():
+                correct = int((logits.argmax(1) == t.query_y).sum())
+                acc, status = 100.0 * correct / len(t.query_y), "ok"
+            else:
+                correct, acc, status = 0, float("nan"), "nonfinite"
+            row = {
+                "episode": i, "accuracy": f"{acc:.6f}", "correct": correct, "total": len(t.query_y),
+                "seconds": f"{time.perf_counter() - t0:.4f}", "status": status,
+            }
+            writer.writerow(row)
+            f.flush()
+            os.fsync(f.fileno())
+            done[i] = {k: str(v) for k, v in row.items()}
+    return [float(done[i]["accuracy"]) if done[i]["status"] == "ok" else math.nan for i in todo]

@@ -1,0 +1,236 @@
+"""Base-class pretraining and episodic meta-training loops, with checkpoints.
+
+* :func:`pretrain` trains ``method.pretrain_module()`` plus a linear head with cross-entropy
+  on every image of the base (``train``) classes. The weights are cached under
+  ``<cache>/pretrain/<key>.pt`` where ``key`` hashes everything that determines them (dataset
+  fingerprint, image size, backbone and conv config, pretraining hyperparameters, seed), so
+  every method with the same backbone config reuses one pretraining.
+* :func:`meta_train` runs episodic training on base-class episodes sampled on the fly from a
+  seeded generator, checkpointing so an interrupted run resumes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data.episodes import EpisodeSampler, Materialiser
+from .data.store import ImageStore, default_cache_dir
+from .errors import ConfigError, NumericalError
+from .config import RunConfig
+from .methods.base import FewShotMethod
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a clear error."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is available; use --device auto or cpu")
+    return torch.device(spec)
+
+
+def set_seed(seed: int, deterministic: bool = False) -> None:
+    """Seed python, numpy and torch; optionally ask torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temp file, then rename, so a kill never leaves half a checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def check_finite(value: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(value).all():
+        raise NumericalError(f"{what} is NaN or Inf; lower the learning rate or check the data (results written so far are kept)")
+
+
+# ----------------------------------------------------------------------------- pretraining
+def pretrain_key(cfg: RunConfig, store: ImageStore, conv_spec: Dict[str, Any]) -> str:
+    """Hash of everything that determines the pretrained weights."""
+    payload = {
+        "dataset": store.fingerprint(),
+        "image_size": cfg.image_size,
+        "backbone": cfg.backbone,
+        "backbone_options": cfg.backbone_options,
+        "conv": conv_spec,
+        "pretrain": cfg.pretrain.__dict__,
+        "seed": cfg.seed,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random crop (scale 0.8-1, resized back) and brightness/contrast jitter on ``(B,3,H,W)``."""
+    b, _, h, w = x.shape
+    s = float(torch.empty(1).uniform_(0.8, 1.0, generator=gen))
+    ch, cw = max(1, int(h * s)), max(1, int(w * s))
+    i = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
+    j = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
+    x = x[:, :, i : i + ch, j : j + cw]
+    if (ch, cw) != (h, w):
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+    scale = torch.empty(b, 1, 1, 1).uniform_(0.8, 1.2, generator=gen).to(x.device)
+    shift = torch.empty(b, 1, 1, 1).uniform_(-0.2, 0.2, generator=gen).to(x.device)
+    return x * scale + shift
+
+
+def pretrain(
+    method: FewShotMethod,
+    store: ImageStore,
+    cfg: RunConfig,
+    device: torch.device,
+    conv_spec: Dict[str, Any],
+    cache_dir: Optional[Path] = None,
+    progress: bool = True,
+) -> Dict[str, Any]:
+    """Train (or load from cache) ``method.pretrain_module()`` on all base classes.
+
+    Returns:
+        ``{"cache_path": str, "cached": bool, "train_accuracy": float}``.
+    """
+    module = method.pretrain_module()
+    cache_dir = Path(cache_dir or default_cache_dir())
+    path = cache_dir / "pretrain" / f"{pretrain_key(cfg, store, conv_spec)}.pt"
+    if path.is_file():
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        module.load_state_dict(ckpt["module"])
+        return {"cache_path": str(path), "cached": True, "train_accuracy": ckpt["train_accuracy"]}
+
+    classes = store.classes_in_split("train")
+    index = np.concatenate([store.class_members(c) for c in classes])
+    remap = np.full(store.num_classes, -1, dtype=np.int64)
+    remap[classes] = np.arange(len(classes))
+    labels = torch.from_numpy(remap[store.labels[index]])
+    mat = Materialiser(store, cfg.image_size, device)
+    p = cfg.pretrain
+    module.to(device).train()
+    head = nn.Linear(method.backbone.feature_dim(cfg.image_size), len(classes)).to(device)
+    params = list(module.parameters()) + list(head.parameters())
+    opt = torch.optim.SGD(params, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay, nesterov=True)
+    steps_per_epoch = math.ceil(len(index) / p.batch_size)
+    total = steps_per_epoch * p.epochs
+    if p.max_steps is not None:
+        total = min(total, p.max_steps)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=max(total, 1), pct_start=0.1)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step, correct, seen = 0, 0, 0
+    bar = tqdm(total=total, desc=f"pretrain {cfg.backbone}", disable=not progress, unit="step")
+    while step < total:
+        perm = torch.randperm(len(index), generator=gen).numpy()
+        correct, seen = 0, 0
+        for start in range(0, len(perm), p.batch_size):
+            if step >= total:
+                break
+            batch = perm[start : start + p.batch_size]
+            x = mat.images(index[batch])
+            y = labels[batch].to(device)
+            if p.augment:
+                x = _augment(x, gen)
+            logits = head(module(x))
+            loss = F.cross_entropy(logits, y) + method.regularization()
+            check_finite(loss, f"pretraining loss at step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct / max(seen, 1):.3f}")
+    bar.close()
+    acc = correct / max(seen, 1)
+    atomic_torch_save({"module": module.state_dict(), "train_accuracy": acc}, path)
+    return {"cache_path": str(path), "cached": False, "train_accuracy": acc}
+
+
+# ----------------------------------------------------------------------------- episodic
+def meta_train(
+    method: FewShotMethod,
+    store: ImageStore,
+    cfg: RunConfig,
+    device: torch.device,
+    checkpoint_path: Path,
+    progress: bool = True,
+) -> Dict[str, Any]:
+    """Episodic training with Adam over ``method``'s trainable parameters.
+
+    Each optimiser step averages :meth:`FewShotMethod.loss` over ``meta_batch`` episodes.
+    A checkpoint (method, optimiser, sampler state, step) is written every
+    ``checkpoint_every`` steps and at the end; an existing one is resumed from.
+
+    Returns:
+        ``{"steps": int, "final_loss": float, "resumed_from": int}``.
+    """
+    e = cfg.episodic
+    ways = e.ways or cfg.ways
+    shots = e.shots or cfg.shots
+    sampler = EpisodeSampler(store, "train", ways, shots, e.queries, seed=cfg.seed + 1)
+    mat = Materialiser(store, cfg.image_size, device)
+    params = [p for p in method.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=e.lr)
+    start, last = 0, float("nan")
+    if Path(checkpoint_path).is_file():
+        ckpt = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        method.load_state_dict(ckpt["method"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sampler.rng.bit_generator.state = json.loads(ckpt["sampler"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        start, last = int(ckpt["step"]), float(ckpt["loss"])
+    method.train()
+    bar = tqdm(total=e.steps, initial=start, desc=f"meta-train {cfg.method}", disable=not progress, unit="step")
+
+    def save(step: int) -> None:
+        atomic_torch_save(
+            {
+                "method": method.state_dict(),
+                "optimizer": opt.state_dict(),
+                "sampler": json.dumps(sampler.rng.bit_generator.state),
+                "torch_rng": torch.get_rng_state(),
+                "step": step,
+                "loss": last,
+            },
+            checkpoint_path,
+        )
+
+    for step in range(start, e.steps):
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(e.meta_batch):
+            t = mat(next(sampler))
+            loss = method.loss(t.support_x, t.support_y, t.query_x, t.query_y) / e.meta_batch
+            check_finite(loss, f"{cfg.method} training loss at step {step}")
+            loss.backward()
+            total += float(loss)
+        reg = method.regularization()
+        if reg.requires_grad:
+            reg.backward()
+        opt.step()
+        last = total
+        bar.update(1)
+        bar.set_postfix(loss=f"{total:.3f}")
+        if (step + 1) % e.checkpoint_every == 0 or step + 1 == e.steps:
+            save(step + 1)
+    bar.close()
+    return {"steps": e.steps, "final_loss": last, "resumed_from": start}
