@@ -222,7 +222,7 @@ def meta_train(
             loss = method.loss(t.support_x, t.support_y, t.query_x, t.query_y) / e.meta_batch
             check_finite(loss, f"{cfg.method} training loss at step {step}")
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         reg = method.regularization()
         if reg.requires_grad:
             reg.backward()
