@@ -80,9 +80,17 @@ def pretrain_key(cfg: RunConfig, store: ImageStore, conv_spec: Dict[str, Any]) -
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random crop (scale 0.8-1, resized back) and brightness/contrast jitter on ``(B,3,H,W)``."""
+def _augment(
+    x: torch.Tensor, gen: torch.Generator, part: Optional[slice] = None, total: Optional[int] = None
+) -> torch.Tensor:
+    """Random crop (scale 0.8-1, resized back) and brightness/contrast jitter on ``(B,3,H,W)``.
+
+    For data-parallel pretraining ``x`` holds the images ``part`` of a global batch of ``total``
+    images: the per-image jitter is drawn for the whole batch and sliced, so every process draws
+    the same random numbers and the result equals single-process augmentation of the full batch.
+    """
     b, _, h, w = x.shape
+    n, part = (total or b), (part or slice(None))
     s = float(torch.empty(1).uniform_(0.8, 1.0, generator=gen))
     ch, cw = max(1, int(h * s)), max(1, int(w * s))
     i = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
@@ -90,9 +98,20 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     x = x[:, :, i : i + ch, j : j + cw]
     if (ch, cw) != (h, w):
         x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
-    scale = torch.empty(b, 1, 1, 1).uniform_(0.8, 1.2, generator=gen).to(x.device)
-    shift = torch.empty(b, 1, 1, 1).uniform_(-0.2, 0.2, generator=gen).to(x.device)
+    scale = torch.empty(n, 1, 1, 1).uniform_(0.8, 1.2, generator=gen)[part].to(x.device)
+    shift = torch.empty(n, 1, 1, 1).uniform_(-0.2, 0.2, generator=gen)[part].to(x.device)
     return x * scale + shift
+
+
+class _PretrainNet(nn.Module):
+    """``head(module(x))``: one module, so data-parallel training can wrap it."""
+
+    def __init__(self, module: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.module, self.head = module, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.module(x))
 
 
 def pretrain(
@@ -103,11 +122,23 @@ def pretrain(
     conv_spec: Dict[str, Any],
     cache_dir: Optional[Path] = None,
     progress: bool = True,
+    distributed: bool = False,
 ) -> Dict[str, Any]:
     """Train (or load from cache) ``method.pretrain_module()`` on all base classes.
 
+    The torch RNG is forked and seeded from ``cfg.seed`` for the duration, so the weights do
+    not depend on what ran before in the process, and the caller's RNG state is the same
+    whether the weights were trained or loaded from the cache.
+
+    Args:
+        distributed: data-parallel over an initialised ``torch.distributed`` process group
+            (see :mod:`fewshot_nsl.distributed`): every process walks the same global batches
+            and trains on its contiguous slice of each; gradients are averaged by DDP with the
+            loss scaled so the update equals the full-batch one. BatchNorm layers become
+            SyncBatchNorm on CUDA; on CPU (gloo) their batch statistics stay per process.
+
     Returns:
-        ``{"cache_path": str, "cached": bool, "train_accuracy": float}``.
+        ``{"cache_path": str, "cached": bool, "train_accuracy": float, "world_size": int}``.
     """
     module = method.pretrain_module()
     cache_dir = Path(cache_dir or default_cache_dir())
@@ -115,8 +146,23 @@ def pretrain(
     if path.is_file():
         ckpt = torch.load(path, map_location=device, weights_only=True)
         module.load_state_dict(ckpt["module"])
-        return {"cache_path": str(path), "cached": True, "train_accuracy": ckpt["train_accuracy"]}
+        return {"cache_path": str(path), "cached": True, "train_accuracy": ckpt["train_accuracy"],
+                "world_size": int(ckpt.get("world_size", 1))}
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(cfg.seed)
+        return _pretrain(method, module, store, cfg, device, path, progress, distributed)
 
+
+def _pretrain(method, module, store, cfg, device, path, progress, distributed) -> Dict[str, Any]:
+    """The pretraining loop of :func:`pretrain` (cache miss)."""
+    rank, world = 0, 1
+    if distributed:
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if cfg.pretrain.batch_size < world:
+            raise ConfigError(f"pretrain batch_size {cfg.pretrain.batch_size} is smaller than the {world} processes")
     classes = store.classes_in_split("train")
     index = np.concatenate([store.class_members(c) for c in classes])
     remap = np.full(store.num_classes, -1, dtype=np.int64)
@@ -126,6 +172,15 @@ def pretrain(
     p = cfg.pretrain
     module.to(device).train()
     head = nn.Linear(method.backbone.feature_dim(cfg.image_size), len(classes)).to(device)
+    net: nn.Module = _PretrainNet(module, head)
+    sync_bn = False
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        if device.type == "cuda":
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # replaces the BN layers inside `module`
+            sync_bn = True
+        net = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
     params = list(module.parameters()) + list(head.parameters())
     opt = torch.optim.SGD(params, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay, nesterov=True)
     steps_per_epoch = math.ceil(len(index) / p.batch_size)
@@ -135,7 +190,7 @@ def pretrain(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=max(total, 1), pct_start=0.1)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, correct, seen = 0, 0, 0
-    bar = tqdm(total=total, desc=f"pretrain {cfg.backbone}", disable=not progress, unit="step")
+    bar = tqdm(total=total, desc=f"pretrain {cfg.backbone}", disable=not progress or rank > 0, unit="step")
     while step < total:
         perm = torch.randperm(len(index), generator=gen).numpy()
         correct, seen = 0, 0
@@ -143,12 +198,22 @@ def pretrain(
             if step >= total:
                 break
             batch = perm[start : start + p.batch_size]
-            x = mat.images(index[batch])
-            y = labels[batch].to(device)
+            part = slice(None)
+            if world > 1:
+                if len(batch) < world:  # a ragged last batch too small to split: skipped by every process
+                    continue
+                bounds = np.cumsum([0] + [len(a) for a in np.array_split(np.arange(len(batch)), world)])
+                part = slice(int(bounds[rank]), int(bounds[rank + 1]))
+            x = mat.images(index[batch[part]])
+            y = labels[batch[part]].to(device)
             if p.augment:
-                x = _augment(x, gen)
-            logits = head(module(x))
-            loss = F.cross_entropy(logits, y) + method.regularization()
+                x = _augment(x, gen, part, len(batch))
+            logits = net(x)
+            if world > 1:  # DDP averages gradients over processes: scale so the result is the full-batch mean
+                ce = F.cross_entropy(logits, y, reduction="sum") * (world / len(batch))
+            else:
+                ce = F.cross_entropy(logits, y)
+            loss = ce + method.regularization()
             check_finite(loss, f"pretraining loss at step {step}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -160,12 +225,46 @@ def pretrain(
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct / max(seen, 1):.3f}")
     bar.close()
+    if world > 1:
+        import torch.distributed as dist
+
+        counts = torch.tensor([correct, seen], dtype=torch.float64, device=device)
+        dist.all_reduce(counts)
+        correct, seen = int(counts[0]), int(counts[1])
     acc = correct / max(seen, 1)
-    atomic_torch_save({"module": module.state_dict(), "train_accuracy": acc}, path)
-    return {"cache_path": str(path), "cached": False, "train_accuracy": acc}
+    if rank == 0:
+        atomic_torch_save({"module": module.state_dict(), "train_accuracy": acc, "world_size": world,
+                           "sync_bn": sync_bn}, path)
+    if world > 1:
+        dist.barrier()
+    return {"cache_path": str(path), "cached": False, "train_accuracy": acc, "world_size": world}
 
 
 # ----------------------------------------------------------------------------- episodic
+def _host_rng_states() -> Dict[str, Any]:
+    """numpy / python / CUDA RNG states for a checkpoint (torch's CPU state is stored apart)."""
+    np_state = np.random.get_state()
+    out: Dict[str, Any] = {
+        "numpy_rng": json.dumps([np_state[0], np_state[1].tolist(), *np_state[2:]]),
+        "python_rng": json.dumps(random.getstate()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def _set_host_rng_states(ckpt: Dict[str, Any]) -> None:
+    """Restore what :func:`_host_rng_states` saved (absent keys: older checkpoints, left alone)."""
+    if "numpy_rng" in ckpt:
+        s = json.loads(ckpt["numpy_rng"])
+        np.random.set_state((s[0], np.asarray(s[1], dtype=np.uint32), *s[2:]))
+    if "python_rng" in ckpt:
+        v, state, gauss = json.loads(ckpt["python_rng"])
+        random.setstate((v, tuple(state), gauss))
+    if "cuda_rng" in ckpt and torch.cuda.is_available() and len(ckpt["cuda_rng"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([t.cpu() for t in ckpt["cuda_rng"]])
+
+
 def meta_train(
     method: FewShotMethod,
     store: ImageStore,
@@ -196,7 +295,8 @@ def meta_train(
         method.load_state_dict(ckpt["method"])
         opt.load_state_dict(ckpt["optimizer"])
         sampler.rng.bit_generator.state = json.loads(ckpt["sampler"])
-        torch.set_rng_state(ckpt["torch_rng"])
+        torch.set_rng_state(ckpt["torch_rng"].cpu())
+        _set_host_rng_states(ckpt)
         start, last = int(ckpt["step"]), float(ckpt["loss"])
     method.train()
     bar = tqdm(total=e.steps, initial=start, desc=f"meta-train {cfg.method}", disable=not progress, unit="step")
@@ -208,6 +308,7 @@ def meta_train(
                 "optimizer": opt.state_dict(),
                 "sampler": json.dumps(sampler.rng.bit_generator.state),
                 "torch_rng": torch.get_rng_state(),
+                **_host_rng_states(),
                 "step": step,
                 "loss": last,
             },
