@@ -1,6 +1,7 @@
 """Command line: ``python run_benchmarks.py --method protonet --shots 5``.
 
 Any problem with the user's input ends with one line ``error: ...`` and exit status 2;
+cells of a grid that fail at run time are reported and the grid goes on (exit status 1);
 Ctrl-C ends with a resume hint and status 130.
 """
 from __future__ import annotations
@@ -11,15 +12,29 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .errors import FewShotError
+from .errors import ConfigError, FewShotError
 
 EPILOG = """examples:
   python run_benchmarks.py                                  # protonet, 5-way 5-shot, glyphs, quick profile
-  python run_benchmarks.py --method dynamic_nsn --shots 1
+  python run_benchmarks.py --method dynamic_nsn --shots 1,5
+  python run_benchmarks.py --grid configs/table6.yaml --profile smoke            # the whole Table 6
+  python run_benchmarks.py --grid configs/table6.yaml --seeds 0,1,2 --executor ray
+  python run_benchmarks.py --compare RUN_A RUN_B            # paired test of two runs on the same episodes
   python run_benchmarks.py --dataset miniimagenet --data-root ~/data/mini --profile paper --device cuda
   python run_benchmarks.py --list
-  python run_benchmarks.py --report                         # re-render table6.md and the plot from the CSV
+  python run_benchmarks.py --report                         # re-render table6.md, summaries and the plot from the CSVs
+  torchrun --nproc_per_node 2 -m fewshot_nsl.distributed pretrain --method static_nsn   # data-parallel pretraining
 """
+
+
+def _int_list(text: str) -> List[int]:
+    try:
+        out = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+    if not out:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,36 +44,59 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--method", help="method name(s), comma-separated, or 'all' (see --list); default protonet")
-    p.add_argument("--backbone", help="backbone name (cnn4, cnn9)")
+    p.add_argument("--method", help="method name(s), comma-separated, or 'all' (see --list); default protonet "
+                                    "(with --grid: keep only these methods)")
+    p.add_argument("--backbone", help="backbone name(s), comma-separated (cnn4, cnn9); with --grid: a filter")
     p.add_argument("--dataset", help="glyphs (embedded, default), miniimagenet, custom")
     p.add_argument("--data-root", help="folder holding the dataset (miniimagenet, custom)")
     p.add_argument("--ways", type=int)
-    p.add_argument("--shots", type=int)
+    p.add_argument("--shots", type=_int_list, help="shots, comma-separated (e.g. 1,5); with --grid: a filter")
     p.add_argument("--queries", type=int, help="queries per class at test (default 15)")
     p.add_argument("--episodes", help="fixed episode list (JSON) to evaluate on")
     p.add_argument("--n-episodes", type=int, help="evaluate the first N episodes of the list")
     p.add_argument("--image-size", type=int)
     p.add_argument("--profile", choices=["smoke", "quick", "paper"], help="training/eval budget (default quick)")
     p.add_argument("--config", help="YAML config file (overrides the profile; CLI flags override it)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="training seed (default 0)")
+    p.add_argument("--seeds", type=_int_list, help="several training seeds, e.g. 0,1,2: one run per seed, "
+                                                   "aggregated into one leaderboard row with a seed_std column")
     p.add_argument("--device", help="auto (default), cpu or cuda")
     p.add_argument("--deterministic", action="store_true", default=None, help="deterministic kernels (slower on GPU)")
     p.add_argument("--results-dir", help="where leaderboard.csv, table6.md and runs/ go (default results)")
     p.add_argument("--cache-dir", help="dataset/pretraining cache (default $FEWSHOT_NSL_CACHE or ~/.cache/fewshot_nsl)")
     p.add_argument("--plugins", action="append", default=[], metavar="DIR", help="extra folder of method plugins")
+    g = p.add_argument_group("grids, statistics and scale-out")
+    g.add_argument("--grid", metavar="FILE", help="run every cell of a grid file (e.g. configs/table6.yaml); "
+                                                  "cells already complete are skipped")
+    g.add_argument("--reference", help="reference method of the paired comparisons (default protonet)")
+    g.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
+                   help="paired comparison of two finished runs (run ids or run folders), then exit")
+    g.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local (this process, default) or ray (cells and episode shards as Ray tasks)")
+    g.add_argument("--ray-address", help="join an existing Ray cluster ('auto' or ray://host:port); "
+                                         "default: start a local one")
+    g.add_argument("--ray-num-cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
+    g.add_argument("--shard-size", type=int, default=100, help="test episodes per Ray evaluation task (default 100)")
+    g.add_argument("--threads", type=int, help="torch CPU threads per run/task (default: torch's); CPU results "
+                                               "are bit-identical across executors for equal threads")
+    g.add_argument("--dry-run", action="store_true", help="print what a grid would run or skip, then exit")
     p.add_argument("--list", action="store_true", help="list methods, backbones and datasets, then exit")
-    p.add_argument("--report", action="store_true", help="re-render reports from the leaderboard CSV, then exit")
+    p.add_argument("--report", action="store_true",
+                   help="re-render table6.md, summary.md/.html and the plot from the CSVs, then exit")
     p.add_argument("--make-episodes", action="store_true", help="(re)generate the committed episode lists, then exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
 def cli_overrides(args: argparse.Namespace, method: Optional[str]) -> Dict[str, Any]:
-    """Map parsed flags to config keys (None = not given)."""
+    """Map parsed flags to config keys (None = not given). ``--backbone``/``--shots`` lists are
+    handled by the grid; a single value is passed through."""
+    backbones = args.backbone.split(",") if args.backbone else None
     out: Dict[str, Any] = {
-        "method": method, "backbone": args.backbone, "dataset": args.dataset, "data_root": args.data_root,
-        "ways": args.ways, "shots": args.shots, "episodes_file": args.episodes, "image_size": args.image_size,
+        "method": method, "backbone": backbones[0] if backbones and len(backbones) == 1 else None,
+        "dataset": args.dataset, "data_root": args.data_root,
+        "ways": args.ways, "shots": args.shots[0] if args.shots and len(args.shots) == 1 else None,
+        "episodes_file": args.episodes, "image_size": args.image_size,
         "profile": args.profile, "seed": args.seed, "device": args.device, "deterministic": args.deterministic,
         "results_dir": args.results_dir, "cache_dir": args.cache_dir,
     }
@@ -82,6 +120,17 @@ def _list(log) -> None:
     log("datasets:  " + ", ".join(list_datasets()))
 
 
+def _executor(args: argparse.Namespace):
+    from .executors import LocalExecutor, RayExecutor
+
+    if args.executor == "ray":
+        return RayExecutor(address=args.ray_address, num_cpus=args.ray_num_cpus, threads=args.threads,
+                           shard_size=args.shard_size, plugin_dirs=args.plugins)
+    if args.ray_address:
+        raise ConfigError("--ray-address needs --executor ray")
+    return LocalExecutor(threads=args.threads)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     log = print
@@ -100,28 +149,49 @@ def main(argv: Optional[List[str]] = None) -> int:
             for path in make_committed_lists():
                 log(f"wrote {path}")
             return 0
-        from .config import resolve_config
-        from .reporting import render_reports
-
         results_dir = Path(args.results_dir or "results")
+        if args.compare:
+            from .reporting import compare_runs
+
+            log(compare_runs(args.compare[0], args.compare[1], results_dir))
+            return 0
+        from .grid import cells_from_args, filter_cells, load_grid, run_grid
+
+        methods = args.method.split(",") if args.method else None
+        backbones = args.backbone.split(",") if args.backbone else None
+        grid_name = None
+        if args.grid:
+            grid_name, cells = load_grid(Path(args.grid))
+            cells = filter_cells(cells, None if methods == ["all"] else methods, backbones, args.shots)
+        else:
+            cells = cells_from_args(methods or ["protonet"], backbones, args.shots)
         if args.report:
-            for kind, path in render_reports(results_dir).items():
+            from .reporting import render_reports
+
+            grid = None
+            if grid_name:
+                grid = (grid_name, [{"method": c.method, "backbone": c.backbone, "shots": c.shots} for c in cells
+                                    if c.backbone is not None and c.shots is not None])
+            for kind, path in render_reports(results_dir, reference=args.reference, grid=grid).items():
                 log(f"{kind}: {path}")
             return 0
-        from .registry import list_methods
-        from .runner import run
-
-        methods = (args.method or "protonet").split(",")
-        if methods == ["all"]:
-            methods = list_methods()
-        configs = [resolve_config(cli_overrides(args, m), args.config) for m in methods]
-        for cfg in configs:
-            row = run(cfg, progress=not args.no_progress, log=log)
-            note = " (synthetic dataset: not comparable with Mini-ImageNet)" if row["synthetic"] else ""
-            paper = f"; paper (Mini-ImageNet): {row['paper_value']:.2f} +- {row['paper_ci']:.2f}" if row["paper_value"] else ""
-            log(f"{row['method']} {row['backbone']} {row['ways']}-way {row['shots']}-shot on {row['dataset']}: "
-                f"{row['accuracy']:.2f} +- {row['ci95']:.2f} over {row['episodes']} episodes{paper}{note}")
-        log(f"leaderboard: {results_dir / 'leaderboard.csv'}, table: {results_dir / 'table6.md'}, plot: {results_dir / 'leaderboard.png'}")
+        if args.seeds and args.seed is not None:
+            raise ConfigError("give either --seed or --seeds, not both")
+        if args.threads is not None and args.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+        result = run_grid(
+            cells, cli_overrides(args, None), args.config, seeds=args.seeds, executor=_executor(args),
+            reference=args.reference, skip_unregistered=bool(args.grid), grid_name=grid_name,
+            progress=not args.no_progress, log=log, fail_fast=not args.grid and len(cells) == 1, dry_run=args.dry_run,
+        )
+        if args.dry_run:
+            return 0
+        log(f"leaderboard: {results_dir / 'leaderboard.csv'}, table: {results_dir / 'table6.md'}, "
+            f"summary: {results_dir / 'summary.md'}, plot: {results_dir / 'leaderboard.png'}")
+        if result.failed:
+            names = "; ".join(f"{p.describe()}: {p.error}" for p in result.failed)
+            print(f"error: {len(result.failed)} cell(s) failed: {names}", file=sys.stderr)
+            return 1
         return 0
     except FewShotError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,26 +1,41 @@
-"""One benchmark run: data -> backbone -> method -> training -> evaluation -> leaderboard row.
+"""One benchmark run: data -> backbone -> method -> training -> evaluation -> summary.
 
-A run is identified by ``<dataset>_<method>_<backbone>_<W>w<S>s_<profile>_seed<seed>_<config hash>``
-and lives in ``<results_dir>/runs/<run_id>/``:
+A run is one (cell, seed): identified by
+``<dataset>_<method>_<backbone>_<W>w<S>s_<profile>_seed<seed>_<config hash>`` and living in
+``<results_dir>/runs/<run_id>/``:
 
 * ``config.yaml``: the resolved config;
-* ``checkpoint.pt`` / ``method.pt``: episodic-training checkpoint / trained method;
-* ``episodes.csv``: one row per evaluated episode, written as it finishes;
-* ``summary.json``: the leaderboard row of this run.
+* ``checkpoint.pt``: episodic-training checkpoint (model, optimiser, sampler and RNG states);
+* ``method.pt``: the trained method; ``train.json``: training time, parameter count, peak memory;
+* ``episodes.csv``: one row per evaluated episode, appended and fsync'ed as it finishes;
+* ``shards/``: per-task episode CSVs while a Ray evaluation is in flight (merged, then removed);
+* ``summary.json``: the run's result and provenance (written last, atomically: its presence
+  with the current config and episode-list hash means "complete").
 
-Running the same command again resumes: finished training and episodes are not redone.
+The stages are separate functions so executors can place them: :func:`prepare`,
+:func:`train`, :func:`evaluate_run` (optionally on a subset of episodes) and :func:`finish`.
+:func:`execute` chains them in this process; :func:`aggregate` turns the summaries of a cell's
+seeds into its leaderboard row; :func:`run` does one cell with one seed, end to end.
+Running the same thing again resumes: finished training and episodes are not redone.
 """
 from __future__ import annotations
 
+import csv
+import dataclasses
 import json
+import math
 import os
+import platform
 import resource
 import subprocess
+import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
+import numpy as np
 import torch
 
 from .config import RunConfig, save_config
@@ -31,8 +46,8 @@ from .data.episodes import (
     episode_list_for_store,
 )
 from .data.store import ImageStore, check_min_images, default_cache_dir
-from .errors import ConfigError, DataError
-from .evaluation import evaluate
+from .errors import ConfigError
+from .evaluation import FIELDS, evaluate, read_episode_results
 from .methods.base import FewShotMethod
 from .registry import REPO_ROOT, check_kwargs, create_backbone, create_dataset, get_method_class
 from .reporting import paper_value, render_reports, upsert_row
@@ -42,6 +57,7 @@ from .training import atomic_torch_save, meta_train, pretrain, resolve_device, s
 TRAINING_STAGES = ("pretrain", "episodic")
 
 
+# ----------------------------------------------------------------------------- provenance helpers
 def git_info() -> Dict[str, Any]:
     """``{"git_commit": sha or "unknown", "git_dirty": bool}`` of the suite's checkout."""
     try:
@@ -52,22 +68,101 @@ def git_info() -> Dict[str, Any]:
         return {"git_commit": "unknown", "git_dirty": False}
 
 
+def device_name(device: torch.device) -> str:
+    """GPU model, or the CPU model name from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window: CUDA peak stats on GPU, the RSS high-water mark on Linux."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux >= 4.0: writing 5 resets VmHWM (the peak resident set size) of this process
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak CUDA memory allocated on GPU runs; the process's peak resident set size on CPU."""
+    """Peak CUDA memory allocated (GPU), else the process's peak resident set size since the last
+    :func:`reset_peak_memory` (``VmHWM``; ``ru_maxrss``, the lifetime peak, where unavailable)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _display_path(path: Path, results_dir: Path) -> str:
+    """``path`` relative to the repository (committed lists) or to the results folder (generated
+    lists: ``episodes/...``), else absolute."""
+    if not path.is_absolute():
+        return str(path)
+    for base in (REPO_ROOT, results_dir.resolve()):
+        try:
+            return str(path.resolve().relative_to(base.resolve()))
+        except ValueError:
+            continue
+    return str(path)
+
+
+def _read_json(path: Path) -> Optional[Dict[str, Any]]:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# ----------------------------------------------------------------------------- identity
 def run_id(cfg: RunConfig) -> str:
     return f"{cfg.dataset}_{cfg.method}_{cfg.backbone}_{cfg.ways}w{cfg.shots}s_{cfg.profile}_seed{cfg.seed}_{cfg.hash()[:8]}"
 
 
+def run_dir_of(cfg: RunConfig) -> Path:
+    return Path(cfg.results_dir) / "runs" / run_id(cfg)
+
+
+def cell_config_hash(cfg: RunConfig) -> str:
+    """Hash of the resolved config with the seed set to 0: the same for every seed of a cell
+    (the seeds are recorded apart); equal to ``cfg.hash()`` for seed 0."""
+    return dataclasses.replace(cfg, seed=0).hash()
+
+
+# ----------------------------------------------------------------------------- inputs
 def load_store(cfg: RunConfig) -> ImageStore:
     """Create the dataset store (cached) with the run's image size."""
     return create_dataset(
         cfg.dataset, data_root=cfg.data_root, image_size=cfg.image_size, cache_dir=_stores_dir(cfg), **cfg.dataset_options
     )
+
+
+def store_key(cfg: RunConfig) -> str:
+    """What determines :func:`load_store`'s result (to share one store between cells)."""
+    return json.dumps([cfg.dataset, cfg.data_root, cfg.image_size, _stores_dir(cfg), cfg.dataset_options],
+                      sort_keys=True, default=str)
 
 
 def _stores_dir(cfg: RunConfig) -> Optional[str]:
@@ -134,73 +229,314 @@ def validate_against_store(cfg: RunConfig, store: ImageStore) -> None:
         check_min_images(store, "train", (cfg.episodic.shots or cfg.shots) + cfg.episodic.queries)
 
 
-def run(cfg: RunConfig, progress: bool = True, log=print) -> Dict[str, Any]:
-    """Run (or resume) one benchmark cell and upsert its leaderboard row.
+# ----------------------------------------------------------------------------- stages
+@dataclass
+class RunContext:
+    """What the stages of one run share."""
 
-    Returns:
-        The leaderboard row (dict).
-    """
-    t0 = time.perf_counter()
+    cfg: RunConfig
+    store: ImageStore
+    episodes: EpisodeList
+    device: torch.device
+    run_dir: Path
+    method: Optional[FewShotMethod] = None
+
+    @property
+    def n_episodes(self) -> int:
+        """Episodes evaluated: the first ``cfg.eval.episodes`` of the list."""
+        return min(self.cfg.eval.episodes, len(self.episodes))
+
+    @property
+    def episodes_csv(self) -> Path:
+        return self.run_dir / "episodes.csv"
+
+
+def prepare(
+    cfg: RunConfig,
+    store: Optional[ImageStore] = None,
+    episodes: Optional[EpisodeList] = None,
+    log=print,
+) -> RunContext:
+    """Load and check the inputs of a run and create its folder (no training)."""
     device = resolve_device(cfg.device)
-    set_seed(cfg.seed, cfg.deterministic)
     method_cls = get_method_class(cfg.method)
     unknown_stage = set(method_cls.training_stages) - set(TRAINING_STAGES)
     if unknown_stage:
         raise ConfigError(f"method {cfg.method} declares unknown training stage(s) {sorted(unknown_stage)}")
-    store = load_store(cfg)
+    store = store if store is not None else load_store(cfg)
     validate_against_store(cfg, store)
-    episodes = load_episodes(cfg, store)
+    episodes = episodes if episodes is not None else load_episodes(cfg, store)
+    rdir = run_dir_of(cfg)
+    rdir.mkdir(parents=True, exist_ok=True)
+    if not (rdir / "config.yaml").is_file():
+        save_config(cfg, rdir / "config.yaml")
+    return RunContext(cfg, store, episodes, device, rdir)
+
+
+def train(ctx: RunContext, progress: bool = True, log=print) -> Dict[str, Any]:
+    """Build the method and train it (or load it), leaving it in ``ctx.method``.
+
+    Pretraining is cached across runs; episodic training checkpoints to ``checkpoint.pt`` and
+    resumes; the trained method is ``method.pt``. ``train.json`` records the training time of
+    the invocation that finished training, the parameter count and the peak memory.
+
+    Returns:
+        The ``train.json`` record.
+    """
+    cfg, device = ctx.cfg, ctx.device
+    method_cls = get_method_class(cfg.method)
+    reset_peak_memory(device)
+    t0 = time.perf_counter()
+    # Seeded right before the model is built, so the initial weights do not depend on whether the
+    # dataset was generated or loaded from its cache in this process.
+    set_seed(cfg.seed, cfg.deterministic)
     method = build_method(cfg).to(device)
-
-    rid = run_id(cfg)
-    run_dir = Path(cfg.results_dir) / "runs" / rid
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    log(f"run {rid} on {device} ({store.name}{', synthetic' if store.synthetic else ''}; "
-        f"{len(episodes)} episodes in {Path(episodes.path).name}, hash {episodes.sha256})")
-
-    t_train = time.perf_counter()
     info: Dict[str, Any] = {}
-    trained = run_dir / "method.pt"
+    trained = ctx.run_dir / "method.pt"
     if "pretrain" in method_cls.training_stages:
         cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-        info["pretrain"] = pretrain(method, store, cfg, device, conv_spec_of(cfg), cache, progress)
+        info["pretrain"] = pretrain(method, ctx.store, cfg, device, conv_spec_of(cfg), cache, progress)
         log(f"pretraining: {'reused cache' if info['pretrain']['cached'] else 'trained'} "
             f"(base-class train accuracy {100 * info['pretrain']['train_accuracy']:.1f}%)")
         method.after_pretrain()
         method.to(device)
-    if trained.is_file():
-        method.load_state_dict(torch.load(trained, map_location=device, weights_only=True))
-    elif "episodic" in method_cls.training_stages:
-        info["episodic"] = meta_train(method, store, cfg, device, run_dir / "checkpoint.pt", progress)
+    record_path = ctx.run_dir / "train.json"
+    fresh = not trained.is_file()
+    record = None if fresh else _read_json(record_path)
+    if fresh:
+        if "episodic" in method_cls.training_stages:
+            info["episodic"] = meta_train(method, ctx.store, cfg, device, ctx.run_dir / "checkpoint.pt", progress)
         atomic_torch_save(method.state_dict(), trained)
     else:
-        atomic_torch_save(method.state_dict(), trained)
-    train_time = time.perf_counter() - t_train
+        method.load_state_dict(torch.load(trained, map_location=device, weights_only=True))
+    if record is None:  # trained now (or killed between method.pt and train.json: time unknown)
+        resumed = bool(info.get("episodic", {}).get("resumed_from", 0))
+        record = {
+            "train_time_s": round(time.perf_counter() - t0, 2) if fresh else None,
+            "params": int(sum(p.numel() for p in method.parameters())),
+            "peak_memory_mb": round(peak_memory_mb(device), 1),
+            "pretrain_world_size": int(info.get("pretrain", {}).get("world_size", 1)),
+            "resumed": resumed,
+            "training": info,
+        }
+        _atomic_write_text(record_path, json.dumps(record, indent=1, default=str))
+    ctx.method = method
+    return record
 
-    t_eval = time.perf_counter()
-    accs = evaluate(method, store, episodes, cfg.eval.episodes, device, cfg.image_size, run_dir / "episodes.csv",
-                    seed=cfg.seed, progress=progress)
-    eval_time = time.perf_counter() - t_eval
+
+def evaluate_run(
+    ctx: RunContext,
+    indices: Optional[Sequence[int]] = None,
+    out_csv: Optional[Path] = None,
+    progress: bool = True,
+) -> List[float]:
+    """Evaluate the trained ``ctx.method`` on the run's episodes (or ``indices`` of them) into
+    ``out_csv`` (default ``episodes.csv``), resuming from what is already there."""
+    if ctx.method is None:
+        raise RuntimeError("evaluate_run needs a trained method: call train(ctx) first")
+    return evaluate(ctx.method, ctx.store, ctx.episodes, ctx.n_episodes, ctx.device, ctx.cfg.image_size,
+                    Path(out_csv or ctx.episodes_csv), seed=ctx.cfg.seed, progress=progress,
+                    indices=list(indices) if indices is not None else None)
+
+
+# ----------------------------------------------------------------------------- episode CSVs
+def missing_episodes(ctx: RunContext) -> List[int]:
+    """Indices of episodes without a finished row in ``episodes.csv``."""
+    done = read_episode_results(ctx.episodes_csv)
+    return [i for i in range(ctx.n_episodes) if i not in done]
+
+
+def merge_episode_rows(csv_path: Path, rows: Iterable[Dict[str, Any]]) -> None:
+    """Add ``rows`` (``evaluation.FIELDS`` dicts) to an episodes CSV, keeping one row per episode
+    in episode order; rewritten atomically (temp file, fsync, rename)."""
+    csv_path = Path(csv_path)
+    merged = {int(k): {f: str(v[f]) for f in FIELDS} for k, v in read_episode_results(csv_path).items()}
+    for r in rows:
+        merged.setdefault(int(r["episode"]), {f: str(r[f]) for f in FIELDS})
+    tmp = csv_path.with_name(csv_path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        for k in sorted(merged):
+            w.writerow(merged[k])
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, csv_path)
+
+
+def salvage_shards(ctx: RunContext) -> int:
+    """Merge rows left in ``shards/*.csv`` by interrupted shard tasks into ``episodes.csv``."""
+    shard_dir = ctx.run_dir / "shards"
+    if not shard_dir.is_dir():
+        return 0
+    rows: List[Dict[str, str]] = []
+    files = sorted(shard_dir.glob("*.csv"))
+    for f in files:
+        rows += list(read_episode_results(f).values())
+    if rows:
+        merge_episode_rows(ctx.episodes_csv, rows)
+    for f in files:
+        f.unlink()
+    try:
+        shard_dir.rmdir()
+    except OSError:
+        pass
+    return len(rows)
+
+
+# ----------------------------------------------------------------------------- summaries
+def run_summary_path(cfg: RunConfig) -> Path:
+    return run_dir_of(cfg) / "summary.json"
+
+
+def is_complete(cfg: RunConfig, episode_hash: str, fingerprint: str, n_episodes: int) -> Optional[Dict[str, Any]]:
+    """The run's summary if it finished with this config, episode list and dataset, else None."""
+    s = _read_json(run_summary_path(cfg))
+    if not s:
+        return None
+    ok = (s.get("run_config_hash") == cfg.hash() and s.get("episode_hash") == episode_hash
+          and s.get("dataset_fingerprint") == fingerprint
+          and int(s.get("episodes", 0)) + int(s.get("episodes_failed", 0)) == n_episodes)
+    return s if ok else None
+
+
+def finish(ctx: RunContext, executor: str = "local", eval_peak_mb: Optional[float] = None,
+           threads: Optional[int] = None, resumed: bool = False) -> Dict[str, Any]:
+    """Summarise a fully evaluated run into ``summary.json`` (atomically) and return it."""
+    cfg, store, episodes = ctx.cfg, ctx.store, ctx.episodes
+    rows = read_episode_results(ctx.episodes_csv)
+    missing = [i for i in range(ctx.n_episodes) if i not in rows]
+    if missing:
+        raise RuntimeError(f"run {ctx.run_dir.name} is missing episodes {missing[:5]}...; evaluate them first")
+    # canonical file: exactly one row per episode, in episode order (as an uninterrupted local run writes)
+    with ctx.episodes_csv.open(newline="") as f:
+        order = [r.get("episode") for r in csv.DictReader(f)]
+    if order != [str(i) for i in range(ctx.n_episodes)]:
+        merge_episode_rows(ctx.episodes_csv, [])
+    accs = [float(rows[i]["accuracy"]) if rows[i]["status"] == "ok" else math.nan for i in range(ctx.n_episodes)]
+    eval_time = sum(float(rows[i]["seconds"]) for i in range(ctx.n_episodes))
     s = summarize(accs)
+    record = _read_json(ctx.run_dir / "train.json") or {}
+    train_time = record.get("train_time_s")
+    peaks = [v for v in (record.get("peak_memory_mb"), eval_peak_mb) if v is not None]
+    episode_list = _display_path(Path(episodes.path), Path(cfg.results_dir))  # type: ignore[attr-defined]
     pv, pc = paper_value(cfg.method, cfg.backbone, cfg.ways, cfg.shots)
-    n_params = sum(p.numel() for p in method.parameters())
-    row: Dict[str, Any] = {
+    summary: Dict[str, Any] = {
         "dataset": store.name, "method": cfg.method, "backbone": cfg.backbone, "ways": cfg.ways,
-        "shots": cfg.shots, "profile": cfg.profile,
+        "shots": cfg.shots, "profile": cfg.profile, "seed": cfg.seed,
         "accuracy": round(s.mean, 4), "ci95": round(s.ci95, 4), "ci95_t": round(s.ci95_t, 4), "std": round(s.std, 4),
         "episodes": s.n, "episodes_failed": int(sum(a != a for a in accs)),
         "paper_value": pv, "paper_ci": pc, "image_size": cfg.image_size, "synthetic": store.synthetic,
-        "episode_list": os.path.relpath(episodes.path, REPO_ROOT) if Path(episodes.path).is_absolute() else episodes.path,
-        "episode_hash": episodes.sha256, "dataset_fingerprint": store.fingerprint(), "config_hash": cfg.hash(),
-        "seeds": str(cfg.seed), "params": n_params, "train_time_s": round(train_time, 2),
-        "eval_time_s": round(eval_time, 2), "wall_time_s": round(time.perf_counter() - t0, 2),
-        "peak_memory_mb": round(peak_memory_mb(device), 1), "device": str(device),
-        "torch_version": torch.__version__, **git_info(), "run_id": rid,
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "episode_list": episode_list, "episode_hash": episodes.sha256, "dataset_fingerprint": store.fingerprint(),
+        "config_hash": cell_config_hash(cfg), "run_config_hash": cfg.hash(),
+        "params": record.get("params"), "train_time_s": train_time, "eval_time_s": round(eval_time, 2),
+        "wall_time_s": round((train_time or 0.0) + eval_time, 2),
+        "peak_memory_mb": round(max(peaks), 1) if peaks else None,
+        "device": str(ctx.device), "device_name": device_name(ctx.device),
+        "threads": threads or torch.get_num_threads(), "executor": executor,
+        "pretrain_world_size": record.get("pretrain_world_size", 1), "resumed": bool(record.get("resumed", False)) or resumed,
+        "torch_version": torch.__version__, "python_version": platform.python_version(), **git_info(),
+        "run_id": ctx.run_dir.name, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "training": record.get("training", {}),
     }
-    (run_dir / "summary.json").write_text(json.dumps({**row, "training": info}, indent=1, default=str))
-    results = Path(cfg.results_dir)
-    upsert_row(results / "leaderboard.csv", row)
-    render_reports(results)
+    _atomic_write_text(ctx.run_dir / "summary.json", json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def execute(cfg: RunConfig, store: Optional[ImageStore] = None, episodes: Optional[EpisodeList] = None,
+            progress: bool = True, log=print, threads: Optional[int] = None) -> Dict[str, Any]:
+    """Run (or resume) one (cell, seed) in this process: prepare, train, evaluate, finish.
+
+    Returns:
+        The run's summary (also written to ``summary.json``).
+    """
+    ctx = prepare(cfg, store, episodes, log)
+    log(f"run {ctx.run_dir.name} on {ctx.device} ({ctx.store.name}{', synthetic' if ctx.store.synthetic else ''}; "
+        f"{ctx.n_episodes} episodes of {Path(ctx.episodes.path).name}, hash {ctx.episodes.sha256})")  # type: ignore[attr-defined]
+    salvage_shards(ctx)
+    resumed = len(missing_episodes(ctx)) < ctx.n_episodes
+    train(ctx, progress, log)
+    reset_peak_memory(ctx.device)
+    evaluate_run(ctx, progress=progress)
+    return finish(ctx, "local", eval_peak_mb=peak_memory_mb(ctx.device), threads=threads, resumed=resumed)
+
+
+# ----------------------------------------------------------------------------- leaderboard rows
+def episode_accuracies(run_dir: Path, n: Optional[int] = None) -> np.ndarray:
+    """Per-episode accuracies (%) of a run, in episode order (NaN for failed or missing episodes)."""
+    rows = read_episode_results(Path(run_dir) / "episodes.csv")
+    n = n if n is not None else (max(rows) + 1 if rows else 0)
+    out = np.full(n, np.nan)
+    for i, r in rows.items():
+        if i < n and r.get("status") == "ok":
+            out[i] = float(r["accuracy"])
+    return out
+
+
+#: Per-run fields that are the same for every seed of a cell (taken from the first).
+_SHARED = ("dataset", "method", "backbone", "ways", "shots", "profile", "paper_value", "paper_ci", "image_size",
+           "synthetic", "episode_list", "episode_hash", "dataset_fingerprint", "config_hash", "params", "device",
+           "device_name", "threads", "executor", "pretrain_world_size", "torch_version", "python_version")
+
+
+def aggregate(summaries: Sequence[Dict[str, Any]], results_dir: Path) -> Dict[str, Any]:
+    """The leaderboard row of a cell from the summaries of its seeds.
+
+    ``accuracy`` is the mean of the per-seed means; ``ci95``/``ci95_t``/``std`` are the episode
+    statistics of the per-episode accuracies averaged over seeds (one value per test episode, so
+    ``n`` is the number of episodes, and with one seed they are that seed's statistics);
+    ``seed_std`` is the sample standard deviation of the per-seed means (empty for one seed).
+    Times add up over seeds, peak memory is the maximum.
+    """
+    if not summaries:
+        raise ValueError("aggregate needs at least one run summary")
+    summaries = sorted(summaries, key=lambda s: int(s["seed"]))
+    n = int(summaries[0]["episodes"]) + int(summaries[0]["episodes_failed"])
+    mat = np.stack([episode_accuracies(Path(results_dir) / "runs" / s["run_id"], n) for s in summaries])
+    per_episode = mat.mean(axis=0)  # NaN where any seed failed the episode
+    ep = summarize(per_episode)
+    seed_means = np.array([np.nanmean(r) if np.isfinite(r).any() else np.nan for r in mat])
+    row: Dict[str, Any] = {k: summaries[0].get(k) for k in _SHARED}
+
+    def total(key: str) -> Optional[float]:
+        vals = [s.get(key) for s in summaries]
+        return None if any(v is None for v in vals) else round(float(sum(vals)), 2)
+
+    row.update({
+        "accuracy": round(float(np.nanmean(seed_means)), 4),
+        "ci95": round(ep.ci95, 4), "ci95_t": round(ep.ci95_t, 4), "std": round(ep.std, 4),
+        "seed_std": round(float(np.std(seed_means, ddof=1)), 4) if len(summaries) > 1 else None,
+        "n_seeds": len(summaries), "episodes": ep.n,
+        "episodes_failed": int(sum(int(s["episodes_failed"]) for s in summaries)),
+        "seeds": ",".join(str(s["seed"]) for s in summaries),
+        "train_time_s": total("train_time_s"), "eval_time_s": total("eval_time_s"), "wall_time_s": total("wall_time_s"),
+        "peak_memory_mb": max((s["peak_memory_mb"] for s in summaries if s.get("peak_memory_mb") is not None), default=None),
+        "resumed": any(bool(s.get("resumed")) for s in summaries),
+        "git_commit": ";".join(dict.fromkeys(str(s["git_commit"]) for s in summaries)),
+        "git_dirty": any(bool(s.get("git_dirty")) for s in summaries),
+        "run_id": ";".join(s["run_id"] for s in summaries),
+        "finished_at": max(str(s["finished_at"]) for s in summaries),
+    })
+    if len({s.get("executor") for s in summaries}) > 1:
+        row["executor"] = "mixed"
+    return row
+
+
+def publish(rows: Sequence[Dict[str, Any]], results_dir: Path, reference: Optional[str] = None) -> None:
+    """Upsert leaderboard rows (under the leaderboard lock) and re-render the reports."""
+    results_dir = Path(results_dir)
+    for row in rows:
+        upsert_row(results_dir / "leaderboard.csv", row, reference=reference)
+    render_reports(results_dir)
+
+
+def run(cfg: RunConfig, progress: bool = True, log=print, reference: Optional[str] = None) -> Dict[str, Any]:
+    """Run (or resume) one cell with the config's seed and upsert its leaderboard row.
+
+    Returns:
+        The leaderboard row (dict).
+    """
+    summary = execute(cfg, progress=progress, log=log)
+    row = aggregate([summary], cfg.results_dir)
+    publish([row], Path(cfg.results_dir), reference)
     return row

@@ -1,0 +1,289 @@
+"""Where runs execute: in this process (:class:`LocalExecutor`) or as Ray tasks (:class:`RayExecutor`).
+
+An executor takes :class:`fewshot_nsl.grid.RunJob` s (one per (cell, seed)) and calls
+``on_done(job, summary)`` when a run has finished (its ``summary.json`` written) or
+``on_error(job, exception)`` when it failed.
+
+**Ray.** Every piece of work is a Ray task, scheduled by Ray (no scheduler of our own):
+
+* one *pretrain* task per distinct pretraining (cache key) that is not cached yet, so methods
+  sharing a pretrained backbone do not train it twice in parallel;
+* one *train* task per run (episodic training and ``method.pt``), after its pretrain task;
+* *eval* tasks over shards of the run's missing test episodes (``--shard-size`` episodes each),
+  after its train task. Each evaluates its episode indices with
+  :func:`fewshot_nsl.evaluation.evaluate` into ``runs/<id>/shards/<first>-<last>.csv`` (so an
+  interrupted shard resumes) and returns its rows; the driver merges them into
+  ``episodes.csv`` in episode order and writes the summary exactly as a local run does.
+
+Every episode is seeded from ``(seed, episode index)``, so where an episode runs does not
+change its result. What does: the number of intra-op threads torch uses on CPU (float
+reductions are split differently). Both executors therefore run with the same ``threads``
+(default: this process's ``torch.get_num_threads()``), each Ray task reserving that many CPUs;
+with equal threads the Ray executor reproduces the local results bit for bit. The thread count
+is recorded in every row (``threads``).
+
+Workers need the results and cache folders: on one machine they are shared; on a cluster put
+``--results-dir`` and ``--cache-dir`` on a shared filesystem and install the suite on every node.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .errors import ConfigError
+
+Callback = Callable[..., None]
+
+
+def _silent(*_a: Any, **_k: Any) -> None:
+    pass
+
+
+class LocalExecutor:
+    """Runs the jobs one after another in this process."""
+
+    name = "local"
+
+    def __init__(self, threads: Optional[int] = None) -> None:
+        self.threads = threads
+
+    def run(self, jobs: Sequence[Any], on_done: Callback, on_error: Callback, progress: bool = True, log=print) -> None:
+        from .runner import execute
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        for job in jobs:
+            try:
+                summary = execute(job.cfg, job.store, job.episodes, progress=progress, log=log,
+                                  threads=torch.get_num_threads())
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as exc:  # noqa: BLE001 - reported per cell; the grid goes on
+                on_error(job, exc)
+                continue
+            on_done(job, summary)
+
+
+# ----------------------------------------------------------------------------- Ray
+def import_ray():
+    """Import Ray or raise a one-line error saying how to install it."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise ConfigError("--executor ray needs Ray: pip install -e '.[ray]' (or pip install 'ray>=2.9')") from None
+    return ray
+
+
+# Worker-side state (one per Ray worker process): stores are loaded once per worker.
+_STORES: Dict[str, Any] = {}
+
+
+def _worker_context(cfg, plugin_dirs: Sequence[str], threads: int):
+    from .registry import load_plugins
+    from .runner import load_store, prepare, store_key
+
+    load_plugins([Path(d) for d in plugin_dirs])
+    torch.set_num_threads(threads)
+    key = store_key(cfg)
+    if key not in _STORES:
+        if len(_STORES) >= 2:
+            _STORES.clear()
+        _STORES[key] = load_store(cfg)
+    return prepare(cfg, _STORES[key], log=_silent)
+
+
+def pretrain_task(cfg, plugin_dirs: Sequence[str], threads: int) -> Dict[str, Any]:
+    """Ray task: base-class pretraining into the shared cache (no-op when cached)."""
+    from .data.store import default_cache_dir
+    from .runner import build_method, conv_spec_of
+    from .training import pretrain, set_seed
+
+    ctx = _worker_context(cfg, plugin_dirs, threads)
+    set_seed(cfg.seed, cfg.deterministic)
+    method = build_method(cfg).to(ctx.device)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    return pretrain(method, ctx.store, cfg, ctx.device, conv_spec_of(cfg), cache, progress=False)
+
+
+def train_task(cfg, plugin_dirs: Sequence[str], threads: int, after: Any = None) -> Dict[str, Any]:
+    """Ray task: train (or load) the run's method; returns its ``train.json`` record."""
+    from .runner import train
+
+    ctx = _worker_context(cfg, plugin_dirs, threads)
+    return train(ctx, progress=False, log=_silent)
+
+
+def eval_task(cfg, indices: List[int], plugin_dirs: Sequence[str], threads: int, after: Any = None) -> Dict[str, Any]:
+    """Ray task: evaluate episodes ``indices`` of a trained run into its own shard CSV.
+
+    Returns:
+        ``{"rows": [episode rows], "peak_memory_mb": float}``.
+    """
+    from .evaluation import read_episode_results
+    from .runner import evaluate_run, peak_memory_mb, reset_peak_memory, train
+
+    ctx = _worker_context(cfg, plugin_dirs, threads)
+    train(ctx, progress=False, log=_silent)  # loads method.pt (and the cached pretraining)
+    reset_peak_memory(ctx.device)
+    shard = ctx.run_dir / "shards" / f"{indices[0]:06d}-{indices[-1]:06d}.csv"
+    evaluate_run(ctx, indices=indices, out_csv=shard, progress=False)
+    done = read_episode_results(shard)
+    return {"rows": [done[i] for i in indices], "peak_memory_mb": peak_memory_mb(ctx.device)}
+
+
+def _absolute(cfg):
+    """The config with its paths made absolute (workers may run elsewhere)."""
+    import dataclasses
+
+    from .data.store import default_cache_dir
+
+    def ab(p: Optional[str]) -> Optional[str]:
+        return str(Path(p).expanduser().resolve()) if p else p
+
+    return dataclasses.replace(cfg, results_dir=ab(cfg.results_dir), cache_dir=ab(cfg.cache_dir or str(default_cache_dir())),
+                               data_root=ab(cfg.data_root), episodes_file=ab(cfg.episodes_file))
+
+
+class RayExecutor:
+    """Runs pretraining, training and evaluation shards as Ray tasks.
+
+    Args:
+        address: ``None`` starts a local Ray cluster (stopped afterwards); ``"auto"`` or
+            ``"ray://host:port"`` joins an existing one.
+        num_cpus: CPUs of the local cluster (default: all).
+        threads: torch intra-op threads per task (= CPUs it reserves); default: this process's.
+        shard_size: test episodes per evaluation task.
+        plugin_dirs: ``--plugins`` folders the workers must load too.
+    """
+
+    name = "ray"
+
+    def __init__(self, address: Optional[str] = None, num_cpus: Optional[int] = None, threads: Optional[int] = None,
+                 shard_size: int = 100, plugin_dirs: Sequence[str] = ()) -> None:
+        if shard_size < 1:
+            raise ConfigError(f"--shard-size must be at least 1, got {shard_size}")
+        self.address, self.num_cpus, self.shard_size = address, num_cpus, shard_size
+        self.threads = threads or torch.get_num_threads()
+        self.plugin_dirs = [str(Path(d).resolve()) for d in plugin_dirs]
+        import_ray()
+
+    def _init(self, ray) -> bool:
+        if ray.is_initialized():
+            return False
+        kwargs: Dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
+        if self.address:
+            kwargs["address"] = self.address
+            cache = os.environ.get("FEWSHOT_NSL_CACHE")
+            if cache:
+                kwargs["runtime_env"] = {"env_vars": {"FEWSHOT_NSL_CACHE": cache}}
+        else:
+            kwargs["num_cpus"] = self.num_cpus or os.cpu_count() or 1
+        ray.init(**kwargs)
+        return True
+
+    def run(self, jobs: Sequence[Any], on_done: Callback, on_error: Callback, progress: bool = True, log=print) -> None:
+        from .data.store import default_cache_dir
+        from .registry import get_method_class
+        from .runner import (
+            build_method,
+            conv_spec_of,
+            finish,
+            merge_episode_rows,
+            missing_episodes,
+            prepare,
+            salvage_shards,
+        )
+        from .training import pretrain_key
+
+        ray = import_ray()
+        started = self._init(ray)
+        try:
+            cpus = int(ray.cluster_resources().get("CPU", 1))
+            task_cpus = max(1, min(self.threads, cpus))
+            gpus = 1 if torch.cuda.is_available() and all(j.cfg.device != "cpu" for j in jobs) else 0
+            opts = {"num_cpus": task_cpus, "num_gpus": gpus, "max_retries": 0}
+            r_pre = ray.remote(pretrain_task).options(**opts)
+            r_train = ray.remote(train_task).options(**opts)
+            r_eval = ray.remote(eval_task).options(**opts)
+            t0 = time.perf_counter()
+            log(f"ray: {len(jobs)} run(s) on a cluster with {cpus} CPU(s); {task_cpus} CPU(s) and "
+                f"{self.threads} thread(s) per task, {self.shard_size} episodes per evaluation task")
+
+            pre_refs: Dict[str, Any] = {}
+            state: Dict[int, Dict[str, Any]] = {}
+            ref_owner: Dict[Any, int] = {}
+            for k, job in enumerate(jobs):
+                cfg = _absolute(job.cfg)
+                ctx = prepare(cfg, job.store, job.episodes, log=_silent)
+                salvage_shards(ctx)
+                missing = missing_episodes(ctx)
+                st = {"job": job, "ctx": ctx, "pending": set(), "peak": [], "failed": False,
+                      "resumed": len(missing) < ctx.n_episodes}
+                state[k] = st
+                dep = None
+                if not (ctx.run_dir / "method.pt").is_file():
+                    if "pretrain" in get_method_class(cfg.method).training_stages:
+                        cache = Path(cfg.cache_dir or default_cache_dir())
+                        key = pretrain_key(cfg, job.store, conv_spec_of(cfg))
+                        if not (cache / "pretrain" / f"{key}.pt").is_file():
+                            if key not in pre_refs:
+                                pre_refs[key] = r_pre.remote(cfg, self.plugin_dirs, self.threads)
+                            dep = pre_refs[key]
+                    dep = r_train.remote(cfg, self.plugin_dirs, self.threads, dep)
+                    if not missing:
+                        st["pending"].add(dep)
+                        ref_owner[dep] = k
+                for i in range(0, len(missing), self.shard_size):
+                    ref = r_eval.remote(cfg, missing[i: i + self.shard_size], self.plugin_dirs, self.threads, dep)
+                    st["pending"].add(ref)
+                    ref_owner[ref] = k
+                if not st["pending"]:
+                    self._finish(k, st, on_done, on_error, finish)
+            outstanding = list(ref_owner)
+            done_runs = 0
+            while outstanding:
+                ready, outstanding = ray.wait(outstanding, num_returns=1)
+                ref = ready[0]
+                k = ref_owner.pop(ref)
+                st = state[k]
+                st["pending"].discard(ref)
+                if st["failed"]:
+                    continue
+                try:
+                    out = ray.get(ref)
+                except Exception as exc:  # noqa: BLE001 - a task's error, reported per cell
+                    st["failed"] = True
+                    on_error(st["job"], _cause(exc))
+                    continue
+                if isinstance(out, dict) and "rows" in out:
+                    merge_episode_rows(st["ctx"].episodes_csv, out["rows"])
+                    st["peak"].append(out["peak_memory_mb"])
+                if not st["pending"]:
+                    self._finish(k, st, on_done, on_error, finish)
+                    done_runs += 1
+                    if progress:
+                        log(f"ray: {done_runs}/{len(jobs)} run(s) finished ({time.perf_counter() - t0:.0f} s)")
+        finally:
+            if started:
+                ray.shutdown()
+
+    def _finish(self, k: int, st: Dict[str, Any], on_done: Callback, on_error: Callback, finish) -> None:
+        ctx = st["ctx"]
+        try:
+            salvage_shards(ctx)
+            summary = finish(ctx, "ray", eval_peak_mb=max(st["peak"]) if st["peak"] else None, threads=self.threads,
+                             resumed=st["resumed"])
+        except Exception as exc:  # noqa: BLE001
+            on_error(st["job"], exc)
+            return
+        on_done(st["job"], summary)
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The user's exception inside a RayTaskError (so FewShotErrors keep their one-line message)."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc

@@ -1,0 +1,344 @@
+"""Benchmark grids: many (method, backbone, shots) cells, each over one or more training seeds.
+
+A grid comes from a YAML file (``configs/table6.yaml``: explicit ``rows``, or a ``grid:``
+mapping whose lists are crossed) or from the command line (``--method a,b|all``,
+``--backbone``, ``--shots 1,5``). Each cell runs once per seed; its leaderboard row
+aggregates the seeds (:func:`fewshot_nsl.runner.aggregate`).
+
+Planning decides, per cell, before anything trains:
+
+* ``not registered``: the grid names a method no plugin provides (yet): reported, skipped;
+* ``complete``: every seed's run has a ``summary.json`` for the same config hash, episode-list
+  hash and dataset fingerprint, and the leaderboard row names exactly those runs: skipped;
+* ``aggregate``: the runs are complete but the leaderboard row is missing or stale: the row
+  is rebuilt from the runs' CSVs (no training, no evaluation);
+* ``run``: some seed is missing or unfinished: handed to the executor, which resumes it.
+
+So a second invocation of the same command does nothing, and says so.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import yaml
+
+from .config import RunConfig, load_yaml, resolve_config
+from .data.episodes import EpisodeList
+from .data.store import ImageStore
+from .errors import ConfigError, FewShotError
+from .registry import METHODS, PLUGIN_ERRORS, list_methods
+from .reporting import KEY, read_leaderboard, render_reports, upsert_row
+from .runner import aggregate, is_complete, load_episodes, load_store, store_key, validate_against_store
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid cell; ``None`` fields take the config's value (``--backbone``, ``--shots``, profile)."""
+
+    method: str
+    backbone: Optional[str] = None
+    shots: Optional[int] = None
+    label: str = ""
+
+    def describe(self, cfg: Optional[RunConfig] = None) -> str:
+        b = cfg.backbone if cfg else self.backbone or "(default backbone)"
+        s = cfg.shots if cfg else self.shots
+        w = f"{cfg.ways}-way " if cfg else ""
+        return f"{self.method} {b} {w}{s}-shot"
+
+
+def load_grid(path: Path) -> Tuple[str, List[Cell]]:
+    """Cells of a grid file: ``rows: [{method, backbone, shots, ...}]`` and/or
+    ``grid: {method: [...], backbone: [...], shots: [...]}`` (crossed)."""
+    path = Path(path)
+    data = load_yaml(path)
+    cells: List[Cell] = []
+    for i, r in enumerate(data.get("rows", []) or []):
+        if not isinstance(r, dict) or "method" not in r:
+            raise ConfigError(f"grid file {path}: rows[{i}] must be a mapping with at least a 'method'")
+        cells.append(Cell(str(r["method"]), r.get("backbone"), int(r["shots"]) if r.get("shots") is not None else None,
+                          str(r.get("label", ""))))
+    g = data.get("grid")
+    if g:
+        unknown = sorted(set(g) - {"method", "backbone", "shots"})
+        if unknown:
+            raise ConfigError(f"grid file {path}: unknown grid key(s) {', '.join(unknown)}; use method, backbone, shots")
+        lists = [g.get(k) if isinstance(g.get(k), list) else [g.get(k)] for k in ("method", "backbone", "shots")]
+        for m, b, s in itertools.product(*lists):
+            cells.append(Cell(str(m), b, int(s) if s is not None else None))
+    if not cells:
+        raise ConfigError(f"grid file {path} lists no cells; give 'rows:' or 'grid:'")
+    return path.stem, list(dict.fromkeys(cells))
+
+
+def filter_cells(cells: Sequence[Cell], methods: Optional[Sequence[str]], backbones: Optional[Sequence[str]],
+                 shots: Optional[Sequence[int]]) -> List[Cell]:
+    """Keep the cells matching ``--method`` / ``--backbone`` / ``--shots`` (None: no filter)."""
+    out = [c for c in cells
+           if (not methods or c.method in methods) and (not backbones or c.backbone is None or c.backbone in backbones)
+           and (not shots or c.shots is None or c.shots in shots)]
+    if not out:
+        raise ConfigError("no grid cell matches the given --method/--backbone/--shots; check the grid file")
+    return out
+
+
+def cells_from_args(methods: Sequence[str], backbones: Optional[Sequence[str]], shots: Optional[Sequence[int]]) -> List[Cell]:
+    """The cross product of ``--method`` x ``--backbone`` x ``--shots`` (None: the config's value)."""
+    if list(methods) == ["all"]:
+        methods = list_methods()
+    return [Cell(m, b, s) for m, b, s in itertools.product(methods, backbones or [None], shots or [None])]
+
+
+# ----------------------------------------------------------------------------- planning
+@dataclass
+class RunJob:
+    """One (cell, seed) run to execute."""
+
+    cfg: RunConfig
+    store: ImageStore
+    episodes: EpisodeList
+    cell: "PlannedCell"
+
+
+@dataclass
+class PlannedCell:
+    cell: Cell
+    status: str  # "not registered" | "complete" | "aggregate" | "run"
+    reason: str = ""
+    cfgs: List[RunConfig] = field(default_factory=list)
+    summaries: Dict[int, Dict[str, Any]] = field(default_factory=dict)  # seed -> finished run summary
+    jobs: List[RunJob] = field(default_factory=list)
+    row: Optional[Dict[str, Any]] = None
+    error: Optional[str] = None
+
+    def describe(self) -> str:
+        return self.cell.describe(self.cfgs[0] if self.cfgs else None)
+
+
+def _not_registered(method: str) -> Optional[str]:
+    if method in METHODS:
+        return None
+    broken = [f"{Path(w).name} ({why})" for w, why in PLUGIN_ERRORS.items() if Path(w).stem == method]
+    if broken:
+        return f"method '{method}' is not available: its plugin failed to import: {broken[0]}"
+    return f"method '{method}' is not registered (yet); skipped"
+
+
+def check_buildable(cfg: RunConfig) -> None:
+    """Unknown backbone, method option or backbone option: a one-line error before anything runs."""
+    from .registry import BACKBONES, check_kwargs, get_method_class, list_backbones
+
+    list_backbones()
+    check_kwargs(get_method_class(cfg.method), cfg.method_options, f"method '{cfg.method}'")
+    check_kwargs(BACKBONES.get(cfg.backbone), cfg.backbone_options, f"backbone '{cfg.backbone}'")
+
+
+def plan(
+    cells: Sequence[Cell],
+    cli: Dict[str, Any],
+    config_file: Optional[str],
+    seeds: Optional[Sequence[int]],
+    skip_unregistered: bool,
+) -> List[PlannedCell]:
+    """Resolve every cell's configs, load data once per dataset config, and classify the cells.
+
+    Input errors (bad dataset, impossible ways/shots, bad options) raise here, before any training.
+    """
+    list_methods()  # load plugins
+    stores: Dict[str, ImageStore] = {}
+    episode_lists: Dict[Tuple, EpisodeList] = {}
+    results_dir = None
+    board = None
+    out: List[PlannedCell] = []
+    for cell in cells:
+        why = _not_registered(cell.method)
+        if why is not None:
+            if not skip_unregistered:
+                from .registry import get_method_class
+
+                get_method_class(cell.method)  # raises the registry's one-line error
+            out.append(PlannedCell(cell, "not registered", why))
+            continue
+        over = dict(cli, method=cell.method)
+        if cell.backbone is not None:
+            over["backbone"] = cell.backbone
+        if cell.shots is not None:
+            over["shots"] = cell.shots
+        base = resolve_config(over, config_file)
+        check_buildable(base)
+        cfgs = [dataclasses.replace(base, seed=int(s)) for s in seeds] if seeds else [base]
+        pc = PlannedCell(cell, "run", cfgs=cfgs)
+        cfg = cfgs[0]
+        skey = store_key(cfg)
+        if skey not in stores:
+            stores[skey] = load_store(cfg)
+        store = stores[skey]
+        validate_against_store(cfg, store)
+        ekey = (skey, cfg.episodes_file, cfg.ways, cfg.shots, cfg.eval.queries, cfg.eval.split, cfg.results_dir)
+        if ekey not in episode_lists:
+            episode_lists[ekey] = load_episodes(cfg, store)
+        episodes = episode_lists[ekey]
+        n = min(cfg.eval.episodes, len(episodes))
+        for c in cfgs:
+            s = is_complete(c, episodes.sha256, store.fingerprint(), n)
+            if s is not None:
+                pc.summaries[c.seed] = s
+            else:
+                pc.jobs.append(RunJob(c, store, episodes, pc))
+        if not pc.jobs:
+            if board is None or results_dir != cfg.results_dir:
+                results_dir = cfg.results_dir
+                board = read_leaderboard(Path(results_dir) / "leaderboard.csv")
+            expected = ";".join(pc.summaries[c.seed]["run_id"] for c in sorted(cfgs, key=lambda c: c.seed))
+            row = _board_row(board, pc.summaries[cfgs[0].seed])
+            if row is not None and str(row.get("run_id")) == expected and \
+                    str(row.get("episode_hash")) == episodes.sha256 and str(row.get("config_hash")) == pc.summaries[cfgs[0].seed]["config_hash"]:
+                pc.status, pc.row = "complete", dict(row)
+                pc.reason = (f"complete for config {pc.summaries[cfgs[0].seed]['config_hash'][:8]} and episode list "
+                             f"{episodes.sha256[:8]}; skipped")
+            else:
+                pc.status, pc.reason = "aggregate", "runs complete; leaderboard row rebuilt from their CSVs"
+        else:
+            done = len(pc.summaries)
+            pc.reason = f"to run: {len(pc.jobs)} of {len(cfgs)} seed(s)" + (f" ({done} already complete)" if done else "")
+        out.append(pc)
+    return out
+
+
+def _board_row(board, summary: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    if board is None or board.empty:
+        return None
+    same = board[KEY[0]].astype(str) == str(summary[KEY[0]])
+    for k in KEY[1:]:
+        same &= board[k].astype(str) == str(summary[k])
+    hit = board[same]
+    return None if hit.empty else hit.iloc[0].to_dict()
+
+
+# ----------------------------------------------------------------------------- running
+@dataclass
+class GridResult:
+    cells: List[PlannedCell]
+
+    def count(self, status: str) -> int:
+        return sum(c.status == status for c in self.cells)
+
+    @property
+    def failed(self) -> List[PlannedCell]:
+        return [c for c in self.cells if c.status == "failed"]
+
+
+def result_line(row: Dict[str, Any]) -> str:
+    """``protonet cnn4 5-way 5-shot on glyphs: 61.23 +- 0.80 over 600 episodes ...``"""
+    note = " (synthetic dataset: not comparable with Mini-ImageNet)" if str(row.get("synthetic")) in ("True", "true") else ""
+    pv = row.get("paper_value")
+    paper = f"; paper (Mini-ImageNet): {float(pv):.2f} +- {float(row['paper_ci']):.2f}" if pv is not None and pv == pv else ""
+    seeds = f" x {row['n_seeds']} seeds (seed sd {float(row['seed_std']):.2f})" if int(row.get("n_seeds") or 1) > 1 else ""
+    return (f"{row['method']} {row['backbone']} {row['ways']}-way {row['shots']}-shot on {row['dataset']}: "
+            f"{float(row['accuracy']):.2f} +- {float(row['ci95']):.2f} over {row['episodes']} episodes{seeds}{paper}{note}")
+
+
+def run_grid(
+    cells: Sequence[Cell],
+    cli: Dict[str, Any],
+    config_file: Optional[str] = None,
+    seeds: Optional[Sequence[int]] = None,
+    executor: Any = None,
+    reference: Optional[str] = None,
+    skip_unregistered: bool = True,
+    grid_name: Optional[str] = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    fail_fast: bool = False,
+    dry_run: bool = False,
+) -> GridResult:
+    """Plan the cells, run what is missing with ``executor`` (default: local), aggregate the seeds
+    of every finished cell into its leaderboard row, and re-render the reports.
+
+    Args:
+        fail_fast: re-raise a cell's error instead of reporting it and going on.
+        dry_run: plan and print what would run, then stop.
+    """
+    from .executors import LocalExecutor
+
+    executor = executor or LocalExecutor()
+    seeds = list(dict.fromkeys(int(s) for s in seeds)) if seeds else None
+    planned = plan(cells, cli, config_file, seeds, skip_unregistered)
+    runnable = [p for p in planned if p.cfgs]
+    results_dir = Path(runnable[0].cfgs[0].results_dir if runnable else cli.get("results_dir") or "results")
+    head = runnable[0].cfgs[0] if runnable else None
+    if head is not None:
+        used = [c.seed for c in runnable[0].cfgs]
+        log(f"{'grid ' + grid_name if grid_name else 'benchmark'}: {len(planned)} cell(s) x {len(used)} seed(s) "
+            f"({','.join(map(str, used))}) on {head.dataset}, {head.ways}-way, profile {head.profile}, "
+            f"executor {executor.name}")
+    for p in planned:
+        if p.status != "run":
+            log(f"  {p.status:>14}: {p.describe()}: {p.reason}")
+        else:
+            log(f"  {'run':>14}: {p.describe()}: {p.reason}")
+
+    if dry_run:
+        return GridResult(planned)
+
+    def finish_cell(p: PlannedCell) -> None:
+        row = aggregate(list(p.summaries.values()), results_dir)
+        upsert_row(results_dir / "leaderboard.csv", row, reference=reference)
+        p.row = row
+        log(result_line(row))
+
+    for p in planned:
+        if p.status == "aggregate":
+            finish_cell(p)
+            p.status = "aggregated"
+
+    jobs = [j for p in planned if p.status == "run" for j in p.jobs]
+    if jobs:
+        def on_done(job: RunJob, summary: Dict[str, Any]) -> None:
+            p = job.cell
+            p.summaries[job.cfg.seed] = summary
+            if p.status == "run" and len(p.summaries) == len(p.cfgs):
+                finish_cell(p)
+                p.status = "ran"
+
+        def on_error(job: RunJob, exc: BaseException) -> None:
+            p = job.cell
+            if fail_fast:
+                raise exc
+            if p.status != "failed":
+                p.status = "failed"
+                p.error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, FewShotError) else str(exc)
+                log(f"FAILED {p.describe()} seed {job.cfg.seed}: {p.error}")
+                if not isinstance(exc, FewShotError):
+                    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+                    try:
+                        from .runner import run_dir_of
+
+                        d = run_dir_of(job.cfg)
+                        d.mkdir(parents=True, exist_ok=True)
+                        (d / "error.txt").write_text(tb)
+                        log(f"  traceback: {d / 'error.txt'}")
+                    except OSError:
+                        pass
+
+        executor.run(jobs, on_done, on_error, progress=progress, log=log)
+
+    if runnable or (results_dir / "leaderboard.csv").is_file():
+        grid = (grid_name, [{"method": p.cell.method, "backbone": p.cfgs[0].backbone, "shots": p.cfgs[0].shots}
+                            for p in runnable]) if grid_name else None
+        render_reports(results_dir, reference=reference, grid=grid)
+    res = GridResult(planned)
+    ran, agg, done = res.count("ran"), res.count("aggregated"), res.count("complete")
+    unreg, failed = res.count("not registered"), len(res.failed)
+    extra = f" ({unreg} not registered)" if unreg else ""
+    if not jobs and not agg:
+        log(f"nothing to do: all {done} runnable cell(s) are already complete for this config and episode list{extra}")
+    else:
+        log(f"done: {ran} cell(s) run, {agg} re-aggregated, {done} already complete, {unreg} not registered, "
+            f"{failed} failed")
+    return res
