@@ -1,0 +1,96 @@
+"""Finetuning baseline (Ravi & Larochelle, ICLR 2017; protocol of Chen et al., ICLR 2019), as a plugin.
+
+The backbone is pretrained with a linear head on all base classes. For each test episode a
+new linear head (and, with ``finetune_backbone=True``, a copy of the whole backbone) is
+trained on the support set with SGD, then classifies the queries. Defaults follow Chen et
+al.'s code (``baselinefinetune.py``): SGD lr 0.01, momentum 0.9, dampening 0.9, weight
+decay 1e-3, batch 4, 100 passes over the support set.
+
+With a frozen backbone the support features are computed once per episode. The pretrained
+backbone is never modified: fine-tuning it works on a deep copy made for the episode. Batch
+norm of that copy keeps the mode of the method (eval at test: pretrained running statistics).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fewshot_nsl.methods import FewShotMethod
+from fewshot_nsl.registry import register_method
+
+
+@register_method("finetune")
+class Finetune(FewShotMethod):
+    """Pretrained backbone, new linear head (optionally the whole network) fine-tuned on the support set.
+
+    Args:
+        backbone: feature extractor, pretrained on the base classes by the harness.
+        image_size: input side, to size the head.
+        finetune_backbone: also fine-tune (a per-episode copy of) the backbone.
+        lr: SGD learning rate.
+        momentum: SGD momentum.
+        dampening: SGD dampening (0.9 in Chen et al.'s code).
+        weight_decay: SGD weight decay (applied to the head only).
+        batch_size: support images per step.
+        epochs: passes over the support set.
+    """
+
+    training_stages = ("pretrain",)
+
+    def __init__(
+        self,
+        backbone,
+        image_size: int = 84,
+        finetune_backbone: bool = False,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        dampening: float = 0.9,
+        weight_decay: float = 1e-3,
+        batch_size: int = 4,
+        epochs: int = 100,
+    ) -> None:
+        super().__init__(backbone, image_size)
+        self.feature_dim = backbone.feature_dim(image_size)
+        self.finetune_backbone = finetune_backbone
+        self.lr, self.momentum, self.dampening = lr, momentum, dampening
+        self.weight_decay, self.batch_size, self.epochs = weight_decay, batch_size, epochs
+        # (episode backbone, head) of the last fit_support; a tuple, so neither is registered.
+        self._episode: Optional[Tuple[nn.Module, nn.Linear]] = None
+
+    def fit_support(self, support_x: torch.Tensor, support_y: torch.Tensor) -> None:
+        """Train a new head (and a backbone copy) on ``(S, 3, H, W)``, ``(S,)``; works under no_grad."""
+        ways = self.num_ways(support_y)
+        head = nn.Linear(self.feature_dim, ways).to(support_x.device, support_x.dtype)
+        params = [{"params": head.parameters(), "weight_decay": self.weight_decay}]
+        if self.finetune_backbone:
+            backbone = copy.deepcopy(self.backbone)
+            backbone.requires_grad_(True)
+            params.append({"params": backbone.parameters(), "weight_decay": 0.0})
+        else:
+            backbone = self.backbone
+            with torch.no_grad():
+                features = self.backbone(support_x)  # (S, D), computed once
+        opt = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, dampening=self.dampening)
+        n = len(support_y)
+        with torch.enable_grad():
+            for _ in range(self.epochs):
+                order = torch.randperm(n, device=support_x.device)
+                for start in range(0, n, self.batch_size):
+                    idx = order[start : start + self.batch_size]
+                    f = backbone(support_x[idx]) if self.finetune_backbone else features[idx]
+                    loss = F.cross_entropy(head(f), support_y[idx])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+        self._episode = (backbone, head)
+
+    def forward(self, query_x: torch.Tensor) -> torch.Tensor:
+        """``(Q, 3, H, W)`` -> logits ``(Q, ways)`` of the episode's head."""
+        if self._episode is None:
+            raise RuntimeError("finetune: call fit_support before forward")
+        backbone, head = self._episode
+        return head(backbone(query_x))

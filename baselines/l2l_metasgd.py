@@ -1,0 +1,122 @@
+"""Meta-SGD (Li et al., 2017) from learn2learn, brought in as a plugin of this suite.
+
+This file shows how to wrap an outside library's algorithm as a method: the network is the
+backbone plus a linear head, :class:`learn2learn.algorithms.MetaSGD` adapts a clone of it on
+the support set with learned per-parameter step sizes, and the clone classifies the queries.
+The step sizes (``lrs``) are parameters of this method, so the harness meta-trains them with
+the initial weights.
+
+learn2learn is optional (``make install`` adds it). Without it (or without ``gym``, which its
+import needs) this file raises ImportError and ``--list`` shows one line saying so. Because
+``import learn2learn`` takes several seconds (it pulls in torchvision models and gym), the
+import happens when the method is built, not when the plugin is discovered.
+
+Batch norm uses batch statistics, also in eval mode, as in MAML (see ``baselines/maml.py``).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+from typing import Any, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fewshot_nsl.methods import FewShotMethod
+from fewshot_nsl.registry import register_method
+
+_MISSING = [name for name in ("learn2learn", "gym") if importlib.util.find_spec(name) is None]
+if _MISSING:
+    raise ImportError(
+        f"the optional package {' and '.join(_MISSING)} is not installed; `make install` adds it "
+        f"(the pip commands are in pyproject.toml, extra 'l2l')"
+    )
+
+
+def _metasgd_class() -> Any:
+    """``learn2learn.algorithms.MetaSGD``, imported on first use (gym's notice on stderr hidden)."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        import learn2learn
+    return learn2learn.algorithms.MetaSGD
+
+
+def use_batch_statistics(module: nn.Module) -> None:
+    """Make every BatchNorm in ``module`` normalise with batch statistics, also in eval mode."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats = False
+            m.running_mean = m.running_var = m.num_batches_tracked = None
+
+
+@register_method("l2l_metasgd")
+class L2LMetaSGD(FewShotMethod):
+    """Meta-SGD via learn2learn: learned initial weights and per-parameter inner step sizes.
+
+    Args:
+        backbone: feature extractor; its BN layers are switched to batch statistics.
+        image_size: input side, to size the head.
+        ways: outputs of the linear head (episodes may have fewer ways, not more).
+        lr: initial value of every per-parameter step size.
+        inner_steps: adaptation steps during meta-training (Li et al.: 1).
+        inner_steps_test: adaptation steps at evaluation (Li et al.: 1).
+        first_order: drop second-order terms from the meta-gradient.
+    """
+
+    training_stages = ("episodic",)
+
+    def __init__(
+        self,
+        backbone,
+        image_size: int = 84,
+        ways: int = 5,
+        lr: float = 0.01,
+        inner_steps: int = 1,
+        inner_steps_test: int = 1,
+        first_order: bool = False,
+    ) -> None:
+        super().__init__(backbone, image_size)
+        self._MetaSGD = _metasgd_class()
+        use_batch_statistics(self.backbone)
+        self.head = nn.Linear(backbone.feature_dim(image_size), ways)
+        self.lrs = nn.ParameterList([nn.Parameter(torch.full_like(p, lr)) for p in self.network().parameters()])
+        self.ways, self.inner_steps, self.inner_steps_test, self.first_order = ways, inner_steps, inner_steps_test, first_order
+        self._adapted: Optional[Tuple[nn.Module, int]] = None  # (adapted learner, episode ways)
+
+    def network(self) -> nn.Module:
+        """Backbone and head as one module ``(B, 3, H, W) -> (B, ways)`` (shares their parameters)."""
+        return nn.Sequential(self.backbone, self.head)
+
+    def _adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int, first_order: bool) -> None:
+        ways = self.num_ways(support_y)
+        if ways > self.ways:
+            from fewshot_nsl.errors import ConfigError
+
+            raise ConfigError(
+                f"l2l_metasgd was built with a {self.ways}-way head but the episode has {ways} ways; "
+                f"set methods: {{l2l_metasgd: {{method_options: {{ways: {ways}}}}}}}"
+            )
+        learner = self._MetaSGD(self.network(), lrs=self.lrs, first_order=first_order).clone()
+        for _ in range(steps):
+            learner.adapt(F.cross_entropy(learner(support_x)[:, :ways], support_y))
+        self._adapted = (learner, ways)
+
+    def fit_support(self, support_x: torch.Tensor, support_y: torch.Tensor) -> None:
+        """Adapt a clone (the initial weights stay untouched), also under ``torch.no_grad()``."""
+        with torch.enable_grad():
+            self._adapt(support_x, support_y, self.inner_steps_test, first_order=True)
+
+    def forward(self, query_x: torch.Tensor) -> torch.Tensor:
+        """``(Q, 3, H, W)`` -> logits ``(Q, ways)`` of the adapted clone."""
+        if self._adapted is None:
+            raise RuntimeError("l2l_metasgd: call fit_support before forward")
+        learner, ways = self._adapted
+        return learner(query_x)[:, :ways]
+
+    def loss(self, support_x, support_y, query_x, query_y) -> torch.Tensor:
+        """Query cross-entropy after differentiable adaptation (gradients reach weights and step sizes)."""
+        self._adapt(support_x, support_y, self.inner_steps, first_order=self.first_order)
+        logits = self(query_x)
+        self._adapted = None  # do not keep the episode's graph alive
+        return F.cross_entropy(logits, query_y)
