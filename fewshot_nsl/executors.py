@@ -272,6 +272,8 @@ class RayExecutor:
                 ray.shutdown()
 
     def _finish(self, k: int, st: Dict[str, Any], on_done: Callback, on_error: Callback, finish) -> None:
+        from .runner import salvage_shards
+
         ctx = st["ctx"]
         try:
             salvage_shards(ctx)

@@ -1,0 +1,105 @@
+"""Data-parallel base-class pretraining with ``torchrun`` (DDP; NCCL on GPUs, gloo on CPU).
+
+    torchrun --standalone --nproc_per_node 4 -m fewshot_nsl.distributed pretrain \\
+        --method dynamic_nsn --backbone cnn9 --profile paper
+    python run_benchmarks.py --method dynamic_nsn --backbone cnn9 --profile paper   # reuses it
+
+Every process resolves the same config as ``run_benchmarks.py`` would from the same flags,
+walks the same seeded sequence of global batches and trains on its contiguous slice of each
+(:func:`fewshot_nsl.training.pretrain` with ``distributed=True``): the augmentation is drawn
+for the whole batch and sliced, and the loss is scaled so that DDP's gradient average equals
+the full-batch gradient. Rank 0 writes the pretraining cache entry, under the same key a
+single-process run uses, so the next ``run_benchmarks.py`` run (any executor) picks it up; the
+cache entry and every leaderboard row record the world size (``pretrain_world_size``).
+
+BatchNorm: on GPUs the BN layers become ``SyncBatchNorm``, so batch statistics are over the
+global batch and a step equals the single-process full-batch step (up to float summation
+order). ``SyncBatchNorm`` does not run on CPU, so with gloo each process normalises with the
+statistics of its own slice (like most multi-GPU ImageNet training); the update then equals
+the full-batch one exactly only for models without batch-dependent layers, which is what the
+test checks (``tests/test_ddp.py``, a BN-free backbone), and it is documented as such.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+USAGE = "torchrun --nproc_per_node N -m fewshot_nsl.distributed pretrain [run_benchmarks.py flags]"
+
+
+def pretrain_main(argv: List[str]) -> int:
+    """Entry point of one torchrun process; returns the exit status."""
+    import torch
+    import torch.distributed as dist
+
+    from .cli import build_parser, cli_overrides
+    from .config import resolve_config
+    from .data.store import default_cache_dir
+    from .errors import ConfigError, FewShotError
+    from .registry import get_method_class, load_plugins
+    from .runner import build_method, conv_spec_of, load_store
+    from .training import pretrain, set_seed
+
+    args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    log = print if rank == 0 else (lambda *a, **k: None)
+    initialised = False
+    try:
+        if "RANK" not in os.environ:
+            raise ConfigError(f"run this under torchrun: {USAGE}")
+        load_plugins([Path(d) for d in args.plugins])
+        if args.method and "," in args.method or args.shots and len(args.shots) > 1 or args.backbone and "," in args.backbone:
+            raise ConfigError("distributed pretraining takes one --method, --backbone and --shots")
+        cfg = resolve_config(cli_overrides(args, args.method or None), args.config)
+        if "pretrain" not in get_method_class(cfg.method).training_stages:
+            raise ConfigError(f"method {cfg.method} has no pretraining stage; pick a method that pretrains "
+                              f"(its [stages] are shown by --list)")
+        use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
+        if cfg.device.startswith("cuda") and not use_cuda:
+            raise ConfigError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+            device = torch.device("cuda", local_rank)
+        else:
+            device = torch.device("cpu")
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        initialised = True
+        if rank == 0:  # build the dataset cache once, then the others read it
+            store = load_store(cfg)
+        dist.barrier()
+        if rank != 0:
+            store = load_store(cfg)
+        set_seed(cfg.seed, cfg.deterministic)
+        method = build_method(cfg).to(device)
+        cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+        log(f"pretraining {cfg.backbone} for {cfg.method} on {store.name} with {world} process(es) "
+            f"({'NCCL, SyncBatchNorm' if use_cuda else 'gloo on CPU, per-process BatchNorm statistics'})")
+        info = pretrain(method, store, cfg, device, conv_spec_of(cfg), cache, progress=not args.no_progress,
+                        distributed=True)
+        state = "already cached" if info["cached"] else f"trained, base-class train accuracy {100 * info['train_accuracy']:.1f}%"
+        log(f"pretraining {state}: {info['cache_path']}")
+        log("run_benchmarks.py with the same flags (and cache dir) reuses it")
+        return 0
+    except FewShotError as exc:
+        if rank == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if initialised:
+            dist.destroy_process_group()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("pretrain",):
+        print(f"usage: {USAGE}", file=sys.stderr)
+        return 2
+    return pretrain_main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
