@@ -155,3 +155,47 @@ def test_sigkill_of_a_grid_then_restart_completes_identically(tmp_path):
         pd.testing.assert_frame_equal(ea, eb)
     out = run_to_end(command(killed, cfg, "--grid", str(grid)), tmp_path)
     assert "nothing to do" in out
+
+
+def test_pretraining_cache_hit_or_miss_gives_the_same_trained_method(tmp_path):
+    """A run restarted after its pretraining was cached must train exactly as the first one did,
+    also for methods that draw random numbers after pretraining (new layers, dropout)."""
+    from torch import nn
+
+    from fewshot_nsl.config import resolve_config
+    from fewshot_nsl.registry import METHODS, get_method_class, register_method
+    from fewshot_nsl.runner import execute
+
+    ProtoNet = get_method_class("protonet")
+
+    @register_method("pretrained_proto_for_test")
+    class PretrainedProto(ProtoNet):
+        """ProtoNet on a pretrained backbone with a freshly initialised projection."""
+
+        training_stages = ("pretrain", "episodic")
+
+        def after_pretrain(self):
+            self.proj = nn.Linear(self.backbone.feature_dim(self.image_size), 16)  # random init here
+
+        def fit_support(self, x, y):
+            super().fit_support(x, y)
+            self.prototypes = self.proj(self.prototypes)
+
+        def forward(self, q):
+            return -torch.cdist(self.proj(self.backbone(q)), self.prototypes).pow(2)
+
+    def cfg(name):
+        return resolve_config({"method": "pretrained_proto_for_test", "profile": "smoke", "dataset": "tiny",
+                               "shots": 2, "image_size": 16, "device": "cpu", "results_dir": str(tmp_path / name),
+                               "cache_dir": str(tmp_path / "cache"), "eval": {"episodes": 5, "queries": 5}})
+
+    try:
+        first = execute(cfg("a"), progress=False, log=lambda *a: None)   # pretrains (cache miss)
+        second = execute(cfg("b"), progress=False, log=lambda *a: None)  # reuses it (cache hit)
+    finally:
+        METHODS._entries.pop("pretrained_proto_for_test", None)
+    assert not first["training"]["pretrain"]["cached"] and second["training"]["pretrain"]["cached"]
+    wa = torch.load(tmp_path / "a" / "runs" / first["run_id"] / "method.pt", weights_only=True)
+    wb = torch.load(tmp_path / "b" / "runs" / second["run_id"] / "method.pt", weights_only=True)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert first["accuracy"] == second["accuracy"]
