@@ -264,10 +264,14 @@ class Materialiser:
         order = np.argsort(idx, kind="stable")  # sorted reads are kinder to memory maps
         raw = np.empty((len(idx),) + self.store.image_shape, dtype=np.uint8)
         raw[order] = self.store.images[idx[order]]
-        x = torch.from_numpy(raw).to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        src = torch.from_numpy(raw).to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        # One pass converts uint8 NHWC to contiguous float NCHW; normalise in place (same ops, same
+        # bits as ``(x - mean) / std``). Cheaper than normalising the strided view and then copying.
+        x = torch.empty(src.shape, dtype=torch.float32, device=self.device)
+        x.copy_(src)
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True, align_corners=False)
-        return ((x - self.mean) / self.std).contiguous()
+        return x.sub_(self.mean).div_(self.std)
 
     def __call__(self, episode: Episode) -> EpisodeTensors:
         ways = episode.ways

@@ -1,0 +1,201 @@
+"""Shared helpers of the benchmark scripts: interleaved timing, ratios, settings, synthetic stores, peak memory.
+
+Method (every script): the baseline and the candidate run in the same process, alternately
+(``interleaved``), after a warm-up; a ratio is taken per repetition (candidate / baseline over
+the same repetition) and reported as the median with min and max over the repetitions. This
+keeps the load other processes put on a shared machine out of the ratios as far as possible.
+
+CPU peak memory is measured in a fresh subprocess per variant as the rise of the process's peak
+resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) over the measured call, taken
+from after set-up (imports, model, inputs in memory); on CUDA, ``torch.cuda.max_memory_allocated``.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+#: Marker that starts a machine-readable result line (``run_all.py`` collects them).
+RESULT_PREFIX = "BENCH_RESULT "
+
+
+# ----------------------------------------------------------------------------- timing
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(
+    fns: Dict[str, Callable[[], object]],
+    reps: int,
+    warmup: int = 1,
+    device: torch.device = torch.device("cpu"),
+    inner: int = 1,
+) -> Dict[str, List[float]]:
+    """Seconds per call of each function, the functions run alternately.
+
+    Args:
+        fns: name -> zero-argument callable.
+        reps: repetitions; each repetition times every function once (``inner`` calls each).
+        warmup: untimed calls of each function first.
+        inner: calls per timing (the time is divided by ``inner``).
+
+    Returns:
+        name -> ``reps`` seconds per call, in repetition order.
+    """
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    sync(device)
+    out: Dict[str, List[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(reps):
+        # Alternate the order too, so neither side always runs right after the other.
+        for name in names if r % 2 == 0 else names[::-1]:
+            f = fns[name]
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                f()
+            sync(device)
+            out[name].append((time.perf_counter() - t0) / inner)
+    return out
+
+
+def stats(values: Sequence[float]) -> Dict[str, float]:
+    """``{"median", "min", "max"}`` of ``values``."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def ratio_stats(num: Sequence[float], den: Sequence[float]) -> Dict[str, float]:
+    """Per-repetition ratios ``num[i] / den[i]``: median, min and max."""
+    return stats([a / b for a, b in zip(num, den)])
+
+
+def fmt_ms(values: Sequence[float]) -> str:
+    s = stats(values)
+    return f"{1e3 * s['median']:9.2f} ms [{1e3 * s['min']:.2f}-{1e3 * s['max']:.2f}]"
+
+
+def fmt_ratio(r: Dict[str, float], digits: int = 2) -> str:
+    return f"x{r['median']:.{digits}f} [{r['min']:.{digits}f}-{r['max']:.{digits}f}]"
+
+
+def verdict(value: float, target: float, op: str) -> str:
+    """``"MET"`` or ``"MISSED"`` for ``value <op> target`` (op one of ``<=``, ``>=``, ``<``, ``>``)."""
+    ok = {"<=": value <= target, ">=": value >= target, "<": value < target, ">": value > target}[op]
+    return "MET" if ok else "MISSED"
+
+
+def emit(target: str, name: str, value: Dict[str, float], goal: str, met: Optional[str], **extra: object) -> None:
+    """Print one machine-readable result line when ``run_all.py`` asks for them (``$FEWSHOT_BENCH_RESULTS=1``)."""
+    if os.environ.get("FEWSHOT_BENCH_RESULTS") != "1":
+        return
+    row = {"target": target, "name": name, "value": value, "goal": goal, "met": met, **extra}
+    print(RESULT_PREFIX + json.dumps(row, default=float), flush=True)
+
+
+# ----------------------------------------------------------------------------- settings
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def settings(**extra: object) -> Dict[str, object]:
+    """The machine and the torch settings in force (printed by every script)."""
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": f"{os.cpu_count()}-core CPU ({cpu_model()})",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "mkldnn": torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled,
+        "cuda": torch.cuda.is_available(),
+        "loadavg_1min": round(os.getloadavg()[0], 2),
+        **extra,
+    }
+
+
+def print_settings(title: str, **extra: object) -> Dict[str, object]:
+    s = settings(**extra)
+    print(f"== {title}")
+    print("   " + ", ".join(f"{k}={v}" for k, v in s.items()), flush=True)
+    return s
+
+
+# ----------------------------------------------------------------------------- data
+def make_store(
+    classes: int = 20,
+    per_class: int = 600,
+    size: int = 84,
+    directory: Optional[Path] = None,
+    seed: int = 0,
+    split: str = "test",
+):
+    """A memory-mapped synthetic store shaped like the Mini-ImageNet test split (20 x 600 x 84x84x3 uint8).
+
+    Written to ``directory`` (a fresh temporary folder by default) and loaded back with
+    :meth:`ImageStore.load`, so reads go through a memory map exactly as with a cached dataset.
+    """
+    from fewshot_nsl.data.store import ImageStore
+
+    directory = Path(directory or tempfile.mkdtemp(prefix="fewshot_bench_store_"))
+    path = directory / f"store_{classes}x{per_class}_{size}"
+    if not ImageStore.is_cached(path):
+        rng = np.random.default_rng(seed)
+        images = rng.integers(0, 256, size=(classes * per_class, size, size, 3), dtype=np.uint8)
+        labels = np.repeat(np.arange(classes), per_class)
+        store = ImageStore("bench", images, labels, [f"c{i:03d}" for i in range(classes)], [split] * classes)
+        store.save(path)
+    return ImageStore.load(path)
+
+
+# ----------------------------------------------------------------------------- memory
+def peak_rss_mb(fn: Callable[[], object]) -> float:
+    """Rise of this process's peak RSS (MiB) while ``fn`` runs; meaningful in a fresh process only."""
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+
+
+def run_child(args: Sequence[str], timeout: float = 1800) -> Dict[str, object]:
+    """Run ``python <args>`` and parse the JSON on its last stdout line."""
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if out.returncode != 0:
+        tail = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"
+        raise RuntimeError(f"{' '.join(args)} failed: {tail}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def quiet_learn2learn():
+    """Import learn2learn without its optional-dependency notices on stderr."""
+    import contextlib
+    import io
+    import warnings
+
+    with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import learn2learn
+
+    return learn2learn

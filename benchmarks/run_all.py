@@ -1,0 +1,120 @@
+"""Run every benchmark and print every figure, then one summary line per target.
+
+Each script runs in its own process (a clean allocator and thread pool per benchmark); its output
+is shown as it comes, and the summary at the end lists each target's measured ratio as the median
+[min-max] over repetitions, the goal, and whether it is met.
+
+Usage::
+
+    python benchmarks/run_all.py                       # everything (about an hour on a 2-core CPU)
+    python benchmarks/run_all.py --quick               # tiny sizes: checks that every script runs
+    python benchmarks/run_all.py --only episodes,harness --json results.json
+    python benchmarks/run_all.py --threads 1           # OMP_NUM_THREADS for the benchmark processes
+
+Measure on a quiet machine: with more runnable processes than cores, multi-threaded torch ops
+wait for descheduled worker threads and every timing (and many ratios) degrades; the load average
+is printed with each script's settings.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import RESULT_PREFIX, settings  # noqa: E402
+
+#: name -> (script, arguments, arguments with --quick)
+BENCHMARKS: Dict[str, Tuple[str, List[str], List[str]]] = {
+    "settings": ("bench_settings.py", [], ["--quick"]),
+    "episodes": ("bench_episodes.py", [], ["--quick"]),
+    "static": ("bench_static_nsn.py", [], ["--quick"]),
+    "dynamic": ("bench_dynamic_nsn.py", [], ["--quick"]),
+    "nsconv": ("bench_nsconv.py", ["--reps", "5"],
+               ["--reps", "1", "--batch", "2", "--size", "16", "--layer-batch", "2", "--layer-size", "8"]),
+    "maml": ("bench_maml_targets.py", [], ["--quick"]),
+    "maml_steps": ("bench_maml.py", ["--meta-batch", "4", "--reps", "2"],
+                   ["--size", "16", "--inner-steps", "1", "--meta-batch", "1", "--reps", "1"]),
+    "harness": ("bench_harness.py", [], ["--quick"]),
+    "scale": ("bench_scale.py", [], ["--quick"]),
+}
+
+
+def run_one(name: str, quick: bool, env: Dict[str, str], timeout: float) -> Tuple[int, List[dict], float]:
+    script, full, small = BENCHMARKS[name]
+    cmd = [sys.executable, str(HERE / script), *(small if quick else full)]
+    print(f"\n##### {name}: {' '.join(cmd[1:])}", flush=True)
+    rows: List[dict] = []
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=HERE.parent)
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            if line.startswith(RESULT_PREFIX):
+                rows.append(json.loads(line[len(RESULT_PREFIX):]))
+            elif "UserWarning" not in line and not line.lstrip().startswith("warnings.warn"):
+                print(line, end="", flush=True)
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = -9
+    return code, rows, time.perf_counter() - t0
+
+
+def summary(rows: List[dict]) -> None:
+    print("\n##### summary (ratio: median [min-max] over repetitions)")
+    print(f"{'target':8s} {'figure':92s} {'measured':>26s} {'goal':>22s}  met")
+    for r in rows:
+        if r["target"] in ("settings", "6"):
+            continue
+        v = r["value"]
+        is_share = "share" in r["name"]
+        fmt = (lambda x: f"{100 * x:.2f}%") if is_share else (lambda x: f"{x:.3g}")
+        measured = f"{fmt(v['median'])} [{fmt(v['min'])}-{fmt(v['max'])}]"
+        print(f"{r['target']:8s} {r['name'][:92]:92s} {measured:>26s} {r['goal']:>22s}  {r['met'] or '(info)'}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes: every script runs in seconds")
+    p.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {','.join(BENCHMARKS)}")
+    p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the benchmarks (0: torch's default)")
+    p.add_argument("--json", type=Path, help="also write settings and every result row to this file")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per script")
+    args = p.parse_args(argv)
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        p.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    env = {**os.environ, "FEWSHOT_BENCH_RESULTS": "1", "PYTHONWARNINGS": "ignore"}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    info = settings()
+    print("fewshot-nsl benchmarks: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
+    rows: List[dict] = []
+    failed = []
+    for name in names:
+        code, got, secs = run_one(name, args.quick, env, args.timeout)
+        for r in got:
+            r["benchmark"] = name
+        rows.extend(got)
+        print(f"##### {name}: {'ok' if code == 0 else f'FAILED (exit {code})'} in {secs:.0f} s", flush=True)
+        if code != 0:
+            failed.append(name)
+    summary(rows)
+    if failed:
+        print(f"failed: {', '.join(failed)}")
+    if args.json:
+        args.json.write_text(json.dumps({"settings": info, "quick": args.quick, "results": rows}, indent=1, default=float))
+        print(f"results written to {args.json}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
