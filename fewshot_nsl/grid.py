@@ -32,7 +32,7 @@ from .data.episodes import EpisodeList
 from .data.store import ImageStore
 from .errors import ConfigError, FewShotError
 from .registry import METHODS, PLUGIN_ERRORS, list_methods
-from .reporting import KEY, read_leaderboard, render_reports, upsert_row
+from .reporting import KEY, _n_seeds, read_leaderboard, render_reports, upsert_row
 from .runner import aggregate, is_complete, load_episodes, load_store, store_key, validate_against_store
 
 
@@ -238,7 +238,7 @@ def result_line(row: Dict[str, Any]) -> str:
     note = " (synthetic dataset: not comparable with Mini-ImageNet)" if str(row.get("synthetic")) in ("True", "true") else ""
     pv = row.get("paper_value")
     paper = f"; paper (Mini-ImageNet): {float(pv):.2f} +- {float(row['paper_ci']):.2f}" if pv is not None and pv == pv else ""
-    seeds = f" x {row['n_seeds']} seeds (seed sd {float(row['seed_std']):.2f})" if int(row.get("n_seeds") or 1) > 1 else ""
+    seeds = f" x {row['n_seeds']} seeds (seed sd {float(row['seed_std']):.2f})" if _n_seeds(row) > 1 else ""
     return (f"{row['method']} {row['backbone']} {row['ways']}-way {row['shots']}-shot on {row['dataset']}: "
             f"{float(row['accuracy']):.2f} +- {float(row['ci95']):.2f} over {row['episodes']} episodes{seeds}{paper}{note}")
 

@@ -304,10 +304,15 @@ def _fmt_diff(r: pd.Series) -> str:
     return f"{float(d):+.2f} ± {float(r['diff_ci95']):.2f} ({_fmt_p(r.get('p_vs_ref'))}{other})"
 
 
+def _n_seeds(r: Any) -> int:
+    n = r.get("n_seeds")
+    return 1 if n is None or pd.isna(n) else int(n)
+
+
 def _acc_cell(r: pd.Series) -> str:
     cell = _fmt(r["accuracy"], r["ci95"])
     ss = r.get("seed_std")
-    if ss is not None and pd.notna(ss) and int(r.get("n_seeds") or 1) > 1:
+    if ss is not None and pd.notna(ss) and _n_seeds(r) > 1:
         cell += f" (seed sd {float(ss):.2f})"
     return cell
 

@@ -54,6 +54,8 @@ def test_grid_skips_unregistered_then_second_invocation_does_nothing(tmp_path, c
                     "  - {method: protonet, backbone: cnn4, shots: 2}\n"
                     "  - {method: nearest_neighbor, backbone: cnn4, shots: 2}\n"
                     "  - {method: not_yet_written_nsn, backbone: cnn4, shots: 2}\n")
+    code, out, err = cli(tmp_path, capsys, "--grid", str(grid), "--dry-run")
+    assert code == 0 and out.count("to run: 1 of 1 seed(s)") == 2 and not (tmp_path / "results" / "runs").exists()
     code, out, err = cli(tmp_path, capsys, "--grid", str(grid))
     assert code == 0, err
     assert "not_yet_written_nsn cnn4 2-shot: method 'not_yet_written_nsn' is not registered (yet); skipped" in out

@@ -133,6 +133,7 @@ def test_sigkill_during_evaluation_resumes_from_last_episode(tmp_path, reference
     assert_same_as_reference(results, reference)
 
 
+@pytest.mark.slow  # ~15-40 s: four grid processes; the per-run kill tests above cover the mechanism
 def test_sigkill_of_a_grid_then_restart_completes_identically(tmp_path):
     grid = tmp_path / "grid.yaml"
     grid.write_text("grid: {method: [protonet, nearest_neighbor], backbone: [cnn4], shots: [2]}\n")
