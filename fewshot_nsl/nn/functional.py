@@ -1,0 +1,391 @@
+"""Functional forms of the neural-similarity convolution ``f_M(W, X) = W^T M X`` and of SphereConv.
+
+Notation used throughout the package:
+
+* ``x``: input ``(B, C_in, H, W)``; ``weight``: ``(C_out, C_in, kh, kw)``; ``kk = kh * kw``.
+* Kernel taps are flattened row-major: tap ``p = i * kw + j`` is kernel row ``i``, column ``j``.
+* For an output location ``l`` (``L = H_out * W_out`` of them, row-major) the input patch is
+  ``X[c, q] = x_padded[c, l_row * stride + i_q * dilation, l_col * stride + j_q * dilation]``.
+* The layer computes ``out[o, l] = sum_c sum_{p,q} W[o, c, p] M_s[p, q] X[c, q] (+ bias[o])``,
+  i.e. ``M = diag(M_s, ..., M_s)`` with one ``kk x kk`` block per input channel (paper, Eq. 2).
+
+Similarity layouts accepted by :func:`ns_conv2d` and :func:`ns_conv_reference`:
+
+* static: ``(kk,)`` (diagonal, DNS) or ``(kk, kk)`` (full, UNS);
+* dynamic DNS: ``(B, L, kk)``, the diagonal of ``M_s`` at every output location;
+* dynamic UNS: ``(B, L, kk, kk)``, ``M_s`` at every output location (``[..., p, q]``).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+
+IntPair = Union[int, Tuple[int, int]]
+Padding = Union[int, Tuple[int, int], str]
+
+__all__ = [
+    "ns_conv2d",
+    "ns_conv_reference",
+    "sphere_conv2d",
+    "resolve_padding",
+    "conv_output_size",
+]
+
+
+def _pair(value: IntPair, name: str) -> Tuple[int, int]:
+    """``3 -> (3, 3)``; ``(3, 5) -> (3, 5)``."""
+    if isinstance(value, int):
+        return (value, value)
+    pair = tuple(int(v) for v in value)
+    if len(pair) != 2:
+        raise ConfigError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def resolve_padding(
+    padding: Padding, kernel_size: IntPair, dilation: IntPair = 1, stride: IntPair = 1
+) -> Tuple[int, int, int, int]:
+    """Explicit ``(left, right, top, bottom)`` zero padding, as :class:`torch.nn.Conv2d` would use.
+
+    Args:
+        padding: an int, an ``(ph, pw)`` pair, ``"valid"`` or ``"same"`` (stride 1 only; for an
+            even receptive field the extra row/column goes to the bottom/right, like PyTorch).
+        kernel_size: ``k`` or ``(kh, kw)``.
+        dilation: ``d`` or ``(dh, dw)``.
+        stride: ``s`` or ``(sh, sw)``.
+
+    Returns:
+        The four paddings in :func:`torch.nn.functional.pad` order.
+    """
+    kh, kw = _pair(kernel_size, "kernel_size")
+    dh, dw = _pair(dilation, "dilation")
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if padding == "same":
+            if _pair(stride, "stride") != (1, 1):
+                raise ConfigError("padding='same' needs stride=1 (as in torch.nn.Conv2d); give explicit padding")
+            th, tw = dh * (kh - 1), dw * (kw - 1)
+            return (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+        raise ConfigError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+    ph, pw = _pair(padding, "padding")
+    return (pw, pw, ph, ph)
+
+
+def conv_output_size(
+    size: Tuple[int, int],
+    kernel_size: IntPair,
+    stride: IntPair,
+    pads: Tuple[int, int, int, int],
+    dilation: IntPair,
+) -> Tuple[int, int]:
+    """``(H_out, W_out)`` of a convolution on an ``(H, W)`` input with explicit ``pads`` (l, r, t, b)."""
+    (kh, kw), (sh, sw), (dh, dw) = _pair(kernel_size, "k"), _pair(stride, "s"), _pair(dilation, "d")
+    h = (size[0] + pads[2] + pads[3] - dh * (kh - 1) - 1) // sh + 1
+    w = (size[1] + pads[0] + pads[1] - dw * (kw - 1) - 1) // sw + 1
+    return h, w
+
+
+def _tap_slices(
+    kernel_size: Tuple[int, int], stride: Tuple[int, int], dilation: Tuple[int, int], out_hw: Tuple[int, int]
+) -> List[Tuple[slice, slice]]:
+    """For each tap ``p`` the (row, col) slices of the padded input read at that tap, ``kk`` entries."""
+    (kh, kw), (sh, sw), (dh, dw), (ho, wo) = kernel_size, stride, dilation, out_hw
+    return [
+        (slice(i * dh, i * dh + sh * (ho - 1) + 1, sh), slice(j * dw, j * dw + sw * (wo - 1) + 1, sw))
+        for i in range(kh)
+        for j in range(kw)
+    ]
+
+
+def _check_similarity(m: torch.Tensor, kk: int, batch: int, locations: int) -> str:
+    """Classify ``m`` as ``"static_dns"``, ``"static_uns"``, ``"dns"`` or ``"uns"`` and check its shape."""
+    shapes = {
+        1: ("static_dns", (kk,)),
+        2: ("static_uns", (kk, kk)),
+        3: ("dns", (batch, locations, kk)),
+        4: ("uns", (batch, locations, kk, kk)),
+    }
+    if m.dim() not in shapes or tuple(m.shape) != shapes[m.dim()][1]:
+        raise ValueError(
+            f"similarity must be (kk,), (kk, kk), (B, L, kk) or (B, L, kk, kk) with kk={kk}, "
+            f"B={batch}, L={locations}; got {tuple(m.shape)}"
+        )
+    return shapes[m.dim()][0]
+
+
+def _static_weight(weight: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Effective weight ``W'[o, c, q] = sum_p W[o, c, p] M_s[p, q]`` (``M_s^T W`` in the paper), same shape as ``weight``."""
+    if m.dim() == 1:
+        return weight * m.view(1, 1, *weight.shape[2:])
+    flat = weight.flatten(2)  # (O, C, kk)
+    return torch.matmul(flat, m).view_as(weight)
+
+
+def ns_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    m: torch.Tensor,
+    stride: IntPair = 1,
+    padding: Padding = 0,
+    dilation: IntPair = 1,
+    side: str = "auto",
+) -> torch.Tensor:
+    """Neural-similarity convolution ``W^T diag(M_s, ..., M_s) X`` without materialising unfold patches.
+
+    Static ``M_s`` is folded into the weight (``W' = M_s^T W``) and applied with one
+    :func:`torch.nn.functional.conv2d`. A per-location (dynamic) ``M_s(l)`` cannot be folded; two
+    equivalent formulations are implemented. Both do the plain conv's multiply-adds as one GEMM
+    plus an element-wise term, read the ``kk`` taps as strided slices of the padded input (never
+    the raw ``(B, C_in * kk, L)`` unfold matrix), and use hand-written backwards that accumulate
+    the taps' gradients into one buffer (autograd through ``kk`` slices would allocate a
+    zero-filled full-size gradient per tap):
+
+    * ``side="input"``: mix the taps, ``X'_p(l) = sum_q M_s(l)[p, q] X_q(l)`` (DNS:
+      ``m_p(l) X_p(l)``), then ``out = W_(O x kk*C_in) @ X'``. Element-wise cost ``kk * C_in * L``
+      (DNS) or ``kk^2 * C_in * L`` (UNS); keeps ``X'`` (``kk * C_in * L`` values) for the
+      weight gradient.
+    * ``side="output"``: apply every weight tap at every input position first,
+      ``Y_p = W[:, :, p] x`` (one GEMM to ``kk * C_out`` maps), then
+      ``out(l) = sum_{p,q} M_s(l)[p, q] Y_p(l + tap q)`` (DNS: ``sum_p m_p(l) Y_p(l + tap p)``).
+      Element-wise cost ``kk * C_out * L`` (DNS) or ``kk^2 * C_out * L`` (UNS); keeps ``Y``
+      (``kk * C_out * H_pad * W_pad`` values); with stride ``s`` its GEMM costs ``s^2`` times more.
+    * ``side="auto"``: the side whose ``kk``-fold tensor is smaller (``C_in * L`` vs
+      ``C_out * H_pad * W_pad``); the input side on ties, for the RGB stem and for strided layers.
+
+    Args:
+        x: input ``(B, C_in, H, W)``.
+        weight: ``(C_out, C_in, kh, kw)``.
+        bias: ``(C_out,)`` or ``None``.
+        m: similarity, ``(kk,)``, ``(kk, kk)``, ``(B, L, kk)`` or ``(B, L, kk, kk)`` (see module doc).
+        stride: conv stride.
+        padding: int, pair, ``"same"`` or ``"valid"``.
+        dilation: conv dilation.
+        side: ``"auto"``, ``"input"`` or ``"output"`` (dynamic ``m`` only).
+
+    Returns:
+        ``(B, C_out, H_out, W_out)``.
+    """
+    if weight.dim() != 4 or x.dim() != 4 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"expected x (B, C, H, W) and weight (O, C, kh, kw); got {tuple(x.shape)}, {tuple(weight.shape)}")
+    if side not in ("auto", "input", "output"):
+        raise ConfigError(f"side must be 'auto', 'input' or 'output', got {side!r}")
+    ksize = (int(weight.shape[2]), int(weight.shape[3]))
+    kk = ksize[0] * ksize[1]
+    strd, dil = _pair(stride, "stride"), _pair(dilation, "dilation")
+    pads = resolve_padding(padding, ksize, dil, strd)
+    ho, wo = conv_output_size((x.shape[2], x.shape[3]), ksize, strd, pads, dil)
+    kind = _check_similarity(m, kk, x.shape[0], ho * wo)
+    if kind.startswith("static"):
+        if isinstance(padding, str):
+            return F.conv2d(F.pad(x, pads), _static_weight(weight, m), bias, strd, 0, dil)
+        return F.conv2d(x, _static_weight(weight, m), bias, strd, _pair(padding, "padding"), dil)
+
+    batch, c_in = x.shape[:2]
+    c_out = weight.shape[0]
+    # Rows/cols of the padded input that any tap reads (crops what a stride leaves unused).
+    hu = dil[0] * (ksize[0] - 1) + strd[0] * (ho - 1) + 1
+    wu = dil[1] * (ksize[1] - 1) + strd[1] * (wo - 1) + 1
+    xp = F.pad(x, pads) if any(pads) else x
+    if xp.shape[2] != hu or xp.shape[3] != wu:
+        xp = xp[:, :, :hu, :wu]
+    taps = _tap_slices(ksize, strd, dil, (ho, wo))
+    if side == "auto":
+        side = "input" if c_in * ho * wo <= c_out * hu * wu else "output"
+    # Channel-first maps (B, kk, Ho, Wo) / (B, kk, kk, Ho, Wo); free when m came from NSConv2d.similarity().
+    if kind == "dns":
+        maps = m.transpose(1, 2).reshape(batch, kk, ho, wo)
+    else:
+        maps = m.permute(0, 2, 3, 1).reshape(batch, kk, kk, ho, wo)
+    maps = maps.to(x.dtype).contiguous()  # one dtype for the fused in-place ops (autocast may mix them)
+
+    if side == "input":
+        mixed = _MixInputTaps.apply(xp, maps, taps)  # (B, kk, C_in, Ho, Wo)
+        w1 = weight.permute(0, 2, 3, 1).reshape(c_out, kk * c_in)  # tap-major, matches `mixed`
+        out = torch.matmul(w1, mixed.view(batch, kk * c_in, ho * wo)).view(batch, c_out, ho, wo)
+    else:
+        wt = weight.permute(2, 3, 0, 1).reshape(kk * c_out, c_in)
+        y = torch.matmul(wt, xp.reshape(batch, c_in, hu * wu)).view(batch, kk, c_out, hu, wu)
+        out = _GatherOutputTaps.apply(y, maps, taps)
+    return out if bias is None else out + bias.view(1, -1, 1, 1)
+
+
+class _MixInputTaps(torch.autograd.Function):
+    """``X'[:, p] = sum_q M[:, p, q] * xp[tap q]`` (DNS: ``m[:, p] * xp[tap p]``): ``(B, kk, C, Ho, Wo)``.
+
+    The backward accumulates every tap's gradient into one buffer with in-place ``addcmul_``;
+    only ``xp`` and the similarity are saved. The backward is built from differentiable ops,
+    so double backward works.
+    """
+
+    @staticmethod
+    def forward(ctx, xp: torch.Tensor, maps: torch.Tensor, taps: List[Tuple[slice, slice]]) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(xp, maps)
+        ctx.taps = taps
+        batch, chans = xp.shape[:2]
+        kk = len(taps)
+        out = xp.new_empty((batch, kk, chans) + tuple(maps.shape[-2:]))
+        if maps.dim() == 4:
+            for p, (rs, cs) in enumerate(taps):
+                torch.mul(xp[:, :, rs, cs], maps[:, p : p + 1], out=out[:, p])
+        else:
+            for p in range(kk):
+                for q, (rs, cs) in enumerate(taps):
+                    if q == 0:
+                        torch.mul(xp[:, :, rs, cs], maps[:, p, 0:1], out=out[:, p])
+                    else:
+                        out[:, p].addcmul_(xp[:, :, rs, cs], maps[:, p, q : q + 1])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        xp, maps = ctx.saved_tensors
+        taps = ctx.taps
+        dns = maps.dim() == 4
+        grad_xp = grad_maps = None
+        if ctx.needs_input_grad[0]:
+            grad_xp = torch.zeros_like(xp, memory_format=torch.contiguous_format)
+            for q, (rs, cs) in enumerate(taps):
+                if dns:
+                    grad_xp[:, :, rs, cs].addcmul_(grad[:, q], maps[:, q : q + 1])
+                else:
+                    for p in range(len(taps)):
+                        grad_xp[:, :, rs, cs].addcmul_(grad[:, p], maps[:, p, q : q + 1])
+        if ctx.needs_input_grad[1]:
+            if dns:
+                grad_maps = torch.stack([(grad[:, p] * xp[:, :, rs, cs]).sum(1) for p, (rs, cs) in enumerate(taps)], 1)
+            else:
+                cols = [(grad * xp[:, :, rs, cs].unsqueeze(1)).sum(2) for rs, cs in taps]  # each (B, kk_p, Ho, Wo)
+                grad_maps = torch.stack(cols, 2)
+        return grad_xp, grad_maps, None
+
+
+class _GatherOutputTaps(torch.autograd.Function):
+    """``out = sum_{p,q} M[:, p, q] * y[:, p, :, tap q]`` (DNS: ``sum_p m[:, p] * y[:, p, :, tap p]``): ``(B, O, Ho, Wo)``."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, maps: torch.Tensor, taps: List[Tuple[slice, slice]]) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(y, maps)
+        ctx.taps = taps
+        out = y.new_zeros((y.shape[0], y.shape[2]) + tuple(maps.shape[-2:]))
+        for p in range(len(taps)):
+            pairs = [(p, taps[p])] if maps.dim() == 4 else list(enumerate(taps))
+            for q, (rs, cs) in pairs:
+                mpq = maps[:, p : p + 1] if maps.dim() == 4 else maps[:, p, q : q + 1]
+                out.addcmul_(y[:, p, :, rs, cs], mpq)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        y, maps = ctx.saved_tensors
+        taps = ctx.taps
+        dns = maps.dim() == 4
+        grad_y = grad_maps = None
+        if ctx.needs_input_grad[0]:
+            grad_y = torch.zeros_like(y)
+            for p in range(len(taps)):
+                if dns:
+                    rs, cs = taps[p]
+                    grad_y[:, p, :, rs, cs].addcmul_(grad, maps[:, p : p + 1])
+                else:
+                    for q, (rs, cs) in enumerate(taps):
+                        grad_y[:, p, :, rs, cs].addcmul_(grad, maps[:, p, q : q + 1])
+        if ctx.needs_input_grad[1]:
+            if dns:
+                grad_maps = torch.stack([(grad * y[:, p, :, rs, cs]).sum(1) for p, (rs, cs) in enumerate(taps)], 1)
+            else:
+                rows = [
+                    torch.stack([(grad * y[:, p, :, rs, cs]).sum(1) for rs, cs in taps], 1) for p in range(len(taps))
+                ]
+                grad_maps = torch.stack(rows, 1)
+        return grad_y, grad_maps, None
+
+
+def ns_conv_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    m: torch.Tensor,
+    stride: IntPair = 1,
+    padding: Padding = 0,
+    dilation: IntPair = 1,
+) -> torch.Tensor:
+    """Literal ``W^T diag(M_s, ..., M_s) X`` on :func:`torch.nn.functional.unfold` patches (tests, benchmarks).
+
+    Materialises the ``(B, C_in, kk, L)`` patch tensor, so memory grows ``kk``-fold; use
+    :func:`ns_conv2d` in models.
+
+    Args:
+        x: ``(B, C_in, H, W)``.
+        weight: ``(C_out, C_in, kh, kw)``.
+        bias: ``(C_out,)`` or ``None``.
+        m: ``(kk,)``, ``(kk, kk)``, ``(B, L, kk)`` or ``(B, L, kk, kk)``.
+        stride: conv stride.
+        padding: int, pair, ``"same"`` or ``"valid"``.
+        dilation: conv dilation.
+
+    Returns:
+        ``(B, C_out, H_out, W_out)``.
+    """
+    ksize = (int(weight.shape[2]), int(weight.shape[3]))
+    kk = ksize[0] * ksize[1]
+    strd, dil = _pair(stride, "stride"), _pair(dilation, "dilation")
+    pads = resolve_padding(padding, ksize, dil, strd)
+    ho, wo = conv_output_size((x.shape[2], x.shape[3]), ksize, strd, pads, dil)
+    batch, c_in = x.shape[:2]
+    kind = _check_similarity(m, kk, batch, ho * wo)
+    patches = F.unfold(F.pad(x, pads), ksize, dilation=dil, stride=strd).view(batch, c_in, kk, ho * wo)
+    if kind == "static_dns":
+        mixed = torch.einsum("pq,bcql->bcpl", torch.diag(m), patches)
+    elif kind == "static_uns":
+        mixed = torch.einsum("pq,bcql->bcpl", m, patches)
+    elif kind == "dns":
+        mixed = torch.einsum("blq,bcql->bcql", m, patches)
+    else:
+        mixed = torch.einsum("blpq,bcql->bcpl", m, patches)
+    out = torch.einsum("ocp,bcpl->bol", weight.flatten(2), mixed).view(batch, -1, ho, wo)
+    return out if bias is None else out + bias.view(1, -1, 1, 1)
+
+
+def sphere_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: IntPair = 1,
+    padding: Union[IntPair, Sequence[int]] = 0,
+    dilation: IntPair = 1,
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """Cosine (hyperspherical) convolution: ``<w_o, X_l> / (||w_o|| ||X_l||)``, in ``(-1, 1)``.
+
+    Norms are ``sqrt(sum of squares + eps)``, so an all-zero patch or filter gives 0 with finite
+    gradients (SphereNet, Liu et al. 2017, linear operator with a smoothed norm).
+
+    Args:
+        x: ``(B, C_in, H, W)``.
+        weight: ``(C_out, C_in, kh, kw)``.
+        stride: conv stride.
+        padding: symmetric ``int``/pair, or explicit ``(left, right, top, bottom)`` (may be negative: crop).
+        dilation: conv dilation.
+        eps: added to the squared norms.
+
+    Returns:
+        ``(B, C_out, H_out, W_out)``.
+    """
+    if isinstance(padding, int) or len(padding) == 2:  # type: ignore[arg-type]
+        ph, pw = _pair(padding, "padding")  # type: ignore[arg-type]
+        pads = (pw, pw, ph, ph)
+    else:
+        pads = tuple(int(v) for v in padding)  # type: ignore[assignment]
+    if any(pads):
+        x = F.pad(x, pads)
+    # Unit filters (cheap: weight-sized), then one per-location scale by 1 / ||X_l||.
+    w_unit = weight * torch.rsqrt(weight.flatten(1).pow(2).sum(1) + eps).view(-1, 1, 1, 1)
+    num = F.conv2d(x, w_unit, None, stride, 0, dilation)
+    ones = weight.new_ones((1, 1) + tuple(weight.shape[2:]))
+    patch_sq = F.conv2d((x * x).sum(1, keepdim=True), ones, None, stride, 0, dilation).clamp_min(0.0)
+    return num * torch.rsqrt(patch_sq + eps)
