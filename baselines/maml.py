@@ -96,7 +96,8 @@ class MAML(FewShotMethod):
             support_x: ``(S, 3, H, W)`` images.
             support_y: ``(S,)`` labels in ``0..ways-1``.
             steps: number of SGD steps.
-            track_higher_grads: keep the graph through the steps (training) or not (test).
+            track_higher_grads: make the fast weights differentiable w.r.t. the initial weights
+                (training: through the inner loop, or by the identity with ``first_order``) or not (test).
 
         Returns:
             The patched network and its fast weights; ``fnet(x, params=fast)`` -> ``(B, self.ways)``.
@@ -104,15 +105,18 @@ class MAML(FewShotMethod):
         ways = self._check_ways(support_y)
         net = self.network()
         opt = torch.optim.SGD(net.parameters(), lr=self.inner_lr)
-        detach = (lambda grads: [None if g is None else g.detach() for g in grads]) if self.first_order else None
-        with higher.innerloop_ctx(net, opt, copy_initial_weights=False, track_higher_grads=track_higher_grads) as (
-            fnet,
-            diffopt,
-        ):
+        first_order = track_higher_grads and self.first_order
+        with higher.innerloop_ctx(
+            net, opt, copy_initial_weights=False, track_higher_grads=track_higher_grads and not first_order
+        ) as (fnet, diffopt):
             for _ in range(steps):
-                logits = fnet(support_x)[:, :ways]
-                diffopt.step(F.cross_entropy(logits, support_y), grad_callback=detach)
-        return fnet, list(fnet.fast_params)
+                diffopt.step(F.cross_entropy(fnet(support_x)[:, :ways], support_y))
+        fast = list(fnet.fast_params)
+        if first_order:
+            # FOMAML: the adapted values, with the identity as their Jacobian w.r.t. the initial weights
+            # (no graph through the inner loop is built at all).
+            fast = [p + (f - p).detach() for p, f in zip(net.parameters(), fast)]
+        return fnet, fast
 
     def fit_support(self, support_x: torch.Tensor, support_y: torch.Tensor) -> None:
         """Adapt a copy of the weights (never the initial weights), also under ``torch.no_grad()``."""

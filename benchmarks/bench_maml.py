@@ -6,7 +6,8 @@ inner loop (``inner_steps`` SGD steps, lr 0.01) on the support set, the query lo
 then one Adam step.
 
 Method:
-* time: wall clock of whole steps, the median over ``--reps`` steps after one warm-up step;
+* time: wall clock (and process CPU time, steadier on a shared machine) of whole steps, the median
+  over ``--reps`` steps after the first;
 * peak memory: each variant runs in a fresh subprocess. On CPU, the rise of the process's peak
   resident set size (``resource.getrusage(...).ru_maxrss``) over the first step, measured from
   after set-up (imports, model, episode in memory); on CUDA, ``torch.cuda.max_memory_allocated``
@@ -106,15 +107,16 @@ def worker(args: argparse.Namespace) -> dict:
         peak_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
     else:
         peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.reps):
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         sync()
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
     return {"variant": args.variant, "loss": loss, "first_step_s": first, "median_s": statistics.median(times),
-            "times_s": times, "peak_mb": peak_mb, "threads": torch.get_num_threads(), "device": str(device)}
+            "median_cpu_s": statistics.median(cpu_times), "times_s": times, "peak_mb": peak_mb, "threads": torch.get_num_threads(), "device": str(device)}
 
 
 def main(argv=None) -> int:
@@ -138,7 +140,7 @@ def main(argv=None) -> int:
     print(f"one MAML meta-training step: CNN-4 ({args.filters} filters) + linear head, {args.size}x{args.size}, "
           f"{args.ways}-way {args.shots}-shot {args.queries} queries, {args.inner_steps} inner steps, "
           f"meta-batch {args.meta_batch}, device {args.device}; fresh process per variant")
-    print(f"{'variant':10s} {'median s':>9s} {'first s':>8s} {'peak MB':>8s}  loss")
+    print(f"{'variant':10s} {'median s':>9s} {'cpu s':>7s} {'first s':>8s} {'peak MB':>8s}  loss")
     rows = []
     for v in args.variants.split(","):
         cmd = [sys.executable, __file__, "--variant", v] + [
@@ -151,10 +153,11 @@ def main(argv=None) -> int:
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(r)
-        print(f"{v:10s} {r['median_s']:9.3f} {r['first_step_s']:8.3f} {r['peak_mb']:8.1f}  {r['loss']:.6f}")
+        print(f"{v:10s} {r['median_s']:9.3f} {r['median_cpu_s']:7.3f} {r['first_step_s']:8.3f} {r['peak_mb']:8.1f}  "
+              f"{r['loss']:.6f}")
     if rows:
         print(f"(torch threads {rows[0]['threads']}; peak = rise of peak RSS over the first step on CPU, "
-              f"max_memory_allocated on CUDA; median over {args.reps} steps after the first)")
+              f"max_memory_allocated on CUDA; median over {args.reps} steps after the first; same loss = same weights and episode)")
     return 0
 
 
