@@ -1,0 +1,104 @@
+"""Dynamic NSN for few-shot learning (NSL paper, Sec. 7.2 "Dynamic NSN").
+
+The backbone is a dynamic neural-similarity network: every conv is a dynamic
+:class:`~fewshot_nsl.nn.NSConv2d` whose ``M_s(x) = I + SphereNet(x)`` is predicted from its
+input. The whole network (conv weights and predictors) is trained on the base classes by the
+harness's standard pretraining (backbone + linear head over all base classes); its cache key
+differs from the plain CNN's because the conv spec does. At test the network is frozen, a new
+linear classifier (logistic regression) is trained on the support features, and the queries
+are classified with the dynamic network and that classifier.
+
+The layer variant is chosen with the run's ``conv:`` key, merged over :attr:`DynamicNSN.default_conv`
+(DNS, disjoint predictors, SphereNet predictor), e.g. ``conv: {structure: uns}``,
+``conv: {sharing: shared}``, ``conv: {predictor: cnn}`` (see :func:`fewshot_nsl.nn.make_conv_factory`).
+The head options default to the finetuning protocol of Chen et al. (ICLR 2019): SGD lr 0.01,
+momentum 0.9, dampening 0.9, weight decay 1e-3, batch 4, 100 passes over the support set.
+
+The predictors are regularised like the backbone (the pretraining's weight decay), as in the
+authors' code; no extra term is added. The support features are computed once per episode
+in the mode the harness sets (eval: BN with base-class statistics); the backbone is never
+updated at test.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from ..nn import NSConv2d
+from ..registry import register_method
+from .base import FewShotMethod
+from .static_nsn import OPTIMIZERS, make_optimizer, train_on_support
+
+
+@register_method("dynamic_nsn")
+class DynamicNSN(FewShotMethod):
+    """Dynamic NSN backbone trained on the base classes; frozen at test, new linear head per episode.
+
+    Args:
+        backbone: feature extractor built with dynamic NSConv2d layers (the runner builds it from
+            :attr:`default_conv` merged with the run's ``conv:``).
+        image_size: input side, to size the head.
+        epochs: passes of head training over the support set.
+        batch_size: support images per step; ``None`` for full-batch steps.
+        optimizer: ``"sgd"`` or ``"adam"``.
+        lr: head learning rate.
+        momentum: SGD momentum.
+        dampening: SGD dampening (0.9 in Chen et al.'s code).
+        weight_decay: head weight decay.
+    """
+
+    training_stages = ("pretrain",)
+    default_conv = {"kind": "dynamic", "structure": "dns", "sharing": "disjoint", "predictor": "sphere"}
+
+    def __init__(
+        self,
+        backbone,
+        image_size: int = 84,
+        epochs: int = 100,
+        batch_size: Optional[int] = 4,
+        optimizer: str = "sgd",
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        dampening: float = 0.9,
+        weight_decay: float = 1e-3,
+    ) -> None:
+        super().__init__(backbone, image_size)
+        if not any(isinstance(m, NSConv2d) and m.mode == "dynamic" for m in backbone.modules()):
+            raise ConfigError(
+                "dynamic_nsn needs a backbone with dynamic NSConv2d layers; keep conv: {kind: dynamic} "
+                "(or leave 'conv:' out) and choose structure/sharing/predictor there"
+            )
+        if optimizer not in OPTIMIZERS:
+            raise ConfigError(f"dynamic_nsn optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+        self.feature_dim = backbone.feature_dim(image_size)
+        self.epochs, self.batch_size, self.optimizer = epochs, batch_size, optimizer
+        self.lr, self.momentum, self.dampening, self.weight_decay = lr, momentum, dampening, weight_decay
+        # head of the last fit_support; a tuple, so it is not registered as a submodule.
+        self._episode: Optional[tuple] = None
+
+    def fit_support(self, support_x: torch.Tensor, support_y: torch.Tensor) -> None:
+        """Train a new linear head on the frozen features of ``(S, 3, H, W)``, ``(S,)``; works under ``no_grad``."""
+        with torch.no_grad():
+            features = self.backbone(support_x)  # (S, D), computed once
+        head = nn.Linear(self.feature_dim, self.num_ways(support_y)).to(features.device, features.dtype)
+        opt = make_optimizer(
+            self.optimizer, [{"params": list(head.parameters()), "weight_decay": self.weight_decay}],
+            self.lr, self.momentum, self.dampening,
+        )  # fmt: skip
+        train_on_support(
+            lambda idx: F.cross_entropy(head(features[idx]), support_y[idx]),
+            len(support_y), opt, self.epochs, self.batch_size, support_x.device,
+        )  # fmt: skip
+        head.requires_grad_(False)
+        self._episode = (head,)
+
+    def forward(self, query_x: torch.Tensor) -> torch.Tensor:
+        """``(Q, 3, H, W)`` -> logits ``(Q, ways)``: frozen dynamic NSN, episode head."""
+        if self._episode is None:
+            raise RuntimeError("dynamic_nsn: call fit_support before forward")
+        (head,) = self._episode
+        return head(self.backbone(query_x))
