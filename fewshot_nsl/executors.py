@@ -175,6 +175,8 @@ class RayExecutor:
         if ray.is_initialized():
             return False
         kwargs: Dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
+        if self.address and self.address != "auto" and not self.address.startswith("ray://"):
+            _check_reachable(self.address)  # Ray itself retries an unreachable GCS for minutes
         if self.address:
             kwargs["address"] = self.address
             cache = os.environ.get("FEWSHOT_NSL_CACHE")
@@ -182,7 +184,12 @@ class RayExecutor:
                 kwargs["runtime_env"] = {"env_vars": {"FEWSHOT_NSL_CACHE": cache}}
         else:
             kwargs["num_cpus"] = self.num_cpus or os.cpu_count() or 1
-        ray.init(**kwargs)
+        try:
+            ray.init(**kwargs)
+        except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError...
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            where = f"join the Ray cluster at {self.address}" if self.address else "start a local Ray cluster"
+            raise ConfigError(f"could not {where} ({first}); check --ray-address, or start one with `ray start --head`") from None
         return True
 
     def run(self, jobs: Sequence[Any], on_done: Callback, on_error: Callback, progress: bool = True, log=print) -> None:
@@ -283,6 +290,19 @@ class RayExecutor:
             on_error(st["job"], exc)
             return
         on_done(st["job"], summary)
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """A ``host:port`` Ray address must accept a TCP connection, else a one-line error."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            return
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"no Ray cluster answers at --ray-address {address} ({exc}); start one with "
+                          f"`ray start --head` or pass --ray-address auto on a cluster node") from None
 
 
 def _cause(exc: BaseException) -> BaseException:
