@@ -184,7 +184,8 @@ def test_corrupt_cache_is_regenerated(tmp_path, small_store):
 
 def test_registered_and_arguments(tmp_path):
     assert DATASETS.get("glyphs") is glyphs.load_glyphs
-    check_kwargs(glyphs.load_glyphs, dict(data_root=None, cache_dir=None, image_size=84, images_per_class=80, seed=0), "x")
+    every = dict(data_root=None, cache_dir=None, image_size=84, images_per_class=80, seed=0)
+    check_kwargs(glyphs.load_glyphs, every, "dataset 'glyphs'")
     with pytest.raises(Exception, match="accepted"):
         check_kwargs(glyphs.load_glyphs, dict(ways=5), "dataset 'glyphs'")
     with pytest.raises(ConfigError, match="seed"):

@@ -57,7 +57,11 @@ MIN_FONTS = 4
 #: The class split is part of the task definition, so it is fixed (not the image seed).
 SPLIT_SEED = 2019
 #: Classes of each split per script (in SCRIPTS order); each script has 20 classes.
-SPLIT_QUOTAS: Dict[str, Tuple[int, ...]] = {"train": (13, 13, 13, 13, 12), "val": (3, 3, 3, 3, 4), "test": (4, 4, 4, 4, 4)}
+SPLIT_QUOTAS: Dict[str, Tuple[int, ...]] = {
+    "train": (13, 13, 13, 13, 12),
+    "val": (3, 3, 3, 3, 4),
+    "test": (4, 4, 4, 4, 4),
+}
 
 #: Font files (in ``matplotlib.get_data_path()/fonts/ttf``): DejaVu Sans, Serif and Sans
 #: Mono and STIXGeneral, four styles each. LastResort, the *Display* faces, the cm* (TeX)
@@ -544,6 +548,7 @@ def generate_glyphs(
     """Render the whole dataset in memory (no cache). Byte-identical for a given seed
     whatever ``workers`` (threads over classes; default min(4, cpu count))."""
     classes = select_classes()
+    distractor_chars()  # computed once here rather than racing in the threads
     n, size = images_per_class, image_size
     images = np.empty((len(classes) * n, size, size, 3), np.uint8)
     workers = workers or _workers()
@@ -567,9 +572,10 @@ def generate_glyphs(
 
 
 def render_preview(path, n_classes: int = 10, per_class: int = 8, seed: int = 0, image_size: int = 84) -> Path:
-    """Write a PNG grid (256-colour palette) of ``per_class`` samples (columns) of ``n_classes`` classes (rows,
-    spread over the scripts and splits) to ``path``; the images are exactly those of the
-    store for ``seed`` (ranks ``0..per_class-1``). Returns the path."""
+    """Write a PNG grid (256-colour palette) of ``per_class`` samples (columns) of
+    ``n_classes`` classes (rows, spread over the scripts) to ``path``, e.g. for the README;
+    the images are exactly those of the store for ``seed`` (ranks ``0..per_class-1``).
+    Returns the path."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -587,7 +593,8 @@ def render_preview(path, n_classes: int = 10, per_class: int = 8, seed: int = 0,
             ax.set_xticks([])
             ax.set_yticks([])
             if col == 0:
-                ax.set_ylabel(f"{classes[c].name}\n({classes[c].split})", rotation=0, ha="right", va="center", fontsize=7)
+                label = f"{classes[c].name}\n({classes[c].split})"
+                ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
     fig.suptitle(f"glyphs v{GLYPHS_VERSION} (synthetic; seed {seed})", fontsize=9)
     fig.subplots_adjust(left=0.21, right=0.99, bottom=0.01, top=0.95, wspace=0.05, hspace=0.05)
     path = Path(path)
@@ -646,7 +653,8 @@ def load_glyphs(
     fails. ``data_root`` is accepted (the CLI passes it to every dataset) and ignored.
     """
     del data_root  # glyphs needs no data on disk
-    for arg, value, low in (("image_size", image_size, 16), ("images_per_class", images_per_class, 1), ("seed", seed, 0)):
+    checks = (("image_size", image_size, 16), ("images_per_class", images_per_class, 1), ("seed", seed, 0))
+    for arg, value, low in checks:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise ConfigError(f"glyphs: {arg} must be an integer >= {low}, got {value!r}")
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "stores"
@@ -664,6 +672,9 @@ def load_glyphs(
     try:
         store.save(directory)
     except OSError as exc:
+        import shutil
+
+        shutil.rmtree(directory.with_name(directory.name + f".tmp{os.getpid()}"), ignore_errors=True)
         if ImageStore.is_cached(directory):  # another process wrote it concurrently
             return ImageStore.load(directory)
         warnings.warn(f"glyphs: cannot write the cache {directory} ({exc}); using the store in memory", stacklevel=2)
