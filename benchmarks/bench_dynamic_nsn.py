@@ -9,7 +9,8 @@
 * peak memory of one forward + backward of each implementation, each in a fresh subprocess (rise of
   peak RSS, ``ru_maxrss``, over the call, after the inputs exist).
 * model: one training step (forward, cross-entropy of a linear head, backward, SGD step) of the
-  dynamic DNS CNN-4 (sphere predictors, disjoint) vs the plain CNN-4, batch ``--batch``, train mode.
+  dynamic DNS CNN-4 (sphere predictors, disjoint) vs the plain CNN-4, batch ``--batch``, train mode,
+  with ``channels_last`` inputs (what the harness's ``Materialiser`` gives on CPU) and contiguous ones.
 
 Usage::
 
@@ -27,11 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, fmt_ms, fmt_ratio, interleaved, peak_rss_mb, print_settings, ratio_stats, run_child, verdict  # noqa: E402
+from common import emit, fmt_ms, fmt_ratio, interleaved, peak_rss_mb, print_settings, ratio_stats, run_child, stats, verdict  # noqa: E402
 
 from fewshot_nsl.backbones import CNN4  # noqa: E402
 from fewshot_nsl.nn import make_conv_factory, ns_conv2d, ns_conv_reference  # noqa: E402
 
+FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 #: CNN-4 (32 filters) layer inputs at 84x84: (C_in, side).
 LAYERS = ((3, 84), (32, 42), (32, 21), (32, 10))
 IMPLS = ("conv2d", "ns_conv2d", "reference")
@@ -101,19 +103,49 @@ def bench_layers(batch: int, reps: int, structure: str, layers, memory: bool) ->
     return {"vs_conv": vs_conv, "vs_ref": vs_ref, "layers": results, "peak_sum": peak_sum}
 
 
-def bench_model(batch: int, size: int, reps: int) -> dict:
+class FixedResidual(nn.Module):
+    """Stands in for a similarity predictor: returns a fixed (trainable) residual ``(B, n, Ho, Wo)``."""
+
+    def __init__(self, shape) -> None:
+        super().__init__()
+        self.r = nn.Parameter(0.01 * torch.randn(shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.r
+
+
+def without_predictors(net: nn.Module, batch: int, size: int) -> nn.Module:
+    """Replace every dynamic layer's predictor by a :class:`FixedResidual` of its output shape (apply cost only)."""
+    from fewshot_nsl.nn import NSConv2d
+
+    x = torch.zeros(batch, 3, size, size)
+    shapes = {}
+    hooks = [m.predictor.register_forward_hook(lambda mod, i, o, m=m: shapes.__setitem__(m, o.shape))
+             for m in net.modules() if isinstance(m, NSConv2d) and m.predictor is not None]
+    with torch.no_grad():
+        net.eval()(x)
+    for h in hooks:
+        h.remove()
+    for m, shape in shapes.items():
+        m.predictor = FixedResidual(shape)
+    return net.train()
+
+
+def bench_model(batch: int, size: int, reps: int, fmt: str = "contiguous") -> dict:
     torch.manual_seed(0)
-    x = torch.randn(batch, 3, size, size)
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=FORMATS[fmt])
     y = torch.randint(0, 64, (batch,))
     variants = {
         "plain CNN-4": make_conv_factory("plain"),
         "dynamic DNS CNN-4": make_conv_factory("dynamic", structure="dns"),
         "dynamic UNS CNN-4": make_conv_factory("dynamic", structure="uns"),
     }
+    nets = {name: CNN4(filters=32, conv_layer=factory).train() for name, factory in variants.items()}
+    nets["dynamic DNS, predictor removed"] = without_predictors(CNN4(filters=32, conv_layer=variants["dynamic DNS CNN-4"]), batch, size)
+    dim = nets["plain CNN-4"].feature_dim(size)
     steps = {}
-    for name, factory in variants.items():
-        net = CNN4(filters=32, conv_layer=factory).train()
-        head = nn.Linear(net.feature_dim(size), 64)
+    for name, net in nets.items():
+        head = nn.Linear(dim, 64)
         opt = torch.optim.SGD(list(net.parameters()) + list(head.parameters()), lr=0.01, momentum=0.9)
 
         def step(net=net, head=head, opt=opt):
@@ -122,16 +154,20 @@ def bench_model(batch: int, size: int, reps: int) -> dict:
             opt.step()
         steps[name] = step
     times = interleaved(steps, reps=reps, warmup=1)
-    print(f"\n-- training step, batch {batch}x3x{size}x{size}, forward+backward+SGD (ms, median [min-max] of {reps})")
+    print(f"\n-- training step, batch {batch}x3x{size}x{size} ({fmt} input), forward+backward+SGD (ms, median [min-max] of {reps})")
     for name, t in times.items():
-        print(f"   {name:20s} {fmt_ms(t)}")
+        print(f"   {name:32s} {fmt_ms(t)}")
     out = {}
     for name in ("dynamic DNS CNN-4", "dynamic UNS CNN-4"):
         r = ratio_stats(times[name], times["plain CNN-4"])
         met = verdict(r["median"], 3.0, "<=")
         print(f"   {name} / plain: {fmt_ratio(r)}" + (f"   target <= 3x: {met}" if "DNS" in name else ""))
-        emit("3b", f"{name} training step / plain CNN-4 step", r, "<= 3", met if "DNS" in name else None)
+        emit("3b", f"{name} training step / plain CNN-4 step ({fmt})", r, "<= 3", met if "DNS" in name else None)
         out[name] = r
+    # where the DNS step's time goes: apply (predictor removed) vs predictor (the rest)
+    plain, full, apply_only = (stats(times[k])["median"] for k in ("plain CNN-4", "dynamic DNS CNN-4", "dynamic DNS, predictor removed"))
+    print(f"   dynamic DNS step = plain {1e3 * plain:.0f} ms + similarity apply {1e3 * (apply_only - plain):.0f} ms "
+          f"+ predictors {1e3 * (full - apply_only):.0f} ms (medians; apply = step with each predictor replaced by a fixed M_s)")
     return out
 
 
@@ -143,6 +179,8 @@ def main(argv=None) -> int:
     p.add_argument("--structures", default="dns,uns")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--part", choices=("layer", "model", "all"), default="all")
+    p.add_argument("--formats", default="channels_last,contiguous",
+                   help="model-step input memory formats (the harness's Materialiser gives channels_last on CPU)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     p.add_argument("--peak-child", nargs=5, metavar=("IMPL", "B", "C", "S", "STRUCT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -153,13 +191,14 @@ def main(argv=None) -> int:
     print_settings("bench_dynamic_nsn: target 3")
     layers = LAYERS
     if args.quick:
-        args.reps, args.batch, args.size, args.structures = 2, 2, 16, "dns"
+        args.reps, args.batch, args.size, args.structures, args.formats = 2, 2, 16, "dns", "channels_last"
         layers = ((32, 8),)
     if args.part in ("layer", "all"):
         for st in args.structures.split(","):
             bench_layers(args.batch, args.reps, st, layers, memory=not args.no_memory)
     if args.part in ("model", "all"):
-        bench_model(args.batch, args.size, args.reps)
+        for fmt in args.formats.split(","):
+            bench_model(args.batch, args.size, args.reps, fmt)
     return 0
 
 

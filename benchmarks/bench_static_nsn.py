@@ -7,6 +7,9 @@ of a copy of it.
 
 * inference: ``forward`` of a 5-way 5-shot 15-query episode (100 images, 84x84) under ``no_grad``,
   eval mode: folded static NSN vs plain CNN-4 (same shapes), and the unfolded static NSN for reference;
+Both are measured with ``channels_last`` inputs (what the harness's ``Materialiser`` gives on CPU)
+and with contiguous NCHW inputs (``--formats``).
+
 * training step: ``zero_grad``, cross-entropy of a linear head on a batch, ``backward``, SGD step
   over all parameters (conv weights, ``M_s``, BN, head), batch ``--train-batch`` (64, the pretraining
   batch), train mode: static NSN (DNS and UNS, ``M_s`` unfolded) vs plain CNN-4.
@@ -34,6 +37,8 @@ from common import emit, fmt_ms, fmt_ratio, interleaved, print_settings, ratio_s
 from fewshot_nsl.backbones import CNN4  # noqa: E402
 from fewshot_nsl.nn import fold_all, similarity_parameters, wrap_convs_static  # noqa: E402
 
+FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
 
 def static_nsn(plain: nn.Module, structure: str) -> nn.Module:
     net = wrap_convs_static(copy.deepcopy(plain), structure=structure)
@@ -44,12 +49,12 @@ def static_nsn(plain: nn.Module, structure: str) -> nn.Module:
     return net
 
 
-def bench_inference(batch: int, size: int, reps: int, inner: int) -> dict:
+def bench_inference(batch: int, size: int, reps: int, inner: int, fmt: str = "contiguous") -> dict:
     torch.manual_seed(0)
     plain = CNN4(filters=32).eval()
     nsn = static_nsn(plain, "uns").eval()
     folded = fold_all(copy.deepcopy(nsn)).eval()
-    x = torch.randn(batch, 3, size, size)
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=FORMATS[fmt])
     with torch.no_grad():
         err = (folded(x) - nsn(x)).abs().max().item()
     assert err < 1e-3, err
@@ -62,24 +67,24 @@ def bench_inference(batch: int, size: int, reps: int, inner: int) -> dict:
 
     times = interleaved({"plain CNN-4": fwd(plain), "folded static NSN": fwd(folded), "unfolded static NSN (uns)": fwd(nsn)},
                         reps=reps, warmup=2, inner=inner)
-    print(f"\n-- inference, {batch}x3x{size}x{size}, no_grad, eval (ms per forward, median [min-max] of {reps} x {inner})")
+    print(f"\n-- inference, {batch}x3x{size}x{size} ({fmt} input), no_grad, eval (ms per forward, median [min-max] of {reps} x {inner})")
     for name, t in times.items():
         print(f"   {name:28s} {fmt_ms(t)}")
     r = ratio_stats(times["folded static NSN"], times["plain CNN-4"])
     met = verdict(abs(r["median"] - 1.0), 0.02, "<=")
     print(f"   folded / plain: {fmt_ratio(r, 3)}   target within 2% (0.98-1.02): {met}   (max |folded - unfolded| = {err:.1e})")
-    emit("2a", "folded static NSN inference / plain CNN-4", r, "within 2% (0.98-1.02)", met)
+    emit("2a", f"folded static NSN inference / plain CNN-4 ({fmt})", r, "within 2% (0.98-1.02)", met)
     ru = ratio_stats(times["unfolded static NSN (uns)"], times["plain CNN-4"])
     print(f"   unfolded / plain (for reference): {fmt_ratio(ru, 3)}")
     return r
 
 
-def bench_training(batch: int, size: int, reps: int, inner: int) -> dict:
+def bench_training(batch: int, size: int, reps: int, inner: int, fmt: str = "contiguous") -> dict:
     torch.manual_seed(0)
     plain = CNN4(filters=32)
     dim = plain.feature_dim(size)
     nets = {"plain CNN-4": plain, "static NSN dns": static_nsn(plain, "dns"), "static NSN uns": static_nsn(plain, "uns")}
-    x = torch.randn(batch, 3, size, size)
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=FORMATS[fmt])
     y = torch.randint(0, 64, (batch,))
 
     def train_step(net):
@@ -95,7 +100,7 @@ def bench_training(batch: int, size: int, reps: int, inner: int) -> dict:
         return f
 
     times = interleaved({k: train_step(v) for k, v in nets.items()}, reps=reps, warmup=2, inner=inner)
-    print(f"\n-- training step, batch {batch}x3x{size}x{size}, forward+backward+SGD (ms, median [min-max] of {reps} x {inner})")
+    print(f"\n-- training step, batch {batch}x3x{size}x{size} ({fmt} input), forward+backward+SGD (ms, median [min-max] of {reps} x {inner})")
     for name, t in times.items():
         print(f"   {name:28s} {fmt_ms(t)}")
     out = {}
@@ -103,7 +108,7 @@ def bench_training(batch: int, size: int, reps: int, inner: int) -> dict:
         r = ratio_stats(times[name], times["plain CNN-4"])
         met = verdict(r["median"], 1.3, "<=")
         print(f"   {name} / plain: {fmt_ratio(r, 3)}   target <= 1.3x: {met}")
-        emit("2b", f"{name} training step (M_s unfolded) / plain CNN-4 step", r, "<= 1.3", met)
+        emit("2b", f"{name} training step (M_s unfolded) / plain CNN-4 step ({fmt})", r, "<= 1.3", met)
         out[name] = r
     return out
 
@@ -115,13 +120,16 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--train-batch", type=int, default=64)
     p.add_argument("--size", type=int, default=84)
+    p.add_argument("--formats", default="channels_last,contiguous",
+                   help="input memory formats (the harness's Materialiser gives channels_last on CPU)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     args = p.parse_args(argv)
     print_settings("bench_static_nsn: target 2")
     if args.quick:
-        args.reps, args.inner, args.batch, args.train_batch, args.size = 2, 1, 4, 4, 32
-    bench_inference(args.batch, args.size, args.reps, args.inner)
-    bench_training(args.train_batch, args.size, args.reps, args.inner)
+        args.reps, args.inner, args.batch, args.train_batch, args.size, args.formats = 2, 1, 4, 4, 32, "channels_last"
+    for fmt in args.formats.split(","):
+        bench_inference(args.batch, args.size, args.reps, args.inner, fmt)
+        bench_training(args.train_batch, args.size, args.reps, args.inner, fmt)
     return 0
 
 
