@@ -12,6 +12,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import torch
+
 from .errors import ConfigError, FewShotError
 
 EPILOG = """examples:
@@ -196,6 +198,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except FewShotError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except torch.OutOfMemoryError:
+        print("error: out of GPU memory; lower the meta-batch (episodic.meta_batch), the image size (--image-size), "
+              "use first-order MAML (method_options: {first_order: true}) or run on --device cpu; "
+              "finished episodes are kept, rerun to resume", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("interrupted: finished episodes and checkpoints are saved; run the same command again to resume",
               file=sys.stderr)
