@@ -7,7 +7,8 @@ ratio = variant / default per repetition, median [min-max]:
 * ``channels_last``: model and input in ``torch.channels_last``;
 * ``mkldnn off``: ``torch.backends.mkldnn.enabled = False`` (the plain ATen CPU conv);
 * ``1 thread``: ``torch.set_num_threads(1)`` (default: one per core);
-* ``torch.compile``: inductor (C++ codegen) on the same module; compile time reported apart;
+* ``torch.compile``: inductor (C++ codegen) on the same module; compile time reported apart
+  (evaluation also ``channels_last + compile``);
 * ``inference_mode``: ``torch.inference_mode()`` instead of ``no_grad`` (evaluation only).
 
 Usage::
@@ -87,6 +88,10 @@ def eval_variants(batch: int, size: int, compile_: bool):
             compiled(x)
         extra["compile_s"] = time.perf_counter() - t0
         v["torch.compile"] = fwd(compiled, x)
+        compiled_cl = torch.compile(copy.deepcopy(net_cl))
+        with torch.no_grad():
+            compiled_cl(x_cl)
+        v["channels_last + compile"] = fwd(compiled_cl, x_cl)
     return v, extra
 
 
@@ -137,7 +142,7 @@ def report(title: str, variants, extra, reps: int, inner: int, key: str) -> None
     print(f"\n-- {title} (ms, median [min-max] of {reps} x {inner}; ratio = variant / default per repetition)")
     for name, t in times.items():
         r = ratio_stats(t, times["default"])
-        print(f"   {name:16s} {fmt_ms(t)}   {fmt_ratio(r, 3) if name != 'default' else ''}")
+        print(f"   {name:24s} {fmt_ms(t)}   {fmt_ratio(r, 3) if name != 'default' else ''}")
         if name != "default":
             emit("settings", f"{key}: {name} / default", r, "info", None)
     if "compile_s" in extra:

@@ -4,7 +4,10 @@ Variants (CNN-4, 32 filters, 84x84):
 
 * ``plain``, ``static_uns``, ``static_dns``, ``dynamic_dns``, ``dynamic_uns``: one training step
   (forward, cross-entropy of a linear head, backward), batch ``--batch`` (64);
-* ``eval``: the ProtoNet evaluation forward of one episode (25 support + 75 query images, ``no_grad``).
+* ``eval``: the ProtoNet evaluation forward of one episode (25 support + 75 query images, ``no_grad``);
+* ``layer_dns``, ``layer_uns``, ``layer_conv2d``: one 3x3 32->32 layer on ``(batch, 32, 42, 42)``
+  (CNN-4's second layer), forward + backward: ``ns_conv2d`` with a given per-location ``M_s``, or
+  the plain conv.
 
 For the dynamic variants the self time is also split by the part of the layer it belongs to (the
 similarity predictor, the similarity application ``ns_conv2d``, the rest of the network) with
@@ -32,7 +35,7 @@ from common import print_settings  # noqa: E402
 from fewshot_nsl.backbones import CNN4  # noqa: E402
 from fewshot_nsl.nn import NSConv2d, make_conv_factory, wrap_convs_static  # noqa: E402
 
-VARIANTS = ("plain", "static_dns", "static_uns", "dynamic_dns", "dynamic_uns", "eval")
+VARIANTS = ("plain", "static_dns", "static_uns", "dynamic_dns", "dynamic_uns", "eval", "layer_dns", "layer_uns", "layer_conv2d")
 
 
 class _Labelled(nn.Module):
@@ -68,18 +71,28 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=84)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--rows", type=int, default=20)
+    p.add_argument("--format", choices=("channels_last", "contiguous"), default="channels_last",
+                   help="input memory format of the model variants (the harness gives channels_last on CPU)")
     args = p.parse_args(argv)
-    print_settings(f"profile_step: {args.variant}")
-    net = build(args.variant)
-    if args.variant == "eval":
+    print_settings(f"profile_step: {args.variant}", input_format=args.format)
+    fmt = torch.channels_last if args.format == "channels_last" else torch.contiguous_format
+    if args.variant.startswith("layer"):
+        from bench_dynamic_nsn import layer_inputs, layer_step
+
+        structure = "dns" if args.variant == "layer_conv2d" else args.variant.split("_")[1]
+        x, w, m = layer_inputs(args.batch, 32, args.size // 2, structure)
+        step = layer_step("conv2d" if args.variant == "layer_conv2d" else "ns_conv2d", x, w, m)
+    elif args.variant == "eval":
+        net = build(args.variant)
         net.eval()
-        xs, xq = torch.randn(25, 3, args.size, args.size), torch.randn(75, 3, args.size, args.size)
+        xs, xq = (torch.randn(n, 3, args.size, args.size).contiguous(memory_format=fmt) for n in (25, 75))
 
         def step():
             with torch.no_grad():
                 net(xs)
                 net(xq)
     else:
+        net = build(args.variant)
         import fewshot_nsl.nn.nsconv as nsconv
 
         original = nsconv.ns_conv2d
@@ -91,7 +104,7 @@ def main(argv=None) -> int:
         nsconv.ns_conv2d = labelled  # this profiling script only
         net.train()
         head = nn.Linear(net.feature_dim(args.size), 64)
-        x = torch.randn(args.batch, 3, args.size, args.size)
+        x = torch.randn(args.batch, 3, args.size, args.size).contiguous(memory_format=fmt)
         y = torch.randint(0, 64, (args.batch,))
 
         def step():

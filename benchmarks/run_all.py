@@ -67,17 +67,47 @@ def run_one(name: str, quick: bool, env: Dict[str, str], timeout: float) -> Tupl
     return code, rows, time.perf_counter() - t0
 
 
+def measured(r: dict) -> str:
+    v = r["value"]
+    fmt = (lambda x: f"{100 * x:.2f}%") if "share" in r["name"] else (lambda x: f"{x:.3g}")
+    return f"{fmt(v['median'])} [{fmt(v['min'])}-{fmt(v['max'])}]"
+
+
 def summary(rows: List[dict]) -> None:
     print("\n##### summary (ratio: median [min-max] over repetitions)")
     print(f"{'target':8s} {'figure':92s} {'measured':>26s} {'goal':>22s}  met")
     for r in rows:
         if r["target"] in ("settings", "6"):
             continue
-        v = r["value"]
-        is_share = "share" in r["name"]
-        fmt = (lambda x: f"{100 * x:.2f}%") if is_share else (lambda x: f"{x:.3g}")
-        measured = f"{fmt(v['median'])} [{fmt(v['min'])}-{fmt(v['max'])}]"
-        print(f"{r['target']:8s} {r['name'][:92]:92s} {measured:>26s} {r['goal']:>22s}  {r['met'] or '(info)'}")
+        print(f"{r['target']:8s} {r['name'][:92]:92s} {measured(r):>26s} {r['goal']:>22s}  {r['met'] or '(info)'}")
+
+
+def markdown(rows: List[dict], info: Dict[str, object]) -> str:
+    """The summary as markdown tables (targets; PyTorch settings; scale)."""
+    out = [f"Measured {info['date']} on a {info['machine']}, torch {info['torch']}, {info['threads']} threads, "
+           f"1-min load average {info['loadavg_1min']} at the start.", "",
+           "| target | figure | measured: median [min-max] | goal | met |", "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if r["target"] not in ("settings", "6"):
+            out.append(f"| {r['target']} | {r['name']} | {measured(r)} | {r['goal']} | {r['met'] or 'info'} |")
+    settings_rows = [r for r in rows if r["target"] == "settings"]
+    if settings_rows:
+        out += ["", "| PyTorch setting | variant / default: median [min-max] |", "| --- | --- |"]
+        out += [f"| {r['name']} | {measured(r)} |" for r in settings_rows]
+    scale = [r for r in rows if r["target"] == "6" and "episodes" in r]
+    if scale:
+        sizes = sorted({r["size"] for r in scale})
+        out += ["", "| episodes | " + " | ".join(f"{s}x{s}: wall s (ms/episode)" for s in sizes) + " |",
+                "| --- | " + " | ".join("---" for _ in sizes) + " |"]
+        for n in sorted({r["episodes"] for r in scale}):
+            cells = {r["size"]: r for r in scale if r["episodes"] == n}
+            out.append(f"| {n} | " + " | ".join(
+                f"{cells[s]['value']['median']:.1f} ({cells[s]['ms_per_episode']:.1f})" if s in cells else "-" for s in sizes) + " |")
+    quick = [r for r in rows if r["target"] == "6" and "episodes" not in r]
+    if quick:
+        out += ["", "| quick profile on glyphs | wall s |", "| --- | --- |"]
+        out += [f"| {r['name'].split(': ', 1)[1]} | {r['value']['median']:.0f} |" for r in quick]
+    return "\n".join(out) + "\n"
 
 
 def main(argv=None) -> int:
@@ -86,6 +116,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {','.join(BENCHMARKS)}")
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the benchmarks (0: torch's default)")
     p.add_argument("--json", type=Path, help="also write settings and every result row to this file")
+    p.add_argument("--markdown", type=Path, help="also write the summary as markdown tables to this file")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per script")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
@@ -110,6 +141,9 @@ def main(argv=None) -> int:
     summary(rows)
     if failed:
         print(f"failed: {', '.join(failed)}")
+    if args.markdown:
+        args.markdown.write_text(markdown(rows, info))
+        print(f"markdown summary written to {args.markdown}")
     if args.json:
         args.json.write_text(json.dumps({"settings": info, "quick": args.quick, "results": rows}, indent=1, default=float))
         print(f"results written to {args.json}")
