@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-import yaml
 
 from .config import RunConfig, load_yaml, resolve_config
 from .data.episodes import EpisodeList

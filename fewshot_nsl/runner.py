@@ -28,7 +28,6 @@ import os
 import platform
 import resource
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
