@@ -272,6 +272,14 @@ class Materialiser:
         self.index = store.class_index()
         self.mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1) * 255.0
+        self._hwc: Dict[Tuple[int, int], Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _hwc_stats(self, h: int, w: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``mean``/``std`` laid out as one ``(h, w, 3)`` image: normalising NHWC memory against them
+        runs vectorised (broadcasting a size-3 innermost channel dimension does not)."""
+        if (h, w) not in self._hwc:
+            self._hwc[(h, w)] = tuple(t.view(3).expand(h, w, 3).contiguous() for t in (self.mean, self.std))  # type: ignore[assignment]
+        return self._hwc[(h, w)]
 
     def images(self, idx: np.ndarray) -> torch.Tensor:
         """Store indices ``(n,)`` -> normalised ``(n, 3, image_size, image_size)`` float32."""
@@ -293,6 +301,10 @@ class Materialiser:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True, align_corners=False)
             fmt = torch.channels_last if self.channels_last else torch.contiguous_format
             x = x.contiguous(memory_format=fmt)
+        if self.channels_last:
+            mean, std = self._hwc_stats(x.shape[2], x.shape[3])
+            x.permute(0, 2, 3, 1).sub_(mean).div_(std)  # the contiguous NHWC view, in place
+            return x
         return x.sub_(self.mean).div_(self.std)
 
     def __call__(self, episode: Episode) -> EpisodeTensors:
