@@ -179,7 +179,8 @@ def wrap_convs_static(module: nn.Module, structure: str = "dns", **kwargs: objec
     """Replace every :class:`torch.nn.Conv2d` in ``module`` (in place) by ``NSConv2d.from_conv`` with ``M_s = I``.
 
     The wrapped layers hold the original weight/bias Parameters; outputs are unchanged until
-    ``M_s`` is trained.
+    ``M_s`` is trained. Existing :class:`NSConv2d` layers (and the convs inside dynamic
+    predictors) are left as they are, so wrapping twice is harmless.
 
     Args:
         module: any module (or a conv itself).
@@ -194,7 +195,7 @@ def wrap_convs_static(module: nn.Module, structure: str = "dns", **kwargs: objec
     for name, child in module.named_children():
         if isinstance(child, nn.Conv2d):
             module.add_module(name, NSConv2d.from_conv(child, structure, mode="static", **kwargs))
-        else:
+        elif not isinstance(child, NSConv2d):  # leave NSConv2d layers (and their predictors' convs) alone
             wrap_convs_static(child, structure, **kwargs)
     return module
 

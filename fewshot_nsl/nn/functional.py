@@ -147,7 +147,7 @@ def ns_conv2d(
     zero-filled full-size gradient per tap):
 
     * ``side="input"``: mix the taps, ``X'_p(l) = sum_q M_s(l)[p, q] X_q(l)`` (DNS:
-      ``m_p(l) X_p(l)``), then ``out = W_(O x kk*C_in) @ X'``. Element-wise cost ``kk * C_in * L``
+      ``m_p(l) X_p(l)``), then ``out = W_(O x kk*C_in) @ X'`` (one batched GEMM). Element-wise cost ``kk * C_in * L``
       (DNS) or ``kk^2 * C_in * L`` (UNS); keeps ``X'`` (``kk * C_in * L`` values) for the
       weight gradient.
     * ``side="output"``: apply every weight tap at every input position first,
@@ -207,11 +207,12 @@ def ns_conv2d(
     if side == "input":
         mixed = _MixInputTaps.apply(xp, maps, taps)  # (B, kk, C_in, Ho, Wo)
         w1 = weight.permute(0, 2, 3, 1).reshape(c_out, kk * c_in)  # tap-major, matches `mixed`
-        out = torch.matmul(w1, mixed.view(batch, kk * c_in, ho * wo)).view(batch, c_out, ho, wo)
+        # bmm on an expanded weight: no layout copies (matmul(2-D, 3-D) transposes the 3-D operand).
+        out = torch.bmm(w1.expand(batch, -1, -1), mixed.view(batch, kk * c_in, ho * wo)).view(batch, c_out, ho, wo)
     else:
         wt = weight.permute(2, 3, 0, 1).reshape(kk * c_out, c_in)
-        y = torch.matmul(wt, xp.reshape(batch, c_in, hu * wu)).view(batch, kk, c_out, hu, wu)
-        out = _GatherOutputTaps.apply(y, maps, taps)
+        y = torch.bmm(wt.expand(batch, -1, -1), xp.reshape(batch, c_in, hu * wu)).view(batch, kk, c_out, hu, wu)
+        out = _GatherOutputTaps.apply(y, maps.to(y.dtype), taps)
     return out if bias is None else out + bias.view(1, -1, 1, 1)
 
 
@@ -244,6 +245,7 @@ class _MixInputTaps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        grad = grad.contiguous()
         xp, maps = ctx.saved_tensors
         taps = ctx.taps
         dns = maps.dim() == 4
@@ -259,9 +261,11 @@ class _MixInputTaps(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             if dns:
                 grad_maps = torch.stack([(grad[:, p] * xp[:, :, rs, cs]).sum(1) for p, (rs, cs) in enumerate(taps)], 1)
-            else:
-                cols = [(grad * xp[:, :, rs, cs].unsqueeze(1)).sum(2) for rs, cs in taps]  # each (B, kk_p, Ho, Wo)
-                grad_maps = torch.stack(cols, 2)
+            else:  # one (B, C, Ho, Wo) temporary at a time
+                rows = [
+                    torch.stack([(grad[:, p] * xp[:, :, rs, cs]).sum(1) for rs, cs in taps], 1) for p in range(len(taps))
+                ]
+                grad_maps = torch.stack(rows, 1)
         return grad_xp, grad_maps, None
 
 
@@ -282,6 +286,7 @@ class _GatherOutputTaps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        grad = grad.contiguous()
         y, maps = ctx.saved_tensors
         taps = ctx.taps
         dns = maps.dim() == 4
@@ -386,6 +391,10 @@ def sphere_conv2d(
     # Unit filters (cheap: weight-sized), then one per-location scale by 1 / ||X_l||.
     w_unit = weight * torch.rsqrt(weight.flatten(1).pow(2).sum(1) + eps).view(-1, 1, 1, 1)
     num = F.conv2d(x, w_unit, None, stride, 0, dilation)
-    ones = weight.new_ones((1, 1) + tuple(weight.shape[2:]))
-    patch_sq = F.conv2d((x * x).sum(1, keepdim=True), ones, None, stride, 0, dilation).clamp_min(0.0)
+    sq = (x * x).sum(1, keepdim=True)  # (B, 1, H, W)
+    if _pair(dilation, "dilation") == (1, 1):  # window sums; a 1-channel conv is slow on CPU (oneDNN)
+        patch_sq = F.avg_pool2d(sq, tuple(weight.shape[2:]), stride, 0, divisor_override=1)
+    else:
+        ones = weight.new_ones((1, 1) + tuple(weight.shape[2:]))
+        patch_sq = F.conv2d(sq, ones, None, stride, 0, dilation).clamp_min(0.0)
     return num * torch.rsqrt(patch_sq + eps)
