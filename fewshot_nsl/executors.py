@@ -103,18 +103,34 @@ def pretrain_task(cfg, plugin_dirs: Sequence[str], threads: int) -> Dict[str, An
     from .training import pretrain, set_seed
 
     ctx = _worker_context(cfg, plugin_dirs, threads)
+    t0 = time.perf_counter()
     set_seed(cfg.seed, cfg.deterministic)
     method = build_method(cfg).to(ctx.device)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    return pretrain(method, ctx.store, cfg, ctx.device, conv_spec_of(cfg), cache, progress=False)
+    info = pretrain(method, ctx.store, cfg, ctx.device, conv_spec_of(cfg), cache, progress=False)
+    return {**info, "time_s": round(time.perf_counter() - t0, 2)}
 
 
-def train_task(cfg, plugin_dirs: Sequence[str], threads: int, after: Any = None) -> Dict[str, Any]:
-    """Ray task: train (or load) the run's method; returns its ``train.json`` record."""
-    from .runner import train
+def train_task(cfg, plugin_dirs: Sequence[str], threads: int, after: Any = None,
+               owns_pretrain: bool = False) -> Dict[str, Any]:
+    """Ray task: train (or load) the run's method; returns its ``train.json`` record.
+
+    ``after`` is the result of the pretrain task this run waited for; the first run of those
+    sharing it (``owns_pretrain``) counts its time and details, as the local executor does for the
+    run that pretrains.
+    """
+    import json
+
+    from .runner import _atomic_write_text, train
 
     ctx = _worker_context(cfg, plugin_dirs, threads)
-    return train(ctx, progress=False, log=_silent)
+    fresh = not (ctx.run_dir / "method.pt").is_file()
+    record = train(ctx, progress=False, log=_silent)
+    if fresh and owns_pretrain and isinstance(after, dict) and not after.get("cached"):
+        record["train_time_s"] = round((record.get("train_time_s") or 0.0) + after["time_s"], 2)
+        record.setdefault("training", {})["pretrain"] = {k: v for k, v in after.items() if k != "time_s"}
+        _atomic_write_text(ctx.run_dir / "train.json", json.dumps(record, indent=1, default=str))
+    return record
 
 
 def eval_task(cfg, indices: List[int], plugin_dirs: Sequence[str], threads: int, after: Any = None) -> Dict[str, Any]:
@@ -231,16 +247,17 @@ class RayExecutor:
                 st = {"job": job, "ctx": ctx, "pending": set(), "peak": [], "failed": False,
                       "resumed": len(missing) < ctx.n_episodes}
                 state[k] = st
-                dep = None
+                dep, owns = None, False
                 if not (ctx.run_dir / "method.pt").is_file():
                     if "pretrain" in get_method_class(cfg.method).training_stages:
                         cache = Path(cfg.cache_dir or default_cache_dir())
                         key = pretrain_key(cfg, job.store, conv_spec_of(cfg))
                         if not (cache / "pretrain" / f"{key}.pt").is_file():
-                            if key not in pre_refs:
+                            owns = key not in pre_refs
+                            if owns:
                                 pre_refs[key] = r_pre.remote(cfg, self.plugin_dirs, self.threads)
                             dep = pre_refs[key]
-                    dep = r_train.remote(cfg, self.plugin_dirs, self.threads, dep)
+                    dep = r_train.remote(cfg, self.plugin_dirs, self.threads, dep, owns)
                     if not missing:
                         st["pending"].add(dep)
                         ref_owner[dep] = k
