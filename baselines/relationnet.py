@@ -12,6 +12,7 @@ skipped where the map is already 1 pixel wide (ceil mode otherwise).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -20,6 +21,21 @@ from torch import nn
 
 from fewshot_nsl.methods import FewShotMethod
 from fewshot_nsl.registry import register_method
+
+
+def sung_init(m: nn.Module) -> None:
+    """Sung et al.'s initialisation (their ``weights_init``): He-normal convs (fan-out), unit BN, and
+    fully connected layers with N(0, 0.01) weights and biases of 1, which keeps the 8 hidden ReLUs
+    alive at the start (with PyTorch's default init the scores tend to collapse to a constant 1/ways)."""
+    if isinstance(m, nn.Conv2d):
+        nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.BatchNorm2d):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Linear):
+        nn.init.normal_(m.weight, 0.0, 0.01)
+        nn.init.ones_(m.bias)
 
 
 class RelationBlock(nn.Module):
@@ -59,6 +75,8 @@ class RelationNet(FewShotMethod):
         side = self._map_side(backbone, image_size)
         side = (side + 3) // 4  # two blocks, each ceil(side / 2) (a side of 1 stays 1)
         self.fc = nn.Sequential(nn.Linear(width * side * side, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1))
+        self.blocks.apply(sung_init)
+        self.fc.apply(sung_init)
         self.prototypes: Optional[torch.Tensor] = None  # (ways, C, h, w) summed support maps
 
     @staticmethod
