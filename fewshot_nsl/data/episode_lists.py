@@ -36,11 +36,13 @@ def miniimagenet_classes(split: str) -> Tuple[List[str], List[int]]:
 
 def glyphs_classes(split: str) -> Tuple[List[str], List[int]]:
     """glyphs class names of ``split`` and images per class, at the default settings."""
-    from .glyphs import load_glyphs
+    import inspect
 
-    store = load_glyphs(image_size=16)  # names and splits do not depend on the image size
-    classes = store.classes_in_split(split)
-    return [store.class_names[c] for c in classes], [store.class_size(c) for c in classes]
+    from .glyphs import load_glyphs, select_classes
+
+    per_class = inspect.signature(load_glyphs).parameters["images_per_class"].default
+    names = [g.name for g in select_classes() if g.split == split]  # store order within a split
+    return names, [per_class] * len(names)
 
 
 SOURCES = {"miniimagenet": miniimagenet_classes, "glyphs": glyphs_classes}
