@@ -1,17 +1,21 @@
 """Target 4 (MAML): one second-order meta-training step, ours (``higher``) vs learn2learn, time and memory.
 
-A thin wrapper over ``benchmarks/bench_maml.py`` (its worker builds both sides from the same
-initial weights on the same tasks: CNN-4, 32 filters, 84x84, 5-way 5-shot 15 queries, 5 inner SGD
-steps at lr 0.01, meta-batch 4, Adam): it runs the ``ours-2nd`` and ``l2l-2nd`` workers alternately,
-``--reps`` times each, every run a fresh process; each run reports its median step time over
-``--steps`` steps after the first, and the rise of peak RSS over its first step. Ratios
-(ours / learn2learn) are taken per repetition; median [min-max].
+Set-up (as ``benchmarks/bench_maml.py``, which ``run_all.py`` runs too): CNN-4 (32 filters) + linear
+head, 84x84, 5-way 5-shot 15 queries, ``--inner-steps`` (5) SGD steps at lr 0.01, meta-batch
+``--meta-batch`` (4) episodes of seeded random images, one Adam step; both sides start from the same
+initial weights (a deep copy of our method's network) and see the same tasks.
 
-The same for ``meta_static_nsn`` (its own worker below, same protocol): conv weights and batch norm
-frozen (BN on the stored statistics), the initial ``M_s`` of every layer and the linear head
-meta-learned, ``inner_steps`` SGD steps on ``M_s`` and head; against learn2learn's ``MAML(...,
-allow_nograd=True)`` over a copy of the same network with the same parameters frozen, which is
-learn2learn's way of restricting adaptation to a subset of parameters.
+* ``maml``: our ``maml`` plugin (``higher.innerloop_ctx``, all weights adapted, BN on batch
+  statistics) vs ``learn2learn.algorithms.MAML(network, lr=0.01, first_order=False)``;
+* ``meta_static_nsn``: conv weights and batch norm frozen (BN on its stored statistics), the initial
+  ``M_s`` of every layer and the head meta-learned and adapted, vs learn2learn's ``MAML(...,
+  allow_nograd=True)`` over a copy of the same network with the same parameters frozen (learn2learn's
+  way of restricting adaptation to a subset of parameters); DNS and UNS.
+
+Each side runs in a fresh process, the two sides alternately, ``--reps`` times: the first step's peak
+memory (peak RSS during the step minus the RSS before it, the peak mark reset after set-up) and the
+median time of ``--steps`` further steps. Ratios ours / learn2learn per repetition; median [min-max].
+The first-step losses of the two sides are compared as a check that they compute the same thing.
 
 Usage::
 
@@ -22,46 +26,33 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import resource
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, fmt_ratio, print_settings, ratio_stats, run_child, stats, verdict  # noqa: E402
-
-BENCH_MAML = Path(__file__).resolve().parent / "bench_maml.py"
+from common import ROOT, emit, fmt_ratio, peak_rss_mb, print_settings, ratio_stats, run_child, stats, verdict  # noqa: E402
 
 
-def maml_run(variant: str, args: argparse.Namespace) -> dict:
-    if args.in_process:  # smoke test: no fresh process (peak memory then means little)
-        import bench_maml
-
-        ns = argparse.Namespace(variant=variant, size=args.size, filters=32, ways=5, shots=5, queries=15,
-                                inner_steps=args.inner_steps, meta_batch=args.meta_batch, reps=args.steps,
-                                threads=0, device="cpu")
-        return bench_maml.worker(ns)
-    return run_child([
-        str(BENCH_MAML), "--variant", variant, "--size", str(args.size), "--filters", "32", "--ways", "5",
-        "--shots", "5", "--queries", "15", "--inner-steps", str(args.inner_steps),
-        "--meta-batch", str(args.meta_batch), "--reps", str(args.steps), "--threads", "0", "--device", "cpu",
-    ])
-
-
-def meta_static_worker(args: argparse.Namespace) -> dict:
-    """One side (``ours`` or ``l2l``) of the meta_static_nsn step, in this (fresh) process."""
+def worker(args: argparse.Namespace) -> dict:
+    """One side (``args.side``: ``ours`` or ``l2l``) of one method's meta-training step, in this process."""
     import torch
     import torch.nn.functional as F
 
     from common import quiet_learn2learn
     from fewshot_nsl.backbones import cnn4
-    from fewshot_nsl.registry import create_method
+    from fewshot_nsl.registry import create_method, load_plugins
 
+    load_plugins([ROOT / "baselines"])
     torch.manual_seed(0)
-    method = create_method("meta_static_nsn", backbone=cnn4(filters=32), image_size=args.size, structure=args.structure,
-                           ways=5, inner_lr=0.01, inner_steps=args.inner_steps, first_order=False)
-    method.after_pretrain()  # wrap convs (M_s = I), freeze W and BN, as after pretraining
+    common_opts = dict(backbone=cnn4(filters=32), image_size=args.size, ways=5, inner_lr=0.01,
+                       inner_steps=args.inner_steps, first_order=False)
+    if args.method == "maml":
+        method = create_method("maml", **common_opts)
+    else:
+        method = create_method("meta_static_nsn", structure=args.structure, **common_opts)
+        method.after_pretrain()  # wrap convs (M_s = I), freeze W and BN, as after pretraining
     method.train()
     g = torch.Generator().manual_seed(1)
     episodes = []
@@ -71,8 +62,10 @@ def meta_static_worker(args: argparse.Namespace) -> dict:
                          torch.rand(len(qy), 3, args.size, args.size, generator=g), qy))
     if args.side == "l2l":
         l2l = quiet_learn2learn()
-        net = copy.deepcopy(method.network()).eval()  # same frozen W/BN, same initial M_s and head
-        maml = l2l.algorithms.MAML(net, lr=0.01, first_order=False, allow_nograd=True)
+        net = copy.deepcopy(method.network())
+        if args.method == "meta_static_nsn":
+            net.eval()  # frozen BN on stored statistics, as the method keeps its backbone
+        maml = l2l.algorithms.MAML(net, lr=0.01, first_order=False, allow_nograd=args.method == "meta_static_nsn")
         params = [p for p in maml.parameters() if p.requires_grad]
 
         def episode_loss(sx, sy, qx, qy):
@@ -95,45 +88,44 @@ def meta_static_worker(args: argparse.Namespace) -> dict:
         opt.step()
         return total
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {}
     t0 = time.perf_counter()
-    loss = step()
+    peak = peak_rss_mb(lambda: out.setdefault("loss", step()))
     first = time.perf_counter() - t0
-    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    return {"side": args.side, "loss": loss, "first_step_s": first, "median_s": statistics.median(times),
-            "peak_mb": peak, "meta_params": sum(p.numel() for p in params)}
+    return {"side": args.side, "loss": out["loss"], "first_step_s": first, "median_s": statistics.median(times),
+            "peak_mb": peak, "meta_params": sum(p.numel() for p in params), "threads": torch.get_num_threads()}
 
 
-def meta_static_run(side: str, structure: str, args: argparse.Namespace) -> dict:
-    if args.in_process:
-        return meta_static_worker(argparse.Namespace(**{**vars(args), "side": side, "structure": structure}))
-    return run_child([__file__, "--worker", side, "--structure", structure, "--size", str(args.size),
+def run_side(method: str, side: str, structure: str, args: argparse.Namespace) -> dict:
+    if args.in_process:  # smoke test: no fresh process (peak memory then means little)
+        return worker(argparse.Namespace(**{**vars(args), "method": method, "side": side, "structure": structure}))
+    return run_child([__file__, "--worker", method, side, structure, "--size", str(args.size),
                       "--inner-steps", str(args.inner_steps), "--meta-batch", str(args.meta_batch), "--steps", str(args.steps)])
 
 
-def compare(label: str, target: str, run_ours, run_l2l, reps: int) -> None:
+def compare(label: str, target: str, method: str, structure: str, args: argparse.Namespace) -> None:
     ours, l2l = [], []
-    for r in range(reps):
-        pair = (("ours", run_ours), ("l2l", run_l2l)) if r % 2 == 0 else (("l2l", run_l2l), ("ours", run_ours))
-        for name, fn in pair:
-            (ours if name == "ours" else l2l).append(fn())
+    for r in range(args.reps):
+        order = ("ours", "l2l") if r % 2 == 0 else ("l2l", "ours")
+        for side in order:
+            (ours if side == "ours" else l2l).append(run_side(method, side, structure, args))
     t = ratio_stats([o["median_s"] for o in ours], [x["median_s"] for x in l2l])
     m = ratio_stats([o["peak_mb"] for o in ours], [x["peak_mb"] for x in l2l])
-    print(f"   {label}: step time ours {stats([o['median_s'] for o in ours])['median']:.2f} s, "
-          f"learn2learn {stats([x['median_s'] for x in l2l])['median']:.2f} s; "
-          f"peak RSS rise ours {stats([o['peak_mb'] for o in ours])['median']:.0f} MiB, "
-          f"learn2learn {stats([x['peak_mb'] for x in l2l])['median']:.0f} MiB")
     loss_gap = max(abs(o["loss"] - x["loss"]) for o, x in zip(ours, l2l))
+    print(f"   {label} ({ours[0]['meta_params']} meta-parameters): step ours {stats([o['median_s'] for o in ours])['median']:.2f} s, "
+          f"learn2learn {stats([x['median_s'] for x in l2l])['median']:.2f} s; peak ours "
+          f"{stats([o['peak_mb'] for o in ours])['median']:.0f} MiB, learn2learn {stats([x['peak_mb'] for x in l2l])['median']:.0f} MiB; "
+          f"|first-step loss gap| {loss_gap:.1e}")
     met_t, met_m = verdict(t["median"], 1.0, "<="), verdict(m["median"], 1.0, "<=")
     print(f"   {label}: time ours / learn2learn {fmt_ratio(t)}  target <= 1: {met_t};  "
-          f"memory ours / learn2learn {fmt_ratio(m)}  target <= 1: {met_m};  |first-step loss gap| {loss_gap:.1e}")
+          f"memory ours / learn2learn {fmt_ratio(m)}  target <= 1: {met_m}")
     emit(target, f"{label}: step time ours / learn2learn", t, "<= 1", met_t,
-         ours_s=stats([o["median_s"] for o in ours]), l2l_s=stats([x["median_s"] for x in l2l]))
+         ours_s=stats([o["median_s"] for o in ours]), l2l_s=stats([x["median_s"] for x in l2l]), loss_gap=loss_gap)
     emit(target, f"{label}: peak memory ours / learn2learn", m, "<= 1", met_m,
          ours_mib=stats([o["peak_mb"] for o in ours]), l2l_mib=stats([x["peak_mb"] for x in l2l]))
 
@@ -147,34 +139,29 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=84)
     p.add_argument("--structures", default="dns,uns", help="meta_static_nsn similarity structures")
     p.add_argument("--quick", action="store_true", help="tiny sizes, all in this process (smoke test)")
-    p.add_argument("--worker", choices=("ours", "l2l"), help=argparse.SUPPRESS)
-    p.add_argument("--structure", default="dns", help=argparse.SUPPRESS)
+    p.add_argument("--worker", nargs=3, metavar=("METHOD", "SIDE", "STRUCTURE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        args.side = args.worker
-        print(json.dumps(meta_static_worker(args)))
+        args.method, args.side, args.structure = args.worker
+        print(json.dumps(worker(args)))
         return 0
     print_settings("bench_maml_targets: target 4")
     args.in_process = args.quick
     if args.quick:
-        args.reps, args.steps, args.meta_batch, args.inner_steps, args.size = 1, 1, 1, 1, 16
-    print(f"\n-- second-order MAML meta-training step, CNN-4 (32 filters), {args.size}x{args.size}, 5-way 5-shot 15 queries, "
-          f"{args.inner_steps} inner steps, meta-batch {args.meta_batch}; {args.reps} fresh-process runs per side, "
-          f"median of {args.steps} steps each")
+        args.reps, args.steps, args.meta_batch, args.inner_steps, args.size, args.structures = 1, 1, 1, 1, 16, "dns"
+    print(f"\n-- second-order meta-training step, CNN-4 (32 filters), {args.size}x{args.size}, 5-way 5-shot 15 queries, "
+          f"{args.inner_steps} inner steps, meta-batch {args.meta_batch}; {args.reps} fresh-process runs per side "
+          f"(alternating), median of {args.steps} steps each")
     if args.in_process:
         print("   (quick: everything in one process; the peak-memory figures mean little)")
-    compare("MAML (higher) vs learn2learn MAML", "4a",
-            lambda: maml_run("ours-2nd", args), lambda: maml_run("l2l-2nd", args), args.reps)
+    compare("MAML (higher) vs learn2learn MAML", "4a", "maml", "dns", args)
     from fewshot_nsl.registry import list_methods
 
     if "meta_static_nsn" not in list_methods():
         print("   meta_static_nsn is not registered: skipped")
         return 0
-    structures = ["dns"] if args.quick else args.structures.split(",")
-    print(f"\n-- meta_static_nsn meta-training step (second order, M_s and head adapted, W and BN frozen), same set-up")
-    for st in structures:
-        compare(f"meta_static_nsn {st} (higher) vs learn2learn MAML on M_s + head", "4b",
-                lambda st=st: meta_static_run("ours", st, args), lambda st=st: meta_static_run("l2l", st, args), args.reps)
+    for st in args.structures.split(","):
+        compare(f"meta_static_nsn {st} (higher) vs learn2learn MAML on M_s + head", "4b", "meta_static_nsn", st, args)
     return 0
 
 

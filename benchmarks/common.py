@@ -5,9 +5,9 @@ Method (every script): the baseline and the candidate run in the same process, a
 the same repetition) and reported as the median with min and max over the repetitions. This
 keeps the load other processes put on a shared machine out of the ratios as far as possible.
 
-CPU peak memory is measured in a fresh subprocess per variant as the rise of the process's peak
-resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) over the measured call, taken
-from after set-up (imports, model, inputs in memory); on CUDA, ``torch.cuda.max_memory_allocated``.
+CPU peak memory is measured in a fresh subprocess per variant: after set-up (imports, model, inputs
+in memory) the kernel's peak-RSS mark is reset to the current RSS (``/proc/self/clear_refs``), the
+call runs, and the figure is the peak RSS (``ru_maxrss``) minus the RSS before the call.
 """
 from __future__ import annotations
 
@@ -172,8 +172,36 @@ def make_store(
 
 
 # ----------------------------------------------------------------------------- memory
+def _status_kib(field: str) -> Optional[int]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the process's peak-RSS mark to its current RSS (Linux ``/proc/self/clear_refs``); False if unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_mb(fn: Callable[[], object]) -> float:
-    """Rise of this process's peak RSS (MiB) while ``fn`` runs; meaningful in a fresh process only."""
+    """Peak RSS during ``fn`` minus the RSS just before it (MiB); run it in a fresh process.
+
+    The peak mark is first reset to the current RSS (``clear_refs``), so set-up transients (imports,
+    building the inputs) do not hide the call's own peak; where that is unsupported, the rise of
+    ``ru_maxrss`` over the call is returned (a lower bound).
+    """
+    if reset_peak_rss():
+        base = _status_kib("VmRSS")
+        fn()
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024  # type: ignore[operator]
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     fn()
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024

@@ -127,6 +127,8 @@ def main(argv=None) -> int:
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     info = settings()
+    if args.threads:
+        info["threads"] = args.threads  # what the benchmark processes use (this one keeps torch's default)
     print("fewshot-nsl benchmarks: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
     rows: List[dict] = []
     failed = []
