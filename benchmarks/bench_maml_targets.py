@@ -13,8 +13,9 @@ initial weights (a deep copy of our method's network) and see the same tasks.
   way of restricting adaptation to a subset of parameters); DNS and UNS.
 
 Each side runs in a fresh process, the two sides alternately, ``--reps`` times: the first step's peak
-memory (peak RSS during the step minus the RSS before it, the peak mark reset after set-up) and the
-median time of ``--steps`` further steps. Ratios ours / learn2learn per repetition; median [min-max].
+memory (peak RSS during the step minus the RSS before it, the peak mark reset after set-up), the
+median time of ``--steps`` further steps, and (deterministic, beside the RSS figure) the bytes of the
+distinct tensors autograd saves for one episode's meta-loss. Ratios ours / learn2learn per repetition; median [min-max].
 The first-step losses of the two sides are compared as a check that they compute the same thing.
 
 Usage::
@@ -28,11 +29,10 @@ import copy
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, emit, fmt_ratio, peak_rss_mb, print_settings, ratio_stats, run_child, stats, verdict  # noqa: E402
+from common import ROOT, emit, fmt_ratio, now, peak_rss_mb, print_settings, ratio_stats, run_child, stats, verdict  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -88,17 +88,30 @@ def worker(args: argparse.Namespace) -> dict:
         opt.step()
         return total
 
+    def saved_mib() -> float:
+        """MiB of distinct storages autograd saves for one episode's meta-loss (deterministic)."""
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = episode_loss(*episodes[0])
+        del loss
+        return sum(seen.values()) / 2**20
+
     out = {}
-    t0 = time.perf_counter()
+    t0 = now()
     peak = peak_rss_mb(lambda: out.setdefault("loss", step()))
-    first = time.perf_counter() - t0
+    first = now() - t0
     times = []
     for _ in range(args.steps):
-        t0 = time.perf_counter()
+        t0 = now()
         step()
-        times.append(time.perf_counter() - t0)
+        times.append(now() - t0)
     return {"side": args.side, "loss": out["loss"], "first_step_s": first, "median_s": statistics.median(times),
-            "peak_mb": peak, "meta_params": sum(p.numel() for p in params), "threads": torch.get_num_threads()}
+            "peak_mb": peak, "saved_mb": saved_mib(), "meta_params": sum(p.numel() for p in params), "threads": torch.get_num_threads()}
 
 
 def run_side(method: str, side: str, structure: str, args: argparse.Namespace) -> dict:
@@ -117,17 +130,24 @@ def compare(label: str, target: str, method: str, structure: str, args: argparse
     t = ratio_stats([o["median_s"] for o in ours], [x["median_s"] for x in l2l])
     m = ratio_stats([o["peak_mb"] for o in ours], [x["peak_mb"] for x in l2l])
     loss_gap = max(abs(o["loss"] - x["loss"]) for o, x in zip(ours, l2l))
+    saved = (ours[0]["saved_mb"], l2l[0]["saved_mb"])
     print(f"   {label} ({ours[0]['meta_params']} meta-parameters): step ours {stats([o['median_s'] for o in ours])['median']:.2f} s, "
           f"learn2learn {stats([x['median_s'] for x in l2l])['median']:.2f} s; peak ours "
           f"{stats([o['peak_mb'] for o in ours])['median']:.0f} MiB, learn2learn {stats([x['peak_mb'] for x in l2l])['median']:.0f} MiB; "
+          f"saved for backward (one episode) ours {saved[0]:.0f} MiB, learn2learn {saved[1]:.0f} MiB; "
           f"|first-step loss gap| {loss_gap:.1e}")
     met_t, met_m = verdict(t["median"], 1.0, "<="), verdict(m["median"], 1.0, "<=")
+    rs = saved[0] / saved[1]
+    met_s = verdict(rs, 1.0 + 1e-6, "<=")
     print(f"   {label}: time ours / learn2learn {fmt_ratio(t)}  target <= 1: {met_t};  "
-          f"memory ours / learn2learn {fmt_ratio(m)}  target <= 1: {met_m}")
+          f"peak memory ours / learn2learn {fmt_ratio(m)}  target <= 1: {met_m};  "
+          f"saved-for-backward ours / learn2learn x{rs:.6f}: {met_s}")
     emit(target, f"{label}: step time ours / learn2learn", t, "<= 1", met_t,
          ours_s=stats([o["median_s"] for o in ours]), l2l_s=stats([x["median_s"] for x in l2l]), loss_gap=loss_gap)
     emit(target, f"{label}: peak memory ours / learn2learn", m, "<= 1", met_m,
-         ours_mib=stats([o["peak_mb"] for o in ours]), l2l_mib=stats([x["peak_mb"] for x in l2l]))
+         ours_mib=stats([o["peak_mb"] for o in ours]), l2l_mib=stats([x["peak_mb"] for x in l2l]),
+         saved_mib={"ours": saved[0], "l2l": saved[1]})
+    emit(target, f"{label}: saved-for-backward memory ours / learn2learn", {"median": rs, "min": rs, "max": rs}, "<= 1", met_s)
 
 
 def main(argv=None) -> int:
