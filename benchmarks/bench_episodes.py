@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import warnings
@@ -37,7 +36,7 @@ import torch
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, fmt_ms, fmt_ratio, interleaved, make_store, print_settings, quiet_learn2learn, ratio_stats, stats, verdict  # noqa: E402
+from common import emit, fmt_ms, fmt_ratio, interleaved, make_store, now, print_settings, quiet_learn2learn, ratio_stats, stats, verdict  # noqa: E402
 
 from fewshot_nsl.data.episodes import MEAN, STD, EpisodeSampler, Materialiser, episode_list_for_store  # noqa: E402
 
@@ -122,9 +121,9 @@ class _TimedMaterialiser(Materialiser):
     calls = 0
 
     def __call__(self, episode):
-        t0 = time.perf_counter()
+        t0 = now()
         out = super().__call__(episode)
-        type(self).seconds += time.perf_counter() - t0
+        type(self).seconds += now() - t0
         type(self).calls += 1
         return out
 
@@ -150,9 +149,9 @@ def timed_evaluation(store, n_episodes: int, image_size: int, ways=5, shots=5, q
     _TimedMaterialiser.seconds, _TimedMaterialiser.calls = 0.0, 0
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            t0 = time.perf_counter()
+            t0 = now()
             ev.evaluate(method, store, lst, n_episodes, torch.device("cpu"), image_size, Path(tmp) / "eps.csv", progress=False)
-            wall = time.perf_counter() - t0
+            wall = now() - t0
     finally:
         ev.Materialiser = original
     assert _TimedMaterialiser.calls == n_episodes

@@ -34,6 +34,16 @@ if str(ROOT) not in sys.path:
 #: Marker that starts a machine-readable result line (``run_all.py`` collects them).
 RESULT_PREFIX = "BENCH_RESULT "
 
+#: ``wall`` (default): wall-clock time. ``cpu``: this process's CPU time (all its threads): with one
+#: torch thread (``OMP_NUM_THREADS=1``) it is the work done, unaffected by time spent waiting for a
+#: core, so ratios stay meaningful on a machine loaded by other processes (I/O waits are not counted).
+CLOCK = os.environ.get("FEWSHOT_BENCH_CLOCK", "wall")
+
+
+def now() -> float:
+    """Seconds on the benchmark clock (see :data:`CLOCK`)."""
+    return time.process_time() if CLOCK == "cpu" else time.perf_counter()
+
 
 # ----------------------------------------------------------------------------- timing
 def sync(device: torch.device) -> None:
@@ -69,11 +79,11 @@ def interleaved(
         # Alternate the order too, so neither side always runs right after the other.
         for name in names if r % 2 == 0 else names[::-1]:
             f = fns[name]
-            t0 = time.perf_counter()
+            t0 = now()
             for _ in range(inner):
                 f()
             sync(device)
-            out[name].append((time.perf_counter() - t0) / inner)
+            out[name].append((now() - t0) / inner)
     return out
 
 
@@ -133,6 +143,7 @@ def settings(**extra: object) -> Dict[str, object]:
         "mkldnn": torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled,
         "cuda": torch.cuda.is_available(),
         "loadavg_1min": round(os.getloadavg()[0], 2),
+        "clock": CLOCK,
         **extra,
     }
 

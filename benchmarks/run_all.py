@@ -84,8 +84,8 @@ def summary(rows: List[dict]) -> None:
 
 def markdown(rows: List[dict], info: Dict[str, object]) -> str:
     """The summary as markdown tables (targets; PyTorch settings; scale)."""
-    out = [f"Measured {info['date']} on a {info['machine']}, torch {info['torch']}, {info['threads']} threads, "
-           f"1-min load average {info['loadavg_1min']} at the start.", "",
+    out = [f"Measured {info['date']} on a {info['machine']}, torch {info['torch']}, {info['threads']} torch thread(s), "
+           f"{info.get('clock', 'wall')} clock, 1-min load average {info['loadavg_1min']} at the start.", "",
            "| target | figure | measured: median [min-max] | goal | met |", "| --- | --- | --- | --- | --- |"]
     for r in rows:
         if r["target"] not in ("settings", "6"):
@@ -115,6 +115,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes: every script runs in seconds")
     p.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {','.join(BENCHMARKS)}")
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the benchmarks (0: torch's default)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: time by process CPU time (use with --threads 1 on a machine loaded by others)")
     p.add_argument("--json", type=Path, help="also write settings and every result row to this file")
     p.add_argument("--markdown", type=Path, help="also write the summary as markdown tables to this file")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per script")
@@ -126,9 +128,11 @@ def main(argv=None) -> int:
     env = {**os.environ, "FEWSHOT_BENCH_RESULTS": "1", "PYTHONWARNINGS": "ignore"}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
+    env["FEWSHOT_BENCH_CLOCK"] = args.clock
     info = settings()
     if args.threads:
         info["threads"] = args.threads  # what the benchmark processes use (this one keeps torch's default)
+    info["clock"] = args.clock
     print("fewshot-nsl benchmarks: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
     rows: List[dict] = []
     failed = []

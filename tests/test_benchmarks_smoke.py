@@ -21,7 +21,7 @@ EXPECT = {
     "static": ["folded / plain", "static NSN dns / plain", "static NSN uns / plain"],
     "dynamic": ["ns_conv2d / conv2d", "speed-up over the unfold reference", "peak", "dynamic DNS CNN-4 / plain"],
     "nsconv": ["dynamic dns", "reference"],
-    "maml": ["time ours / learn2learn", "memory ours / learn2learn"],
+    "maml": ["time ours / learn2learn", "memory ours / learn2learn", "saved-for-backward"],
     "maml_steps": ["ours-2nd", "l2l-2nd"],
     "harness": ["harness throughput / bare throughput"],
     "scale": ["evaluation wall time", "quick-profile wall time"],
