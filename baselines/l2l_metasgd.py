@@ -11,7 +11,7 @@ import needs) this file raises ImportError and ``--list`` shows one line saying 
 ``import learn2learn`` takes several seconds (it pulls in torchvision models and gym), the
 import happens when the method is built, not when the plugin is discovered.
 
-Batch norm uses batch statistics, also in eval mode, as in MAML (see ``baselines/maml.py``).
+Batch norm uses batch statistics, also in eval mode, as in MAML (``fewshot_nsl.methods.use_batch_statistics``).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewshot_nsl.methods import FewShotMethod
+from fewshot_nsl.methods import FewShotMethod, check_head_ways, use_batch_statistics
 from fewshot_nsl.registry import register_method
 
 _MISSING = [name for name in ("learn2learn", "gym") if importlib.util.find_spec(name) is None]
@@ -40,14 +40,6 @@ def _metasgd_class() -> Any:
     with contextlib.redirect_stderr(io.StringIO()):
         import learn2learn
     return learn2learn.algorithms.MetaSGD
-
-
-def use_batch_statistics(module: nn.Module) -> None:
-    """Make every BatchNorm in ``module`` normalise with batch statistics, also in eval mode."""
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.track_running_stats = False
-            m.running_mean = m.running_var = m.num_batches_tracked = None
 
 
 @register_method("l2l_metasgd")
@@ -89,14 +81,7 @@ class L2LMetaSGD(FewShotMethod):
         return nn.Sequential(self.backbone, self.head)
 
     def _adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int, first_order: bool) -> None:
-        ways = self.num_ways(support_y)
-        if ways > self.ways:
-            from fewshot_nsl.errors import ConfigError
-
-            raise ConfigError(
-                f"l2l_metasgd was built with a {self.ways}-way head but the episode has {ways} ways; "
-                f"set methods: {{l2l_metasgd: {{method_options: {{ways: {ways}}}}}}}"
-            )
+        ways = check_head_ways("l2l_metasgd", self.ways, self.num_ways(support_y))
         learner = self._MetaSGD(self.network(), lrs=self.lrs, first_order=first_order).clone()
         for _ in range(steps):
             learner.adapt(F.cross_entropy(learner(support_x)[:, :ways], support_y))

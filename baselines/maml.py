@@ -15,23 +15,12 @@ from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
-import higher
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewshot_nsl.methods import FewShotMethod
+from fewshot_nsl.methods import AdaptedNetwork, FewShotMethod, check_head_ways, sgd_inner_loop, use_batch_statistics
 from fewshot_nsl.registry import register_method
-
-
-def use_batch_statistics(module: nn.Module) -> None:
-    """Make every BatchNorm in ``module`` normalise with batch statistics, also in eval mode."""
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.track_running_stats = False
-            m.running_mean = None
-            m.running_var = None
-            m.num_batches_tracked = None
 
 
 @register_method("maml")
@@ -68,29 +57,17 @@ class MAML(FewShotMethod):
         self.inner_steps = inner_steps
         self.inner_steps_test = inner_steps_test
         self.first_order = first_order
-        # (patched network, fast weights, episode ways) of the last fit_support; a tuple,
-        # so that it is not registered as a submodule.
-        self._adapted: Optional[Tuple[nn.Module, List[torch.Tensor], int]] = None
+        # the adapted network of the last fit_support (a tuple, so not registered as a submodule)
+        self._adapted: Optional[AdaptedNetwork] = None
 
     def network(self) -> nn.Module:
         """Backbone and head as one module ``(B, 3, H, W) -> (B, ways)`` (shares their parameters)."""
         return nn.Sequential(self.backbone, self.head)
 
-    def _check_ways(self, support_y: torch.Tensor) -> int:
-        ways = self.num_ways(support_y)
-        if ways > self.ways:
-            from fewshot_nsl.errors import ConfigError
-
-            raise ConfigError(
-                f"maml was built with a {self.ways}-way head but the episode has {ways} ways; "
-                f"set methods: {{maml: {{method_options: {{ways: {ways}}}}}}}"
-            )
-        return ways
-
     def adapt(
         self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int, track_higher_grads: bool
     ) -> Tuple[nn.Module, List[torch.Tensor]]:
-        """Inner loop: ``steps`` SGD steps on the support cross-entropy.
+        """Inner loop: ``steps`` SGD steps on the support cross-entropy (works under ``torch.no_grad()``).
 
         Args:
             support_x: ``(S, 3, H, W)`` images.
@@ -102,39 +79,29 @@ class MAML(FewShotMethod):
         Returns:
             The patched network and its fast weights; ``fnet(x, params=fast)`` -> ``(B, self.ways)``.
         """
-        ways = self._check_ways(support_y)
+        ways = check_head_ways("maml", self.ways, self.num_ways(support_y))
         net = self.network()
-        opt = torch.optim.SGD(net.parameters(), lr=self.inner_lr)
-        first_order = track_higher_grads and self.first_order
-        with higher.innerloop_ctx(
-            net, opt, copy_initial_weights=False, track_higher_grads=track_higher_grads and not first_order
-        ) as (fnet, diffopt):
-            for _ in range(steps):
-                diffopt.step(F.cross_entropy(fnet(support_x)[:, :ways], support_y))
-        fast = list(fnet.fast_params)
-        if first_order:
-            # FOMAML: the adapted values, with the identity as their Jacobian w.r.t. the initial weights
-            # (no graph through the inner loop is built at all).
-            fast = [p + (f - p).detach() for p, f in zip(net.parameters(), fast)]
-        return fnet, fast
+        return sgd_inner_loop(
+            net, list(net.parameters()), self.inner_lr, steps,
+            lambda fnet: F.cross_entropy(fnet(support_x)[:, :ways], support_y),
+            differentiable=track_higher_grads, first_order=self.first_order,
+        )
 
     def fit_support(self, support_x: torch.Tensor, support_y: torch.Tensor) -> None:
         """Adapt a copy of the weights (never the initial weights), also under ``torch.no_grad()``."""
-        with torch.enable_grad():
-            fnet, fast = self.adapt(support_x, support_y, self.inner_steps_test, track_higher_grads=False)
-        self._adapted = (fnet, [p.detach() for p in fast], self.num_ways(support_y))
+        fnet, fast = self.adapt(support_x, support_y, self.inner_steps_test, track_higher_grads=False)
+        self._adapted = AdaptedNetwork(fnet, fast, self.num_ways(support_y))
 
     def forward(self, query_x: torch.Tensor) -> torch.Tensor:
         """``(Q, 3, H, W)`` -> logits ``(Q, ways)`` with the adapted weights."""
         if self._adapted is None:
             raise RuntimeError("maml: call fit_support before forward")
-        fnet, fast, ways = self._adapted
-        return fnet(query_x, params=fast)[:, :ways]
+        return self._adapted.logits(query_x)
 
     def loss(self, support_x, support_y, query_x, query_y) -> torch.Tensor:
         """Query cross-entropy after the differentiable inner loop (meta-gradient flows to the init)."""
         fnet, fast = self.adapt(support_x, support_y, self.inner_steps, track_higher_grads=True)
-        self._adapted = (fnet, fast, self.num_ways(support_y))
+        self._adapted = AdaptedNetwork(fnet, fast, self.num_ways(support_y))
         logits = self(query_x)
         self._adapted = None  # do not keep the episode's graph alive
         return F.cross_entropy(logits, query_y)

@@ -1,10 +1,20 @@
-"""Few-shot methods: the base class and the three NSL strategies (Sec. 7.2 of the paper).
+"""Few-shot methods: the base class, the shared inner loop and the three NSL strategies (Sec. 7.2 of the paper).
 
 Importing this package registers ``static_nsn``, ``dynamic_nsn`` and ``meta_static_nsn``.
 """
+from .adaptation import AdaptedNetwork, check_head_ways, sgd_inner_loop, use_batch_statistics
 from .base import FewShotMethod
 from .dynamic_nsn import DynamicNSN
 from .meta_static_nsn import MetaStaticNSN
 from .static_nsn import StaticNSN
 
-__all__ = ["FewShotMethod", "StaticNSN", "DynamicNSN", "MetaStaticNSN"]
+__all__ = [
+    "FewShotMethod",
+    "StaticNSN",
+    "DynamicNSN",
+    "MetaStaticNSN",
+    "AdaptedNetwork",
+    "sgd_inner_loop",
+    "check_head_ways",
+    "use_batch_statistics",
+]

@@ -14,15 +14,15 @@
 4. Test: the same inner loop (``inner_steps_test`` steps) on the support set, then the queries are
    classified with the adapted ``M_s`` and head. The meta-learned initial values are never modified.
 
-The inner loop uses ``higher.innerloop_ctx(net, opt, copy_initial_weights=False)``, so the fast
-weights start from (and differentiate back to) the method's own parameters. Frozen parameters
-do not require grad and are not in the inner optimiser: they are carried through unchanged.
+The inner loop is :func:`~fewshot_nsl.methods.adaptation.sgd_inner_loop` (shared with the MAML
+plugin): ``higher.innerloop_ctx(net, opt, copy_initial_weights=False)``, so the fast weights start
+from (and differentiate back to) the method's own parameters. Frozen parameters do not require grad
+and are not in the inner optimiser: they are carried through unchanged.
 """
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
-import higher
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,6 +30,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..nn import NSConv2d, similarity_parameters, similarity_regularization, wrap_convs_static
 from ..registry import register_method
+from .adaptation import AdaptedNetwork, check_head_ways, sgd_inner_loop
 from .base import FewShotMethod
 from .static_nsn import AUTHORS_UNS_L2, STRUCTURES
 
@@ -83,8 +84,8 @@ class MetaStaticNSN(FewShotMethod):
         self.similarity_l2 = (AUTHORS_UNS_L2 if structure == "uns" else 0.0) if similarity_l2 is None else similarity_l2
         self.similarity_l2_centered = similarity_l2_centered
         self.wrapped = False
-        # (patched network, fast weights, episode ways) of the last fit_support; a tuple, so not registered.
-        self._adapted: Optional[Tuple[nn.Module, List[torch.Tensor], int]] = None
+        # the adapted network of the last fit_support (a tuple, so not registered as a submodule)
+        self._adapted: Optional[AdaptedNetwork] = None
 
     # ------------------------------------------------------------------ setup
     def after_pretrain(self) -> None:
@@ -125,7 +126,8 @@ class MetaStaticNSN(FewShotMethod):
             support_x: ``(S, 3, H, W)`` images.
             support_y: ``(S,)`` labels in ``0..ways-1``.
             steps: number of SGD steps.
-            track_higher_grads: keep the graph through the steps (meta-training) or not (test).
+            track_higher_grads: make the fast weights differentiable w.r.t. the initial ``M_s`` and head
+                (meta-training: through the steps, or by the identity with ``first_order``) or not (test).
                 Gradients are enabled inside, so this also works under ``torch.no_grad()``.
 
         Returns:
@@ -134,38 +136,27 @@ class MetaStaticNSN(FewShotMethod):
         """
         if not self.wrapped:
             raise RuntimeError("meta_static_nsn: call after_pretrain() (the harness does) before adapting")
-        ways = self.num_ways(support_y)
-        if ways > self.ways:
-            raise ConfigError(
-                f"meta_static_nsn was built with a {self.ways}-way head but the episode has {ways} ways; "
-                f"set methods: {{meta_static_nsn: {{method_options: {{ways: {ways}}}}}}}"
-            )
-        net = self.network()
-        adapted = similarity_parameters(self.backbone) + list(self.head.parameters())
-        opt = torch.optim.SGD(adapted, lr=self.inner_lr)
-        detach = (lambda grads: [None if g is None else g.detach() for g in grads]) if self.first_order else None
-        with torch.enable_grad(), higher.innerloop_ctx(
-            net, opt, copy_initial_weights=False, track_higher_grads=track_higher_grads
-        ) as (fnet, diffopt):
-            for _ in range(steps):
-                diffopt.step(F.cross_entropy(fnet(support_x)[:, :ways], support_y), grad_callback=detach)
-        return fnet, list(fnet.fast_params)
+        ways = check_head_ways("meta_static_nsn", self.ways, self.num_ways(support_y))
+        return sgd_inner_loop(
+            self.network(), similarity_parameters(self.backbone) + list(self.head.parameters()), self.inner_lr, steps,
+            lambda fnet: F.cross_entropy(fnet(support_x)[:, :ways], support_y),
+            differentiable=track_higher_grads, first_order=self.first_order,
+        )
 
     # ------------------------------------------------------------------ the two calls
     def fit_support(self, support_x: torch.Tensor, support_y: torch.Tensor) -> None:
         """Adapt fast copies of ``M_s`` and head (never the initial values); works under ``torch.no_grad()``."""
         fnet, fast = self.adapt(support_x, support_y, self.inner_steps_test, track_higher_grads=False)
-        self._adapted = (fnet, [p.detach() for p in fast], self.num_ways(support_y))
+        self._adapted = AdaptedNetwork(fnet, fast, self.num_ways(support_y))
 
     def forward(self, query_x: torch.Tensor) -> torch.Tensor:
         """``(Q, 3, H, W)`` -> logits ``(Q, ways)`` with the adapted ``M_s`` and head."""
         if self._adapted is None:
             raise RuntimeError("meta_static_nsn: call fit_support before forward")
-        fnet, fast, ways = self._adapted
-        return fnet(query_x, params=fast)[:, :ways]
+        return self._adapted.logits(query_x)
 
     def loss(self, support_x, support_y, query_x, query_y) -> torch.Tensor:
         """Query cross-entropy after the differentiable inner loop (the meta-gradient reaches the initial ``M_s`` and head)."""
         fnet, fast = self.adapt(support_x, support_y, self.inner_steps, track_higher_grads=True)
-        logits = fnet(query_x, params=fast)[:, : self.num_ways(support_y)]
+        logits = AdaptedNetwork(fnet, fast, self.num_ways(support_y)).logits(query_x)
         return F.cross_entropy(logits, query_y)
