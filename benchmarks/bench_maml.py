@@ -22,9 +22,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import io
 import json
 import resource
 import statistics
@@ -38,10 +36,10 @@ VARIANTS = ("ours-2nd", "l2l-2nd", "ours-1st", "l2l-1st")
 
 def worker(args: argparse.Namespace) -> dict:
     """Run one variant in this process and return its figures."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import torch
-    import torch.nn.functional as F
 
+    from common import l2l_maml_episode_loss, meta_training_step, quiet_learn2learn, random_episodes
     from fewshot_nsl.backbones import cnn4
     from fewshot_nsl.registry import create_method
 
@@ -54,40 +52,13 @@ def worker(args: argparse.Namespace) -> dict:
         "maml", backbone=cnn4(filters=args.filters), image_size=args.size, ways=args.ways,
         inner_lr=0.01, inner_steps=args.inner_steps, first_order=first_order,
     ).to(device).train()
-    g = torch.Generator().manual_seed(1)
-    episodes = []
-    for _ in range(args.meta_batch):
-        sy = torch.arange(args.ways).repeat_interleave(args.shots)
-        qy = torch.arange(args.ways).repeat_interleave(args.queries)
-        sx = torch.rand(len(sy), 3, args.size, args.size, generator=g)
-        qx = torch.rand(len(qy), 3, args.size, args.size, generator=g)
-        episodes.append(tuple(t.to(device) for t in (sx, sy, qx, qy)))
+    episodes = random_episodes(args.meta_batch, args.ways, args.shots, args.queries, args.size, device=device)
 
     if args.variant.startswith("l2l"):
-        with contextlib.redirect_stderr(io.StringIO()):  # gym's import notice
-            import learn2learn as l2l
-        maml = l2l.algorithms.MAML(copy.deepcopy(method.network()), lr=0.01, first_order=first_order)
-        params = list(maml.parameters())
-
-        def episode_loss(sx, sy, qx, qy):
-            learner = maml.clone()
-            for _ in range(args.inner_steps):
-                learner.adapt(F.cross_entropy(learner(sx), sy))
-            return F.cross_entropy(learner(qx), qy)
+        maml = quiet_learn2learn().algorithms.MAML(copy.deepcopy(method.network()), lr=0.01, first_order=first_order)
+        step = meta_training_step(l2l_maml_episode_loss(maml, args.inner_steps), list(maml.parameters()), episodes)
     else:
-        params = list(method.parameters())
-        episode_loss = method.loss
-    opt = torch.optim.Adam(params, lr=1e-3)
-
-    def step() -> float:
-        opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for ep in episodes:
-            loss = episode_loss(*ep) / len(episodes)
-            loss.backward()
-            total += float(loss)
-        opt.step()
-        return total
+        step = meta_training_step(method.loss, list(method.parameters()), episodes)
 
     def sync() -> None:
         if device.type == "cuda":

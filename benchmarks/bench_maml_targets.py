@@ -38,9 +38,8 @@ from common import ROOT, emit, fmt_ratio, now, peak_rss_mb, print_settings, rati
 def worker(args: argparse.Namespace) -> dict:
     """One side (``args.side``: ``ours`` or ``l2l``) of one method's meta-training step, in this process."""
     import torch
-    import torch.nn.functional as F
 
-    from common import quiet_learn2learn
+    from common import l2l_maml_episode_loss, meta_training_step, quiet_learn2learn, random_episodes
     from fewshot_nsl.backbones import cnn4
     from fewshot_nsl.registry import create_method, load_plugins
 
@@ -54,39 +53,19 @@ def worker(args: argparse.Namespace) -> dict:
         method = create_method("meta_static_nsn", structure=args.structure, **common_opts)
         method.after_pretrain()  # wrap convs (M_s = I), freeze W and BN, as after pretraining
     method.train()
-    g = torch.Generator().manual_seed(1)
-    episodes = []
-    for _ in range(args.meta_batch):
-        sy, qy = torch.arange(5).repeat_interleave(5), torch.arange(5).repeat_interleave(15)
-        episodes.append((torch.rand(len(sy), 3, args.size, args.size, generator=g), sy,
-                         torch.rand(len(qy), 3, args.size, args.size, generator=g), qy))
+    episodes = random_episodes(args.meta_batch, size=args.size)
     if args.side == "l2l":
-        l2l = quiet_learn2learn()
         net = copy.deepcopy(method.network())
         if args.method == "meta_static_nsn":
             net.eval()  # frozen BN on stored statistics, as the method keeps its backbone
-        maml = l2l.algorithms.MAML(net, lr=0.01, first_order=False, allow_nograd=args.method == "meta_static_nsn")
+        maml = quiet_learn2learn().algorithms.MAML(net, lr=0.01, first_order=False,
+                                                   allow_nograd=args.method == "meta_static_nsn")
         params = [p for p in maml.parameters() if p.requires_grad]
-
-        def episode_loss(sx, sy, qx, qy):
-            learner = maml.clone()
-            for _ in range(args.inner_steps):
-                learner.adapt(F.cross_entropy(learner(sx), sy))
-            return F.cross_entropy(learner(qx), qy)
+        episode_loss = l2l_maml_episode_loss(maml, args.inner_steps)
     else:
         params = [p for p in method.parameters() if p.requires_grad]
         episode_loss = method.loss
-    opt = torch.optim.Adam(params, lr=1e-3)
-
-    def step() -> float:
-        opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for ep in episodes:
-            loss = episode_loss(*ep) / len(episodes)
-            loss.backward()
-            total += float(loss)
-        opt.step()
-        return total
+    step = meta_training_step(episode_loss, params, episodes)
 
     def saved_mib() -> float:
         """MiB of distinct storages autograd saves for one episode's meta-loss (deterministic)."""

@@ -238,3 +238,64 @@ def quiet_learn2learn():
         import learn2learn
 
     return learn2learn
+
+
+# ----------------------------------------------------------------------------- MAML meta-training step
+def random_episodes(
+    count: int, ways: int = 5, shots: int = 5, queries: int = 15, size: int = 84, seed: int = 1,
+    device: torch.device = torch.device("cpu"),
+) -> List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``count`` episodes ``(support_x, support_y, query_x, query_y)`` of seeded uniform random images.
+
+    Shapes: ``support_x (ways*shots, 3, size, size)``, ``query_x (ways*queries, 3, size, size)``; labels
+    ``0..ways-1``, each repeated ``shots`` (``queries``) times. The same seed gives the same episodes.
+    """
+    g = torch.Generator().manual_seed(seed)
+    episodes = []
+    for _ in range(count):
+        sy = torch.arange(ways).repeat_interleave(shots)
+        qy = torch.arange(ways).repeat_interleave(queries)
+        sx = torch.rand(len(sy), 3, size, size, generator=g)
+        qx = torch.rand(len(qy), 3, size, size, generator=g)
+        episodes.append(tuple(t.to(device) for t in (sx, sy, qx, qy)))
+    return episodes
+
+
+def l2l_maml_episode_loss(maml, inner_steps: int) -> Callable[..., torch.Tensor]:
+    """``(support_x, support_y, query_x, query_y) -> query loss`` of ``learn2learn.algorithms.MAML`` ``maml``.
+
+    A clone of ``maml`` takes ``inner_steps`` steps of the support cross-entropy; the query cross-entropy
+    of the adapted clone is returned (differentiable w.r.t. ``maml``'s parameters).
+    """
+    import torch.nn.functional as F
+
+    def episode_loss(sx, sy, qx, qy):
+        learner = maml.clone()
+        for _ in range(inner_steps):
+            learner.adapt(F.cross_entropy(learner(sx), sy))
+        return F.cross_entropy(learner(qx), qy)
+
+    return episode_loss
+
+
+def meta_training_step(
+    episode_loss: Callable[..., torch.Tensor], params: Sequence[torch.Tensor], episodes: Sequence[tuple], lr: float = 1e-3,
+) -> Callable[[], float]:
+    """A zero-argument meta-training step over ``episodes``: the mean episode loss, ``backward``, one Adam step.
+
+    Returns:
+        The step; each call returns the mean loss (before the Adam update).
+    """
+    opt = torch.optim.Adam(params, lr=lr)
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for ep in episodes:
+            loss = episode_loss(*ep) / len(episodes)
+            loss.backward()
+            total += float(loss.detach())
+        opt.step()
+        return total
+
+    return step
