@@ -7,6 +7,7 @@ Ctrl-C ends with a resume hint and status 130.
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 import warnings
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .errors import ConfigError, FewShotError
+from .errors import ConfigError, FewShotError, RegistryError
 
 EPILOG = """examples:
   python run_benchmarks.py                                  # protonet, 5-way 5-shot, glyphs, quick profile
@@ -39,8 +40,24 @@ def _int_list(text: str) -> List[int]:
     return out
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag ends with one ``error:`` line (no usage dump), like other input errors."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
+def _plugin_failures(dirs: List[str]) -> List[str]:
+    """One phrase per plugin file under ``dirs`` (or entry point) that failed to import."""
+    from .registry import PLUGIN_ERRORS
+
+    roots = [Path(d).resolve() for d in dirs]
+    return [f"plugin {where} failed to import ({' '.join(why.split())})" for where, why in PLUGIN_ERRORS.items()
+            if where.startswith("entry point") or any(Path(where).parent == r for r in roots)]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="run_benchmarks.py",
         description="fewshot-nsl: few-shot benchmarks around Neural Similarity Learning.",
         epilog=EPILOG,
@@ -145,6 +162,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.list:
             _list(log)
             return 0
+        for failure in _plugin_failures(args.plugins):  # the other methods keep working
+            log(f"warning: {failure}; skipped")
         if args.make_episodes:
             from .data.episode_lists import make_committed_lists
 
@@ -196,7 +215,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 1
         return 0
     except FewShotError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        failures = _plugin_failures(args.plugins) if isinstance(exc, RegistryError) else []
+        print(f"error: {'; '.join([str(exc), *failures])}", file=sys.stderr)
+        return 2
+    except pickle.UnpicklingError as exc:  # torch.load(..., weights_only=True) met a non-tensor object
+        blocked = next((ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln), " ".join(str(exc).split())[:200])
+        print(f"error: refusing to load a checkpoint or cached weights file that holds more than tensors ({blocked}); "
+              f"it may have been tampered with: delete the run's checkpoint.pt/method.pt (or the cache) and rerun",
+              file=sys.stderr)
         return 2
     except torch.OutOfMemoryError:
         print("error: out of GPU memory; lower the meta-batch (episodic.meta_batch), the image size (--image-size), "

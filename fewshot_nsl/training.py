@@ -41,13 +41,23 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def set_seed(seed: int, deterministic: bool = False) -> None:
-    """Seed python, numpy and torch; optionally ask torch for deterministic kernels."""
+    """Seed python, numpy and torch (all devices); set torch's determinism switches.
+
+    With ``deterministic`` (``--deterministic``): ``torch.use_deterministic_algorithms(True,
+    warn_only=True)`` (an op without a deterministic kernel warns instead of aborting the run),
+    ``cudnn.deterministic = True``, ``cudnn.benchmark = False`` and
+    ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (kept if the user set it; it must be set before the
+    first cuBLAS call, which is why runs set it here, before any model is built). Without it the
+    switches are put back to torch's defaults, so one run's choice never leaks into the next run
+    of the same process. ``cudnn.benchmark`` stays off either way.
+    """
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = False
     if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 

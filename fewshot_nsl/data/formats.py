@@ -732,7 +732,8 @@ def check_canonical(
         DataError: an unknown wnid, a class in the wrong split, a missing class, or a wrong count.
     """
     home = {w: s for s in SPLITS for w in canonical[s]}
-    fix = "fix the source, or pass allow_noncanonical_split=True (or use the 'custom' dataset)"
+    fix = ("fix the source, or accept its splits explicitly with allow_noncanonical_split=True "
+           "(--config FILE with 'dataset_options: {allow_noncanonical_split: true}'), or use --dataset custom")
     for c in classes:
         if c.name not in home:
             raise DataError(f"class {c.name} in {c.origin} is not a Mini-ImageNet class of the Ravi split; {fix}")
@@ -750,7 +751,7 @@ def check_canonical(
             more = " and more" if len(missing) > 1 else ""
             raise DataError(
                 f"the {s} split{where} has {have} of its {len(canonical[s])} Mini-ImageNet classes "
-                f"(missing {missing[0]}{more}); the source is incomplete, re-download it"
+                f"(missing {missing[0]}{more}); the source is incomplete: re-download it, or {fix.split(', or ', 1)[1]}"
             )
     if expected_per_class is not None:
         for c in classes:

@@ -1,0 +1,499 @@
+"""Builders of hostile and broken inputs for the catalogue in ``test_hostile_catalogue.py``.
+
+Each builder writes its input under ``tmp`` and returns the extra command-line arguments that
+point the real CLI at it (plus, where there is one, a check to run after the CLI has refused it).
+The dataset writers are the ones ``test_formats.py`` uses, so every format is written the same way.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+TESTS = Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:  # the writers live in test_formats.py
+    sys.path.insert(0, str(TESTS))
+
+from test_formats import (  # noqa: E402
+    SPLIT,
+    TINY,
+    make_data,
+    tiny_data,
+    write_hdf5,
+    write_l2l,
+    write_metaoptnet,
+    write_ravi,
+)
+
+REPO = TESTS.parent
+TINY_PLUGIN = str(TESTS / "plugins")
+FAULTY_PLUGINS = str(TESTS / "faulty_plugins")
+TINY_ARGS = ["--plugins", TINY_PLUGIN, "--dataset", "tiny", "--image-size", "16"]
+
+Built = Tuple[List[str], Optional[Callable[[], None]]]
+
+
+@dataclass
+class Case:
+    """One hostile or broken input.
+
+    Attributes:
+        id: test id.
+        what: the input, in words (for docs/robustness.md).
+        build: writes the input under a folder, returns ``(cli args, post-check or None)``.
+        fragments: what the single error line must contain.
+        code: expected exit status (2: bad input; 3: out of memory; 130: interrupted).
+        subprocess: also run it as a real ``python run_benchmarks.py`` process.
+        writes_run: the run starts before the problem shows up, so a new run folder may appear
+            (files that were there before must still be byte-identical).
+    """
+
+    id: str
+    what: str
+    build: Callable[[Path], Built]
+    fragments: Sequence[str]
+    code: int = 2
+    subprocess: bool = False
+    writes_run: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def mini_args(root: Path, *extra: str) -> List[str]:
+    return ["--dataset", "miniimagenet", "--data-root", str(root), *extra]
+
+
+def custom_args(root: Path, *extra: str) -> List[str]:
+    return ["--dataset", "custom", "--data-root", str(root), *extra]
+
+
+def yaml_config(tmp: Path, text: str, name: str = "config.yaml") -> Path:
+    path = tmp / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+NONCANONICAL = "dataset_options: {allow_noncanonical_split: true}\n"
+
+
+def _rewrite_pickle(path: Path, edit: Callable[[dict], None], protocol: int = 4) -> None:
+    obj = pickle.loads(path.read_bytes())
+    edit(obj)
+    path.write_bytes(pickle.dumps(obj, protocol=protocol))
+
+
+# ----------------------------------------------------------------------------- data files
+
+
+HTML_PAGE = (b"\n<!DOCTYPE html><html><head><title>Google Drive - Virus scan warning</title></head>"
+             b"<body>Google Drive can't scan this file for viruses.</body></html>")
+
+
+def html_as_pkl(tmp: Path) -> Built:
+    root = tmp / "l2l"
+    root.mkdir()
+    for name in ("train", "validation", "test"):
+        (root / f"mini-imagenet-cache-{name}.pkl").write_bytes(HTML_PAGE)
+    return mini_args(root), None
+
+
+def empty_pkl(tmp: Path) -> Built:
+    root = write_l2l(tmp / "l2l", tiny_data())
+    (root / "mini-imagenet-cache-test.pkl").write_bytes(b"")
+    return mini_args(root), None
+
+
+def html_as_hdf5(tmp: Path) -> Built:
+    root = write_hdf5(tmp / "h5", tiny_data())
+    (root / "val_data.hdf5").write_bytes(b"<html><body>Download quota exceeded</body></html>")
+    return mini_args(root), None
+
+
+def html_as_csv(tmp: Path) -> Built:
+    root = write_ravi(tmp / "ravi", tiny_data(), ext="png")
+    (root / "val.csv").write_bytes(HTML_PAGE)
+    return custom_args(root), None
+
+
+def truncated_pickle(tmp: Path) -> Built:
+    root = write_metaoptnet(tmp / "mon", tiny_data(), py2_splits=())
+    path = root / "miniImageNet_category_split_train_phase_train.pickle"
+    blob = path.read_bytes()
+    path.write_bytes(blob[: len(blob) // 2])
+    return mini_args(root), None
+
+
+def truncated_hdf5(tmp: Path) -> Built:
+    root = write_hdf5(tmp / "h5", tiny_data(size=84, per_class=40))
+    path = root / "test_data.hdf5"
+    blob = path.read_bytes()
+    path.write_bytes(blob[: len(blob) // 2])
+    cfg = yaml_config(tmp, NONCANONICAL)
+    return mini_args(root, "--config", str(cfg)), None
+
+
+def truncated_jpeg(tmp: Path) -> Built:
+    root = write_ravi(tmp / "ravi", tiny_data(size=84))
+    victim = sorted((root / "images").glob(f"{TINY['test'][0]}*.jpg"))[0]
+    blob = victim.read_bytes()
+    victim.write_bytes(blob[: len(blob) // 2])
+    return custom_args(root), None
+
+
+class _Evil:
+    """Unpickling this runs ``os.system(command)`` (with a plain ``pickle.load``)."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def malicious_pickle(tmp: Path) -> Built:
+    sentinel = tmp / "PWNED"
+    root = tmp / "l2l"
+    root.mkdir()
+    for name in ("train", "validation", "test"):
+        obj = {"image_data": _Evil(f"touch {sentinel}"), "class_dict": {}}
+        (root / f"mini-imagenet-cache-{name}.pkl").write_bytes(pickle.dumps(obj, protocol=2))
+    # the payload really is live: a plain pickle.loads would create the sentinel
+    assert b"system" in (root / "mini-imagenet-cache-train.pkl").read_bytes()
+
+    def nothing_ran() -> None:
+        assert not sentinel.exists(), "the malicious pickle ran code"
+
+    return mini_args(root), nothing_ran
+
+
+def float_images(tmp: Path) -> Built:
+    root = write_l2l(tmp / "l2l", tiny_data())
+    _rewrite_pickle(root / "mini-imagenet-cache-test.pkl",
+                    lambda o: o.__setitem__("image_data", o["image_data"].astype(np.float32)))
+    return mini_args(root), None
+
+
+def grayscale_images(tmp: Path) -> Built:
+    root = write_l2l(tmp / "l2l", tiny_data())
+    _rewrite_pickle(root / "mini-imagenet-cache-train.pkl",
+                    lambda o: o.__setitem__("image_data", o["image_data"][..., 0]))
+    return mini_args(root), None
+
+
+def hdf5_wrong_shape(tmp: Path) -> Built:
+    data = tiny_data()
+    c = TINY["val"][0]
+    data["val"][c] = np.ascontiguousarray(data["val"][c][..., :1])  # (N, H, W, 1)
+    return mini_args(write_hdf5(tmp / "h5", data)), None
+
+
+def labels_out_of_range(tmp: Path) -> Built:
+    root = write_metaoptnet(tmp / "mon", tiny_data(), py2_splits=())
+    path = root / "miniImageNet_category_split_test.pickle"
+
+    def edit(o):
+        o["labels"][0] = 99
+
+    _rewrite_pickle(path, edit, protocol=2)
+    return mini_args(root), None
+
+
+def index_out_of_range(tmp: Path) -> Built:
+    root = write_l2l(tmp / "l2l", tiny_data())
+
+    def edit(o):
+        o["class_dict"][TINY["test"][0]][0] = 1000
+
+    _rewrite_pickle(root / "mini-imagenet-cache-test.pkl", edit)
+    return mini_args(root), None
+
+
+def _ravi(tmp: Path) -> Path:
+    return write_ravi(tmp / "ravi", tiny_data(), ext="png")
+
+
+def duplicated_filename(tmp: Path) -> Built:
+    root = _ravi(tmp)
+    csv = root / "val.csv"
+    good = csv.read_text()
+    csv.write_text(good + good.splitlines()[1] + "\n")
+    return custom_args(root), None
+
+
+def duplicated_filename_across_csvs(tmp: Path) -> Built:
+    root = _ravi(tmp)
+    csv = root / "test.csv"
+    csv.write_text(csv.read_text() + (root / "train.csv").read_text().splitlines()[1] + "\n")
+    return custom_args(root), None
+
+
+def class_in_two_splits(tmp: Path) -> Built:
+    root = _ravi(tmp)
+    moved, val_class = TINY["train"][0], TINY["val"][0]
+    csv = root / "val.csv"
+    csv.write_text(csv.read_text().replace(f",{val_class}", f",{moved}"))
+    return custom_args(root), None
+
+
+def class_in_two_split_pickles(tmp: Path) -> Built:
+    data = tiny_data()
+    data["val"][TINY["train"][0]] = data["train"][TINY["train"][0]]
+    return mini_args(write_l2l(tmp / "l2l", data)), None
+
+
+def csv_missing_image(tmp: Path) -> Built:
+    root = _ravi(tmp)
+    csv = root / "test.csv"
+    csv.write_text(csv.read_text() + f"n0000000000000042.png,{TINY['test'][0]}\n")
+    return custom_args(root), None
+
+
+def non_utf8_csv(tmp: Path) -> Built:
+    root = _ravi(tmp)
+    csv = root / "train.csv"
+    csv.write_bytes(csv.read_bytes() + "caf\xe9.png,caf\xe9\n".encode("latin1"))
+    return custom_args(root), None
+
+
+def csv_bad_header(tmp: Path) -> Built:
+    root = _ravi(tmp)
+    csv = root / "train.csv"
+    csv.write_text("name;class\n" + csv.read_text())
+    return custom_args(root), None
+
+
+def _all_classes(per_class: int = 1, size: int = 8):
+    return make_data(seed=9, per_class=per_class, size=size)
+
+
+def split_missing_a_class(tmp: Path, per_class: int = 1) -> Path:
+    data = _all_classes(per_class)
+    del data["val"][SPLIT["val"][2]]
+    return write_hdf5(tmp / "h5", data)
+
+
+def wrong_class_count(tmp: Path) -> Built:
+    return mini_args(split_missing_a_class(tmp)), None
+
+
+def class_in_wrong_split(tmp: Path) -> Built:
+    data = _all_classes()
+    data["val"][SPLIT["train"][5]] = data["train"].pop(SPLIT["train"][5])
+    return mini_args(write_hdf5(tmp / "h5", data)), None
+
+
+def unknown_wnid(tmp: Path) -> Built:
+    data = _all_classes()
+    data["test"]["n99999999"] = data["test"].pop(SPLIT["test"][0])
+    return mini_args(write_hdf5(tmp / "h5", data)), None
+
+
+def too_few_images_per_class(tmp: Path) -> Built:
+    return mini_args(write_hdf5(tmp / "h5", _all_classes(per_class=3))), None
+
+
+def empty_directory(tmp: Path) -> Built:
+    root = tmp / "empty"
+    root.mkdir()
+    return mini_args(root), None
+
+
+def unknown_layout(tmp: Path) -> Built:
+    root = tmp / "junk"
+    root.mkdir()
+    (root / "readme.txt").write_text("the images are elsewhere")
+    return mini_args(root), None
+
+
+def two_formats_in_one_root(tmp: Path) -> Built:
+    root = write_l2l(tmp / "both", tiny_data())
+    write_hdf5(root, tiny_data())
+    return mini_args(root), None
+
+
+def nested_root(tmp: Path) -> Built:
+    write_hdf5(tmp / "outer" / "mini-imagenet", tiny_data())
+    return mini_args(tmp / "outer"), None
+
+
+def loose_image_in_folders(tmp: Path) -> Built:
+    from test_formats import write_folders
+
+    root = write_folders(tmp / "folders", tiny_data())
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(root / "test" / "loose.png")
+    return custom_args(root), None
+
+
+def missing_split_file(tmp: Path) -> Built:
+    root = write_metaoptnet(tmp / "mon", tiny_data())
+    (root / "miniImageNet_category_split_val.pickle").unlink()
+    return mini_args(root), None
+
+
+def wrong_data_root(tmp: Path) -> Built:
+    return mini_args(tmp / "no" / "such" / "folder"), None
+
+
+def no_data_root(tmp: Path) -> Built:
+    return ["--dataset", "miniimagenet"], None
+
+
+# ----------------------------------------------------------------------------- configs and options
+
+
+def yaml_unknown_key(tmp: Path) -> Built:
+    return ["--config", str(yaml_config(tmp, "imagesize: 32\n")), *TINY_ARGS], None
+
+
+def yaml_unknown_nested_key(tmp: Path) -> Built:
+    return ["--config", str(yaml_config(tmp, "pretrain: {epoch: 3}\n")), *TINY_ARGS], None
+
+
+def yaml_wrong_type(tmp: Path) -> Built:
+    return ["--config", str(yaml_config(tmp, "shots: five\n")), *TINY_ARGS], None
+
+
+def yaml_wrong_nested_type(tmp: Path) -> Built:
+    return ["--config", str(yaml_config(tmp, "eval: {episodes: [1, 2]}\n")), *TINY_ARGS], None
+
+
+def yaml_invalid(tmp: Path) -> Built:
+    return ["--config", str(yaml_config(tmp, "ways: [5\n")), *TINY_ARGS], None
+
+
+def yaml_missing(tmp: Path) -> Built:
+    return ["--config", str(tmp / "nowhere.yaml"), *TINY_ARGS], None
+
+
+def unknown_method_option(tmp: Path) -> Built:
+    return ["--config", str(yaml_config(tmp, "method_options: {temprature: 3}\n")), *TINY_ARGS], None
+
+
+def unknown_dataset_option(tmp: Path) -> Built:
+    root = write_hdf5(tmp / "h5", tiny_data())
+    cfg = yaml_config(tmp, "dataset_options: {allow_noncanonical_splits: true}\n")
+    return mini_args(root, "--config", str(cfg)), None
+
+
+BROKEN_PLUGIN = "raise RuntimeError('boom: cannot import my_lab_secret_sauce')\n"
+
+
+def broken_plugin(tmp: Path) -> Built:
+    plugins = tmp / "my_plugins"
+    plugins.mkdir()
+    (plugins / "my_method.py").write_text(BROKEN_PLUGIN)
+    return ["--plugins", str(plugins), "--method", "my_method", *TINY_ARGS], None
+
+
+def missing_plugin_folder(tmp: Path) -> Built:
+    return ["--plugins", str(tmp / "no_plugins_here"), *TINY_ARGS], None
+
+
+def unknown_method(tmp: Path) -> Built:
+    return ["--method", "protonett", *TINY_ARGS], None
+
+
+def unknown_backbone(tmp: Path) -> Built:
+    return ["--backbone", "resnet99", *TINY_ARGS], None
+
+
+def unknown_dataset(tmp: Path) -> Built:
+    return ["--dataset", "imagenet21k"], None
+
+
+def unknown_device(tmp: Path) -> Built:
+    return ["--device", "tpu", *TINY_ARGS], None
+
+
+def unknown_flag(tmp: Path) -> Built:
+    return ["--epochs", "3", *TINY_ARGS], None
+
+
+def bad_choice(tmp: Path) -> Built:
+    return [*TINY_ARGS, "--profile", "huge"], None
+
+
+def bad_int(tmp: Path) -> Built:
+    return [*TINY_ARGS, "--shots", "five"], None
+
+
+def too_many_ways(tmp: Path) -> Built:
+    return [*TINY_ARGS, "--ways", "9"], None
+
+
+def too_few_ways(tmp: Path) -> Built:
+    return [*TINY_ARGS, "--ways", "1"], None
+
+
+def too_many_shots(tmp: Path) -> Built:
+    return [*TINY_ARGS, "--shots", "40"], None
+
+
+def zero_shots(tmp: Path) -> Built:
+    return [*TINY_ARGS, "--shots", "0"], None
+
+
+def missing_episode_list(tmp: Path) -> Built:
+    return [*TINY_ARGS, "--episodes", str(tmp / "eps.json")], None
+
+
+def broken_episode_list(tmp: Path) -> Built:
+    path = tmp / "eps.json"
+    path.write_text('{"episodes": [')
+    return [*TINY_ARGS, "--episodes", str(path)], None
+
+
+def seed_and_seeds(tmp: Path) -> Built:
+    return [*TINY_ARGS, "--seed", "1", "--seeds", "0,1"], None
+
+
+def zero_threads(tmp: Path) -> Built:
+    return [*TINY_ARGS, "--threads", "0"], None
+
+
+def ray_address_without_ray(tmp: Path) -> Built:
+    return [*TINY_ARGS, "--ray-address", "auto"], None
+
+
+# ----------------------------------------------------------------------------- run-time failures
+
+
+def nan_training_loss(tmp: Path) -> Built:
+    cfg = yaml_config(tmp, """\
+        method_options: {nan_from_call: 4}
+        episodic: {steps: 6, checkpoint_every: 2, queries: 3}
+        eval: {episodes: 4, queries: 3}
+    """)
+    return ["--plugins", FAULTY_PLUGINS, "--method", "nan_after_steps", "--shots", "2", "--config", str(cfg),
+            *TINY_ARGS], None
+
+
+def tampered_checkpoint(tmp: Path) -> Built:
+    """The NaN run's command; ``prepare_tampered_checkpoint`` leaves a pickle payload as its checkpoint."""
+    return nan_training_loss(tmp)
+
+
+def prepare_tampered_checkpoint(run: Callable[[], None], results: Path, tmp: Path) -> Callable[[], None]:
+    """Run once (NaN at step 3 leaves ``checkpoint.pt`` of step 2), then swap in a checkpoint whose
+    unpickling would call ``os.system``; returns the check that nothing ran."""
+    import torch
+
+    run()
+    (ckpt,) = (results / "runs").glob("*nan_after_steps*/checkpoint.pt")
+    sentinel = tmp / "PWNED"
+    torch.save({"step": 2, "model": _Evil(f"touch {sentinel}")}, ckpt)
+
+    def nothing_ran() -> None:
+        assert not sentinel.exists(), "the tampered checkpoint ran code"
+
+    return nothing_ran
