@@ -20,11 +20,25 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, ways: int) -> torc
 
 @register_method("protonet")
 class ProtoNet(FewShotMethod):
-    """ProtoNet: negative squared Euclidean distance to class prototypes."""
+    """ProtoNet: negative squared Euclidean distance to class prototypes.
+
+    Args:
+        backbone: embedding network (``(B, 3, H, W)`` -> ``(B, D)``).
+        temperature: logits are ``-d^2 / temperature``.
+        pretrained_backbone: start the embedding from the suite's cached base-class pretraining
+            instead of from scratch, then train episodically. Snell et al. train from scratch
+            (``False``, the default).
+    """
 
     training_stages = ("episodic",)
 
-    def __init__(self, backbone, image_size: int = 84, temperature: float = 1.0) -> None:
+    @classmethod
+    def stages(cls, options):
+        return ("pretrain", "episodic") if options.get("pretrained_backbone") else cls.training_stages
+
+    def __init__(
+        self, backbone, image_size: int = 84, temperature: float = 1.0, pretrained_backbone: bool = False
+    ) -> None:
         super().__init__(backbone, image_size)
         self.temperature = temperature
         self.prototypes: torch.Tensor | None = None

@@ -63,11 +63,21 @@ class RelationNet(FewShotMethod):
         image_size: input side, to size the fully connected layers.
         relation_channels: width of the relation convs (default: the backbone's ``C``, as Sung et al.).
         hidden: width of the first fully connected layer (8 in the paper).
+        pretrained_backbone: start the embedding from the suite's cached base-class pretraining
+            (the same one the finetune and NSN methods use) instead of from scratch, then train
+            episodically as usual. Sung et al. train from scratch (``False``, the default).
     """
 
     training_stages = ("episodic",)
 
-    def __init__(self, backbone, image_size: int = 84, relation_channels: Optional[int] = None, hidden: int = 8) -> None:
+    def __init__(
+        self,
+        backbone,
+        image_size: int = 84,
+        relation_channels: Optional[int] = None,
+        hidden: int = 8,
+        pretrained_backbone: bool = False,
+    ) -> None:
         super().__init__(backbone, image_size)
         c = backbone.out_channels
         width = relation_channels or c
@@ -78,6 +88,10 @@ class RelationNet(FewShotMethod):
         self.blocks.apply(sung_init)
         self.fc.apply(sung_init)
         self.prototypes: Optional[torch.Tensor] = None  # (ways, C, h, w) summed support maps
+
+    @classmethod
+    def stages(cls, options):
+        return ("pretrain", "episodic") if options.get("pretrained_backbone") else cls.training_stages
 
     @staticmethod
     @torch.no_grad()

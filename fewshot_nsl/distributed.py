@@ -38,8 +38,8 @@ def pretrain_main(argv: List[str]) -> int:
     from .config import resolve_config
     from .data.store import default_cache_dir
     from .errors import ConfigError, FewShotError
-    from .registry import get_method_class, load_plugins
-    from .runner import build_method, conv_spec_of, load_store
+    from .registry import load_plugins
+    from .runner import build_method, conv_spec_of, load_store, stages_of
     from .training import pretrain, set_seed
 
     args = build_parser().parse_args(argv)
@@ -55,7 +55,7 @@ def pretrain_main(argv: List[str]) -> int:
         if args.method and "," in args.method or args.shots and len(args.shots) > 1 or args.backbone and "," in args.backbone:
             raise ConfigError("distributed pretraining takes one --method, --backbone and --shots")
         cfg = resolve_config(cli_overrides(args, args.method or None), args.config)
-        if "pretrain" not in get_method_class(cfg.method).training_stages:
+        if "pretrain" not in stages_of(cfg):
             raise ConfigError(f"method {cfg.method} has no pretraining stage; pick a method that pretrains "
                               f"(its [stages] are shown by --list)")
         use_cuda = cfg.device != "cpu" and torch.cuda.is_available()

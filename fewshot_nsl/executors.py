@@ -210,7 +210,6 @@ class RayExecutor:
 
     def run(self, jobs: Sequence[Any], on_done: Callback, on_error: Callback, progress: bool = True, log=print) -> None:
         from .data.store import default_cache_dir
-        from .registry import get_method_class
         from .runner import (
             build_method,
             conv_spec_of,
@@ -219,6 +218,7 @@ class RayExecutor:
             missing_episodes,
             prepare,
             salvage_shards,
+            stages_of,
         )
         from .training import pretrain_key
 
@@ -249,7 +249,7 @@ class RayExecutor:
                 state[k] = st
                 dep, owns = None, False
                 if not (ctx.run_dir / "method.pt").is_file():
-                    if "pretrain" in get_method_class(cfg.method).training_stages:
+                    if "pretrain" in stages_of(cfg):
                         cache = Path(cfg.cache_dir or default_cache_dir())
                         key = pretrain_key(cfg, job.store, conv_spec_of(cfg))
                         if not (cache / "pretrain" / f"{key}.pt").is_file():

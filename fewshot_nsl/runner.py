@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -206,6 +206,11 @@ def build_method(cfg: RunConfig) -> FewShotMethod:
     return method_cls(backbone=backbone, image_size=cfg.image_size, **cfg.method_options)
 
 
+def stages_of(cfg: RunConfig) -> Tuple[str, ...]:
+    """Training stages of this run (the method's, given its options)."""
+    return tuple(get_method_class(cfg.method).stages(cfg.method_options))
+
+
 def conv_spec_of(cfg: RunConfig) -> Dict[str, Any]:
     method_cls = get_method_class(cfg.method)
     return {**method_cls.default_conv, **cfg.conv}
@@ -219,8 +224,7 @@ def validate_against_store(cfg: RunConfig, store: ImageStore) -> None:
             f"--ways {cfg.ways} is more than the {n_test} {cfg.eval.split} classes of {store.name}; lower --ways"
         )
     check_min_images(store, cfg.eval.split, cfg.shots + cfg.eval.queries)
-    method_cls = get_method_class(cfg.method)
-    if "episodic" in method_cls.training_stages:
+    if "episodic" in stages_of(cfg):
         ways = cfg.episodic.ways or cfg.ways
         n_train = len(store.classes_in_split("train"))
         if ways > n_train:
@@ -258,8 +262,7 @@ def prepare(
 ) -> RunContext:
     """Load and check the inputs of a run and create its folder (no training)."""
     device = resolve_device(cfg.device)
-    method_cls = get_method_class(cfg.method)
-    unknown_stage = set(method_cls.training_stages) - set(TRAINING_STAGES)
+    unknown_stage = set(stages_of(cfg)) - set(TRAINING_STAGES)
     if unknown_stage:
         raise ConfigError(f"method {cfg.method} declares unknown training stage(s) {sorted(unknown_stage)}")
     store = store if store is not None else load_store(cfg)
@@ -283,7 +286,6 @@ def train(ctx: RunContext, progress: bool = True, log=print) -> Dict[str, Any]:
         The ``train.json`` record.
     """
     cfg, device = ctx.cfg, ctx.device
-    method_cls = get_method_class(cfg.method)
     reset_peak_memory(device)
     t0 = time.perf_counter()
     # Seeded right before the model is built, so the initial weights do not depend on whether the
@@ -292,7 +294,8 @@ def train(ctx: RunContext, progress: bool = True, log=print) -> Dict[str, Any]:
     method = build_method(cfg).to(device)
     info: Dict[str, Any] = {}
     trained = ctx.run_dir / "method.pt"
-    if "pretrain" in method_cls.training_stages:
+    stages = stages_of(cfg)
+    if "pretrain" in stages:
         cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         info["pretrain"] = pretrain(method, ctx.store, cfg, device, conv_spec_of(cfg), cache, progress)
         log(f"pretraining: {'reused cache' if info['pretrain']['cached'] else 'trained'} "
@@ -303,7 +306,7 @@ def train(ctx: RunContext, progress: bool = True, log=print) -> Dict[str, Any]:
     fresh = not trained.is_file()
     record = None if fresh else _read_json(record_path)
     if fresh:
-        if "episodic" in method_cls.training_stages:
+        if "episodic" in stages:
             info["episodic"] = meta_train(method, ctx.store, cfg, device, ctx.run_dir / "checkpoint.pt", progress)
         atomic_torch_save(method.state_dict(), trained)
     else:

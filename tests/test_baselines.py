@@ -157,3 +157,23 @@ def test_l2l_plugin_without_learn2learn_is_one_clear_line(tmp_path, monkeypatch,
     _list(print)
     lines = [l for l in capsys.readouterr().out.splitlines() if "not loaded" in l]
     assert lines == [f"  (plugin {plugin} not loaded: {registry.PLUGIN_ERRORS[str(plugin)]})"]
+
+
+@pytest.mark.parametrize("method", ["protonet", "relationnet"])
+def test_pretrained_backbone_option_adds_the_cached_pretraining_stage(tmp_path, method):
+    """``pretrained_backbone: true`` runs (or reuses) the shared base-class pretraining before the
+    episodic stage; the default trains from scratch with no pretraining."""
+    from fewshot_nsl.runner import run_dir_of, stages_of
+
+    cli = {"method": method, "profile": "smoke", "dataset": "tiny", "ways": 5, "shots": 2, "image_size": SIZE,
+           "results_dir": str(tmp_path / "results"), "cache_dir": str(tmp_path / "cache"), "device": "cpu",
+           "eval": {"episodes": 4, "queries": 5}, "episodic": {"steps": 2}, "pretrain": {"max_steps": 3}}
+    assert stages_of(resolve_config(cli)) == ("episodic",)
+    cfg = resolve_config({**cli, "method_options": {"pretrained_backbone": True}})
+    assert stages_of(cfg) == ("pretrain", "episodic")
+    run(cfg, progress=False, log=lambda *a: None)
+    import json
+
+    training = json.loads((run_dir_of(cfg) / "train.json").read_text())["training"]
+    assert set(training) == {"pretrain", "episodic"} and training["episodic"]["steps"] == 2
+    assert list((tmp_path / "cache" / "pretrain").glob("*.pt")), "the pretraining was not cached"

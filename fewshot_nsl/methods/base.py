@@ -21,7 +21,7 @@ Class attributes declare how a method is trained:
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Dict, Tuple
+from typing import Any, ClassVar, Dict, Mapping, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,15 @@ class FewShotMethod(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.image_size = image_size
+
+    @classmethod
+    def stages(cls, options: Mapping[str, Any]) -> Tuple[str, ...]:
+        """Training stages of a run with these ``method_options`` (default: ``training_stages``).
+
+        Override when an option changes how the method is trained (e.g. an episodic method
+        whose backbone can start from the cached base-class pretraining).
+        """
+        return cls.training_stages
 
     # ------------------------------------------------------------------ the two calls
     def fit_support(self, support_x: torch.Tensor, support_y: torch.Tensor) -> None:
