@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="fewshot-nsl: few-shot benchmarks around Neural Similarity Learning.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # '--way 5' must not silently mean '--ways 5'
     )
     p.add_argument("--method", help="method name(s), comma-separated, or 'all' (see --list); default protonet "
                                     "(with --grid: keep only these methods)")

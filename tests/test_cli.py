@@ -54,6 +54,8 @@ def test_bad_input_gets_one_clear_line(tmp_path, capsys, args, fragments):
 
 def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
     assert_one_clear_line(cli("--method", "nope", tmp_path=tmp_path), "unknown method 'nope'")
+    # flags are never abbreviated: '--way 9' must not silently run as '--ways 9'
+    assert_one_clear_line(cli("--way", "9", "--dry-run", tmp_path=tmp_path), "unrecognized arguments: --way")
 
 
 def test_unknown_method_option_in_config(tmp_path):
