@@ -17,7 +17,7 @@ Similarity layouts accepted by :func:`ns_conv2d` and :func:`ns_conv_reference`:
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -216,6 +216,50 @@ def ns_conv2d(
     return out if bias is None else out + bias.view(1, -1, 1, 1)
 
 
+def _tap_pairs(
+    taps: List[Tuple[slice, slice]], dns: bool, q_major: bool = False
+) -> List[Tuple[int, int, slice, slice]]:
+    """The entries ``(p, q)`` of ``M_s`` a similarity mixes, with tap ``q``'s ``(rows, cols)``.
+
+    DNS: the ``kk`` pairs ``(p, p)``; UNS: all ``kk * kk`` pairs, ``p``-major (``q``-major with
+    ``q_major``). The order is the order of accumulation, so it is part of the numbers.
+    """
+    kk = len(taps)
+    if dns:
+        return [(p, p, rs, cs) for p, (rs, cs) in enumerate(taps)]
+    pairs = [(p, q) for q in range(kk) for p in range(kk)] if q_major else [(p, q) for p in range(kk) for q in range(kk)]
+    return [(p, q) + taps[q] for p, q in pairs]
+
+
+def _mixing_terms(
+    taps: List[Tuple[slice, slice]], maps: torch.Tensor, q_major: bool = False
+) -> List[Tuple[int, int, slice, slice, torch.Tensor]]:
+    """:func:`_tap_pairs` with each term's coefficient ``M[:, p, q]`` appended, a ``(B, 1, Ho, Wo)`` view.
+
+    Args:
+        taps: the ``kk`` tap slices.
+        maps: DNS ``(B, kk, Ho, Wo)`` or UNS ``(B, kk, kk, Ho, Wo)`` (contiguous); the views are made
+            by one ``split``, cheaper than ``kk * kk`` indexing ops.
+        q_major: order of the UNS pairs.
+    """
+    kk, dns = len(taps), maps.dim() == 4
+    coefs = maps.split(1, dim=1) if dns else maps.flatten(1, 2).split(1, dim=1)
+    return [(p, q, rs, cs, coefs[p if dns else p * kk + q]) for p, q, rs, cs in _tap_pairs(taps, dns, q_major)]
+
+
+def _similarity_grad(
+    taps: List[Tuple[slice, slice]], dns: bool, product: Callable[[int, slice, slice], torch.Tensor]
+) -> torch.Tensor:
+    """Gradient w.r.t. the maps, ``(B, kk, Ho, Wo)`` (DNS) or ``(B, kk, kk, Ho, Wo)``: entry ``(p, q)`` is
+    ``product(p, *tap q)``, the ``(B, Ho, Wo)`` channel sum of the upstream gradient times what ``M[:, p, q]``
+    multiplied. One ``(B, C, Ho, Wo)`` temporary at a time; UNS rows are stacked as they are made (one flat
+    stack of ``kk * kk`` sums raised the peak RSS several-fold through glibc heap fragmentation).
+    """
+    if dns:
+        return torch.stack([product(p, rs, cs) for p, (rs, cs) in enumerate(taps)], 1)
+    return torch.stack([torch.stack([product(p, rs, cs) for rs, cs in taps], 1) for p in range(len(taps))], 1)
+
+
 class _MixInputTaps(torch.autograd.Function):
     """``X'[:, p] = sum_q M[:, p, q] * xp[tap q]`` (DNS: ``m[:, p] * xp[tap p]``): ``(B, kk, C, Ho, Wo)``.
 
@@ -229,43 +273,26 @@ class _MixInputTaps(torch.autograd.Function):
         ctx.save_for_backward(xp, maps)
         ctx.taps = taps
         batch, chans = xp.shape[:2]
-        kk = len(taps)
-        out = xp.new_empty((batch, kk, chans) + tuple(maps.shape[-2:]))
-        if maps.dim() == 4:
-            for p, (rs, cs) in enumerate(taps):
-                torch.mul(xp[:, :, rs, cs], maps[:, p : p + 1], out=out[:, p])
-        else:
-            for p in range(kk):
-                for q, (rs, cs) in enumerate(taps):
-                    if q == 0:
-                        torch.mul(xp[:, :, rs, cs], maps[:, p, 0:1], out=out[:, p])
-                    else:
-                        out[:, p].addcmul_(xp[:, :, rs, cs], maps[:, p, q : q + 1])
+        out = xp.new_empty((batch, len(taps), chans) + tuple(maps.shape[-2:]))
+        dns = maps.dim() == 4
+        for p, q, rs, cs, mpq in _mixing_terms(taps, maps):
+            if dns or q == 0:  # first term of out[:, p]
+                torch.mul(xp[:, :, rs, cs], mpq, out=out[:, p])
+            else:
+                out[:, p].addcmul_(xp[:, :, rs, cs], mpq)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         grad = grad.contiguous()
         xp, maps = ctx.saved_tensors
-        taps = ctx.taps
-        dns = maps.dim() == 4
         grad_xp = grad_maps = None
         if ctx.needs_input_grad[0]:
             grad_xp = torch.zeros_like(xp, memory_format=torch.contiguous_format)
-            for q, (rs, cs) in enumerate(taps):
-                if dns:
-                    grad_xp[:, :, rs, cs].addcmul_(grad[:, q], maps[:, q : q + 1])
-                else:
-                    for p in range(len(taps)):
-                        grad_xp[:, :, rs, cs].addcmul_(grad[:, p], maps[:, p, q : q + 1])
+            for p, _, rs, cs, mpq in _mixing_terms(ctx.taps, maps, q_major=True):
+                grad_xp[:, :, rs, cs].addcmul_(grad[:, p], mpq)
         if ctx.needs_input_grad[1]:
-            if dns:
-                grad_maps = torch.stack([(grad[:, p] * xp[:, :, rs, cs]).sum(1) for p, (rs, cs) in enumerate(taps)], 1)
-            else:  # one (B, C, Ho, Wo) temporary at a time
-                rows = [
-                    torch.stack([(grad[:, p] * xp[:, :, rs, cs]).sum(1) for rs, cs in taps], 1) for p in range(len(taps))
-                ]
-                grad_maps = torch.stack(rows, 1)
+            grad_maps = _similarity_grad(ctx.taps, maps.dim() == 4, lambda p, rs, cs: (grad[:, p] * xp[:, :, rs, cs]).sum(1))
         return grad_xp, grad_maps, None
 
 
@@ -277,37 +304,21 @@ class _GatherOutputTaps(torch.autograd.Function):
         ctx.save_for_backward(y, maps)
         ctx.taps = taps
         out = y.new_zeros((y.shape[0], y.shape[2]) + tuple(maps.shape[-2:]))
-        for p in range(len(taps)):
-            pairs = [(p, taps[p])] if maps.dim() == 4 else list(enumerate(taps))
-            for q, (rs, cs) in pairs:
-                mpq = maps[:, p : p + 1] if maps.dim() == 4 else maps[:, p, q : q + 1]
-                out.addcmul_(y[:, p, :, rs, cs], mpq)
+        for p, _, rs, cs, mpq in _mixing_terms(taps, maps):
+            out.addcmul_(y[:, p, :, rs, cs], mpq)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         grad = grad.contiguous()
         y, maps = ctx.saved_tensors
-        taps = ctx.taps
-        dns = maps.dim() == 4
         grad_y = grad_maps = None
         if ctx.needs_input_grad[0]:
             grad_y = torch.zeros_like(y)
-            for p in range(len(taps)):
-                if dns:
-                    rs, cs = taps[p]
-                    grad_y[:, p, :, rs, cs].addcmul_(grad, maps[:, p : p + 1])
-                else:
-                    for q, (rs, cs) in enumerate(taps):
-                        grad_y[:, p, :, rs, cs].addcmul_(grad, maps[:, p, q : q + 1])
+            for p, _, rs, cs, mpq in _mixing_terms(ctx.taps, maps):
+                grad_y[:, p, :, rs, cs].addcmul_(grad, mpq)
         if ctx.needs_input_grad[1]:
-            if dns:
-                grad_maps = torch.stack([(grad * y[:, p, :, rs, cs]).sum(1) for p, (rs, cs) in enumerate(taps)], 1)
-            else:
-                rows = [
-                    torch.stack([(grad * y[:, p, :, rs, cs]).sum(1) for rs, cs in taps], 1) for p in range(len(taps))
-                ]
-                grad_maps = torch.stack(rows, 1)
+            grad_maps = _similarity_grad(ctx.taps, maps.dim() == 4, lambda p, rs, cs: (grad * y[:, p, :, rs, cs]).sum(1))
         return grad_y, grad_maps, None
 
 
