@@ -197,7 +197,12 @@ def _pretrain(method, module, store, cfg, device, path, progress, distributed) -
     total = steps_per_epoch * p.epochs
     if p.max_steps is not None:
         total = min(total, p.max_steps)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=max(total, 1), pct_start=0.1)
+    # OneCycleLR divides by the warm-up length pct_start * total - 1 steps: ZeroDivisionError where that is 0
+    # (total 10 at 0.1, e.g. one epoch of 10 batches). Nudged up, the warm-up is still its first step only.
+    pct_start = 0.1
+    while float(pct_start * max(total, 1)) - 1 == 0:
+        pct_start = math.nextafter(pct_start, 1.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=max(total, 1), pct_start=pct_start)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, correct, seen = 0, 0, 0
     bar = tqdm(total=total, desc=f"pretrain {cfg.backbone}", disable=not progress or rank > 0, unit="step")
