@@ -51,7 +51,7 @@ from .methods.base import FewShotMethod
 from .registry import REPO_ROOT, check_kwargs, create_backbone, create_dataset, get_method_class
 from .reporting import paper_value, render_reports, upsert_row
 from .stats import summarize
-from .training import atomic_torch_save, meta_train, pretrain, resolve_device, set_seed
+from .training import atomic_torch_save, load_checkpoint, meta_train, pretrain, resolve_device, set_seed
 
 TRAINING_STAGES = ("pretrain", "episodic")
 
@@ -310,7 +310,7 @@ def train(ctx: RunContext, progress: bool = True, log=print) -> Dict[str, Any]:
             info["episodic"] = meta_train(method, ctx.store, cfg, device, ctx.run_dir / "checkpoint.pt", progress)
         atomic_torch_save(method.state_dict(), trained)
     else:
-        method.load_state_dict(torch.load(trained, map_location=device, weights_only=True))
+        method.load_state_dict(load_checkpoint(trained, device))
     if record is None:  # trained now (or killed between method.pt and train.json: time unknown)
         resumed = bool(info.get("episodic", {}).get("resumed_from", 0))
         record = {

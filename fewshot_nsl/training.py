@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .data.episodes import EpisodeSampler, Materialiser
 from .data.store import ImageStore, default_cache_dir
-from .errors import ConfigError, NumericalError
+from .errors import ConfigError, DataError, NumericalError
 from .config import RunConfig
 from .methods.base import FewShotMethod
 
@@ -68,6 +68,29 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, device: torch.device) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, never code.
+
+    A file holding anything else (tampered with) or a truncated / corrupt file ends with one
+    :class:`DataError` naming the file and what to do, not a traceback.
+    """
+    import pickle
+
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        blocked = next((ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln), " ".join(str(exc).split())[:160])
+        raise DataError(
+            f"refusing to load {path}: it holds more than tensors ({blocked}) and may have been tampered with; "
+            f"delete it and rerun (it is retrained)"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise DataError(
+            f"cannot read {path} ({' '.join(str(exc).split())[:160]}): the file is truncated or corrupt; "
+            f"delete it and rerun (it is retrained)"
+        ) from None
 
 
 def check_finite(value: torch.Tensor, what: str) -> None:
@@ -154,7 +177,7 @@ def pretrain(
     cache_dir = Path(cache_dir or default_cache_dir())
     path = cache_dir / "pretrain" / f"{pretrain_key(cfg, store, conv_spec)}.pt"
     if path.is_file():
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = load_checkpoint(path, device)
         module.load_state_dict(ckpt["module"])
         return {"cache_path": str(path), "cached": True, "train_accuracy": ckpt["train_accuracy"],
                 "world_size": int(ckpt.get("world_size", 1))}
@@ -205,7 +228,19 @@ def _pretrain(method, module, store, cfg, device, path, progress, distributed) -
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=max(total, 1), pct_start=pct_start)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, correct, seen = 0, 0, 0
-    bar = tqdm(total=total, desc=f"pretrain {cfg.backbone}", disable=not progress or rank > 0, unit="step")
+    # Single-process pretraining checkpoints at every epoch end to `<cache file>.partial`, so a killed run
+    # resumes from its last finished epoch with the same weights an uninterrupted run would reach.
+    partial = path.with_name(path.name + ".partial") if world == 1 else None
+    if partial is not None and partial.is_file():
+        ckpt = load_checkpoint(partial, device)
+        module.load_state_dict(ckpt["module"])
+        head.load_state_dict(ckpt["head"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        gen.set_state(ckpt["generator"])
+        torch.set_rng_state(ckpt["torch_rng"].cpu())
+        step = int(ckpt["step"])
+    bar = tqdm(total=total, initial=step, desc=f"pretrain {cfg.backbone}", disable=not progress or rank > 0, unit="step")
     while step < total:
         perm = torch.randperm(len(index), generator=gen).numpy()
         correct, seen = 0, 0
@@ -239,6 +274,10 @@ def _pretrain(method, module, store, cfg, device, path, progress, distributed) -
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct / max(seen, 1):.3f}")
+        if partial is not None and step < total:
+            atomic_torch_save({"module": module.state_dict(), "head": head.state_dict(), "optimizer": opt.state_dict(),
+                               "scheduler": sched.state_dict(), "generator": gen.get_state(),
+                               "torch_rng": torch.get_rng_state(), "step": step}, partial)
     bar.close()
     if world > 1:
         import torch.distributed as dist
@@ -250,6 +289,8 @@ def _pretrain(method, module, store, cfg, device, path, progress, distributed) -
     if rank == 0:
         atomic_torch_save({"module": module.state_dict(), "train_accuracy": acc, "world_size": world,
                            "sync_bn": sync_bn}, path)
+        if partial is not None:
+            partial.unlink(missing_ok=True)
     if world > 1:
         dist.barrier()
     return {"cache_path": str(path), "cached": False, "train_accuracy": acc, "world_size": world}
@@ -306,7 +347,7 @@ def meta_train(
     opt = torch.optim.Adam(params, lr=e.lr)
     start, last = 0, float("nan")
     if Path(checkpoint_path).is_file():
-        ckpt = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        ckpt = load_checkpoint(checkpoint_path, device)
         method.load_state_dict(ckpt["method"])
         opt.load_state_dict(ckpt["optimizer"])
         sampler.rng.bit_generator.state = json.loads(ckpt["sampler"])
@@ -333,10 +374,12 @@ def meta_train(
     for step in range(start, e.steps):
         opt.zero_grad(set_to_none=True)
         total = 0.0
-        for _ in range(e.meta_batch):
-            t = mat(next(sampler))
+        for i in range(e.meta_batch):
+            episode = next(sampler)
+            t = mat(episode)
             loss = method.loss(t.support_x, t.support_y, t.query_x, t.query_y) / e.meta_batch
-            check_finite(loss, f"{cfg.method} training loss at step {step}")
+            check_finite(loss, f"{cfg.method} training loss at step {step + 1} of {e.steps} (training episode "
+                               f"{step * e.meta_batch + i + 1}, classes {', '.join(episode.classes)})")
             loss.backward()
             total += float(loss.detach())
         reg = method.regularization()

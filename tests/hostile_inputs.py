@@ -497,3 +497,17 @@ def prepare_tampered_checkpoint(run: Callable[[], None], results: Path, tmp: Pat
         assert not sentinel.exists(), "the tampered checkpoint ran code"
 
     return nothing_ran
+
+
+def truncated_checkpoint(tmp: Path) -> Built:
+    """The NaN run's command; ``prepare_truncated_checkpoint`` cuts its checkpoint in half."""
+    return nan_training_loss(tmp)
+
+
+def prepare_truncated_checkpoint(run: Callable[[], None], results: Path, tmp: Path) -> Callable[[], None]:
+    """Run once (leaves ``checkpoint.pt`` of step 2), then truncate it as a full disk or a copy cut short would."""
+    run()
+    (ckpt,) = (results / "runs").glob("*nan_after_steps*/checkpoint.pt")
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])
+    return lambda: None

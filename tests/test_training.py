@@ -29,3 +29,80 @@ def test_pretraining_one_epoch_of_few_batches(tmp_path, batch_size):
     trained = torch.load(info["cache_path"], weights_only=True)["module"]
     assert all(torch.isfinite(v).all() for v in trained.values() if v.is_floating_point())
     assert any(not torch.equal(trained[k], initial[k]) for k in trained)  # it did train
+
+
+def _nn_cfg(tmp_path, epochs):
+    cfg_file = tmp_path / f"pretrain{epochs}.yaml"
+    cfg_file.write_text(f"pretrain: {{epochs: {epochs}, batch_size: 64, max_steps: null, lr: 0.1, augment: true}}\n")
+    cli = {"method": "nearest_neighbor", "profile": "smoke", "dataset": "tiny", "image_size": 16,
+           "backbone_options": {"filters": 4}, "device": "cpu"}
+    return resolve_config(cli, str(cfg_file))
+
+
+def test_pretraining_killed_after_an_epoch_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """An epoch-end checkpoint (``<cache file>.partial``) lets a killed pretraining resume; the final
+    weights equal an uninterrupted run's bit for bit, and the partial file is removed at the end."""
+    from fewshot_nsl import training
+
+    cfg = _nn_cfg(tmp_path, 3)
+    store = load_store(cfg)
+
+    def run_pretraining(cache):
+        set_seed(cfg.seed)
+        method = build_method(cfg)
+        info = pretrain(method, store, cfg, torch.device("cpu"), conv_spec_of(cfg), cache, progress=False)
+        return torch.load(info["cache_path"], weights_only=True)["module"], info
+
+    reference, _ = run_pretraining(tmp_path / "uninterrupted")
+
+    # Kill (simulated) during the second epoch: the optimiser step after the first epoch's checkpoint raises.
+    saves = []
+    real_save = training.atomic_torch_save
+
+    def save_then_die(obj, path):
+        real_save(obj, path)
+        saves.append(path)
+        if str(path).endswith(".partial"):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(training, "atomic_torch_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_pretraining(tmp_path / "killed")
+    monkeypatch.setattr(training, "atomic_torch_save", real_save)
+    (partial,) = (tmp_path / "killed" / "pretrain").glob("*.partial")
+    assert torch.load(partial, weights_only=True)["step"] == math.ceil(450 / 64)  # one epoch done
+
+    batches = []
+    real_augment = training._augment
+    monkeypatch.setattr(training, "_augment", lambda x, *a: batches.append(1) or real_augment(x, *a))
+    resumed, info = run_pretraining(tmp_path / "killed")
+    assert len(batches) == 2 * math.ceil(450 / 64)  # only the two remaining epochs were trained
+    assert not info["cached"] and not partial.exists()
+    assert reference.keys() == resumed.keys()
+    for k in reference:
+        assert torch.equal(reference[k], resumed[k]), k
+
+
+@pytest.mark.parametrize("damage", ["truncated", "tampered"])
+def test_damaged_cached_pretraining_is_one_clear_error_naming_the_file(tmp_path, damage):
+    import os
+    import pickle
+
+    from fewshot_nsl.errors import DataError
+
+    cfg = _nn_cfg(tmp_path, 1)
+    store = load_store(cfg)
+    set_seed(cfg.seed)
+    info = pretrain(build_method(cfg), store, cfg, torch.device("cpu"), conv_spec_of(cfg), tmp_path, progress=False)
+    path = info["cache_path"]
+    if damage == "truncated":
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: len(data) // 2])
+    else:
+        class Payload:
+            def __reduce__(self):
+                return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+        torch.save({"module": Payload()}, path, pickle_module=pickle)
+    with pytest.raises(DataError, match="delete it and rerun") as err:
+        pretrain(build_method(cfg), store, cfg, torch.device("cpu"), conv_spec_of(cfg), tmp_path, progress=False)
+    assert path in str(err.value)
+    assert not (tmp_path / "pwned").exists()
