@@ -210,9 +210,10 @@ def peak_rss_mb(fn: Callable[[], object]) -> float:
     ``ru_maxrss`` over the call is returned (a lower bound).
     """
     if reset_peak_rss():
+        # clear_refs resets VmHWM, not getrusage's ru_maxrss (the lifetime peak, often set by the imports)
         base = _status_kib("VmRSS")
         fn()
-        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024  # type: ignore[operator]
+        return (_status_kib("VmHWM") - base) / 1024  # type: ignore[operator]
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     fn()
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
