@@ -62,35 +62,9 @@ def layer_step(impl: str, x, w, m):
     return f
 
 
-def peak_rise_mb(fn) -> float:
-    """Rise of the peak RSS over ``fn()`` (MiB): ``VmHWM`` after the call minus ``VmRSS`` before it, the mark reset first.
-
-    ``clear_refs`` resets ``VmHWM`` but not ``getrusage``'s ``ru_maxrss`` (the lifetime peak, set by
-    the imports), so the peak is read from ``/proc/self/status``; elsewhere :func:`common.peak_rss_mb`.
-    """
-    def status_kib(field: str):
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-        except OSError:
-            pass
-        return None
-
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    except OSError:
-        return peak_rss_mb(fn)
-    base = status_kib("VmRSS")
-    if base is None or status_kib("VmHWM") is None:
-        return peak_rss_mb(fn)
-    fn()
-    return (status_kib("VmHWM") - base) / 1024  # type: ignore[operator]
-
-
 def peak_child(impl: str, batch: int, c_in: int, size: int, structure: str) -> float:
     x, w, m = layer_inputs(batch, c_in, size, structure)
-    return peak_rise_mb(layer_step(impl, x, w, m))
+    return peak_rss_mb(layer_step(impl, x, w, m))  # VmHWM rise, the mark reset first
 
 
 def bench_layers(batch: int, reps: int, structure: str, layers, memory: bool) -> dict:
