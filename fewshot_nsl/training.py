@@ -176,15 +176,29 @@ def pretrain(
     module = method.pretrain_module()
     cache_dir = Path(cache_dir or default_cache_dir())
     path = cache_dir / "pretrain" / f"{pretrain_key(cfg, store, conv_spec)}.pt"
-    if path.is_file():
+    def from_cache() -> Dict[str, Any]:
         ckpt = load_checkpoint(path, device)
         module.load_state_dict(ckpt["module"])
         return {"cache_path": str(path), "cached": True, "train_accuracy": ckpt["train_accuracy"],
                 "world_size": int(ckpt.get("world_size", 1))}
+
+    if path.is_file():
+        return from_cache()
     devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(cfg.seed)
-        return _pretrain(method, module, store, cfg, device, path, progress, distributed)
+    if distributed:  # every process must enter the training loop together: no lock
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(cfg.seed)
+            return _pretrain(method, module, store, cfg, device, path, progress, distributed)
+    from .reporting import locked
+
+    # One process trains a given pretraining; others asking for it meanwhile (parallel grid runs, Ray
+    # tasks on one machine) wait for the lock and then load the cache instead of training it again.
+    with locked(path):
+        if path.is_file():
+            return from_cache()
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(cfg.seed)
+            return _pretrain(method, module, store, cfg, device, path, progress, distributed)
 
 
 def _pretrain(method, module, store, cfg, device, path, progress, distributed) -> Dict[str, Any]:

@@ -106,3 +106,40 @@ def test_damaged_cached_pretraining_is_one_clear_error_naming_the_file(tmp_path,
         pretrain(build_method(cfg), store, cfg, torch.device("cpu"), conv_spec_of(cfg), tmp_path, progress=False)
     assert path in str(err.value)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_concurrent_identical_pretrainings_train_once(tmp_path):
+    """Two processes asking for the same uncached pretraining: one trains it, the other waits for the
+    cache lock and loads the result (same weights, no second training)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "pretrain_once.py"
+    script.write_text(f'''
+import json, sys, torch
+from pathlib import Path
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import conftest  # registers the tiny dataset
+from fewshot_nsl.config import resolve_config
+from fewshot_nsl.runner import build_method, conv_spec_of, load_store
+from fewshot_nsl.training import pretrain, set_seed
+cfg_file = Path({str(tmp_path)!r}) / "p.yaml"
+cli = {{"method": "nearest_neighbor", "profile": "smoke", "dataset": "tiny", "image_size": 16,
+       "backbone_options": {{"filters": 4}}, "device": "cpu"}}
+cfg = resolve_config(cli, str(cfg_file))
+store = load_store(cfg)
+set_seed(cfg.seed)
+info = pretrain(build_method(cfg), store, cfg, torch.device("cpu"), conv_spec_of(cfg), Path({str(tmp_path / "cache")!r}), progress=False)
+print(json.dumps(info["cached"]))
+''')
+    (tmp_path / "p.yaml").write_text("pretrain: {epochs: 40, batch_size: 64, max_steps: null, lr: 0.1}\n")
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    cached = sorted(json.loads(o[0].strip().splitlines()[-1]) for o in outs)
+    assert cached == [False, True]  # trained once, loaded once
+    assert len(list((tmp_path / "cache" / "pretrain").glob("*.pt"))) == 1
