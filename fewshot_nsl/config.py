@@ -15,7 +15,7 @@ import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
@@ -89,10 +89,15 @@ class RunConfig:
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def hash(self) -> str:
-        """16-hex hash of everything that can change a result (not device or output paths)."""
+    def hash(self, omit: Sequence[str] = ()) -> str:
+        """16-hex hash of everything that can change a result (not device or output paths).
+
+        Args:
+            omit: further top-level sections to leave out, e.g. ``("episodic",)`` for a method
+                that has no episodic stage (see :func:`fewshot_nsl.runner.config_hash`).
+        """
         d = self.to_dict()
-        for k in ("device", "results_dir", "cache_dir", "data_root", "episodes_file"):
+        for k in ("device", "results_dir", "cache_dir", "data_root", "episodes_file", *omit):
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

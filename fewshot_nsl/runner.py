@@ -136,8 +136,16 @@ def _read_json(path: Path) -> Optional[Dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------- identity
+def config_hash(cfg: RunConfig) -> str:
+    """``cfg.hash()`` without the training sections this run's method does not use (``pretrain`` for
+    an episodic-only method, ``episodic`` for a pretraining-only one): changing, say, the pretraining
+    epochs does not make MAML's finished runs look stale."""
+    stages = stages_of(cfg)
+    return cfg.hash(omit=[s for s in TRAINING_STAGES if s not in stages])
+
+
 def run_id(cfg: RunConfig) -> str:
-    return f"{cfg.dataset}_{cfg.method}_{cfg.backbone}_{cfg.ways}w{cfg.shots}s_{cfg.profile}_seed{cfg.seed}_{cfg.hash()[:8]}"
+    return f"{cfg.dataset}_{cfg.method}_{cfg.backbone}_{cfg.ways}w{cfg.shots}s_{cfg.profile}_seed{cfg.seed}_{config_hash(cfg)[:8]}"
 
 
 def run_dir_of(cfg: RunConfig) -> Path:
@@ -146,8 +154,8 @@ def run_dir_of(cfg: RunConfig) -> Path:
 
 def cell_config_hash(cfg: RunConfig) -> str:
     """Hash of the resolved config with the seed set to 0: the same for every seed of a cell
-    (the seeds are recorded apart); equal to ``cfg.hash()`` for seed 0."""
-    return dataclasses.replace(cfg, seed=0).hash()
+    (the seeds are recorded apart); equal to :func:`config_hash` for seed 0."""
+    return config_hash(dataclasses.replace(cfg, seed=0))
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -396,7 +404,7 @@ def is_complete(cfg: RunConfig, episode_hash: str, fingerprint: str, n_episodes:
     s = _read_json(run_summary_path(cfg))
     if not s:
         return None
-    ok = (s.get("run_config_hash") == cfg.hash() and s.get("episode_hash") == episode_hash
+    ok = (s.get("run_config_hash") == config_hash(cfg) and s.get("episode_hash") == episode_hash
           and s.get("dataset_fingerprint") == fingerprint
           and int(s.get("episodes", 0)) + int(s.get("episodes_failed", 0)) == n_episodes)
     return s if ok else None
@@ -430,7 +438,7 @@ def finish(ctx: RunContext, executor: str = "local", eval_peak_mb: Optional[floa
         "episodes": s.n, "episodes_failed": int(sum(a != a for a in accs)),
         "paper_value": pv, "paper_ci": pc, "image_size": cfg.image_size, "synthetic": store.synthetic,
         "episode_list": episode_list, "episode_hash": episodes.sha256, "dataset_fingerprint": store.fingerprint(),
-        "config_hash": cell_config_hash(cfg), "run_config_hash": cfg.hash(),
+        "config_hash": cell_config_hash(cfg), "run_config_hash": config_hash(cfg),
         "params": record.get("params"), "train_time_s": train_time, "eval_time_s": round(eval_time, 2),
         "wall_time_s": round((train_time or 0.0) + eval_time, 2),
         "peak_memory_mb": round(max(peaks), 1) if peaks else None,

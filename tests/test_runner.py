@@ -72,3 +72,26 @@ def test_leaderboard_keeps_one_row_per_cell_and_reports_paper_value(tmp_path):
     assert sorted(df["shots"].tolist()) == [1, 2]
     md = render_reports(tmp_path / "results")["markdown"].read_text()
     assert "| protonet | cnn4 |" in md and "68.20 ± 0.66" in md and "synthetic" in md
+
+
+def test_config_hash_ignores_training_sections_the_method_does_not_use():
+    """Changing the pretraining leaves an episodic-only method's run id (and so its finished runs)
+    alone, and changing episodic training leaves a pretraining-only method's alone; a method that
+    uses both stages sees both."""
+    from fewshot_nsl.config import resolve_config
+    from fewshot_nsl.runner import config_hash, run_id
+
+    def cfg(method, **extra):
+        return resolve_config({"method": method, "profile": "smoke", **extra})
+
+    more_pretraining = {"pretrain": {"epochs": 99}}
+    more_episodes = {"episodic": {"steps": 999}}
+    assert run_id(cfg("maml")) == run_id(cfg("maml", **more_pretraining))
+    assert run_id(cfg("maml")) != run_id(cfg("maml", **more_episodes))
+    assert config_hash(cfg("nearest_neighbor")) == config_hash(cfg("nearest_neighbor", **more_episodes))
+    assert config_hash(cfg("nearest_neighbor")) != config_hash(cfg("nearest_neighbor", **more_pretraining))
+    assert config_hash(cfg("meta_static_nsn")) != config_hash(cfg("meta_static_nsn", **more_pretraining))
+    assert config_hash(cfg("meta_static_nsn")) != config_hash(cfg("meta_static_nsn", **more_episodes))
+    with_pretraining = {"method_options": {"pretrained_backbone": True}}
+    assert config_hash(cfg("protonet", **with_pretraining)) != config_hash(
+        cfg("protonet", **with_pretraining, **more_pretraining))
