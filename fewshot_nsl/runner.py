@@ -305,7 +305,10 @@ def train(ctx: RunContext, progress: bool = True, log=print) -> Dict[str, Any]:
     stages = stages_of(cfg)
     if "pretrain" in stages:
         cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-        info["pretrain"] = pretrain(method, ctx.store, cfg, device, conv_spec_of(cfg), cache, progress)
+        pre = pretrain(method, ctx.store, cfg, device, conv_spec_of(cfg), cache, progress)
+        # recorded relative to the cache dir: train.json/summary.json hold no machine-specific paths
+        cache_file = Path(pre.pop("cache_path")).relative_to(cache).as_posix()
+        info["pretrain"] = {"cache_file": cache_file, **pre}
         log(f"pretraining: {'reused cache' if info['pretrain']['cached'] else 'trained'} "
             f"(base-class train accuracy {100 * info['pretrain']['train_accuracy']:.1f}%)")
         method.after_pretrain()
