@@ -32,10 +32,6 @@ class ProtoNet(FewShotMethod):
 
     training_stages = ("episodic",)
 
-    @classmethod
-    def stages(cls, options):
-        return ("pretrain", "episodic") if options.get("pretrained_backbone") else cls.training_stages
-
     def __init__(
         self, backbone, image_size: int = 84, temperature: float = 1.0, pretrained_backbone: bool = False
     ) -> None:

@@ -89,10 +89,6 @@ class RelationNet(FewShotMethod):
         self.fc.apply(sung_init)
         self.prototypes: Optional[torch.Tensor] = None  # (ways, C, h, w) summed support maps
 
-    @classmethod
-    def stages(cls, options):
-        return ("pretrain", "episodic") if options.get("pretrained_backbone") else cls.training_stages
-
     @staticmethod
     @torch.no_grad()
     def _map_side(backbone, image_size: int) -> int:

@@ -7,7 +7,6 @@ Ctrl-C ends with a resume hint and status 130.
 from __future__ import annotations
 
 import argparse
-import pickle
 import sys
 import warnings
 from pathlib import Path
@@ -218,12 +217,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     except FewShotError as exc:
         failures = _plugin_failures(args.plugins) if isinstance(exc, RegistryError) else []
         print(f"error: {'; '.join([str(exc), *failures])}", file=sys.stderr)
-        return 2
-    except pickle.UnpicklingError as exc:  # torch.load(..., weights_only=True) met a non-tensor object
-        blocked = next((ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln), " ".join(str(exc).split())[:200])
-        print(f"error: refusing to load a checkpoint or cached weights file that holds more than tensors ({blocked}); "
-              f"it may have been tampered with: delete the run's checkpoint.pt/method.pt (or the cache) and rerun",
-              file=sys.stderr)
         return 2
     except torch.OutOfMemoryError:
         print("error: out of GPU memory; lower the meta-batch (episodic.meta_batch), the image size (--image-size), "

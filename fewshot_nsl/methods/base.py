@@ -48,11 +48,14 @@ class FewShotMethod(nn.Module):
 
     @classmethod
     def stages(cls, options: Mapping[str, Any]) -> Tuple[str, ...]:
-        """Training stages of a run with these ``method_options`` (default: ``training_stages``).
+        """Training stages of a run with these ``method_options``: ``training_stages``, with the
+        cached base-class pretraining put first when an episodic method that accepts the option
+        ``pretrained_backbone`` is given ``pretrained_backbone: true``.
 
-        Override when an option changes how the method is trained (e.g. an episodic method
-        whose backbone can start from the cached base-class pretraining).
+        Override when another option changes how the method is trained.
         """
+        if options.get("pretrained_backbone") and "pretrain" not in cls.training_stages:
+            return ("pretrain",) + tuple(cls.training_stages)
         return cls.training_stages
 
     # ------------------------------------------------------------------ the two calls
