@@ -61,11 +61,12 @@ def meta(**options):
     return method
 
 
-def test_meta_inner_loop_changes_only_similarity_and_head():
-    method = meta(inner_steps_test=3).eval()
+@pytest.mark.parametrize("adapt_head", [False, True])
+def test_meta_inner_loop_changes_only_similarity_and_head(adapt_head):
+    method = meta(inner_steps_test=3, adapt_head=adapt_head).eval()
     assert {n for n, p in method.named_parameters() if p.requires_grad} == (
         {f"backbone.blocks.{i}.0.m_s" for i in range(4)} | {"head.weight", "head.bias"}
-    )
+    )  # the head is meta-learned in both cases; adapt_head decides whether the inner loop moves it
     before = snapshot(method)
     sx, sy, qx, _ = episode()
     with torch.no_grad():  # as the harness calls it
@@ -74,7 +75,7 @@ def test_meta_inner_loop_changes_only_similarity_and_head():
     initial = dict(method.network().named_parameters())
     assert len(names) == len(fast)
     for name, p in zip(names, fast):
-        adapted = name.endswith("m_s") or name.startswith("1.")  # "1." is the head in network()
+        adapted = name.endswith("m_s") or (adapt_head and name.startswith("1."))  # "1." is the head in network()
         assert torch.equal(p, initial[name]) != adapted, name
     assert_unchanged(method, before)  # initial M_s, head, W and BN statistics are all bit-identical
     with torch.no_grad():
@@ -82,6 +83,36 @@ def test_meta_inner_loop_changes_only_similarity_and_head():
         logits = method(qx)
     assert logits.shape == (15, 5) and torch.isfinite(logits).all() and not logits.requires_grad
     assert_unchanged(method, before)
+
+
+def test_meta_batch_norm_batch_statistics_vs_running():
+    sx, sy, qx, _ = episode()
+    running, batch = meta(batch_norm="running").eval(), meta(batch_norm="batch").eval()
+    bns = [m for m in batch.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(bn.running_mean is None and not bn.track_running_stats for bn in bns)
+    assert all(m.running_mean is not None for m in running.modules() if isinstance(m, nn.BatchNorm2d))
+    # batch statistics: a query's logits depend on the other queries of the batch; running: they do not
+    with torch.no_grad():
+        for method, depends in ((running, False), (batch, True)):
+            method.fit_support(sx, sy)
+            alone, together = method(qx[:1]), method(qx)[:1]
+            assert torch.allclose(alone, together, atol=1e-5) != depends
+    with pytest.raises(ConfigError, match="batch_norm must be one of batch, running"):
+        meta(batch_norm="frozen")
+
+
+def test_meta_cosine_head():
+    method = meta(head="cosine", cosine_scale=3.0, adapt_head=True)
+    assert type(method.head).__name__ == "CosineHead"
+    assert {n for n, p in method.named_parameters() if p.requires_grad and n.startswith("head")} == {"head.weight"}
+    z = torch.randn(6, method.head.weight.shape[1])
+    logits = method.head(z)
+    assert logits.shape == (6, 5) and logits.abs().max() <= 3.0 + 1e-5  # scale * cosine
+    assert torch.allclose(method.head(2.5 * z), logits, atol=1e-5)  # invariant to the feature norm
+    method.train().loss(*episode()).backward()
+    assert method.head.weight.grad is not None and method.head.weight.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="head must be one of linear, cosine"):
+        meta(head="mlp")
 
 
 def test_meta_outer_gradients_reach_initial_similarity_first_and_second_order():
@@ -249,7 +280,9 @@ def test_end_to_end_on_glyphs_smoke(tmp_path, method):
 @pytest.mark.parametrize("method, options", [
     ("static_nsn", {}),
     ("dynamic_nsn", {}),
-    ("meta_static_nsn", {"inner_steps_test": 10, "inner_lr": 0.5}),  # smoke's 2 test steps barely move a random head
+    # smoke's 4 meta-steps leave the meta-learned head near its random init, which M_s alone (the default,
+    # Eq. 7) cannot make up for; with the head adapted too (10 steps, lr 0.5) this checks the pipeline.
+    ("meta_static_nsn", {"inner_steps_test": 10, "inner_lr": 0.5, "adapt_head": True}),
 ])
 def test_end_to_end_above_chance_on_tiny(tmp_path, method, options):
     row, _ = e2e(tmp_path, method, dataset="tiny", shots=2, image_size=16, method_options=options,

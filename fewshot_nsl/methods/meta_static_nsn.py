@@ -4,15 +4,18 @@
    (the harness's cached pretraining, shared with ``static_nsn`` and the finetuning and
    nearest-neighbour baselines).
 2. :meth:`MetaStaticNSN.after_pretrain` wraps every conv as a static :class:`~fewshot_nsl.nn.NSConv2d`
-   with ``M_s = I`` and freezes the conv weights ``W`` and the batch norm (eval mode, base-class
-   running statistics, frozen affine). The meta-parameters are the initial ``M_s`` of every layer
-   and a ``ways``-way linear head.
+   with ``M_s = I`` and freezes the conv weights ``W`` and the BN affine parameters. BN normalises
+   with the statistics of the batch it is given (``batch_norm="batch"``, as Finn et al.'s MAML), or
+   with the base-class running statistics of the pretraining (``batch_norm="running"``).
+   The meta-parameters are the initial ``M_s`` of every layer and a ``ways``-way head (linear, or
+   cosine with ``head="cosine"``: the normalised classifier of Chen et al. 2019 that the paper cites).
 3. Episodic meta-training (MAML, Finn et al. 2017): for each base-class episode, ``inner_steps`` SGD
-   steps on the support loss update only ``M_s`` and the head (``M' = M - eta * grad_M L``), and the
-   query loss after them is back-propagated into the initial ``M_s`` and head (second order by
-   default; ``first_order=True`` drops the second-order terms).
+   steps on the support loss update only ``M_s`` (Eq. 7: ``M' = M - eta * grad_M L``); the head is a
+   meta-learned initialisation that the inner loop leaves as it is (``adapt_head=True`` adapts it
+   too). The query loss after the inner steps is back-propagated into the initial ``M_s`` and head
+   (second order by default; ``first_order=True`` drops the second-order terms).
 4. Test: the same inner loop (``inner_steps_test`` steps) on the support set, then the queries are
-   classified with the adapted ``M_s`` and head. The meta-learned initial values are never modified.
+   classified with the adapted ``M_s`` (and head). The meta-learned initial values are never modified.
 
 The inner loop is :func:`~fewshot_nsl.methods.adaptation.sgd_inner_loop` (shared with the MAML
 plugin): ``higher.innerloop_ctx(net, opt, copy_initial_weights=False)``, so the fast weights start
@@ -30,14 +33,39 @@ from torch import nn
 from ..errors import ConfigError
 from ..nn import NSConv2d, similarity_parameters, similarity_regularization, wrap_convs_static
 from ..registry import register_method
-from .adaptation import AdaptedNetwork, check_head_ways, sgd_inner_loop
+from .adaptation import AdaptedNetwork, check_head_ways, sgd_inner_loop, use_batch_statistics
 from .base import FewShotMethod
 from .static_nsn import AUTHORS_UNS_L2, STRUCTURES
+
+HEADS = ("linear", "cosine")
+BATCH_NORMS = ("batch", "running")
+
+
+class CosineHead(nn.Module):
+    """Normalised (cosine) classifier, Chen et al. 2019 (``distLinear``): ``scale * cos(x, w_c)``.
+
+    Args:
+        in_features: ``D``.
+        ways: outputs.
+        scale: multiplies the cosines (Chen et al.: 2 for up to 200 classes).
+
+    Shape:
+        ``(B, D)`` -> ``(B, ways)``.
+    """
+
+    def __init__(self, in_features: int, ways: int, scale: float = 2.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(ways, in_features))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # as nn.Linear
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.normalize(x, dim=1, eps=1e-5) @ F.normalize(self.weight, dim=1, eps=1e-5).t()
 
 
 @register_method("meta_static_nsn")
 class MetaStaticNSN(FewShotMethod):
-    """MAML over the static similarity matrices ``M_s`` and a linear head, on a frozen pretrained backbone.
+    """MAML over the static similarity matrices ``M_s`` (and a meta-learned head), on a frozen pretrained backbone.
 
     Args:
         backbone: plain feature extractor, pretrained on the base classes by the harness.
@@ -51,6 +79,13 @@ class MetaStaticNSN(FewShotMethod):
         similarity_l2: coefficient of ``0.5 * sum M_s^2`` on the initial ``M_s`` added to the
             meta-training loss; ``None``: the authors' 5e-3 for UNS, 0 for DNS.
         similarity_l2_centered: penalise ``M_s - I`` instead of ``M_s``.
+        adapt_head: the inner loop updates the head as well as ``M_s`` (the paper's Eq. 7 and its test
+            protocol update only ``M_s``: ``False``, the default).
+        head: ``"linear"`` or ``"cosine"`` (:class:`CosineHead`).
+        cosine_scale: scale of the cosine head.
+        batch_norm: ``"batch"``: every BN normalises with the statistics of the batch it is given
+            (support batch in the inner loop, query batch at prediction), as Finn et al.'s MAML;
+            ``"running"``: the pretraining's base-class running statistics.
     """
 
     training_stages = ("pretrain", "episodic")
@@ -67,6 +102,10 @@ class MetaStaticNSN(FewShotMethod):
         first_order: bool = False,
         similarity_l2: Optional[float] = None,
         similarity_l2_centered: bool = False,
+        adapt_head: bool = False,
+        head: str = "linear",
+        cosine_scale: float = 2.0,
+        batch_norm: str = "batch",
     ) -> None:
         super().__init__(backbone, image_size)
         if structure not in STRUCTURES:
@@ -76,8 +115,14 @@ class MetaStaticNSN(FewShotMethod):
                 "meta_static_nsn pretrains a plain backbone and wraps its convs itself; drop the 'conv:' setting "
                 "and choose the similarity with method_options: {structure: dns|uns}"
             )
+        if head not in HEADS:
+            raise ConfigError(f"meta_static_nsn head must be one of {', '.join(HEADS)}, got {head!r}")
+        if batch_norm not in BATCH_NORMS:
+            raise ConfigError(f"meta_static_nsn batch_norm must be one of {', '.join(BATCH_NORMS)}, got {batch_norm!r}")
         self.structure = structure
-        self.head = nn.Linear(backbone.feature_dim(image_size), ways)
+        dim = backbone.feature_dim(image_size)
+        self.head: nn.Module = CosineHead(dim, ways, cosine_scale) if head == "cosine" else nn.Linear(dim, ways)
+        self.adapt_head, self.batch_norm = adapt_head, batch_norm
         self.ways = ways
         self.inner_lr, self.inner_steps, self.inner_steps_test = inner_lr, inner_steps, inner_steps_test
         self.first_order = first_order
@@ -89,10 +134,15 @@ class MetaStaticNSN(FewShotMethod):
 
     # ------------------------------------------------------------------ setup
     def after_pretrain(self) -> None:
-        """Wrap every conv as static NSConv2d (``M_s = I``); freeze ``W`` and BN; ``M_s`` and head stay trainable."""
+        """Wrap every conv as static NSConv2d (``M_s = I``); freeze ``W`` and BN affine; ``M_s`` and head stay trainable.
+
+        With ``batch_norm="batch"`` the BN layers drop their running statistics and normalise with batch statistics.
+        """
         if self.wrapped:
             return
         wrap_convs_static(self.backbone, structure=self.structure)
+        if self.batch_norm == "batch":
+            use_batch_statistics(self.backbone)
         self.backbone.requires_grad_(False)
         for p in similarity_parameters(self.backbone):
             p.requires_grad_(True)
@@ -100,7 +150,8 @@ class MetaStaticNSN(FewShotMethod):
         self.backbone.eval()
 
     def train(self, mode: bool = True) -> "MetaStaticNSN":
-        """As :meth:`torch.nn.Module.train`, but the wrapped backbone's BN always uses base-class statistics."""
+        """As :meth:`torch.nn.Module.train`, but the wrapped backbone stays in eval mode (BN never updates
+        running statistics; with ``batch_norm="batch"`` it normalises with batch statistics in both modes)."""
         super().train(mode)
         if self.wrapped:
             self.backbone.eval()
@@ -120,7 +171,7 @@ class MetaStaticNSN(FewShotMethod):
     def adapt(
         self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int, track_higher_grads: bool
     ) -> Tuple[nn.Module, List[torch.Tensor]]:
-        """Inner loop: ``steps`` SGD steps of the support cross-entropy over ``M_s`` and the head only.
+        """Inner loop: ``steps`` SGD steps of the support cross-entropy over ``M_s`` (and the head with ``adapt_head``).
 
         Args:
             support_x: ``(S, 3, H, W)`` images.
@@ -138,19 +189,23 @@ class MetaStaticNSN(FewShotMethod):
             raise RuntimeError("meta_static_nsn: call after_pretrain() (the harness does) before adapting")
         ways = check_head_ways("meta_static_nsn", self.ways, self.num_ways(support_y))
         return sgd_inner_loop(
-            self.network(), similarity_parameters(self.backbone) + list(self.head.parameters()), self.inner_lr, steps,
+            self.network(), self.adapted_parameters(), self.inner_lr, steps,
             lambda fnet: F.cross_entropy(fnet(support_x)[:, :ways], support_y),
             differentiable=track_higher_grads, first_order=self.first_order,
         )
 
+    def adapted_parameters(self) -> List[nn.Parameter]:
+        """The parameters the inner loop updates: every ``M_s``, plus the head's with ``adapt_head``."""
+        return similarity_parameters(self.backbone) + (list(self.head.parameters()) if self.adapt_head else [])
+
     # ------------------------------------------------------------------ the two calls
     def fit_support(self, support_x: torch.Tensor, support_y: torch.Tensor) -> None:
-        """Adapt fast copies of ``M_s`` and head (never the initial values); works under ``torch.no_grad()``."""
+        """Adapt fast copies of ``M_s`` (and head); never the initial values; works under ``torch.no_grad()``."""
         fnet, fast = self.adapt(support_x, support_y, self.inner_steps_test, track_higher_grads=False)
         self._adapted = AdaptedNetwork(fnet, fast, self.num_ways(support_y))
 
     def forward(self, query_x: torch.Tensor) -> torch.Tensor:
-        """``(Q, 3, H, W)`` -> logits ``(Q, ways)`` with the adapted ``M_s`` and head."""
+        """``(Q, 3, H, W)`` -> logits ``(Q, ways)`` with the adapted ``M_s`` (and head)."""
         if self._adapted is None:
             raise RuntimeError("meta_static_nsn: call fit_support before forward")
         return self._adapted.logits(query_x)
