@@ -20,8 +20,10 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from .errors import ConfigError
+from .resources import resource_dir
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+#: ``configs/`` of a checkout, ``fewshot_nsl/configs`` of an installed copy.
+CONFIG_DIR = resource_dir("configs")
 PROFILES = ("smoke", "quick", "paper")
 
 

@@ -38,10 +38,10 @@ COLUMNS = KEY + [
     "image_size", "synthetic", "episode_list", "episode_hash", "dataset_fingerprint", "config_hash",
     "seeds", "params", "train_time_s", "eval_time_s", "wall_time_s", "peak_memory_mb", "device", "device_name",
     "threads", "executor", "pretrain_world_size", "resumed", "torch_version", "python_version",
-    "git_commit", "git_dirty", "run_id", "finished_at",
+    "version", "git_commit", "git_dirty", "run_id", "finished_at",
 ]
 #: Columns read as text (hex hashes such as ``12e4...`` would otherwise parse as numbers).
-TEXT_COLUMNS = ["episode_hash", "dataset_fingerprint", "config_hash", "seeds", "git_commit", "run_id",
+TEXT_COLUMNS = ["episode_hash", "dataset_fingerprint", "config_hash", "seeds", "version", "git_commit", "run_id",
                 "ref_method", "ref_backbone", "episode_list", "profile", "method", "backbone", "dataset"]
 DEFAULT_REFERENCE = "protonet"
 
@@ -389,7 +389,9 @@ def _summary_frame(g: pd.DataFrame) -> pd.DataFrame:
 
     rows = []
     for _, r in g.sort_values(["shots", "method", "backbone"]).iterrows():
-        commit = str(r.get("git_commit") or "")
+        commit = "" if pd.isna(r.get("git_commit")) or not r.get("git_commit") else str(r.get("git_commit"))
+        if not commit and pd.notna(r.get("version")) and r.get("version"):  # an installed copy: its version
+            commit = f"v{r.get('version')}"
         rows.append({
             "method": r["method"], "backbone": r["backbone"], "shots": int(r["shots"]),
             "accuracy ± CI95": _fmt(r["accuracy"], r["ci95"]), "t-CI95": num(r.get("ci95_t"), ".2f"),
@@ -402,7 +404,7 @@ def _summary_frame(g: pd.DataFrame) -> pd.DataFrame:
             "wall s": num(r.get("wall_time_s"), ".1f"), "peak MB": num(r.get("peak_memory_mb"), ".0f"),
             "device": f"{r.get('device')} x{r.get('threads')}" if pd.notna(r.get("threads")) else str(r.get("device")),
             "executor": r.get("executor", "-"),
-            "commit": commit[:8] + ("+dirty" if str(r.get("git_dirty")) in ("True", "true", "1") else ""),
+            "commit": (commit if commit.startswith("v") else commit[:8]) + ("+dirty" if str(r.get("git_dirty")) in ("True", "true", "1") else ""),
             "config": str(r.get("config_hash"))[:8], "episode list": str(r.get("episode_hash"))[:8],
         })
     return pd.DataFrame(rows)

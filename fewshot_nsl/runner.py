@@ -39,6 +39,7 @@ import torch
 
 from .config import RunConfig, save_config
 from .data.episodes import (
+    EPISODES_DIR,
     EpisodeList,
     check_episodes_match_store,
     default_episode_path,
@@ -48,7 +49,7 @@ from .data.store import ImageStore, check_min_images, default_cache_dir
 from .errors import ConfigError
 from .evaluation import FIELDS, evaluate, read_episode_results
 from .methods.base import FewShotMethod
-from .registry import REPO_ROOT, check_kwargs, create_backbone, create_dataset, get_method_class
+from .registry import check_kwargs, create_backbone, create_dataset, get_method_class
 from .reporting import paper_value, render_reports, upsert_row
 from .stats import summarize
 from .training import atomic_torch_save, load_checkpoint, meta_train, pretrain, resolve_device, set_seed
@@ -58,13 +59,11 @@ TRAINING_STAGES = ("pretrain", "episodic")
 
 # ----------------------------------------------------------------------------- provenance helpers
 def git_info() -> Dict[str, Any]:
-    """``{"git_commit": sha or "unknown", "git_dirty": bool}`` of the suite's checkout."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-        return {"git_commit": sha or "unknown", "git_dirty": bool(dirty)}
-    except (OSError, subprocess.SubprocessError):
-        return {"git_commit": "unknown", "git_dirty": False}
+    """``{"version": package version, "git_commit": sha, "git_dirty": bool}``; the commit only when
+    the suite runs from a git checkout (None for an installed copy, see :mod:`fewshot_nsl.resources`)."""
+    from .resources import git_info as _git, version
+
+    return {"version": version(), **_git()}
 
 
 def device_name(device: torch.device) -> str:
@@ -116,11 +115,12 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def _display_path(path: Path, results_dir: Path) -> str:
-    """``path`` relative to the repository (committed lists) or to the results folder (generated
+    """``path`` relative to the folder holding the committed ``episodes/`` (the checkout or the
+    installed package: ``episodes/<dataset>/...`` either way) or to the results folder (generated
     lists: ``episodes/...``), else absolute."""
     if not path.is_absolute():
         return str(path)
-    for base in (REPO_ROOT, results_dir.resolve()):
+    for base in (EPISODES_DIR.parent, results_dir.resolve()):
         try:
             return str(path.resolve().relative_to(base.resolve()))
         except ValueError:
@@ -525,8 +525,8 @@ def aggregate(summaries: Sequence[Dict[str, Any]], results_dir: Path) -> Dict[st
         "train_time_s": total("train_time_s"), "eval_time_s": total("eval_time_s"), "wall_time_s": total("wall_time_s"),
         "peak_memory_mb": max((s["peak_memory_mb"] for s in summaries if s.get("peak_memory_mb") is not None), default=None),
         "resumed": any(bool(s.get("resumed")) for s in summaries),
-        "git_commit": ";".join(dict.fromkeys(str(s["git_commit"]) for s in summaries)),
-        "git_dirty": any(bool(s.get("git_dirty")) for s in summaries),
+        "git_commit": ";".join(dict.fromkeys(str(s["git_commit"]) for s in summaries if s.get("git_commit"))) or None,
+        "git_dirty": any(bool(s.get("git_dirty")) for s in summaries) if any(s.get("git_commit") for s in summaries) else None,
         "run_id": ";".join(s["run_id"] for s in summaries),
         "finished_at": max(str(s["finished_at"]) for s in summaries),
     })

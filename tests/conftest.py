@@ -23,11 +23,11 @@ def hermetic_cache(tmp_path_factory):
         os.environ["FEWSHOT_NSL_CACHE"] = old
 
 
-from fewshot_nsl.registry import load_plugins  # noqa: E402
+from fewshot_nsl.registry import load_plugins, plugin_module  # noqa: E402
 
 PLUGINS = Path(__file__).parent / "plugins"
 load_plugins([PLUGINS])
-from fewshot_nsl_plugins.plugins.tiny_dataset import make_tiny_store  # noqa: E402
+make_tiny_store = plugin_module(PLUGINS / "tiny_dataset.py").make_tiny_store
 
 
 @pytest.fixture

@@ -19,12 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError
+from ..resources import resource_dir
 from .store import ImageStore
 
 #: Per-channel normalisation applied to every image (ImageNet statistics).
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
-EPISODES_DIR = Path(__file__).resolve().parents[2] / "episodes"
+#: The committed lists: ``episodes/`` of a checkout, ``fewshot_nsl/episodes`` of an installed copy.
+EPISODES_DIR = resource_dir("episodes")
 
 
 @dataclass(frozen=True)
