@@ -220,7 +220,8 @@ class RayExecutor:
             salvage_shards,
             stages_of,
         )
-        from .training import pretrain_key
+        from .registry import get_method_class
+        from .training import pretrain_cache_path
 
         ray = import_ray()
         started = self._init(ray)
@@ -251,8 +252,9 @@ class RayExecutor:
                 if not (ctx.run_dir / "method.pt").is_file():
                     if "pretrain" in stages_of(cfg):
                         cache = Path(cfg.cache_dir or default_cache_dir())
-                        key = pretrain_key(cfg, job.store, conv_spec_of(cfg))
-                        if not (cache / "pretrain" / f"{key}.pt").is_file():
+                        pre_path = pretrain_cache_path(cfg, job.store, conv_spec_of(cfg), get_method_class(cfg.method), cache)
+                        key = pre_path.stem
+                        if not pre_path.is_file():
                             owns = key not in pre_refs
                             if owns:
                                 pre_refs[key] = r_pre.remote(cfg, self.plugin_dirs, self.threads)

@@ -8,8 +8,9 @@ aggregates the seeds (:func:`fewshot_nsl.runner.aggregate`).
 Planning decides, per cell, before anything trains:
 
 * ``not registered``: the grid names a method no plugin provides (yet): reported, skipped;
-* ``complete``: every seed's run has a ``summary.json`` for the same config hash, episode-list
-  hash and dataset fingerprint, and the leaderboard row names exactly those runs: skipped;
+* ``complete``: every seed's run has a ``summary.json`` under the same identity (config, dataset
+  content, episode list and split, code, world size: :mod:`fewshot_nsl.identity`), and the
+  leaderboard row names exactly those runs: skipped;
 * ``aggregate``: the runs are complete but the leaderboard row is missing or stale: the row
   is rebuilt from the runs' CSVs (no training, no evaluation);
 * ``run``: some seed is missing or unfinished: handed to the executor, which resumes it.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import shutil
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +33,17 @@ from .data.episodes import EpisodeList
 from .data.store import ImageStore
 from .errors import ConfigError, FewShotError
 from .registry import METHODS, PLUGIN_ERRORS, list_methods
-from .reporting import KEY, _n_seeds, read_leaderboard, render_reports, upsert_row
-from .runner import aggregate, is_complete, load_episodes, load_store, store_key, validate_against_store
+from .reporting import KEY, _n_seeds, key_text, read_leaderboard, render_reports, upsert_row
+from .runner import (
+    aggregate,
+    is_complete,
+    load_episodes,
+    load_store,
+    run_dir_of,
+    run_identity,
+    store_key,
+    validate_against_store,
+)
 
 
 @dataclass(frozen=True)
@@ -143,10 +154,13 @@ def plan(
     config_file: Optional[str],
     seeds: Optional[Sequence[int]],
     skip_unregistered: bool,
+    rerun: bool = False,
 ) -> List[PlannedCell]:
     """Resolve every cell's configs, load data once per dataset config, and classify the cells.
 
     Input errors (bad dataset, impossible ways/shots, bad options) raise here, before any training.
+    With ``rerun`` every runnable cell is planned as ``run`` (its finished runs are discarded by
+    :func:`run_grid`).
     """
     list_methods()  # load plugins
     stores: Dict[str, ImageStore] = {}
@@ -184,7 +198,7 @@ def plan(
         episodes = episode_lists[ekey]
         n = min(cfg.eval.episodes, len(episodes))
         for c in cfgs:
-            s = is_complete(c, episodes.sha256, store.fingerprint(), n)
+            s = None if rerun else is_complete(c, run_identity(c, store, episodes), n)
             if s is not None:
                 pc.summaries[c.seed] = s
             else:
@@ -212,9 +226,9 @@ def plan(
 def _board_row(board, summary: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     if board is None or board.empty:
         return None
-    same = board[KEY[0]].astype(str) == str(summary[KEY[0]])
+    same = board[KEY[0]].map(key_text) == key_text(summary.get(KEY[0]))
     for k in KEY[1:]:
-        same &= board[k].astype(str) == str(summary[k])
+        same &= board[k].map(key_text) == key_text(summary.get(k))
     hit = board[same]
     return None if hit.empty else hit.iloc[0].to_dict()
 
@@ -236,9 +250,13 @@ def result_line(row: Dict[str, Any]) -> str:
     """``protonet cnn4 5-way 5-shot on glyphs: 61.23 +- 0.80 over 600 episodes ...``"""
     note = " (synthetic dataset: not comparable with Mini-ImageNet)" if str(row.get("synthetic")) in ("True", "true") else ""
     pv = row.get("paper_value")
-    paper = f"; paper (Mini-ImageNet): {float(pv):.2f} +- {float(row['paper_ci']):.2f}" if pv is not None and pv == pv else ""
+    paper = ""
+    if pv is not None and pv == pv:
+        how = "" if str(row.get("paper_comparable")) in ("True", "true") else ", for orientation only"
+        paper = f"; paper (Mini-ImageNet{how}): {float(pv):.2f} +- {float(row['paper_ci']):.2f}"
     seeds = f" x {row['n_seeds']} seeds (seed sd {float(row['seed_std']):.2f})" if _n_seeds(row) > 1 else ""
-    return (f"{row['method']} {row['backbone']} {row['ways']}-way {row['shots']}-shot on {row['dataset']}: "
+    split = "" if str(row.get("split", "test")) == "test" else f" ({row['split']} split)"
+    return (f"{row['method']} {row['backbone']} {row['ways']}-way {row['shots']}-shot on {row['dataset']}{split}: "
             f"{float(row['accuracy']):.2f} +- {float(row['ci95']):.2f} over {row['episodes']} episodes{seeds}{paper}{note}")
 
 
@@ -255,6 +273,7 @@ def run_grid(
     log: Callable[[str], None] = print,
     fail_fast: bool = False,
     dry_run: bool = False,
+    rerun: bool = False,
 ) -> GridResult:
     """Plan the cells, run what is missing with ``executor`` (default: local), aggregate the seeds
     of every finished cell into its leaderboard row, and re-render the reports.
@@ -262,12 +281,14 @@ def run_grid(
     Args:
         fail_fast: re-raise a cell's error instead of reporting it and going on.
         dry_run: plan and print what would run, then stop.
+        rerun: recompute the cells deliberately: their finished runs (trained method, episode
+            results, summaries) are deleted and run again; the shared pretraining cache is kept.
     """
     from .executors import LocalExecutor
 
     executor = executor or LocalExecutor()
     seeds = list(dict.fromkeys(int(s) for s in seeds)) if seeds else None
-    planned = plan(cells, cli, config_file, seeds, skip_unregistered)
+    planned = plan(cells, cli, config_file, seeds, skip_unregistered, rerun)
     runnable = [p for p in planned if p.cfgs]
     results_dir = Path(runnable[0].cfgs[0].results_dir if runnable else cli.get("results_dir") or "results")
     head = runnable[0].cfgs[0] if runnable else None
@@ -284,6 +305,12 @@ def run_grid(
 
     if dry_run:
         return GridResult(planned)
+    if rerun:
+        for job in (j for p in planned if p.status == "run" for j in p.jobs):
+            d = run_dir_of(job.cfg, run_identity(job.cfg, job.store, job.episodes))
+            if d.is_dir():
+                shutil.rmtree(d)
+                log(f"  rerun: removed {d}")
 
     def finish_cell(p: PlannedCell) -> None:
         row = aggregate(list(p.summaries.values()), results_dir)
@@ -316,9 +343,7 @@ def run_grid(
                 if not isinstance(exc, FewShotError):
                     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
                     try:
-                        from .runner import run_dir_of
-
-                        d = run_dir_of(job.cfg)
+                        d = run_dir_of(job.cfg, run_identity(job.cfg, job.store, job.episodes))
                         d.mkdir(parents=True, exist_ok=True)
                         (d / "error.txt").write_text(tb)
                         log(f"  traceback: {d / 'error.txt'}")

@@ -1,7 +1,9 @@
 """Leaderboard CSV, paired comparisons, Table-6-style markdown, summaries and a plot.
 
-The leaderboard has one row per (dataset, method, backbone, ways, shots, profile); a new
-result for the same key replaces the old row. Updates take an exclusive file lock and
+The leaderboard has one row per experiment: :data:`KEY` = dataset name and content fingerprint,
+split, episode list, image size, method, backbone, ways, shots and profile (two rows that differ in
+any of these are different experiments); a new result for the same key replaces the old row
+(a re-run with other code or settings of the same experiment). Updates take an exclusive file lock and
 replace the file atomically (temp file, fsync, rename), so concurrent runs never corrupt it.
 
 Everything here is rendered from CSVs alone: ``leaderboard.csv`` and, for the paired
@@ -29,20 +31,27 @@ import yaml
 from .config import CONFIG_DIR
 from .errors import ConfigError
 
-KEY = ["dataset", "method", "backbone", "ways", "shots", "profile"]
+KEY = ["dataset", "dataset_fingerprint", "split", "episode_hash", "image_size", "method", "backbone", "ways", "shots",
+       "profile"]
+#: The key of leaderboards written before the split and identity columns existed (read, upgraded).
+LEGACY_KEY = ["dataset", "method", "backbone", "ways", "shots", "profile"]
+#: Rows of one rendered table: the same data, split, ways, profile and image size.
+GROUP = ["dataset", "dataset_fingerprint", "split", "ways", "profile", "image_size"]
 #: Paired comparison with the reference method (see :func:`add_paired_columns`).
 PAIRED = ["ref_method", "ref_backbone", "diff_vs_ref", "diff_ci95", "p_vs_ref", "p_wilcoxon_vs_ref", "n_paired"]
-COLUMNS = KEY + [
+COLUMNS = LEGACY_KEY + ["split"] + [
     "accuracy", "ci95", "ci95_t", "std", "seed_std", "n_seeds", "episodes", "episodes_failed",
-    *PAIRED, "paper_value", "paper_ci",
-    "image_size", "synthetic", "episode_list", "episode_hash", "dataset_fingerprint", "config_hash",
+    *PAIRED, "paper_value", "paper_ci", "paper_comparable",
+    "image_size", "synthetic", "episode_list", "episode_hash", "dataset_fingerprint", "config_hash", "code_hash",
     "seeds", "params", "train_time_s", "eval_time_s", "wall_time_s", "peak_memory_mb", "device", "device_name",
     "threads", "executor", "pretrain_world_size", "resumed", "torch_version", "python_version",
     "version", "git_commit", "git_dirty", "run_id", "finished_at",
 ]
 #: Columns read as text (hex hashes such as ``12e4...`` would otherwise parse as numbers).
-TEXT_COLUMNS = ["episode_hash", "dataset_fingerprint", "config_hash", "seeds", "version", "git_commit", "run_id",
-                "ref_method", "ref_backbone", "episode_list", "profile", "method", "backbone", "dataset"]
+TEXT_COLUMNS = ["episode_hash", "dataset_fingerprint", "config_hash", "code_hash", "seeds", "version", "git_commit", "run_id",
+                "ref_method", "ref_backbone", "episode_list", "profile", "method", "backbone", "dataset", "split"]
+#: Columns a leaderboard of this or an earlier version may have; any other header is refused.
+KNOWN_COLUMNS = set(COLUMNS) | {"version"}
 DEFAULT_REFERENCE = "protonet"
 
 
@@ -59,6 +68,24 @@ def paper_rows() -> List[Dict[str, Any]]:
 def paper_only_rows() -> List[Dict[str, Any]]:
     """Table-6 rows this suite does not reproduce (other backbones), for orientation."""
     return _table6().get("paper_only", []) or []
+
+
+def paper_comparable(dataset: str, profile: str, image_size: Any, split: str = "test") -> Tuple[bool, str]:
+    """Whether a row can be set beside the paper's value: Mini-ImageNet, the ``paper`` profile,
+    84x84 images, the test split. Returns ``(comparable, why not)``."""
+    why = []
+    if str(dataset) != "miniimagenet":
+        why.append(f"dataset {dataset}, not Mini-ImageNet")
+    if str(profile) != "paper":
+        why.append(f"profile {profile}, not paper")
+    try:
+        if int(float(image_size)) != 84:
+            why.append(f"{int(float(image_size))} px, not 84")
+    except (TypeError, ValueError):
+        why.append("image size unknown")
+    if str(split) != "test":
+        why.append(f"{split} split, not test")
+    return (not why, "; ".join(why))
 
 
 def paper_value(method: str, backbone: str, ways: int, shots: int) -> tuple:
@@ -84,12 +111,68 @@ def locked(path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def read_leaderboard(path: Path) -> pd.DataFrame:
+def key_text(v: Any) -> str:
+    """A key value as text, the same whether it came from a run (``84``, ``None``) or was read
+    back from the CSV (``84.0``, ``NaN``)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and float(v).is_integer():
+        return str(int(v))
+    return str(v)
+
+
+def check_leaderboard(path: Path) -> None:
+    """Refuse a ``leaderboard.csv`` this suite did not write, before anything is run or rendered.
+
+    Raises:
+        ConfigError: one line naming the file: not a regular file, binary or not UTF-8, a header
+            with unknown columns or without the key columns, or a torn/ragged row.
+    """
     path = Path(path)
+    if not path.exists():
+        return
+    fix = f"move it away or pass another --results-dir (results are never written over a file the suite cannot read)"
+    if not path.is_file():
+        raise ConfigError(f"{path} is not a regular file; {fix}")
+    data = path.read_bytes()
+    if not data:
+        return
+    if b"\0" in data:
+        raise ConfigError(f"{path} is binary, not a leaderboard written by fewshot-nsl; {fix}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text, not a leaderboard written by fewshot-nsl; {fix}") from None
+    if not text.endswith("\n"):
+        raise ConfigError(f"{path} ends in a torn row (no final newline: an interrupted write by another tool?); {fix}")
+    rows = list(csv.reader(text.splitlines()))
+    header = rows[0] if rows else []
+    unknown = [c for c in header if c not in KNOWN_COLUMNS]
+    missing = [c for c in LEGACY_KEY if c not in header]
+    if unknown or missing or len(set(header)) != len(header):
+        what = f"unknown column(s) {', '.join(unknown[:5])}" if unknown else (
+            f"no {', '.join(missing)} column(s)" if missing else "repeated columns")
+        raise ConfigError(f"{path} is not a leaderboard written by fewshot-nsl ({what}); {fix}")
+    for lineno, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise ConfigError(f"{path} line {lineno} has {len(row)} fields, the header {len(header)}; {fix}")
+
+
+def read_leaderboard(path: Path) -> pd.DataFrame:
+    """The leaderboard as a frame (checked by :func:`check_leaderboard`; a leaderboard of an
+    earlier version, without the split/identity columns, is upgraded: its rows are on ``test``)."""
+    path = Path(path)
+    check_leaderboard(path)
     if not path.is_file() or path.stat().st_size == 0:
         return pd.DataFrame(columns=COLUMNS)
     header = pd.read_csv(path, nrows=0).columns
-    return pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS if c in header}, keep_default_na=True)
+    df = pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS if c in header}, keep_default_na=True)
+    if "split" not in df.columns:
+        df["split"] = "test"
+    for c in KEY:
+        if c not in df.columns:
+            df[c] = None
+    return df
 
 
 def _write_atomic_csv(df: pd.DataFrame, path: Path) -> None:
@@ -115,7 +198,7 @@ def upsert_row(path: Path, row: Dict[str, Any], reference: Optional[str] = None)
         if len(df):
             same = pd.Series(True, index=df.index)
             for k in KEY:
-                same &= df[k].astype(str) == str(row[k])
+                same &= df[k].map(key_text) == key_text(row.get(k))
             df = df[~same]
         new = pd.DataFrame([{c: row.get(c) for c in COLUMNS} | {k: v for k, v in row.items() if k not in COLUMNS}])
         new = new.astype({c: object for c in new.columns})
@@ -174,8 +257,8 @@ def episode_vector(run_dirs: Sequence[Path]) -> Optional[np.ndarray]:
 def _pick_reference(df: pd.DataFrame, i: Any, reference: str) -> Optional[Any]:
     r = df.loc[i]
     cand = df[(df["method"].astype(str) == reference) & (df.index != i)]
-    for k in ("dataset", "ways", "shots", "profile", "episode_hash"):
-        cand = cand[cand[k].astype(str) == str(r[k])]
+    for k in ("dataset", "dataset_fingerprint", "split", "image_size", "ways", "shots", "profile", "episode_hash"):
+        cand = cand[cand[k].map(key_text) == key_text(r[k])]
     if cand.empty:
         return None
     same = cand[cand["backbone"].astype(str) == str(r["backbone"])]
@@ -189,8 +272,8 @@ def add_paired_columns(df: pd.DataFrame, results_dir: Path, reference: Optional[
     points) over the episodes both evaluated, its 95% CI (1.96 std / sqrt(n) of the differences),
     and paired t-test / Wilcoxon p-values (:func:`fewshot_nsl.stats.paired_compare`).
 
-    The reference is the ``reference`` method's row with the same dataset, ways, shots, profile
-    and episode hash, preferably with the same backbone. Rows whose runs' CSVs are gone keep the
+    The reference is the ``reference`` method's row with the same dataset (name and content), split,
+    image size, ways, shots, profile and episode hash, preferably with the same backbone. Rows whose runs' CSVs are gone keep the
     values they had. ``reference`` None: the leaderboard's current one, else ``protonet``.
     """
     from .stats import paired_compare
@@ -318,7 +401,22 @@ def _acc_cell(r: pd.Series) -> str:
 
 
 def _groups(df: pd.DataFrame):
-    return df.groupby(["dataset", "ways", "profile"], sort=True)
+    """Tables of rows on the same data (name and content), split, ways, profile and image size."""
+    df = df.copy()
+    for c in GROUP:
+        df[c] = df[c].map(key_text) if c in df.columns else ""
+    return df.groupby(GROUP, sort=True)
+
+
+def _group_title(key: Tuple) -> str:
+    """``glyphs (data 1a2b3c4d), test split, 5-way, profile `quick`, 84 px``."""
+    dataset, fingerprint, split, ways, profile, image_size = key
+    px = f", {image_size} px" if image_size else ""
+    return f"{dataset} (data {str(fingerprint)[:8]}), {split} split, {ways}-way, profile `{profile}`{px}"
+
+
+def _is_true(v: Any) -> bool:
+    return str(v) in ("True", "true", "1", "1.0")
 
 
 def _ref_name(g: pd.DataFrame) -> str:
@@ -327,8 +425,10 @@ def _ref_name(g: pd.DataFrame) -> str:
 
 
 def table6_markdown(df: pd.DataFrame) -> str:
-    """Table-6-style markdown: one table per (dataset, ways, profile), shots as columns, with the
-    paired difference to the reference method per shot."""
+    """Table-6-style markdown: one table per (dataset and its content, split, ways, profile, image
+    size), shots as columns, with the paired difference to the reference method per shot. The
+    paper's value is a column only where the table is comparable with it (:func:`paper_comparable`);
+    elsewhere it is given for orientation, with the reason."""
     if df.empty:
         return "# Results\n\nNo results yet.\n"
     out = ["# Few-shot results (Table-6 style)", ""]
@@ -337,13 +437,16 @@ def table6_markdown(df: pd.DataFrame) -> str:
         "seeds, over the seed-averaged episodes, and `seed sd` is the std of the per-seed means). "
         "`Δ vs <ref>`: paired difference to the reference method on the same episodes ± its 95% CI, "
         "with the paired t-test p-value. `paper` is the NSL paper's Table 6 value on Mini-ImageNet "
-        "(5-way 5-shot; the paper reports no 1-shot values)."
+        "(5-way 5-shot; the paper reports no 1-shot values), shown as a column only for Mini-ImageNet test "
+        "rows of the `paper` profile at 84 px; elsewhere it is marked *for orientation*."
     )
     out.append("")
-    for (dataset, ways, profile), g in _groups(df):
+    for key, g in _groups(df):
+        dataset, _, split, ways, profile, image_size = key
         synthetic = bool(g["synthetic"].fillna(False).astype(str).isin(["True", "true", "1"]).any())
+        comparable, why = paper_comparable(dataset, profile, image_size, split)
         ref = _ref_name(g)
-        out.append(f"## {dataset}, {ways}-way, profile `{profile}`")
+        out.append(f"## {_group_title(key)}")
         out.append("")
         if synthetic:
             out.append(
@@ -351,9 +454,13 @@ def table6_markdown(df: pd.DataFrame) -> str:
                 "which are shown for orientation only.*"
             )
             out.append("")
+        elif not comparable:
+            out.append(f"*Not comparable with the paper's Table 6 ({why}); its values are shown for orientation only.*")
+            out.append("")
         shots = sorted(int(s) for s in g["shots"].unique())
+        paper_col = "paper (5-shot)" if comparable else "paper (5-shot, for orientation)"
         header = (["Method", "Backbone"] + [f"{s}-shot" for s in shots] + [f"Δ vs {ref} ({s}-shot)" for s in shots]
-                  + ["paper (5-shot)", "seeds", "episodes", "params"])
+                  + [paper_col, "seeds", "episodes", "params"])
         out.append("| " + " | ".join(header) + " |")
         out.append("|" + "---|" * len(header))
         for (method, backbone), m in g.groupby(["method", "backbone"], sort=False):
@@ -361,8 +468,10 @@ def table6_markdown(df: pd.DataFrame) -> str:
             diffs = []
             for s in shots:
                 r = m[m["shots"].astype(int) == s]
-                cells.append(_acc_cell(r.iloc[0]) if len(r) else "-")
-                diffs.append(_fmt_diff(r.iloc[0]) if len(r) else "-")
+                # several rows: the same cell on different episode lists (e.g. --episodes FILE)
+                tag = (lambda x: f" [episodes {str(x['episode_hash'])[:8]}]") if len(r) > 1 else (lambda x: "")
+                cells.append("; ".join(_acc_cell(x) + tag(x) for _, x in r.iterrows()) if len(r) else "-")
+                diffs.append("; ".join(_fmt_diff(x) for _, x in r.iterrows()) if len(r) else "-")
             cells += diffs
             pv, pc = paper_value(method, backbone, int(ways), 5)
             cells.append(_fmt(pv, pc))
@@ -393,11 +502,12 @@ def _summary_frame(g: pd.DataFrame) -> pd.DataFrame:
         if not commit and pd.notna(r.get("version")) and r.get("version"):  # an installed copy: its version
             commit = f"v{r.get('version')}"
         rows.append({
-            "method": r["method"], "backbone": r["backbone"], "shots": int(r["shots"]),
+            "method": r["method"], "backbone": r["backbone"], "shots": int(r["shots"]), "split": r.get("split"),
             "accuracy ± CI95": _fmt(r["accuracy"], r["ci95"]), "t-CI95": num(r.get("ci95_t"), ".2f"),
             "seed sd": num(r.get("seed_std"), ".2f"), "seeds": r.get("seeds"),
             f"Δ vs ref": _fmt_diff(r), "Wilcoxon p": _fmt_p(r.get("p_wilcoxon_vs_ref")) or "-",
-            "paper": _fmt(r.get("paper_value"), r.get("paper_ci")),
+            "paper": _fmt(r.get("paper_value"), r.get("paper_ci")) + (
+                "" if _is_true(r.get("paper_comparable")) or pd.isna(r.get("paper_value")) else " (orientation)"),
             "episodes": int(r["episodes"]), "failed": int(r.get("episodes_failed") or 0),
             "params": f"{int(r['params']):,}" if pd.notna(r.get("params")) else "-",
             "train s": num(r.get("train_time_s"), ".1f"), "eval s": num(r.get("eval_time_s"), ".1f"),
@@ -431,9 +541,9 @@ def summary_markdown(df: pd.DataFrame, title: str = "Benchmark summary",
     out.append("Rendered from `leaderboard.csv` (and the runs' `episodes.csv` for the paired columns); "
                "columns are explained in `results/README.md`.")
     out.append("")
-    for (dataset, ways, profile), g in _groups(df):
+    for key, g in _groups(df):
         wall = pd.to_numeric(g["wall_time_s"], errors="coerce").sum()
-        out.append(f"## {dataset}, {ways}-way, profile `{profile}`: {len(g)} cells, "
+        out.append(f"## {_group_title(key)}: {len(g)} cells, "
                    f"{wall / 60:.1f} min of run time, reference `{_ref_name(g)}`")
         out.append("")
         out += _md_table(_summary_frame(g))
@@ -459,9 +569,9 @@ def summary_html(df: pd.DataFrame, title: str = "Benchmark summary", plot: Optio
         parts.append(f"<p><img src='{html.escape(plot)}' style='max-width:100%'></p>")
     if df.empty:
         parts.append("<p>No results yet.</p>")
-    for (dataset, ways, profile), g in _groups(df):
+    for key, g in _groups(df):
         syn = " (synthetic: not comparable with Mini-ImageNet)" if g["synthetic"].astype(str).isin(["True", "true"]).any() else ""
-        parts.append(f"<h2>{html.escape(str(dataset))}{syn}, {ways}-way, profile {html.escape(str(profile))}</h2>")
+        parts.append(f"<h2>{html.escape(_group_title(key).replace('`', ''))}{syn}</h2>")
         parts.append(_summary_frame(g).to_html(index=False, escape=True))
         if cells:
             have = {(str(r.method), str(r.backbone), int(r.shots)) for r in g.itertuples()}
@@ -485,7 +595,9 @@ def plot_leaderboard(df: pd.DataFrame, path: Path) -> Optional[Path]:
 
     groups = list(_groups(df))
     fig, axes = plt.subplots(len(groups), 1, figsize=(8, 0.45 * len(df) + 1.6 * len(groups)), squeeze=False)
-    for ax, ((dataset, ways, profile), g) in zip(axes[:, 0], groups):
+    for ax, (key, g) in zip(axes[:, 0], groups):
+        dataset, _, split, ways, profile, image_size = key
+        comparable, _ = paper_comparable(dataset, profile, image_size, split)
         g = g.assign(shots=g["shots"].astype(int)).sort_values(["shots", "accuracy"])
         labels = [f"{r.method} ({r.backbone}, {int(r.shots)}-shot)" for r in g.itertuples()]
         y = list(range(len(g)))
@@ -495,8 +607,9 @@ def plot_leaderboard(df: pd.DataFrame, path: Path) -> Optional[Path]:
         for yi, r in zip(y, g.itertuples()):
             pv, _ = paper_value(r.method, r.backbone, int(r.ways), int(r.shots))
             if pv is not None:
-                ax.plot([pv], [yi], marker="D", color="#dd8452", linestyle="none",
-                        label=None if marked else "paper (Mini-ImageNet)")
+                ax.plot([pv], [yi], marker="D" if comparable else "d", color="#dd8452" if comparable else "#bbbbbb",
+                        linestyle="none", label=None if marked else
+                        ("paper (Mini-ImageNet)" if comparable else "paper (Mini-ImageNet, for orientation)"))
                 marked = True
         ax.set_yticks(y)
         ax.set_yticklabels(labels, fontsize=8)
@@ -504,7 +617,7 @@ def plot_leaderboard(df: pd.DataFrame, path: Path) -> Optional[Path]:
         ax.set_xlim(0, 100)
         ax.set_xlabel("accuracy (%) with 95% CI")
         syn = " (synthetic)" if g["synthetic"].astype(str).isin(["True", "true"]).any() else ""
-        ax.set_title(f"{dataset}{syn}, {ways}-way, profile {profile}", fontsize=10)
+        ax.set_title(f"{_group_title(key).replace('`', '')}{syn}", fontsize=10)
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     path = Path(path)

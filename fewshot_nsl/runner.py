@@ -1,16 +1,20 @@
 """One benchmark run: data -> backbone -> method -> training -> evaluation -> summary.
 
 A run is one (cell, seed): identified by
-``<dataset>_<method>_<backbone>_<W>w<S>s_<profile>_seed<seed>_<config hash>`` and living in
-``<results_dir>/runs/<run_id>/``:
+``<dataset>_<method>_<backbone>_<W>w<S>s[_<split>]_<profile>_seed<seed>_<identity digest>`` and
+living in ``<results_dir>/runs/<run_id>/``. The identity digest covers everything that determines
+the numbers (:mod:`fewshot_nsl.identity`: config, dataset content, episode list and split, code,
+world size), so a run is resumed or reused only under the same identity:
 
+* ``identity.json``: the identity's components (written first; a folder whose ``identity.json``
+  differs is never written into);
 * ``config.yaml``: the resolved config;
 * ``checkpoint.pt``: episodic-training checkpoint (model, optimiser, sampler and RNG states);
 * ``method.pt``: the trained method; ``train.json``: training time, parameter count, peak memory;
 * ``episodes.csv``: one row per evaluated episode, appended and fsync'ed as it finishes;
 * ``shards/``: per-task episode CSVs while a Ray evaluation is in flight (merged, then removed);
 * ``summary.json``: the run's result and provenance (written last, atomically: its presence
-  with the current config and episode-list hash means "complete").
+  with the same identity means "complete").
 
 The stages are separate functions so executors can place them: :func:`prepare`,
 :func:`train`, :func:`evaluate_run` (optionally on a subset of episodes) and :func:`finish`.
@@ -46,13 +50,23 @@ from .data.episodes import (
     episode_list_for_store,
 )
 from .data.store import ImageStore, check_min_images, default_cache_dir
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .evaluation import FIELDS, evaluate, read_episode_results
+from .identity import RunIdentity, method_code_hash
 from .methods.base import FewShotMethod
 from .registry import check_kwargs, create_backbone, create_dataset, get_method_class
-from .reporting import paper_value, render_reports, upsert_row
+from .reporting import paper_comparable, paper_value, render_reports, upsert_row
 from .stats import summarize
-from .training import atomic_torch_save, load_checkpoint, meta_train, pretrain, resolve_device, set_seed
+from .training import (
+    atomic_torch_save,
+    cached_world_size,
+    load_checkpoint,
+    meta_train,
+    pretrain,
+    pretrain_cache_path,
+    resolve_device,
+    set_seed,
+)
 
 TRAINING_STAGES = ("pretrain", "episodic")
 
@@ -144,12 +158,59 @@ def config_hash(cfg: RunConfig) -> str:
     return cfg.hash(omit=[s for s in TRAINING_STAGES if s not in stages])
 
 
-def run_id(cfg: RunConfig) -> str:
-    return f"{cfg.dataset}_{cfg.method}_{cfg.backbone}_{cfg.ways}w{cfg.shots}s_{cfg.profile}_seed{cfg.seed}_{config_hash(cfg)[:8]}"
+def run_identity(cfg: RunConfig, store: Optional[ImageStore] = None, episodes: Optional[EpisodeList] = None) -> RunIdentity:
+    """The run's :class:`~fewshot_nsl.identity.RunIdentity` (loads the store and episode list
+    when not given). The world size is that of the cached pretraining the run will use (1 when
+    it is not cached yet: the run trains it in one process)."""
+    store = store if store is not None else load_store(cfg)
+    episodes = episodes if episodes is not None else load_episodes(cfg, store)
+    method_cls = get_method_class(cfg.method)
+    world = 1
+    if "pretrain" in stages_of(cfg):
+        cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+        world = cached_world_size(pretrain_cache_path(cfg, store, conv_spec_of(cfg), method_cls, cache))
+    return RunIdentity(config_hash=config_hash(cfg), dataset_fingerprint=store.fingerprint(),
+                       episode_hash=episodes.sha256, split=episodes.split, code_hash=method_code_hash(method_cls),
+                       world_size=world)
 
 
-def run_dir_of(cfg: RunConfig) -> Path:
-    return Path(cfg.results_dir) / "runs" / run_id(cfg)
+def run_id(cfg: RunConfig, identity: Optional[RunIdentity] = None) -> str:
+    """``<dataset>_<method>_<backbone>_<W>w<S>s[_<split>]_<profile>_seed<seed>_<identity digest[:8]>``
+    (the split is named when it is not ``test``)."""
+    identity = identity or run_identity(cfg)
+    split = "" if identity.split == "test" else f"_{identity.split}"
+    return (f"{cfg.dataset}_{cfg.method}_{cfg.backbone}_{cfg.ways}w{cfg.shots}s{split}_{cfg.profile}_seed{cfg.seed}_"
+            f"{identity.digest()[:8]}")
+
+
+def run_dir_of(cfg: RunConfig, identity: Optional[RunIdentity] = None) -> Path:
+    return Path(cfg.results_dir) / "runs" / run_id(cfg, identity)
+
+
+def claim_run_dir(rdir: Path, identity: RunIdentity) -> None:
+    """Create ``rdir`` for ``identity`` or check that it already belongs to it.
+
+    Raises:
+        DataError: the folder holds a run of another identity (or of an unknown one): it is
+            never resumed, reused or written into.
+    """
+    record = rdir / "identity.json"
+    if record.is_file():
+        recorded = _read_json(record)
+        diff = identity.differences(recorded) if isinstance(recorded, dict) else ["identity.json unreadable"]
+        if diff:
+            raise DataError(
+                f"run folder {rdir} holds a run of another identity (differs in {', '.join(diff)}); "
+                f"move it away or use another --results-dir"
+            )
+        return
+    if rdir.is_dir() and any(rdir.iterdir()):
+        raise DataError(
+            f"run folder {rdir} has no identity.json (written by an older version or by hand); "
+            f"move it away or use another --results-dir"
+        )
+    rdir.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(record, json.dumps(identity.to_dict(), indent=1))
 
 
 def cell_config_hash(cfg: RunConfig) -> str:
@@ -250,6 +311,7 @@ class RunContext:
     episodes: EpisodeList
     device: torch.device
     run_dir: Path
+    identity: RunIdentity
     method: Optional[FewShotMethod] = None
 
     @property
@@ -276,11 +338,12 @@ def prepare(
     store = store if store is not None else load_store(cfg)
     validate_against_store(cfg, store)
     episodes = episodes if episodes is not None else load_episodes(cfg, store)
-    rdir = run_dir_of(cfg)
-    rdir.mkdir(parents=True, exist_ok=True)
+    identity = run_identity(cfg, store, episodes)
+    rdir = run_dir_of(cfg, identity)
+    claim_run_dir(rdir, identity)
     if not (rdir / "config.yaml").is_file():
         save_config(cfg, rdir / "config.yaml")
-    return RunContext(cfg, store, episodes, device, rdir)
+    return RunContext(cfg, store, episodes, device, rdir, identity)
 
 
 def train(ctx: RunContext, progress: bool = True, log=print) -> Dict[str, Any]:
@@ -309,6 +372,11 @@ def train(ctx: RunContext, progress: bool = True, log=print) -> Dict[str, Any]:
         # recorded relative to the cache dir: train.json/summary.json hold no machine-specific paths
         cache_file = Path(pre.pop("cache_path")).relative_to(cache).as_posix()
         info["pretrain"] = {"cache_file": cache_file, **pre}
+        if int(pre.get("world_size", 1)) != ctx.identity.world_size:
+            raise DataError(
+                f"the cached pretraining {cache_file} was replaced while this run started (world size "
+                f"{pre.get('world_size', 1)}, expected {ctx.identity.world_size}); run the command again"
+            )
         log(f"pretraining: {'reused cache' if info['pretrain']['cached'] else 'trained'} "
             f"(base-class train accuracy {100 * info['pretrain']['train_accuracy']:.1f}%)")
         method.after_pretrain()
@@ -398,17 +466,16 @@ def salvage_shards(ctx: RunContext) -> int:
 
 
 # ----------------------------------------------------------------------------- summaries
-def run_summary_path(cfg: RunConfig) -> Path:
-    return run_dir_of(cfg) / "summary.json"
+def run_summary_path(cfg: RunConfig, identity: Optional[RunIdentity] = None) -> Path:
+    return run_dir_of(cfg, identity) / "summary.json"
 
 
-def is_complete(cfg: RunConfig, episode_hash: str, fingerprint: str, n_episodes: int) -> Optional[Dict[str, Any]]:
-    """The run's summary if it finished with this config, episode list and dataset, else None."""
-    s = _read_json(run_summary_path(cfg))
+def is_complete(cfg: RunConfig, identity: RunIdentity, n_episodes: int) -> Optional[Dict[str, Any]]:
+    """The run's summary if it finished under exactly this identity, else None."""
+    s = _read_json(run_summary_path(cfg, identity))
     if not s:
         return None
-    ok = (s.get("run_config_hash") == config_hash(cfg) and s.get("episode_hash") == episode_hash
-          and s.get("dataset_fingerprint") == fingerprint
+    ok = (s.get("identity") == identity.to_dict()
           and int(s.get("episodes", 0)) + int(s.get("episodes_failed", 0)) == n_episodes)
     return s if ok else None
 
@@ -434,14 +501,16 @@ def finish(ctx: RunContext, executor: str = "local", eval_peak_mb: Optional[floa
     peaks = [v for v in (record.get("peak_memory_mb"), eval_peak_mb) if v is not None]
     episode_list = _display_path(Path(episodes.path), Path(cfg.results_dir))  # type: ignore[attr-defined]
     pv, pc = paper_value(cfg.method, cfg.backbone, cfg.ways, cfg.shots)
+    comparable = paper_comparable(store.name, cfg.profile, cfg.image_size, episodes.split)[0] and pv is not None
     summary: Dict[str, Any] = {
         "dataset": store.name, "method": cfg.method, "backbone": cfg.backbone, "ways": cfg.ways,
-        "shots": cfg.shots, "profile": cfg.profile, "seed": cfg.seed,
+        "shots": cfg.shots, "split": episodes.split, "profile": cfg.profile, "seed": cfg.seed,
         "accuracy": round(s.mean, 4), "ci95": round(s.ci95, 4), "ci95_t": round(s.ci95_t, 4), "std": round(s.std, 4),
         "episodes": s.n, "episodes_failed": int(sum(a != a for a in accs)),
-        "paper_value": pv, "paper_ci": pc, "image_size": cfg.image_size, "synthetic": store.synthetic,
+        "paper_value": pv, "paper_ci": pc, "paper_comparable": comparable, "image_size": cfg.image_size, "synthetic": store.synthetic,
         "episode_list": episode_list, "episode_hash": episodes.sha256, "dataset_fingerprint": store.fingerprint(),
-        "config_hash": cell_config_hash(cfg), "run_config_hash": config_hash(cfg),
+        "config_hash": cell_config_hash(cfg), "run_config_hash": config_hash(cfg), "code_hash": ctx.identity.code_hash,
+        "identity": ctx.identity.to_dict(),
         "params": record.get("params"), "train_time_s": train_time, "eval_time_s": round(eval_time, 2),
         "wall_time_s": round((train_time or 0.0) + eval_time, 2),
         "peak_memory_mb": round(max(peaks), 1) if peaks else None,
@@ -487,8 +556,8 @@ def episode_accuracies(run_dir: Path, n: Optional[int] = None) -> np.ndarray:
 
 
 #: Per-run fields that are the same for every seed of a cell (taken from the first).
-_SHARED = ("dataset", "method", "backbone", "ways", "shots", "profile", "paper_value", "paper_ci", "image_size",
-           "synthetic", "episode_list", "episode_hash", "dataset_fingerprint", "config_hash", "params", "device",
+_SHARED = ("dataset", "method", "backbone", "ways", "shots", "split", "profile", "paper_value", "paper_ci", "paper_comparable", "image_size",
+           "synthetic", "episode_list", "episode_hash", "dataset_fingerprint", "config_hash", "code_hash", "params", "device",
            "device_name", "threads", "executor", "pretrain_world_size", "torch_version", "python_version")
 
 
@@ -525,6 +594,8 @@ def aggregate(summaries: Sequence[Dict[str, Any]], results_dir: Path) -> Dict[st
         "train_time_s": total("train_time_s"), "eval_time_s": total("eval_time_s"), "wall_time_s": total("wall_time_s"),
         "peak_memory_mb": max((s["peak_memory_mb"] for s in summaries if s.get("peak_memory_mb") is not None), default=None),
         "resumed": any(bool(s.get("resumed")) for s in summaries),
+        # package version of every seed's run; the git commit only for runs made from a checkout
+        "version": ";".join(dict.fromkeys(str(s.get("version") or "unknown") for s in summaries)),
         "git_commit": ";".join(dict.fromkeys(str(s["git_commit"]) for s in summaries if s.get("git_commit"))) or None,
         "git_dirty": any(bool(s.get("git_dirty")) for s in summaries) if any(s.get("git_commit") for s in summaries) else None,
         "run_id": ";".join(s["run_id"] for s in summaries),

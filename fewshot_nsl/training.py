@@ -99,9 +99,18 @@ def check_finite(value: torch.Tensor, what: str) -> None:
 
 
 # ----------------------------------------------------------------------------- pretraining
-def pretrain_key(cfg: RunConfig, store: ImageStore, conv_spec: Dict[str, Any]) -> str:
-    """Hash of everything that determines the pretrained weights."""
+def pretrain_key(cfg: RunConfig, store: ImageStore, conv_spec: Dict[str, Any],
+                 method_cls: Optional[type] = None) -> str:
+    """Hash of everything that determines the pretrained weights: dataset content, image size,
+    backbone and conv config, pretraining settings, seed, and the code (the package source, plus
+    the method's own source when the method overrides ``pretrain_module``)."""
+    from .identity import method_code_hash, package_code_hash
+
+    code = package_code_hash()
+    if method_cls is not None and getattr(method_cls, "pretrain_module") is not FewShotMethod.pretrain_module:
+        code = method_code_hash(method_cls)
     payload = {
+        "code": code,
         "dataset": store.fingerprint(),
         "image_size": cfg.image_size,
         "backbone": cfg.backbone,
@@ -111,6 +120,20 @@ def pretrain_key(cfg: RunConfig, store: ImageStore, conv_spec: Dict[str, Any]) -
         "seed": cfg.seed,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def pretrain_cache_path(cfg: RunConfig, store: ImageStore, conv_spec: Dict[str, Any], method_cls: type,
+                        cache_dir: Optional[Path] = None) -> Path:
+    """Where :func:`pretrain` keeps (or will keep) this pretraining."""
+    return Path(cache_dir or default_cache_dir()) / "pretrain" / f"{pretrain_key(cfg, store, conv_spec, method_cls)}.pt"
+
+
+def cached_world_size(path: Path) -> int:
+    """Processes that trained the cached pretraining at ``path`` (1 when none is cached yet:
+    this process will train it)."""
+    if not Path(path).is_file():
+        return 1
+    return int(load_checkpoint(path, torch.device("cpu")).get("world_size", 1))
 
 
 def _augment(
@@ -175,7 +198,7 @@ def pretrain(
     """
     module = method.pretrain_module()
     cache_dir = Path(cache_dir or default_cache_dir())
-    path = cache_dir / "pretrain" / f"{pretrain_key(cfg, store, conv_spec)}.pt"
+    path = pretrain_cache_path(cfg, store, conv_spec, type(method), cache_dir)
     def from_cache() -> Dict[str, Any]:
         ckpt = load_checkpoint(path, device)
         module.load_state_dict(ckpt["module"])
@@ -346,6 +369,9 @@ def meta_train(
     """Episodic training with Adam over ``method``'s trainable parameters.
 
     Each optimiser step averages :meth:`FewShotMethod.loss` over ``meta_batch`` episodes.
+    With ``episodic.lr_step`` the learning rate is multiplied by ``lr_gamma`` every ``lr_step``
+    steps; with ``episodic.grad_clip`` the gradient norm of each of
+    :meth:`FewShotMethod.clip_groups` is clipped to it before the step.
     A checkpoint (method, optimiser, sampler state, step) is written every
     ``checkpoint_every`` steps and at the end; an existing one is resumed from.
 
@@ -385,7 +411,11 @@ def meta_train(
             checkpoint_path,
         )
 
+    clip_groups = [[p for p in g if p.requires_grad] for g in method.clip_groups()] if e.grad_clip else []
     for step in range(start, e.steps):
+        if e.lr_step:  # step schedule (Snell et al., Sung et al.): lr * gamma^(step // lr_step); resumes exactly
+            for group in opt.param_groups:
+                group["lr"] = e.lr * e.lr_gamma ** (step // e.lr_step)
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for i in range(e.meta_batch):
@@ -399,6 +429,8 @@ def meta_train(
         reg = method.regularization()
         if reg.requires_grad:
             reg.backward()
+        for group in clip_groups:  # each group's norm clipped separately, as Sung et al. clip encoder and relation net
+            torch.nn.utils.clip_grad_norm_(group, e.grad_clip)
         opt.step()
         last = total
         bar.update(1)

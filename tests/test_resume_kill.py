@@ -123,7 +123,7 @@ def test_sigkill_during_evaluation_resumes_from_last_episode(tmp_path, reference
     src = run_dir(reference)
     dst = results / "runs" / src.name
     dst.mkdir(parents=True)
-    for f in ("config.yaml", "method.pt", "train.json"):
+    for f in ("identity.json", "config.yaml", "method.pt", "train.json"):
         shutil.copy(src / f, dst / f)
 
     kill_when(command(results, cfg), tmp_path, lambda: data_rows(dst / "episodes.csv") >= 10, "during evaluation")
