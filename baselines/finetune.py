@@ -35,7 +35,7 @@ class Finetune(FewShotMethod):
         momentum: SGD momentum.
         dampening: SGD dampening (0.9 in Chen et al.'s code).
         weight_decay: SGD weight decay (applied to the head only).
-        batch_size: support images per step.
+        batch_size: support images per step; ``None``: the whole support set (full-batch steps, Ravi & Larochelle).
         epochs: passes over the support set.
     """
 
@@ -50,7 +50,7 @@ class Finetune(FewShotMethod):
         momentum: float = 0.9,
         dampening: float = 0.9,
         weight_decay: float = 1e-3,
-        batch_size: int = 4,
+        batch_size: Optional[int] = 4,
         epochs: int = 100,
     ) -> None:
         super().__init__(backbone, image_size)
@@ -76,11 +76,12 @@ class Finetune(FewShotMethod):
                 features = self.backbone(support_x)  # (S, D), computed once
         opt = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, dampening=self.dampening)
         n = len(support_y)
+        batch = self.batch_size or n
         with torch.enable_grad():
             for _ in range(self.epochs):
                 order = torch.randperm(n, device=support_x.device)
-                for start in range(0, n, self.batch_size):
-                    idx = order[start : start + self.batch_size]
+                for start in range(0, n, batch):
+                    idx = order[start : start + batch]
                     f = backbone(support_x[idx]) if self.finetune_backbone else features[idx]
                     loss = F.cross_entropy(head(f), support_y[idx])
                     opt.zero_grad(set_to_none=True)

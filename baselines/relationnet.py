@@ -6,9 +6,12 @@ module: two conv blocks (3x3 conv, BN, ReLU, 2x2 max-pool) and two fully connect
 (hidden width 8, ReLU, sigmoid output). Training regresses the scores onto one-hot targets
 with mean squared error.
 
-Unlike Sung et al.'s embedding (whose last two blocks do not pool), the suite's CNN-4 gives
-5x5 maps at 84x84 and 1x1 maps at small sizes, so the relation convs are padded and a pool is
-skipped where the map is already 1 pixel wide (ceil mode otherwise).
+Sung et al.'s own network is ``backbone_options: {filters: 64, pool: [true, true, false, false],
+padding: [0, 0, 1, 1]}`` (64x19x19 maps at 84 px) with ``relation_padding: 0, relation_ceil: false``
+(their relation convs are unpadded and pool 17 -> 8 -> 6 -> 3). The defaults suit the suite's fully
+pooled CNN-4 (5x5 maps at 84x84, 1x1 at small sizes): padded relation convs, ceil-mode pooling,
+skipped where the map is already 1 pixel wide. Sung et al. clip the gradient norm of the encoder
+and of the relation module separately (0.5): :meth:`RelationNet.clip_groups` gives those two groups.
 """
 from __future__ import annotations
 
@@ -39,18 +42,26 @@ def sung_init(m: nn.Module) -> None:
 
 
 class RelationBlock(nn.Module):
-    """3x3 conv (padding 1) -> BN -> ReLU -> 2x2 max-pool (ceil mode; skipped on 1-pixel maps)."""
+    """3x3 conv -> BN -> ReLU -> 2x2 max-pool (skipped on 1-pixel maps).
 
-    def __init__(self, cin: int, cout: int) -> None:
+    Args:
+        cin: input channels.
+        cout: output channels.
+        padding: conv zero padding (1 by default; Sung et al.: 0).
+        ceil: ceil-mode pooling (default; Sung et al.: floor).
+    """
+
+    def __init__(self, cin: int, cout: int, padding: int = 1, ceil: bool = True) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+        self.conv = nn.Conv2d(cin, cout, 3, padding=padding)
         self.bn = nn.BatchNorm2d(cout)
+        self.ceil = ceil
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, cin, h, w)`` -> ``(B, cout, ceil(h/2), ceil(w/2))`` (unchanged sides of 1 stay 1)."""
+        """``(B, cin, h, w)`` -> ``(B, cout, h', w')``, ``h' = round((h + 2 padding - 2) / 2)`` (ceil or floor)."""
         x = F.relu(self.bn(self.conv(x)))
         if min(x.shape[-2:]) >= 2:
-            x = F.max_pool2d(x, 2, ceil_mode=True)
+            x = F.max_pool2d(x, 2, ceil_mode=self.ceil)
         return x
 
 
@@ -66,6 +77,8 @@ class RelationNet(FewShotMethod):
         pretrained_backbone: start the embedding from the suite's cached base-class pretraining
             (the same one the finetune and NSN methods use) instead of from scratch, then train
             episodically as usual. Sung et al. train from scratch (``False``, the default).
+        relation_padding: zero padding of the relation convs (Sung et al.: 0).
+        relation_ceil: ceil-mode pooling in the relation blocks (Sung et al.: floor, ``False``).
     """
 
     training_stages = ("episodic",)
@@ -77,14 +90,22 @@ class RelationNet(FewShotMethod):
         relation_channels: Optional[int] = None,
         hidden: int = 8,
         pretrained_backbone: bool = False,
+        relation_padding: int = 1,
+        relation_ceil: bool = True,
     ) -> None:
         super().__init__(backbone, image_size)
         c = backbone.out_channels
         width = relation_channels or c
-        self.blocks = nn.Sequential(RelationBlock(2 * c, width), RelationBlock(width, width))
+        self.blocks = nn.Sequential(
+            RelationBlock(2 * c, width, relation_padding, relation_ceil),
+            RelationBlock(width, width, relation_padding, relation_ceil),
+        )
         side = self._map_side(backbone, image_size)
-        side = (side + 3) // 4  # two blocks, each ceil(side / 2) (a side of 1 stays 1)
-        self.fc = nn.Sequential(nn.Linear(width * side * side, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1))
+        with torch.no_grad():  # size of the relation blocks' output map, by a dry run in eval mode
+            self.blocks.eval()
+            flat = self.blocks(torch.zeros(1, 2 * c, side, side)).numel()
+            self.blocks.train()
+        self.fc = nn.Sequential(nn.Linear(flat, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1))
         self.blocks.apply(sung_init)
         self.fc.apply(sung_init)
         self.prototypes: Optional[torch.Tensor] = None  # (ways, C, h, w) summed support maps
@@ -99,6 +120,10 @@ class RelationNet(FewShotMethod):
         h = backbone.forward_map(torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype)).shape[-1]
         backbone.train(was_training)
         return int(h)
+
+    def clip_groups(self):
+        """Encoder and relation module, clipped separately (Sung et al. clip each network's norm to 0.5)."""
+        return [list(self.backbone.parameters()), list(self.blocks.parameters()) + list(self.fc.parameters())]
 
     def fit_support(self, support_x: torch.Tensor, support_y: torch.Tensor) -> None:
         maps = self.backbone.forward_map(support_x)  # (S, C, h, w)

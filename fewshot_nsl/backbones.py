@@ -7,11 +7,12 @@ static or dynamic neural-similarity factories.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from .errors import ConfigError
 from .registry import register_backbone
 
 ConvFactory = Callable[..., nn.Module]
@@ -46,33 +47,58 @@ class Backbone(nn.Module):
 
 
 def conv_bn_relu(
-    conv_layer: ConvFactory, cin: int, cout: int, bn_eps: float, pool: bool
+    conv_layer: ConvFactory, cin: int, cout: int, bn_eps: float, pool: bool, padding: int = 1, ceil_pool: bool = False
 ) -> nn.Sequential:
-    """3x3 conv (padding 1) -> BatchNorm -> ReLU [-> 2x2 max-pool]."""
-    layers = [conv_layer(cin, cout, 3, stride=1, padding=1, bias=False), nn.BatchNorm2d(cout, eps=bn_eps), nn.ReLU(inplace=True)]
+    """3x3 conv -> BatchNorm -> ReLU [-> 2x2 max-pool]; ``ceil_pool`` keeps the last odd row/column (TF 'SAME')."""
+    layers = [
+        conv_layer(cin, cout, 3, stride=1, padding=padding, bias=False),
+        nn.BatchNorm2d(cout, eps=bn_eps),
+        nn.ReLU(inplace=True),
+    ]
     if pool:
-        layers.append(nn.MaxPool2d(2))
+        layers.append(nn.MaxPool2d(2, ceil_mode=ceil_pool))
     return nn.Sequential(*layers)
 
 
-class CNN4(Backbone):
-    """Four conv-BN-ReLU-maxpool blocks (Ravi & Larochelle; Vinyals et al.).
+def _per_block(name: str, value, n: int) -> tuple:
+    """A per-block setting given once (applies to every block) or as a list of ``n`` values."""
+    values = tuple(value) if isinstance(value, (list, tuple)) else (value,) * n
+    if len(values) != n:
+        raise ConfigError(f"backbone option {name} needs {n} values (one per block), got {list(values)}")
+    return values
 
-    ``(B, 3, 84, 84)`` -> map ``(B, filters, 5, 5)`` -> feature ``(B, 25 * filters)``.
+
+class CNN4(Backbone):
+    """Four conv-BN-ReLU(-maxpool) blocks (Ravi & Larochelle; Vinyals et al.; Snell et al.; Sung et al.).
+
+    Default: every block pools, padding 1: ``(B, 3, 84, 84)`` -> map ``(B, filters, 5, 5)`` ->
+    feature ``(B, 25 * filters)``. Sung et al.'s RelationNet encoder is ``filters=64,
+    pool=[true, true, false, false], padding=[0, 0, 1, 1]``: map ``(B, 64, 19, 19)`` at 84 px.
 
     Args:
         filters: filters per layer; 32 as in the NSL paper (following Ravi & Larochelle), 64 as in many peers.
         conv_layer: conv factory (plain ``nn.Conv2d`` by default).
         bn_eps: BatchNorm epsilon (the authors' TF code uses 1e-3).
+        pool: whether each block ends in a 2x2 max-pool (one value for all blocks, or four).
+        padding: zero padding of each block's 3x3 conv (one value, or four).
     """
 
-    def __init__(self, filters: int = 32, conv_layer: Optional[ConvFactory] = None, bn_eps: float = 1e-5) -> None:
+    def __init__(
+        self,
+        filters: int = 32,
+        conv_layer: Optional[ConvFactory] = None,
+        bn_eps: float = 1e-5,
+        pool: Union[bool, Sequence[bool]] = True,
+        padding: Union[int, Sequence[int]] = 1,
+    ) -> None:
         super().__init__()
         conv_layer = conv_layer or nn.Conv2d
         chans = [3, filters, filters, filters, filters]
+        pools, pads = _per_block("pool", pool, 4), _per_block("padding", padding, 4)
         self.blocks = nn.Sequential(
-            *[conv_bn_relu(conv_layer, chans[i], chans[i + 1], bn_eps, pool=True) for i in range(4)]
-        )
+            *[conv_bn_relu(conv_layer, chans[i], chans[i + 1], bn_eps, pool=bool(pools[i]), padding=int(pads[i]))
+              for i in range(4)]
+        )  # fmt: skip
         self.out_channels = filters
 
     def forward_map(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,34 +106,44 @@ class CNN4(Backbone):
 
 
 class CNN9(Backbone):
-    """A 3x3 stem conv, then three stages of three 3x3 conv-BN-ReLU layers, each stage ending in 2x2 max-pool.
+    """The NSL authors' 9-layer CNN: a 3x3 root conv, then three stages of three 3x3 conv-BN-ReLU
+    layers, each stage ending in 2x2 max-pool; the classifier ('score' conv over the last map in
+    the authors' code, i.e. a fully connected layer) is the head the harness puts on the flattened map.
 
-    Follows the layout of the NSL authors' public code. ``(B, 3, 84, 84)`` -> map
-    ``(B, widths[-1], 10, 10)``; with ``global_pool=True`` the feature is ``(B, widths[-1])``.
+    Defaults follow the authors' public CIFAR code (``nsl_image_recog/experiments_cifar10/dynamic_dns/
+    architecture.py``, ``VGG.build``): plain root conv of 32 (BN, ReLU; not a neural-similarity conv),
+    stage widths 32 / 64 / 128, 'SAME' max-pool (``ceil_pool``), BN eps 1e-3. ``(B, 3, 84, 84)`` ->
+    map ``(B, 128, 11, 11)`` -> feature ``(B, 15488)``; at 42 px ``(B, 128, 6, 6)`` -> ``(B, 4608)``.
 
     Args:
-        stem: stem width.
+        stem: root conv width.
         widths: width of each of the three stages.
-        conv_layer: conv factory.
+        conv_layer: conv factory for the nine stage convs (and the stem with ``nsl_stem``).
         bn_eps: BatchNorm epsilon.
-        global_pool: average-pool the last map to 1x1 (keeps classifier heads small).
+        global_pool: average-pool the last map to 1x1 (feature ``(B, widths[-1])``; not the authors' layout).
+        nsl_stem: build the root conv with ``conv_layer`` too (the authors' root conv is plain).
+        ceil_pool: max-pool keeps the last odd row/column, as TF's 'SAME' pooling in the authors' code.
     """
 
     def __init__(
         self,
-        stem: int = 64,
-        widths: Sequence[int] = (64, 128, 256),
+        stem: int = 32,
+        widths: Sequence[int] = (32, 64, 128),
         conv_layer: Optional[ConvFactory] = None,
-        bn_eps: float = 1e-5,
+        bn_eps: float = 1e-3,
         global_pool: bool = False,
+        nsl_stem: bool = False,
+        ceil_pool: bool = True,
     ) -> None:
         super().__init__()
         conv_layer = conv_layer or nn.Conv2d
-        layers = [conv_bn_relu(conv_layer, 3, stem, bn_eps, pool=False)]
+        if len(widths) != 3:
+            raise ConfigError(f"cnn9 widths needs 3 values (one per stage), got {list(widths)}")
+        layers = [conv_bn_relu(conv_layer if nsl_stem else nn.Conv2d, 3, stem, bn_eps, pool=False)]
         cin = stem
         for w in widths:
             for j in range(3):
-                layers.append(conv_bn_relu(conv_layer, cin, w, bn_eps, pool=(j == 2)))
+                layers.append(conv_bn_relu(conv_layer, cin, w, bn_eps, pool=(j == 2), ceil_pool=ceil_pool))
                 cin = w
         self.blocks = nn.Sequential(*layers)
         self.global_pool = global_pool
@@ -119,18 +155,27 @@ class CNN9(Backbone):
 
 
 @register_backbone("cnn4")
-def cnn4(filters: int = 32, conv_layer: Optional[ConvFactory] = None, bn_eps: float = 1e-5) -> CNN4:
+def cnn4(
+    filters: int = 32,
+    conv_layer: Optional[ConvFactory] = None,
+    bn_eps: float = 1e-5,
+    pool: Union[bool, Sequence[bool]] = True,
+    padding: Union[int, Sequence[int]] = 1,
+) -> CNN4:
     """CNN-4 backbone (see :class:`CNN4`)."""
-    return CNN4(filters=filters, conv_layer=conv_layer, bn_eps=bn_eps)
+    return CNN4(filters=filters, conv_layer=conv_layer, bn_eps=bn_eps, pool=pool, padding=padding)
 
 
 @register_backbone("cnn9")
 def cnn9(
-    stem: int = 64,
-    widths: Sequence[int] = (64, 128, 256),
+    stem: int = 32,
+    widths: Sequence[int] = (32, 64, 128),
     conv_layer: Optional[ConvFactory] = None,
-    bn_eps: float = 1e-5,
-    global_pool: bool = True,
+    bn_eps: float = 1e-3,
+    global_pool: bool = False,
+    nsl_stem: bool = False,
+    ceil_pool: bool = True,
 ) -> CNN9:
-    """CNN-9 backbone (see :class:`CNN9`); global average pooling on by default."""
-    return CNN9(stem=stem, widths=tuple(widths), conv_layer=conv_layer, bn_eps=bn_eps, global_pool=global_pool)
+    """CNN-9 backbone (see :class:`CNN9`): the authors' layout by default."""
+    return CNN9(stem=stem, widths=tuple(widths), conv_layer=conv_layer, bn_eps=bn_eps, global_pool=global_pool,
+                nsl_stem=nsl_stem, ceil_pool=ceil_pool)

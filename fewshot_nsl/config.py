@@ -2,7 +2,8 @@
 
 Precedence (lowest to highest): dataclass defaults < profile file
 (``configs/profiles/<profile>.yaml``) < the profile's per-method section
-(``methods: {<name>: {...}}``) < ``--config FILE`` < command-line flags.
+(``methods: {<name>: {...}}``, then its per-shot part ``shots: {<k>: {...}}``) < ``--config FILE``
+(same order inside it) < command-line flags.
 A YAML file may ``include:`` other files (paths relative to itself); the including file wins.
 Unknown keys and wrong types are refused with one line naming the key and the file.
 The resolved config is saved with every run (``config.yaml``) and hashed into the run id.
@@ -51,6 +52,9 @@ class EpisodicConfig:
     shots: Optional[int] = None  # training shots (None: the evaluation shots)
     queries: int = 15
     checkpoint_every: int = 100
+    lr_step: Optional[int] = None  # multiply the lr by lr_gamma every lr_step optimiser steps (None: constant)
+    lr_gamma: float = 0.5
+    grad_clip: Optional[float] = None  # clip the gradient norm of each of the method's clip_groups() (None: off)
 
 
 @dataclass
@@ -111,6 +115,10 @@ class RunConfig:
             raise ConfigError(f"--shots must be at least 1, got {self.shots}")
         if self.eval.queries < 1 or self.eval.episodes < 1:
             raise ConfigError("eval.queries and eval.episodes must be at least 1")
+        if self.episodic.lr_step is not None and self.episodic.lr_step < 1:
+            raise ConfigError(f"episodic.lr_step must be at least 1 (or null), got {self.episodic.lr_step}")
+        if self.episodic.grad_clip is not None and not self.episodic.grad_clip > 0:
+            raise ConfigError(f"episodic.grad_clip must be positive (or null), got {self.episodic.grad_clip}")
         if self.image_size < 8:
             raise ConfigError(f"image_size must be at least 8, got {self.image_size}")
         if self.profile not in PROFILES:
@@ -188,13 +196,64 @@ def load_yaml(path: Path) -> Dict[str, Any]:
     return merge(merged, data)
 
 
-def profile_overrides(profile: str, method: str) -> Dict[str, Any]:
-    """The profile file's settings with its ``methods.<method>`` section applied."""
+def method_section(methods: Any, method: str, shots: int, where: str) -> Dict[str, Any]:
+    """The ``methods.<method>`` section of a profile or config file, with its per-shot part applied.
+
+    A method section may hold ``shots: {1: {...}, 5: {...}}``: settings that apply only to runs
+    with that many (evaluation) shots, merged over the rest of the section, e.g.
+    ``methods: {protonet: {shots: {1: {episodic: {ways: 30}}, 5: {episodic: {ways: 20}}}}}``.
+
+    Args:
+        methods: the file's ``methods:`` value.
+        method: the run's method.
+        shots: the run's shots.
+        where: file name for messages.
+
+    Raises:
+        ConfigError: ``methods`` or a section is not a mapping, or ``shots`` is not a mapping of
+            positive integers to mappings.
+    """
+    if not isinstance(methods, dict):
+        raise ConfigError(f"'methods' in {where} must be a mapping of method names to settings")
+    section = methods.get(method) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"methods.{method} in {where} must be a mapping of settings")
+    section = dict(section)
+    per_shot = section.pop("shots", None)
+    if per_shot is None:
+        return section
+    if not isinstance(per_shot, dict):
+        raise ConfigError(
+            f"methods.{method}.shots in {where} must map shot counts to settings, e.g. "
+            f"shots: {{1: {{episodic: {{ways: 30}}}}, 5: {{episodic: {{ways: 20}}}}}}; got {per_shot!r}"
+        )
+    for k, v in per_shot.items():
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ConfigError(f"methods.{method}.shots in {where}: keys must be positive shot counts, got {k!r}")
+        if not isinstance(v, dict):
+            raise ConfigError(f"methods.{method}.shots.{k} in {where} must be a mapping of settings, got {v!r}")
+        bad = sorted({"shots", "method", "profile"} & set(v))
+        if bad:
+            raise ConfigError(f"methods.{method}.shots.{k} in {where} may not set {', '.join(bad)}")
+    return merge(section, per_shot.get(shots) or {})
+
+
+def profile_overrides(profile: str, method: str, shots: Optional[int] = None) -> Dict[str, Any]:
+    """The profile file's settings with its ``methods.<method>`` section (and that section's
+    ``shots.<shots>`` part, see :func:`method_section`) applied.
+
+    Args:
+        profile: ``smoke``, ``quick`` or ``paper``.
+        method: registered method name.
+        shots: the run's shots (default: :attr:`RunConfig.shots`).
+    """
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile '{profile}'; use one of {', '.join(PROFILES)}")
-    data = load_yaml(CONFIG_DIR / "profiles" / f"{profile}.yaml")
+    path = CONFIG_DIR / "profiles" / f"{profile}.yaml"
+    data = load_yaml(path)
     per_method = data.pop("methods", {}) or {}
-    return merge(data, per_method.get(method, {}) or {})
+    shots = RunConfig.shots if shots is None else shots
+    return merge(data, method_section(per_method, method, shots, str(path)))
 
 
 def resolve_config(cli: Dict[str, Any], config_file: Optional[str] = None) -> RunConfig:
@@ -209,8 +268,11 @@ def resolve_config(cli: Dict[str, Any], config_file: Optional[str] = None) -> Ru
     cli = {k: v for k, v in cli.items() if v is not None}
     profile = cli.get("profile") or file_data.get("profile") or "quick"
     method = cli.get("method") or file_data.get("method") or RunConfig.method
-    data = merge(profile_overrides(profile, method), file_data)
-    data = merge(data, file_methods.get(method, {}) or {})
+    shots = cli.get("shots") or file_data.get("shots") or RunConfig.shots
+    if isinstance(shots, bool) or not isinstance(shots, int):
+        raise ConfigError(f"shots must be int, got {shots!r}")
+    data = merge(profile_overrides(profile, method, shots), file_data)
+    data = merge(data, method_section(file_methods, method, shots, config_file or "config"))
     data = merge(data, cli)
     data["profile"] = profile
     data["method"] = method

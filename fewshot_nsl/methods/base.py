@@ -21,7 +21,7 @@ Class attributes declare how a method is trained:
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Dict, Mapping, Tuple
+from typing import Any, ClassVar, Dict, List, Mapping, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +82,10 @@ class FewShotMethod(nn.Module):
     def pretrain_module(self) -> nn.Module:
         """The module trained with a linear head on all base classes (``(B,3,H,W)`` -> ``(B,D)``)."""
         return self.backbone
+
+    def clip_groups(self) -> List[List[nn.Parameter]]:
+        """Parameter groups whose gradient norms ``episodic.grad_clip`` clips separately (one group by default)."""
+        return [list(self.parameters())]
 
     def after_pretrain(self) -> None:
         """Called once the pretrained weights are loaded (e.g. to wrap convs as NSConv2d)."""
