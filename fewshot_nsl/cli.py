@@ -1,4 +1,5 @@
-"""Command line: ``python run_benchmarks.py --method protonet --shots 5``.
+"""Command line: ``fewshot-nsl --method protonet --shots 5`` (installed), ``python -m fewshot_nsl ...``
+or ``python run_benchmarks.py ...`` (a checkout); messages and ``--help`` name the one used.
 
 Any problem with the user's input ends with one line ``error: ...`` and exit status 2;
 cells of a grid that fail at run time are reported and the grid goes on (exit status 1);
@@ -14,17 +15,21 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from . import __version__
+from .console import Console, command_name, show_progress
 from .errors import ConfigError, FewShotError, RegistryError
 
 EPILOG = """examples:
-  python run_benchmarks.py                                  # protonet, 5-way 5-shot, glyphs, quick profile
-  python run_benchmarks.py --method dynamic_nsn --shots 1,5
-  python run_benchmarks.py --grid configs/table6.yaml --profile smoke            # the whole Table 6
-  python run_benchmarks.py --grid configs/table6.yaml --seeds 0,1,2 --executor ray
-  python run_benchmarks.py --compare RUN_A RUN_B            # paired test of two runs on the same episodes
-  python run_benchmarks.py --dataset miniimagenet --data-root ~/data/mini --profile paper --device cuda
-  python run_benchmarks.py --list
-  python run_benchmarks.py --report                         # re-render table6.md, summaries and the plot from the CSVs
+  {cmd}                                  # protonet, 5-way 5-shot, glyphs, quick profile
+  {cmd} --method dynamic_nsn --shots 1,5
+  {cmd} --grid table6 --profile smoke              # the whole Table 6 (configs/table6.yaml)
+  {cmd} --grid table6 --seeds 0,1,2 --executor ray
+  {cmd} --set episodic.steps=10 --set method_options.inner_lr=0.05 --method maml
+  {cmd} --method protonet --profile smoke --json --quiet   # the leaderboard rows as JSON
+  {cmd} --compare RUN_A RUN_B            # paired test of two runs on the same episodes
+  {cmd} --dataset miniimagenet --data-root ~/data/mini --profile paper --device cuda
+  {cmd} --list
+  {cmd} --report                         # re-render table6.md, summaries and the plot from the CSVs
   torchrun --nproc_per_node 2 -m fewshot_nsl.distributed pretrain --method static_nsn   # data-parallel pretraining
 """
 
@@ -56,10 +61,11 @@ def _plugin_failures(dirs: List[str]) -> List[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    cmd = command_name()
     p = _Parser(
-        prog="run_benchmarks.py",
+        prog=cmd,
         description="fewshot-nsl: few-shot benchmarks around Neural Similarity Learning.",
-        epilog=EPILOG,
+        epilog=EPILOG.format(cmd=cmd if cmd != "run_benchmarks.py" else "python run_benchmarks.py"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # '--way 5' must not silently mean '--ways 5'
     )
@@ -75,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-episodes", type=int, help="evaluate the first N episodes of the list")
     p.add_argument("--image-size", type=int)
     p.add_argument("--profile", choices=["smoke", "quick", "paper"], help="training/eval budget (default quick)")
-    p.add_argument("--config", help="YAML config file (overrides the profile; CLI flags override it)")
+    p.add_argument("--config", help="YAML config file (overrides the profile; --set and the flags override it)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set_options",
+                   help="override one config key (dotted, e.g. episodic.steps=10, method_options.inner_lr=0.05; "
+                        "the value is read as YAML); repeatable; above --config, below the dedicated flags")
     p.add_argument("--seed", type=int, help="training seed (default 0)")
     p.add_argument("--seeds", type=_int_list, help="several training seeds, e.g. 0,1,2: one run per seed, "
                                                    "aggregated into one leaderboard row with a seed_std column")
@@ -103,7 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", action="store_true",
                    help="re-render table6.md, summary.md/.html and the plot from the CSVs, then exit")
     p.add_argument("--make-episodes", action="store_true", help="(re)generate the committed episode lists, then exit")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    o = p.add_argument_group("output")
+    bars = o.add_mutually_exclusive_group()
+    bars.add_argument("--progress", action="store_true", default=None,
+                      help="progress bars on stderr (default: only when stderr is a terminal)")
+    bars.add_argument("--no-progress", action="store_false", dest="progress", help="no progress bars")
+    o.add_argument("--quiet", "-q", action="store_true", help="no info lines and no progress bars (errors still on stderr)")
+    o.add_argument("--log-file", metavar="FILE", help="append every line (info, also with --quiet, and errors) to FILE")
+    o.add_argument("--json", action="store_true",
+                   help="print the leaderboard rows of the run (or the --list) as JSON on stdout, nothing else "
+                        "on stdout (info lines go to stderr)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
 
@@ -125,6 +144,18 @@ def cli_overrides(args: argparse.Namespace, method: Optional[str]) -> Dict[str, 
     return out
 
 
+def overrides_of(args: argparse.Namespace, method: Optional[str] = None) -> Dict[str, Any]:
+    """The command line's config overrides: ``--set`` options with the dedicated flags over them.
+
+    Raises:
+        ConfigError: a bad ``--set`` (see :func:`fewshot_nsl.config.parse_set_options`).
+    """
+    from .config import merge, parse_set_options
+
+    flags = {k: v for k, v in cli_overrides(args, method).items() if v is not None}
+    return merge(parse_set_options(args.set_options), flags)
+
+
 def _list(log) -> None:
     from .registry import PLUGIN_ERRORS, list_backbones, list_datasets, list_methods, get_method_class
 
@@ -137,6 +168,35 @@ def _list(log) -> None:
         log(f"  (plugin {where} not loaded: {why})")
     log("backbones: " + ", ".join(list_backbones()))
     log("datasets:  " + ", ".join(list_datasets()))
+
+
+def _list_json() -> str:
+    """``--list --json``: methods (name, training stages, summary line), backbones, datasets, plugin failures."""
+    import json
+
+    from .registry import PLUGIN_ERRORS, get_method_class, list_backbones, list_datasets, list_methods
+
+    methods = []
+    for name in list_methods():
+        cls = get_method_class(name)
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        methods.append({"name": name, "training_stages": list(cls.training_stages), "summary": doc})
+    return json.dumps({"version": __version__, "methods": methods, "backbones": list_backbones(),
+                       "datasets": list_datasets(), "plugin_errors": dict(PLUGIN_ERRORS)}, indent=1)
+
+
+def grid_path(spec: str) -> Path:
+    """``--grid`` value -> file: a path that exists, else a grid shipped in ``configs/`` named by
+    its file name or stem (``table6``, ``table6.yaml``, ``configs/table6.yaml`` from any folder)."""
+    path = Path(spec)
+    if path.exists():
+        return path
+    from .config import CONFIG_DIR
+
+    for candidate in (CONFIG_DIR / path.name, CONFIG_DIR / f"{path.name}.yaml"):
+        if candidate.is_file() and path.parent in (Path("."), Path("configs")):
+            return candidate
+    return path  # load_grid names the missing file
 
 
 def _executor(args: argparse.Namespace):
@@ -152,20 +212,34 @@ def _executor(args: argparse.Namespace):
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    log = print
+    console = Console(quiet=args.quiet, json_mode=args.json, log_file=Path(args.log_file) if args.log_file else None)
+    log = console.info
+    progress = show_progress(args.progress, args.quiet)
     try:
+        console.open()
+        if args.json and (args.compare or args.report or args.make_episodes or args.dry_run):
+            raise ConfigError("--json prints the rows of a run or the --list; drop it for --compare, --report, "
+                              "--make-episodes and --dry-run")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             from .registry import load_plugins
 
             load_plugins([Path(d) for d in args.plugins])
         if args.list:
-            _list(log)
+            if args.json:
+                console.emit_json(_list_json())
+            else:
+                _list(log)
             return 0
         for failure in _plugin_failures(args.plugins):  # the other methods keep working
             log(f"warning: {failure}; skipped")
         if args.make_episodes:
             from .data.episode_lists import make_committed_lists
+            from .resources import checkout_root
+
+            if checkout_root() is None:
+                raise ConfigError("--make-episodes rewrites the episode lists committed in a git checkout of "
+                                  "fewshot-nsl; run it there (this copy is installed)")
 
             for path in make_committed_lists():
                 log(f"wrote {path}")
@@ -182,7 +256,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         backbones = args.backbone.split(",") if args.backbone else None
         grid_name = None
         if args.grid:
-            grid_name, cells = load_grid(Path(args.grid))
+            grid_name, cells = load_grid(grid_path(args.grid))
             cells = filter_cells(cells, None if methods == ["all"] else methods, backbones, args.shots)
         else:
             cells = cells_from_args(methods or ["protonet"], backbones, args.shots)
@@ -201,32 +275,41 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.threads is not None and args.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {args.threads}")
         result = run_grid(
-            cells, cli_overrides(args, None), args.config, seeds=args.seeds, executor=_executor(args),
+            cells, overrides_of(args), args.config, seeds=args.seeds, executor=_executor(args),
             reference=args.reference, skip_unregistered=bool(args.grid), grid_name=grid_name,
-            progress=not args.no_progress, log=log, fail_fast=not args.grid and len(cells) == 1, dry_run=args.dry_run,
+            progress=progress, log=log, fail_fast=not args.grid and len(cells) == 1, dry_run=args.dry_run,
         )
         if args.dry_run:
             return 0
         log(f"leaderboard: {results_dir / 'leaderboard.csv'}, table: {results_dir / 'table6.md'}, "
             f"summary: {results_dir / 'summary.md'}, plot: {results_dir / 'leaderboard.png'}")
+        if args.json:
+            import json
+
+            from .api import grid_rows
+
+            # through pandas' JSON writer (NaN -> null, numpy scalars), re-indented without its escaped slashes
+            records = json.loads(grid_rows(result, results_dir).to_json(orient="records"))
+            console.emit_json(json.dumps(records, indent=1))
         if result.failed:
             names = "; ".join(f"{p.describe()}: {p.error}" for p in result.failed)
-            print(f"error: {len(result.failed)} cell(s) failed: {names}", file=sys.stderr)
+            console.error(f"error: {len(result.failed)} cell(s) failed: {names}")
             return 1
         return 0
     except FewShotError as exc:
         failures = _plugin_failures(args.plugins) if isinstance(exc, RegistryError) else []
-        print(f"error: {'; '.join([str(exc), *failures])}", file=sys.stderr)
+        console.error(f"error: {'; '.join([str(exc), *failures])}")
         return 2
     except torch.OutOfMemoryError:
-        print("error: out of GPU memory; lower the meta-batch (episodic.meta_batch), the image size (--image-size), "
-              "use first-order MAML (method_options: {first_order: true}) or run on --device cpu; "
-              "finished episodes are kept, rerun to resume", file=sys.stderr)
+        console.error("error: out of GPU memory; lower the meta-batch (episodic.meta_batch), the image size (--image-size), "
+                      "use first-order MAML (method_options: {first_order: true}) or run on --device cpu; "
+                      "finished episodes are kept, rerun to resume")
         return 3
     except KeyboardInterrupt:
-        print("interrupted: finished episodes and checkpoints are saved; run the same command again to resume",
-              file=sys.stderr)
+        console.error("interrupted: finished episodes and checkpoints are saved; run the same command again to resume")
         return 130
+    finally:
+        console.close()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,13 @@
 Precedence (lowest to highest): dataclass defaults < profile file
 (``configs/profiles/<profile>.yaml``) < the profile's per-method section
 (``methods: {<name>: {...}}``, then its per-shot part ``shots: {<k>: {...}}``) < ``--config FILE``
-(same order inside it) < command-line flags.
+(same order inside it) < ``--set KEY=VALUE``
+< the dedicated command-line flags (``--shots``, ``--image-size``, ...).
+``--set`` belongs to the command line: it overrides the ``--config`` file, and a dedicated flag
+given with it wins over it. Its key is dotted into the config (``episodic.steps``,
+``method_options.inner_lr``), its value is read as YAML (``10`` an int, ``0.05`` a float,
+``true`` a bool, ``null`` None, ``[1, 2]`` a list), it is repeatable, and an unknown key or a
+wrong type is refused with the same one line as in a file (see :func:`parse_set_options`).
 A YAML file may ``include:`` other files (paths relative to itself); the including file wins.
 Unknown keys and wrong types are refused with one line naming the key and the file.
 The resolved config is saved with every run (``config.yaml``) and hashed into the run id.
@@ -279,6 +285,55 @@ def resolve_config(cli: Dict[str, Any], config_file: Optional[str] = None) -> Ru
     cfg = _from_dict(RunConfig, data, config_file or "config")
     cfg.validate()
     return cfg
+
+
+#: Keys ``--set`` refuses: they choose which runs a command makes; their flags do that.
+CELL_KEYS = {"method": "--method", "backbone": "--backbone", "shots": "--shots"}
+
+
+def parse_set_options(items: Sequence[str], where: str = "--set") -> Dict[str, Any]:
+    """``--set KEY=VALUE`` options -> a nested override dict, checked like a config file.
+
+    Args:
+        items: ``["episodic.steps=10", "method_options.inner_lr=0.05"]``; later items win.
+        where: name used in messages (``unknown config key(s) stepz in --set.episodic; ...``).
+
+    Returns:
+        ``{"episodic": {"steps": 10}, "method_options": {"inner_lr": 0.05}}``.
+
+    Raises:
+        ConfigError: not ``KEY=VALUE``, a value that is not YAML, a key that is unknown, of the
+            wrong type, or set both as a value and as a section, or a key of :data:`CELL_KEYS`.
+    """
+    out: Dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        parts = key.split(".")
+        if not sep or not all(p.isidentifier() for p in parts):
+            raise ConfigError(f"{where} expects KEY=VALUE with a dotted key (e.g. episodic.steps=10), got '{item}'")
+        if parts[0] in CELL_KEYS:
+            raise ConfigError(f"{where} {item}: use {CELL_KEYS[parts[0]]} (it chooses the runs), not {where}")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"{where} {item}: the value is not valid YAML; quote it") from None
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{where} {item}: {'.'.join(parts[:i + 1])} was set to a value, not a section")
+        if isinstance(node.get(parts[-1]), dict) and not isinstance(value, dict):
+            raise ConfigError(f"{where} {item}: {key} has keys set by another {where}; it is a section")
+        node[parts[-1]] = value
+    check_overrides(out, where)
+    return out
+
+
+def check_overrides(data: Dict[str, Any], where: str) -> None:
+    """Refuse unknown keys and wrong types in a (partial, nested) override dict, with the same
+    one-line messages as a config file (``unknown config key(s) ... in <where>; accepted: ...``)."""
+    _from_dict(RunConfig, data, where)
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:

@@ -34,7 +34,8 @@ def pretrain_main(argv: List[str]) -> int:
     import torch
     import torch.distributed as dist
 
-    from .cli import build_parser, cli_overrides
+    from .cli import build_parser, overrides_of
+    from .console import show_progress
     from .config import resolve_config
     from .data.store import default_cache_dir
     from .errors import ConfigError, FewShotError
@@ -54,7 +55,7 @@ def pretrain_main(argv: List[str]) -> int:
         load_plugins([Path(d) for d in args.plugins])
         if args.method and "," in args.method or args.shots and len(args.shots) > 1 or args.backbone and "," in args.backbone:
             raise ConfigError("distributed pretraining takes one --method, --backbone and --shots")
-        cfg = resolve_config(cli_overrides(args, args.method or None), args.config)
+        cfg = resolve_config(overrides_of(args, args.method or None), args.config)
         if "pretrain" not in stages_of(cfg):
             raise ConfigError(f"method {cfg.method} has no pretraining stage; pick a method that pretrains "
                               f"(its [stages] are shown by --list)")
@@ -78,11 +79,11 @@ def pretrain_main(argv: List[str]) -> int:
         cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         log(f"pretraining {cfg.backbone} for {cfg.method} on {store.name} with {world} process(es) "
             f"({'NCCL, SyncBatchNorm' if use_cuda else 'gloo on CPU, per-process BatchNorm statistics'})")
-        info = pretrain(method, store, cfg, device, conv_spec_of(cfg), cache, progress=not args.no_progress,
+        info = pretrain(method, store, cfg, device, conv_spec_of(cfg), cache, progress=show_progress(args.progress, args.quiet),
                         distributed=True)
         state = "already cached" if info["cached"] else f"trained, base-class train accuracy {100 * info['train_accuracy']:.1f}%"
         log(f"pretraining {state}: {info['cache_path']}")
-        log("run_benchmarks.py with the same flags (and cache dir) reuses it")
+        log("fewshot-nsl (or run_benchmarks.py) with the same flags (and cache dir) reuses it")
         return 0
     except FewShotError as exc:
         if rank == 0:

@@ -331,7 +331,8 @@ def _load_entry_points() -> None:
         except DuplicateNameError:
             raise
         except Exception as exc:
-            where = _entry_point_origin(ep)
+            # a built-in is named by its file (as when loaded from the folder), a third party by its entry point
+            where = _entry_point_origin(ep) if ep.module.startswith(builtin + ".") else f"entry point {ep.name}"
             PLUGIN_ERRORS[where] = f"{type(exc).__name__}: {exc}"
             warnings.warn(f"plugin {where} failed to import ({type(exc).__name__}: {exc}); skipped")
 

@@ -11,6 +11,8 @@ world size), so a run is resumed or reused only under the same identity:
 * ``config.yaml``: the resolved config;
 * ``checkpoint.pt``: episodic-training checkpoint (model, optimiser, sampler and RNG states);
 * ``method.pt``: the trained method; ``train.json``: training time, parameter count, peak memory;
+* ``training_curve.csv``, ``training_curves.png`` (and ``tensorboard/`` with the optional extra):
+  loss and accuracy every N training steps (:mod:`fewshot_nsl.curves`);
 * ``episodes.csv``: one row per evaluated episode, appended and fsync'ed as it finishes;
 * ``shards/``: per-task episode CSVs while a Ray evaluation is in flight (merged, then removed);
 * ``summary.json``: the run's result and provenance (written last, atomically: its presence
@@ -42,6 +44,7 @@ import numpy as np
 import torch
 
 from .config import RunConfig, save_config
+from .curves import write_curves
 from .data.episodes import (
     EPISODES_DIR,
     EpisodeList,
@@ -364,11 +367,12 @@ def train(ctx: RunContext, progress: bool = True, log=print) -> Dict[str, Any]:
     set_seed(cfg.seed, cfg.deterministic)
     method = build_method(cfg).to(device)
     info: Dict[str, Any] = {}
+    curve: List[Dict[str, Any]] = []  # training-curve rows of every stage (fewshot_nsl.curves)
     trained = ctx.run_dir / "method.pt"
     stages = stages_of(cfg)
     if "pretrain" in stages:
         cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-        pre = pretrain(method, ctx.store, cfg, device, conv_spec_of(cfg), cache, progress)
+        pre = pretrain(method, ctx.store, cfg, device, conv_spec_of(cfg), cache, progress, curve=curve)
         # recorded relative to the cache dir: train.json/summary.json hold no machine-specific paths
         cache_file = Path(pre.pop("cache_path")).relative_to(cache).as_posix()
         info["pretrain"] = {"cache_file": cache_file, **pre}
@@ -386,7 +390,9 @@ def train(ctx: RunContext, progress: bool = True, log=print) -> Dict[str, Any]:
     record = None if fresh else _read_json(record_path)
     if fresh:
         if "episodic" in stages:
-            info["episodic"] = meta_train(method, ctx.store, cfg, device, ctx.run_dir / "checkpoint.pt", progress)
+            info["episodic"] = meta_train(method, ctx.store, cfg, device, ctx.run_dir / "checkpoint.pt", progress,
+                                          curve=curve)
+        write_curves(ctx.run_dir, curve, title=ctx.run_dir.name)  # training_curve.csv, training_curves.png
         atomic_torch_save(method.state_dict(), trained)
     else:
         method.load_state_dict(load_checkpoint(trained, device))

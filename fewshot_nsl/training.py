@@ -16,7 +16,7 @@ import math
 import os
 import random
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from .data.episodes import EpisodeSampler, Materialiser
 from .data.store import ImageStore, default_cache_dir
 from .errors import ConfigError, DataError, NumericalError
 from .config import RunConfig
+from .curves import LogitsProbe, StageCurve
 from .methods.base import FewShotMethod
 
 
@@ -179,6 +180,7 @@ def pretrain(
     cache_dir: Optional[Path] = None,
     progress: bool = True,
     distributed: bool = False,
+    curve: Optional[List[Dict[str, Any]]] = None,
 ) -> Dict[str, Any]:
     """Train (or load from cache) ``method.pretrain_module()`` on all base classes.
 
@@ -192,6 +194,8 @@ def pretrain(
             and trains on its contiguous slice of each; gradients are averaged by DDP with the
             loss scaled so the update equals the full-batch one. BatchNorm layers become
             SyncBatchNorm on CUDA; on CPU (gloo) their batch statistics stay per process.
+        curve: when given, the training-curve rows of the pretraining (:mod:`fewshot_nsl.curves`;
+            kept in the cache file, so a cache hit gives them too) are appended to it.
 
     Returns:
         ``{"cache_path": str, "cached": bool, "train_accuracy": float, "world_size": int}``.
@@ -202,6 +206,8 @@ def pretrain(
     def from_cache() -> Dict[str, Any]:
         ckpt = load_checkpoint(path, device)
         module.load_state_dict(ckpt["module"])
+        if curve is not None:
+            curve.extend(ckpt.get("curve", []))
         return {"cache_path": str(path), "cached": True, "train_accuracy": ckpt["train_accuracy"],
                 "world_size": int(ckpt.get("world_size", 1))}
 
@@ -211,7 +217,7 @@ def pretrain(
     if distributed:  # every process must enter the training loop together: no lock
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(cfg.seed)
-            return _pretrain(method, module, store, cfg, device, path, progress, distributed)
+            return _pretrain(method, module, store, cfg, device, path, progress, distributed, curve)
     from .reporting import locked
 
     # One process trains a given pretraining; others asking for it meanwhile (parallel grid runs, Ray
@@ -221,10 +227,10 @@ def pretrain(
             return from_cache()
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(cfg.seed)
-            return _pretrain(method, module, store, cfg, device, path, progress, distributed)
+            return _pretrain(method, module, store, cfg, device, path, progress, distributed, curve)
 
 
-def _pretrain(method, module, store, cfg, device, path, progress, distributed) -> Dict[str, Any]:
+def _pretrain(method, module, store, cfg, device, path, progress, distributed, curve=None) -> Dict[str, Any]:
     """The pretraining loop of :func:`pretrain` (cache miss)."""
     rank, world = 0, 1
     if distributed:
@@ -265,6 +271,7 @@ def _pretrain(method, module, store, cfg, device, path, progress, distributed) -
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=max(total, 1), pct_start=pct_start)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, correct, seen = 0, 0, 0
+    curve_rows: List[Dict[str, Any]] = []  # training-curve rows of a resumed pretraining
     # Single-process pretraining checkpoints at every epoch end to `<cache file>.partial`, so a killed run
     # resumes from its last finished epoch with the same weights an uninterrupted run would reach.
     partial = path.with_name(path.name + ".partial") if world == 1 else None
@@ -277,6 +284,8 @@ def _pretrain(method, module, store, cfg, device, path, progress, distributed) -
         gen.set_state(ckpt["generator"])
         torch.set_rng_state(ckpt["torch_rng"].cpu())
         step = int(ckpt["step"])
+        curve_rows = ckpt.get("curve", [])
+    stage_curve = StageCurve("pretrain", total, curve_rows)
     bar = tqdm(total=total, initial=step, desc=f"pretrain {cfg.backbone}", disable=not progress or rank > 0, unit="step")
     while step < total:
         perm = torch.randperm(len(index), generator=gen).numpy()
@@ -306,15 +315,17 @@ def _pretrain(method, module, store, cfg, device, path, progress, distributed) -
             loss.backward()
             opt.step()
             sched.step()
-            correct += int((logits.argmax(1) == y).sum())
+            batch_correct = int((logits.argmax(1) == y).sum())
+            correct += batch_correct
             seen += len(y)
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct / max(seen, 1):.3f}")
+            stage_curve.update(step, loss.item(), batch_correct / max(len(y), 1))
         if partial is not None and step < total:
             atomic_torch_save({"module": module.state_dict(), "head": head.state_dict(), "optimizer": opt.state_dict(),
                                "scheduler": sched.state_dict(), "generator": gen.get_state(),
-                               "torch_rng": torch.get_rng_state(), "step": step}, partial)
+                               "torch_rng": torch.get_rng_state(), "step": step, "curve": stage_curve.rows}, partial)
     bar.close()
     if world > 1:
         import torch.distributed as dist
@@ -325,11 +336,13 @@ def _pretrain(method, module, store, cfg, device, path, progress, distributed) -
     acc = correct / max(seen, 1)
     if rank == 0:
         atomic_torch_save({"module": module.state_dict(), "train_accuracy": acc, "world_size": world,
-                           "sync_bn": sync_bn}, path)
+                           "sync_bn": sync_bn, "curve": stage_curve.rows}, path)
         if partial is not None:
             partial.unlink(missing_ok=True)
     if world > 1:
         dist.barrier()
+    if curve is not None:
+        curve.extend(stage_curve.rows)
     return {"cache_path": str(path), "cached": False, "train_accuracy": acc, "world_size": world}
 
 
@@ -365,6 +378,7 @@ def meta_train(
     device: torch.device,
     checkpoint_path: Path,
     progress: bool = True,
+    curve: Optional[List[Dict[str, Any]]] = None,
 ) -> Dict[str, Any]:
     """Episodic training with Adam over ``method``'s trainable parameters.
 
@@ -374,6 +388,8 @@ def meta_train(
     :meth:`FewShotMethod.clip_groups` is clipped to it before the step.
     A checkpoint (method, optimiser, sampler state, step) is written every
     ``checkpoint_every`` steps and at the end; an existing one is resumed from.
+    When ``curve`` is given, the stage's training-curve rows (:mod:`fewshot_nsl.curves`: loss,
+    and query accuracy where the loss goes through the method's logits) are appended to it.
 
     Returns:
         ``{"steps": int, "final_loss": float, "resumed_from": int}``.
@@ -386,6 +402,7 @@ def meta_train(
     params = [p for p in method.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=e.lr)
     start, last = 0, float("nan")
+    curve_rows: List[Dict[str, Any]] = []
     if Path(checkpoint_path).is_file():
         ckpt = load_checkpoint(checkpoint_path, device)
         method.load_state_dict(ckpt["method"])
@@ -394,6 +411,9 @@ def meta_train(
         torch.set_rng_state(ckpt["torch_rng"].cpu())
         _set_host_rng_states(ckpt)
         start, last = int(ckpt["step"]), float(ckpt["loss"])
+        curve_rows = ckpt.get("curve", [])
+    stage_curve = StageCurve("episodic", e.steps, curve_rows)
+    probe = LogitsProbe(method)
     method.train()
     bar = tqdm(total=e.steps, initial=start, desc=f"meta-train {cfg.method}", disable=not progress, unit="step")
 
@@ -407,6 +427,7 @@ def meta_train(
                 **_host_rng_states(),
                 "step": step,
                 "loss": last,
+                "curve": stage_curve.rows,
             },
             checkpoint_path,
         )
@@ -418,6 +439,7 @@ def meta_train(
                 group["lr"] = e.lr * e.lr_gamma ** (step // e.lr_step)
         opt.zero_grad(set_to_none=True)
         total = 0.0
+        accs = []
         for i in range(e.meta_batch):
             episode = next(sampler)
             t = mat(episode)
@@ -426,6 +448,7 @@ def meta_train(
                                f"{step * e.meta_batch + i + 1}, classes {', '.join(episode.classes)})")
             loss.backward()
             total += float(loss.detach())
+            accs.append(probe.accuracy(t.query_y))
         reg = method.regularization()
         if reg.requires_grad:
             reg.backward()
@@ -435,7 +458,11 @@ def meta_train(
         last = total
         bar.update(1)
         bar.set_postfix(loss=f"{total:.3f}")
+        stage_curve.update(step + 1, total, None if None in accs else sum(accs) / len(accs))
         if (step + 1) % e.checkpoint_every == 0 or step + 1 == e.steps:
             save(step + 1)
     bar.close()
+    probe.close()
+    if curve is not None:
+        curve.extend(stage_curve.rows)
     return {"steps": e.steps, "final_loss": last, "resumed_from": start}
