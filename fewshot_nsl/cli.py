@@ -8,12 +8,12 @@ Ctrl-C ends with a resume hint and status 130.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional
-
-import torch
+from typing import Any, Dict, Iterator, List, Optional
 
 from . import __version__
 from .console import Console, command_name, show_progress
@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, help="torch CPU threads per run/task (default: torch's); CPU results "
                                                "are bit-identical across executors for equal threads")
     g.add_argument("--dry-run", action="store_true", help="print what a grid would run or skip, then exit")
+    g.add_argument("--rerun", action="store_true", help="recompute the selected cells: delete their finished runs "
+                                                        "(trained method, episode results) and run them again; the "
+                                                        "shared pretraining cache is kept")
     p.add_argument("--list", action="store_true", help="list methods, backbones and datasets, then exit")
     p.add_argument("--report", action="store_true",
                    help="re-render table6.md, summary.md/.html and the plot from the CSVs, then exit")
@@ -199,6 +202,13 @@ def grid_path(spec: str) -> Path:
     return path  # load_grid names the missing file
 
 
+def _out_of_memory() -> tuple:
+    """``(torch.OutOfMemoryError,)`` once torch is imported (``()`` before: nothing to catch), so
+    this module imports without torch and a Ctrl-C during start-up is caught like any other."""
+    torch = sys.modules.get("torch")
+    return (torch.OutOfMemoryError,) if torch is not None and hasattr(torch, "OutOfMemoryError") else ()
+
+
 def _executor(args: argparse.Namespace):
     from .executors import LocalExecutor, RayExecutor
 
@@ -210,7 +220,45 @@ def _executor(args: argparse.Namespace):
     return LocalExecutor(threads=args.threads)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster scheduler's stop, ``kill``): handled like Ctrl-C."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` (a ``KeyboardInterrupt``) for the duration, so a run
+    stopped by a scheduler or ``kill`` ends like Ctrl-C: one line, everything finished kept,
+    resumable. The previous handler is restored (``main`` is also called in process by tests)."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+INTERRUPTED = "interrupted: finished episodes and checkpoints are saved; run the same command again to resume"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """The command line; returns the exit status (see the module docstring). Ctrl-C or SIGTERM at
+    any point, start-up included, ends with one ``interrupted:`` line and status 130."""
+    try:
+        with sigterm_as_interrupt():
+            return _main(argv)
+    except KeyboardInterrupt:  # before or after _main's own handler (argument parsing, imports)
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(quiet=args.quiet, json_mode=args.json, log_file=Path(args.log_file) if args.log_file else None)
     log = console.info
@@ -278,6 +326,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             cells, overrides_of(args), args.config, seeds=args.seeds, executor=_executor(args),
             reference=args.reference, skip_unregistered=bool(args.grid), grid_name=grid_name,
             progress=progress, log=log, fail_fast=not args.grid and len(cells) == 1, dry_run=args.dry_run,
+            rerun=args.rerun,
         )
         if args.dry_run:
             return 0
@@ -300,13 +349,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         failures = _plugin_failures(args.plugins) if isinstance(exc, RegistryError) else []
         console.error(f"error: {'; '.join([str(exc), *failures])}")
         return 2
-    except torch.OutOfMemoryError:
+    except _out_of_memory():
         console.error("error: out of GPU memory; lower the meta-batch (episodic.meta_batch), the image size (--image-size), "
                       "use first-order MAML (method_options: {first_order: true}) or run on --device cpu; "
                       "finished episodes are kept, rerun to resume")
         return 3
     except KeyboardInterrupt:
-        console.error("interrupted: finished episodes and checkpoints are saved; run the same command again to resume")
+        console.error(INTERRUPTED)
         return 130
     finally:
         console.close()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,8 @@ from .resources import resource_dir
 #: ``configs/`` of a checkout, ``fewshot_nsl/configs`` of an installed copy.
 CONFIG_DIR = resource_dir("configs")
 PROFILES = ("smoke", "quick", "paper")
+#: Largest image side accepted (a 60,000-image store at 1024 px is 189 GB; 84 px is the protocol).
+MAX_IMAGE_SIZE = 1024
 
 
 @dataclass
@@ -113,6 +116,45 @@ class RunConfig:
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+    def _validate_numbers(self) -> None:
+        """Every numeric setting in range (before any folder is created): counts and intervals
+        at least 1, learning rates positive and finite, decays and momenta non-negative, the seed
+        within what every RNG accepts (numpy: ``0 <= seed < 2**63``)."""
+        def at_least(name: str, value: Optional[int], low: int = 1, optional: bool = False) -> None:
+            if value is None and optional:
+                return
+            if value is None or value < low:
+                raise ConfigError(f"{name} must be at least {low}{' (or null)' if optional else ''}, got {value}")
+
+        def positive(name: str, value: float) -> None:
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a positive number, got {value}")
+
+        def non_negative(name: str, value: float) -> None:
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a non-negative number, got {value}")
+
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be in 0 .. 2**63-1 (what numpy's and torch's RNGs accept), got {self.seed}")
+        pre, epi, ev = self.pretrain, self.episodic, self.eval
+        at_least("pretrain.epochs", pre.epochs)
+        at_least("pretrain.batch_size", pre.batch_size)
+        at_least("pretrain.max_steps", pre.max_steps, optional=True)
+        positive("pretrain.lr", pre.lr)
+        non_negative("pretrain.momentum", pre.momentum)
+        non_negative("pretrain.weight_decay", pre.weight_decay)
+        at_least("episodic.steps", epi.steps)
+        at_least("episodic.meta_batch", epi.meta_batch)
+        positive("episodic.lr", epi.lr)
+        at_least("episodic.ways", epi.ways, 2, optional=True)
+        at_least("episodic.shots", epi.shots, optional=True)
+        at_least("episodic.queries", epi.queries)
+        at_least("episodic.checkpoint_every", epi.checkpoint_every)
+        at_least("eval.episodes", ev.episodes)
+        at_least("eval.queries", ev.queries)
+        if ev.split not in ("train", "val", "test"):
+            raise ConfigError(f"eval.split must be train, val or test, got '{ev.split}'")
+
     def validate(self) -> None:
         """Refuse impossible settings before anything runs."""
         if self.ways < 2:
@@ -127,6 +169,10 @@ class RunConfig:
             raise ConfigError(f"episodic.grad_clip must be positive (or null), got {self.episodic.grad_clip}")
         if self.image_size < 8:
             raise ConfigError(f"image_size must be at least 8, got {self.image_size}")
+        if self.image_size > MAX_IMAGE_SIZE:
+            raise ConfigError(f"image_size {self.image_size} is more than {MAX_IMAGE_SIZE}: a store of that size does not "
+                              f"fit in memory (Mini-ImageNet at 84 px is 1.3 GB; it grows with the square); use 84")
+        self._validate_numbers()
         if self.profile not in PROFILES:
             raise ConfigError(f"unknown profile '{self.profile}'; use one of {', '.join(PROFILES)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -183,22 +229,33 @@ def merge(base: Dict[str, Any], override: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def load_yaml(path: Path) -> Dict[str, Any]:
-    """Read a YAML mapping, resolving ``include:`` (a path or list of paths, relative to the file)."""
+def load_yaml(path: Path, _chain: Sequence[Path] = ()) -> Dict[str, Any]:
+    """Read a YAML mapping, resolving ``include:`` (a path or list of paths, relative to the file).
+
+    The file must be a regular file of at most 64 MiB, nested at most 64 levels and expanding to
+    at most a million values (:mod:`fewshot_nsl.safe_io`); an ``include:`` cycle (a file that
+    includes itself, directly or not) and include chains deeper than 16 files are refused.
+    """
+    from .safe_io import load_yaml_document
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise ConfigError(f"config file {path} does not exist; check the path given to --config")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"config file {path} is not valid YAML ({first}); fix its syntax") from None
+    real = path.resolve()
+    if real in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, real))
+        raise ConfigError(f"config file {path} includes itself ({cycle}); remove the include cycle")
+    if len(_chain) >= 16:
+        raise ConfigError(f"config file {path}: includes nested more than 16 files deep; flatten them")
+    data = load_yaml_document(path, "config file") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must contain a mapping of keys to values")
     includes = data.pop("include", [])
+    if not isinstance(includes, (str, list)) or isinstance(includes, list) and not all(isinstance(i, str) for i in includes):
+        raise ConfigError(f"config file {path}: 'include' must be a file name or a list of file names")
     merged: Dict[str, Any] = {}
     for inc in [includes] if isinstance(includes, str) else includes:
-        merged = merge(merged, load_yaml(path.parent / inc))
+        merged = merge(merged, load_yaml(path.parent / inc, (*_chain, real)))
     return merge(merged, data)
 
 

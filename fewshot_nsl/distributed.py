@@ -26,7 +26,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-USAGE = "torchrun --nproc_per_node N -m fewshot_nsl.distributed pretrain [run_benchmarks.py flags]"
+USAGE = ("python -m fewshot_nsl.distributed launch --nproc-per-node N [flags]  (or: torchrun --nproc_per_node N "
+         "-m fewshot_nsl.distributed pretrain [flags])")
 
 
 def pretrain_main(argv: List[str]) -> int:
@@ -52,6 +53,10 @@ def pretrain_main(argv: List[str]) -> int:
     try:
         if "RANK" not in os.environ:
             raise ConfigError(f"run this under torchrun: {USAGE}")
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
         load_plugins([Path(d) for d in args.plugins])
         if args.method and "," in args.method or args.shots and len(args.shots) > 1 or args.backbone and "," in args.backbone:
             raise ConfigError("distributed pretraining takes one --method, --backbone and --shots")
@@ -94,11 +99,65 @@ def pretrain_main(argv: List[str]) -> int:
             dist.destroy_process_group()
 
 
+def launch_main(argv: List[str]) -> int:
+    """``python -m fewshot_nsl.distributed launch --nproc-per-node N [flags]``: torchrun's launcher
+    (standalone rendezvous) started from this process, after the flags and the dataset are checked
+    here, so a bad input is one ``error:`` line before any worker starts, and a worker that fails
+    is one line too (plain ``torchrun`` prints its own traceback for a failed worker)."""
+    from .cli import build_parser, overrides_of
+    from .config import resolve_config
+    from .errors import ConfigError, FewShotError
+    from .registry import load_plugins
+    from .runner import load_store, stages_of
+
+    try:
+        if "--nproc-per-node" not in argv:
+            raise ConfigError(f"launch needs --nproc-per-node N; usage: {USAGE}")
+        i = argv.index("--nproc-per-node")
+        try:
+            nproc = int(argv[i + 1])
+        except (IndexError, ValueError):
+            raise ConfigError("--nproc-per-node needs a whole number of processes, e.g. 2") from None
+        if nproc < 1:
+            raise ConfigError(f"--nproc-per-node must be at least 1, got {nproc}")
+        rest = argv[:i] + argv[i + 2:]
+        args = build_parser().parse_args(rest)
+        load_plugins([Path(d) for d in args.plugins])
+        cfg = resolve_config(overrides_of(args, args.method or None), args.config)
+        if "pretrain" not in stages_of(cfg):
+            raise ConfigError(f"method {cfg.method} has no pretraining stage; pick a method that pretrains "
+                              f"(its [stages] are shown by --list)")
+        load_store(cfg)  # a bad dataset fails here, once; the workers then read the cache
+    except FewShotError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was trained yet", file=sys.stderr)
+        return 130
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(["--standalone", "--nproc_per_node", str(nproc), "-m", "fewshot_nsl.distributed", "pretrain",
+                        *rest]))
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        print(f"error: distributed pretraining failed: rank {rank} exited with status {failure.exitcode} "
+              f"(its message is above); rerun after fixing it (a finished pretraining is cached)", file=sys.stderr)
+        return 2 if failure.exitcode == 2 else 1
+    except KeyboardInterrupt:
+        print("interrupted: pretraining checkpoints are saved; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("pretrain",):
+    if not argv or argv[0] not in ("pretrain", "launch"):
         print(f"usage: {USAGE}", file=sys.stderr)
         return 2
+    if argv[0] == "launch":
+        return launch_main(argv[1:])
     return pretrain_main(argv[1:])
 
 

@@ -25,3 +25,7 @@ class RegistryError(ConfigError):
 
 class NumericalError(FewShotError):
     """A NaN or Inf appeared in a loss or in logits."""
+
+
+class MethodError(FewShotError):
+    """A method (built-in or plugin) raised or returned something the harness cannot use."""

@@ -13,6 +13,7 @@ import csv
 import math
 import os
 import time
+import traceback
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .data.episodes import EpisodeList, Materialiser
 from .data.store import ImageStore
+from .errors import FewShotError, MethodError
 from .methods.base import FewShotMethod
 
 FIELDS = ["episode", "accuracy", "correct", "total", "seconds", "status"]
@@ -69,6 +71,46 @@ def seed_torch(seed: int, device: torch.device) -> None:
         torch.manual_seed(seed)
 
 
+def _method_name(method: FewShotMethod) -> str:
+    return getattr(type(method), "registered_name", type(method).__name__)
+
+
+def run_episode(method: FewShotMethod, t, episode: int, error_dir: Optional[Path] = None) -> torch.Tensor:
+    """``fit_support`` then ``forward`` on one materialised episode under ``torch.no_grad()``;
+    returns logits ``(n_query, ways)``.
+
+    Raises:
+        MethodError: the method raised (one line naming the method, the call and the episode;
+            the traceback goes to ``error_dir/error.txt``), or returned logits of another shape.
+    """
+    call = "fit_support"
+    try:
+        with torch.no_grad():
+            method.fit_support(t.support_x, t.support_y)
+            call = "forward"
+            logits = method(t.query_x)
+    except (KeyboardInterrupt, torch.OutOfMemoryError, FewShotError):
+        raise
+    except Exception as exc:  # a method's own bug: one line, the traceback kept in a file
+        where = ""
+        if error_dir is not None:
+            try:
+                error_dir.mkdir(parents=True, exist_ok=True)
+                (error_dir / "error.txt").write_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+                where = f"; traceback in {error_dir / 'error.txt'}"
+            except OSError:
+                pass
+        msg = " ".join(str(exc).split())[:200]
+        raise MethodError(f"method {_method_name(method)} raised {type(exc).__name__} in {call} on test episode "
+                          f"{episode}: {msg}{where}; fix the method (finished episodes are kept)") from None
+    n_query, ways = len(t.query_y), int(t.support_y.max()) + 1
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (n_query, ways):
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise MethodError(f"method {_method_name(method)} returned logits of shape {got} from forward on test episode "
+                          f"{episode}; expected (n_query, ways) = ({n_query}, {ways}); fix the method")
+    return logits
+
+
 def evaluate(
     method: FewShotMethod,
     store: ImageStore,
@@ -84,8 +126,8 @@ def evaluate(
     """Evaluate ``method`` on the first ``n_episodes`` of ``episodes`` (or on ``indices``).
 
     Each episode: ``fit_support`` then ``forward`` under ``torch.no_grad()`` with the method
-    in eval mode. A non-finite logit marks the episode ``nonfinite`` (accuracy NaN), it is
-    never averaged in silently.
+    in eval mode (:func:`run_episode`: logits must be ``(n_query, ways)``). A non-finite logit
+    marks the episode ``nonfinite`` (accuracy NaN), it is never averaged in silently.
 
     Returns:
         Per-episode accuracies in percent, in episode order (NaN for failed episodes).
@@ -110,9 +152,7 @@ def evaluate(
             t0 = time.perf_counter()
             seed_torch(episode_seed(seed, i), mat.device)
             t = mat(episodes.episodes[i])
-            with torch.no_grad():
-                method.fit_support(t.support_x, t.support_y)
-                logits = method(t.query_x)
+            logits = run_episode(method, t, i, error_dir=out_csv.parent)
             if torch.isfinite(logits).all():
                 correct = int((logits.argmax(1) == t.query_y).sum())
                 acc, status = 100.0 * correct / len(t.query_y), "ok"

@@ -33,7 +33,7 @@ from .data.episodes import EpisodeList
 from .data.store import ImageStore
 from .errors import ConfigError, FewShotError
 from .registry import METHODS, PLUGIN_ERRORS, list_methods
-from .reporting import KEY, _n_seeds, key_text, read_leaderboard, render_reports, upsert_row
+from .reporting import KEY, _n_seeds, check_leaderboard, key_text, read_leaderboard, render_reports, upsert_row
 from .runner import (
     aggregate,
     is_complete,
@@ -148,6 +148,22 @@ def check_buildable(cfg: RunConfig) -> None:
     check_kwargs(BACKBONES.get(cfg.backbone), cfg.backbone_options, f"backbone '{cfg.backbone}'")
 
 
+def check_outputs(cfg: RunConfig, checked: set) -> None:
+    """Before anything is loaded or trained: the results and cache folders take files and have
+    room, and the results folder's ``leaderboard.csv`` (if any) is one this suite wrote."""
+    from .data.store import default_cache_dir
+    from .safe_io import check_writable
+
+    for folder, what in ((Path(cfg.results_dir), "results folder"),
+                         (Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(), "cache folder")):
+        if (folder, what) not in checked:
+            check_writable(folder, what)
+            checked.add((folder, what))
+    if ("board", cfg.results_dir) not in checked:
+        check_leaderboard(Path(cfg.results_dir) / "leaderboard.csv")
+        checked.add(("board", cfg.results_dir))
+
+
 def plan(
     cells: Sequence[Cell],
     cli: Dict[str, Any],
@@ -163,6 +179,7 @@ def plan(
     :func:`run_grid`).
     """
     list_methods()  # load plugins
+    checked: set = set()
     stores: Dict[str, ImageStore] = {}
     episode_lists: Dict[Tuple, EpisodeList] = {}
     results_dir = None
@@ -184,6 +201,7 @@ def plan(
             over["shots"] = cell.shots
         base = resolve_config(over, config_file)
         check_buildable(base)
+        check_outputs(base, checked)
         cfgs = [dataclasses.replace(base, seed=int(s)) for s in seeds] if seeds else [base]
         pc = PlannedCell(cell, "run", cfgs=cfgs)
         cfg = cfgs[0]

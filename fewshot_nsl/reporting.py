@@ -30,6 +30,7 @@ import yaml
 
 from .config import CONFIG_DIR
 from .errors import ConfigError
+from .safe_io import atomic_write, remove_stale_tmp
 
 KEY = ["dataset", "dataset_fingerprint", "split", "episode_hash", "image_size", "method", "backbone", "ways", "shots",
        "profile"]
@@ -176,12 +177,8 @@ def read_leaderboard(path: Path) -> pd.DataFrame:
 
 
 def _write_atomic_csv(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        df.to_csv(f, index=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    remove_stale_tmp(path.parent)  # under the leaderboard lock: left by killed writers
+    atomic_write(path, lambda f: df.to_csv(f, index=False))
 
 
 def _ordered(df: pd.DataFrame) -> pd.DataFrame:
@@ -629,10 +626,7 @@ def plot_leaderboard(df: pd.DataFrame, path: Path) -> Optional[Path]:
 
 
 def _write_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda f: f.write(text))
 
 
 def render_reports(results_dir: Path, reference: Optional[str] = None,

@@ -56,6 +56,7 @@ from .data.store import ImageStore, check_min_images, default_cache_dir
 from .errors import ConfigError, DataError
 from .evaluation import FIELDS, evaluate, read_episode_results
 from .identity import RunIdentity, method_code_hash
+from .safe_io import atomic_write, remove_stale_tmp
 from .methods.base import FewShotMethod
 from .registry import check_kwargs, create_backbone, create_dataset, get_method_class
 from .reporting import paper_comparable, paper_value, render_reports, upsert_row
@@ -123,12 +124,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(text))
 
 
 def _display_path(path: Path, results_dir: Path) -> str:
@@ -259,8 +255,13 @@ def load_episodes(cfg: RunConfig, store: ImageStore) -> EpisodeList:
             f"episode list {cfg.episodes_file} is {lst.ways}-way {lst.shots}-shot {lst.queries}-query but the run asks "
             f"for {cfg.ways}-way {cfg.shots}-shot {q}-query; pass matching --ways/--shots or another --episodes file"
         )
+    if lst.split != cfg.eval.split:
+        raise ConfigError(
+            f"episode list {cfg.episodes_file or lst.path} is on the {lst.split} split but the run evaluates on "
+            f"{cfg.eval.split} (eval.split); pass a list of that split or set eval.split: {lst.split}"
+        )
+    lst.path = str(path if not cfg.episodes_file else cfg.episodes_file)
     check_episodes_match_store(lst, store)
-    lst.path = str(path if not cfg.episodes_file else cfg.episodes_file)  # type: ignore[attr-defined]
     return lst
 
 
@@ -344,6 +345,7 @@ def prepare(
     identity = run_identity(cfg, store, episodes)
     rdir = run_dir_of(cfg, identity)
     claim_run_dir(rdir, identity)
+    remove_stale_tmp(rdir)  # left by a process killed mid-write
     if not (rdir / "config.yaml").is_file():
         save_config(cfg, rdir / "config.yaml")
     return RunContext(cfg, store, episodes, device, rdir, identity)

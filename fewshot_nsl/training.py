@@ -64,11 +64,11 @@ def set_seed(seed: int, deterministic: bool = False) -> None:
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temp file, then rename, so a kill never leaves half a checkpoint."""
+    from .safe_io import atomic_write
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
 
 def load_checkpoint(path: Path, device: torch.device) -> Any:

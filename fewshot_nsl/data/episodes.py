@@ -130,6 +130,7 @@ class EpisodeList:
     queries: int
     seed: int
     episodes: List[Episode]
+    path: Optional[str] = None  # the file it was read from (messages); not part of the hash
 
     @property
     def sha256(self) -> str:
@@ -160,21 +161,92 @@ class EpisodeList:
 
     @classmethod
     def load(cls, path: Path) -> "EpisodeList":
-        """Read and verify an episode list (its recorded hash must match its content)."""
+        """Read, verify and validate an episode list: its recorded hash must match its content,
+        and every episode must be well formed (:meth:`validate`).
+
+        Raises:
+            DataError: one line naming the file and, for a bad episode, the first one.
+        """
+        from ..safe_io import load_json
+
         path = Path(path)
-        if not path.is_file():
+        if not path.exists() and not path.is_symlink():
             raise DataError(f"episode list {path} does not exist; run `python run_benchmarks.py --make-episodes` or pass --episodes FILE")
+        obj = load_json(path, "episode list", DataError)
         try:
-            obj = json.loads(path.read_text())
-            lst = cls(
-                obj["dataset"], obj["split"], int(obj["ways"]), int(obj["shots"]), int(obj["queries"]),
-                int(obj["seed"]), [Episode.from_json(e) for e in obj["episodes"]],
-            )
-        except (ValueError, KeyError, TypeError) as exc:
+            if not isinstance(obj, dict) or not isinstance(obj.get("episodes"), list):
+                raise TypeError("expected a mapping with an 'episodes' list")
+            head = {}
+            for k in ("ways", "shots", "queries", "seed"):
+                v = obj[k]
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise TypeError(f"'{k}' must be an integer, got {v!r}")
+                head[k] = v
+            if not isinstance(obj["split"], str) or not isinstance(obj["dataset"], str):
+                raise TypeError("'split' and 'dataset' must be strings")
+            eps = []
+            for i, e in enumerate(obj["episodes"]):
+                if not (isinstance(e, list) and len(e) == 3 and all(isinstance(part, list) for part in e)
+                        and all(isinstance(r, list) for part in e[1:] for r in part)):
+                    raise TypeError(f"episode {i} must be [classes, support ranks per class, query ranks per class]")
+                eps.append(Episode.from_json(e))
+            lst = cls(obj["dataset"], obj["split"], head["ways"], head["shots"], head["queries"], head["seed"], eps)
+        except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"episode list {path} is malformed ({exc}); regenerate it with --make-episodes") from None
         if obj.get("sha256") != lst.sha256:
             raise DataError(f"episode list {path} fails its checksum (edited or corrupted); restore it from git")
+        lst.path = str(path)
+        lst.validate()
         return lst
+
+    def validate(self) -> None:
+        """Check every episode against the declared shape: ``ways`` distinct classes, ``shots``
+        support and ``queries`` query ranks per class, ranks non-negative integers, support and
+        query disjoint. (Class names and rank ranges are checked against a store by
+        :func:`check_episodes_match_store`.)
+
+        Raises:
+            DataError: naming the file and the first bad episode.
+        """
+        where = f"episode list {self.path or self.dataset}"
+        if self.split not in ("train", "val", "test"):
+            raise DataError(f"{where}: unknown split '{self.split}'; use train, val or test")
+        if self.ways < 2 or self.shots < 1 or self.queries < 1:
+            raise DataError(f"{where} declares {self.ways}-way {self.shots}-shot {self.queries}-query; "
+                            f"needs at least 2 ways, 1 shot and 1 query")
+        if not self.episodes:
+            raise DataError(f"{where} has no episodes; regenerate it with --make-episodes")
+        for i, e in enumerate(self.episodes):
+            bad = _episode_problem(e, self.ways, self.shots, self.queries)
+            if bad:
+                raise DataError(f"{where}: episode {i} {bad}; regenerate the list (--make-episodes) or fix it")
+
+
+def _episode_problem(e: Episode, ways: int, shots: int, queries: int) -> Optional[str]:
+    """What is wrong with one episode against the declared shape, or None."""
+    if len(e.classes) != ways:
+        return f"has {len(e.classes)} classes, the list declares {ways}-way"
+    if any(not isinstance(c, str) for c in e.classes):
+        return "names a class that is not a string"
+    if len(set(e.classes)) != len(e.classes):
+        dup = next(c for c in e.classes if e.classes.count(c) > 1)
+        return f"names class {dup} twice"
+    if len(e.support) != ways or len(e.query) != ways:
+        return f"has support/query ranks for {len(e.support)}/{len(e.query)} classes, not {ways}"
+    for c, sup, qry in zip(e.classes, e.support, e.query):
+        if len(sup) != shots:
+            return f"has {len(sup)} support images of class {c}, the list declares {shots}-shot"
+        if len(qry) != queries:
+            return f"has {len(qry)} query images of class {c}, the list declares {queries} queries"
+        for r in sup + qry:
+            if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+                return f"has rank {r!r} for class {c}: ranks must be non-negative integers"
+        if len(set(sup)) != len(sup) or len(set(qry)) != len(qry):
+            return f"repeats an image of class {c} within its support or query set"
+        both = set(sup) & set(qry)
+        if both:
+            return f"uses image {min(both)} of class {c} as both support and query"
+    return None
 
 
 def generate_episode_list(
@@ -211,19 +283,21 @@ def default_episode_path(dataset: str, split: str, ways: int, shots: int, querie
 def check_episodes_match_store(lst: EpisodeList, store: ImageStore) -> None:
     """Refuse an episode list naming classes or ranks the store does not have."""
     index = store.class_index()
-    for e in lst.episodes:
+    where = f"episode list {lst.path}" if lst.path else "episode list"
+    for i, e in enumerate(lst.episodes):
         for name, sup, qry in zip(e.classes, e.support, e.query):
             if name not in index:
                 raise DataError(
-                    f"episode list names class {name}, which {store.name} does not have; "
+                    f"{where}: episode {i} names class {name}, which {store.name} does not have; "
                     f"use an episode list made for this dataset"
                 )
             if store.class_splits[index[name]] != lst.split:
-                raise DataError(f"episode list class {name} is not in split '{lst.split}' of {store.name}")
+                raise DataError(f"{where}: episode {i} class {name} is not in split '{lst.split}' of {store.name}; "
+                                f"use an episode list made for this dataset and split")
             size = store.class_size(index[name])
             if max(sup + qry) >= size:
                 raise DataError(
-                    f"episode list asks for image {max(sup + qry)} of class {name}, which has {size}; "
+                    f"{where}: episode {i} asks for image {max(sup + qry)} of class {name}, which has {size}; "
                     f"the list was made for a larger dataset"
                 )
 

@@ -29,6 +29,7 @@ the file and the fix.
 from __future__ import annotations
 
 import csv
+import stat
 import hashlib
 import importlib
 import io
@@ -46,6 +47,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..errors import ConfigError, DataError
+from ..safe_io import check_regular_file
 from ..registry import register_dataset
 from .store import SPLITS, ImageStore, default_cache_dir
 
@@ -182,7 +184,10 @@ class SafeUnpickler(pickle.Unpickler):
 
 
 def _sniff(path: Path, what: str) -> None:
-    """Refuse an empty file or an HTML page (a failed download) saved under a data file name."""
+    """Refuse a non-regular file (FIFO, socket, device, symlink loop: checked without opening it,
+    which would block on a FIFO), an empty file or an HTML page (a failed download) saved under a
+    data file name."""
+    check_regular_file(path, what, DataError)
     try:
         with open(path, "rb") as f:
             head = f.read(1024)
@@ -374,6 +379,8 @@ def detect_format(root: Path, allowed: Sequence[str] = ALL_FORMATS, what: str = 
 def _require(path: Path, kind: str, fmt: str) -> Path:
     ok = path.is_dir() if kind == "dir" else path.is_file()
     if not ok:
+        if kind == "file" and (path.exists() or path.is_symlink()):
+            check_regular_file(path, f"{fmt} file", DataError)  # a FIFO, socket, device or symlink loop
         raise DataError(f"{fmt} source is missing {path}; add it (or re-download the dataset)")
     return path
 
@@ -419,17 +426,38 @@ def locate_split_files(root: Path, fmt: str, required: Sequence[str]) -> Dict[st
 
 
 def _walk_files(folder: Path) -> Iterable[os.DirEntry]:
-    """Every regular file under ``folder`` (recursively, hidden entries skipped)."""
-    stack = [folder]
+    """Every regular file under ``folder`` (recursively, hidden entries skipped).
+
+    Raises:
+        DataError: a symlink loop (a folder that leads back to one of its parents, or a link to
+            itself), or a FIFO, socket or device in the tree (never opened: that would hang).
+    """
+    seen = set()
+    st = os.stat(folder)
+    seen.add((st.st_dev, st.st_ino))
+    stack = [(folder, (st.st_dev, st.st_ino))]
     while stack:
-        with os.scandir(stack.pop()) as it:
+        current, _ = stack.pop()
+        with os.scandir(current) as it:
             for entry in it:
                 if entry.name.startswith("."):
                     continue
-                if entry.is_dir():
-                    stack.append(Path(entry.path))
-                elif entry.is_file():
+                try:
+                    est = entry.stat()  # follows symlinks
+                except OSError:
+                    check_regular_file(Path(entry.path), "dataset file", DataError)  # names the loop / broken link
+                    raise
+                if stat.S_ISDIR(est.st_mode):
+                    key = (est.st_dev, est.st_ino)
+                    if key in seen:
+                        raise DataError(f"{entry.path} is a symlink loop (it leads back to a folder already read); "
+                                        f"remove the link")
+                    seen.add(key)
+                    stack.append((Path(entry.path), key))
+                elif stat.S_ISREG(est.st_mode):
                     yield entry
+                else:
+                    check_regular_file(Path(entry.path), "dataset file", DataError)
 
 
 def source_files(root: Path, fmt: str, layout: Dict[str, Tuple[Path, ...]]) -> List[Tuple[str, int, int]]:
@@ -437,7 +465,8 @@ def source_files(root: Path, fmt: str, layout: Dict[str, Tuple[Path, ...]]) -> L
     rows: List[Tuple[str, int, int]] = []
 
     def add(entry_path: str, st: os.stat_result) -> None:
-        rows.append((os.path.relpath(entry_path, root), st.st_size, st.st_mtime_ns))
+        # size, mtime and ctime: a rewrite changes ctime even when size and mtime are restored
+        rows.append((os.path.relpath(entry_path, root), st.st_size, st.st_mtime_ns * 1_000_000_007 + st.st_ctime_ns))
 
     for paths in layout.values():
         for p in paths:
@@ -445,6 +474,7 @@ def source_files(root: Path, fmt: str, layout: Dict[str, Tuple[Path, ...]]) -> L
                 for e in _walk_files(p):
                     add(e.path, e.stat())
             else:
+                check_regular_file(p, "dataset file", DataError)
                 add(str(p), p.stat())
     if fmt == FORMAT_RAVI:
         for e in _walk_files(root / "images"):
@@ -504,12 +534,18 @@ def scan_ravi(root: Path, layout: Dict[str, Tuple[Path, ...]]) -> List[ClassSour
     """
     images_dir = root / "images"
     present = {e.name for e in os.scandir(images_dir)}
-    seen: Dict[str, Tuple[Path, int]] = {}
+    seen: Dict[str, Tuple[Path, int]] = {}  # keyed by the normalised path inside images/
     classes: List[ClassSource] = []
     for split, (csv_path,) in layout.items():
         per_class: Dict[str, List[Path]] = {}
         missing: List[str] = []
         for lineno, fname, label in _read_csv_rows(csv_path):
+            if os.path.isabs(fname) or ".." in Path(fname).parts or fname.startswith("~"):
+                raise DataError(
+                    f"{csv_path} line {lineno} names {fname}, outside {images_dir}; list image paths relative to "
+                    f"images/ (no absolute paths, no '..')"
+                )
+            fname = os.path.normpath(fname).replace(os.sep, "/")  # 'a.jpg', './a.jpg', 'b/../a.jpg': one file
             if fname in seen:
                 other, other_line = seen[fname]
                 raise DataError(
@@ -517,8 +553,13 @@ def scan_ravi(root: Path, layout: Dict[str, Tuple[Path, ...]]) -> List[ClassSour
                     f"remove the duplicate row"
                 )
             seen[fname] = (csv_path, lineno)
-            if fname not in present and not (("/" in fname) and (images_dir / fname).is_file()):
+            path = images_dir / fname
+            if fname not in present and not (("/" in fname) and path.is_file()):
+                if path.exists() or path.is_symlink():
+                    check_regular_file(path, "image", DataError)  # a FIFO, device, socket or symlink loop
                 missing.append(fname)
+            elif not path.is_file():
+                check_regular_file(path, "image", DataError)
             per_class.setdefault(label, []).append(images_dir / fname)
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -555,7 +596,8 @@ def scan_folders(layout: Dict[str, Tuple[Path, ...]]) -> List[ClassSource]:
         for d in subdirs:
             files = sorted(
                 e.name for e in os.scandir(d)
-                if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTENSIONS)
+                if not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTENSIONS)
+                and (e.is_file() or check_regular_file(Path(e.path), "image", DataError))
             )
             if not files:
                 raise DataError(f"class folder {d} has no .jpg/.jpeg/.png images; add images or remove it")

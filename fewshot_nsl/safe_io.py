@@ -1,0 +1,220 @@
+"""Reading user-supplied files without hanging, recursing without bound or exhausting memory.
+
+Every file the suite reads on the user's word (configs, grid files, episode lists, dataset files)
+goes through :func:`check_regular_file` first: a FIFO would block ``open`` forever, a device or
+socket is not data, and a symlink loop never resolves. JSON and YAML documents are parsed with a
+size cap, deep nesting is refused (:class:`RecursionError` from the parsers, or more than
+:data:`MAX_DEPTH` levels), and YAML aliases are refused when they would expand a document past
+:data:`MAX_NODES` values (the "billion laughs" alias bomb). Each refusal is one
+:class:`~fewshot_nsl.errors.FewShotError` line naming the file.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import stat
+from pathlib import Path
+from typing import Any, Callable, Type
+
+from .errors import ConfigError, FewShotError
+
+#: Largest JSON/YAML document read (bytes): a 600-episode list is ~0.1 MB, a config a few kB.
+MAX_DOCUMENT_BYTES = 64 * 2**20
+#: Deepest nesting accepted in a JSON/YAML document.
+MAX_DEPTH = 64
+#: Most values a YAML document may expand to through aliases.
+MAX_NODES = 1_000_000
+
+
+def check_regular_file(path: Path, what: str, error: Type[FewShotError] = ConfigError) -> Path:
+    """``path`` if it is (a symlink to) a regular file; else one line saying what it is.
+
+    Uses ``os.stat`` (which never blocks, unlike ``open`` on a FIFO).
+
+    Raises:
+        ``error``: missing, a symlink loop, a folder, FIFO, socket or device.
+    """
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise error(f"{what} {path} is a symlink loop; point it at a real file") from None
+        if exc.errno == errno.ENOENT:
+            if os.path.islink(path):
+                raise error(f"{what} {path} is a broken symlink; point it at an existing file") from None
+            raise error(f"{what} {path} does not exist; check the path") from None
+        raise error(f"cannot read {what} {path} ({exc.strerror}); check the path and its permissions") from None
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        return path
+    kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "not a regular file")
+    raise error(f"{what} {path} is {kind}, not a regular file; pass a file")
+
+
+def read_document(path: Path, what: str, error: Type[FewShotError] = ConfigError,
+                  max_bytes: int = MAX_DOCUMENT_BYTES) -> str:
+    """The UTF-8 text of a (checked, size-capped) JSON/YAML document."""
+    path = check_regular_file(path, what, error)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise error(f"{what} {path} is {size / 2**20:.0f} MiB, more than the {max_bytes / 2**20:.0f} MiB accepted; "
+                    f"is it the right file?")
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} {path} is not UTF-8 text (byte offset {exc.start}); pass a text file") from None
+    except OSError as exc:
+        raise error(f"cannot read {what} {path} ({exc.strerror}); check its permissions") from None
+
+
+def check_shape(obj: Any, path: Path, what: str, error: Type[FewShotError] = ConfigError) -> Any:
+    """Refuse a parsed document nested deeper than :data:`MAX_DEPTH` or expanding to more than
+    :data:`MAX_NODES` values (shared YAML aliases counted every time they are used). Iterative and
+    stopped at the first excess, so an alias bomb is refused in milliseconds and constant memory."""
+    count = 0
+    stack = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_NODES:
+            raise error(f"{what} {path} expands to more than {MAX_NODES:,} values (YAML aliases?); simplify it")
+        if depth > MAX_DEPTH:
+            raise error(f"{what} {path} is nested more than {MAX_DEPTH} levels deep; simplify it")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+            stack.extend((k, depth + 1) for k in node.keys() if isinstance(k, (tuple, frozenset)))
+        elif isinstance(node, (list, tuple)):
+            stack.extend((v, depth + 1) for v in node)
+    return obj
+
+
+def load_json(path: Path, what: str, error: Type[FewShotError] = ConfigError) -> Any:
+    """Parse a JSON document with the checks above.
+
+    Raises:
+        ``error``: not a regular file, too large, not UTF-8, not JSON, too deep.
+    """
+    text = read_document(path, what, error)
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        raise error(f"{what} {path} is nested too deeply to read; simplify it") from None
+    except ValueError as exc:
+        raise error(f"{what} {path} is not valid JSON ({exc}); fix or regenerate it") from None
+    return check_shape(obj, path, what, error)
+
+
+def load_yaml_document(path: Path, what: str, error: Type[FewShotError] = ConfigError) -> Any:
+    """Parse one YAML document (``yaml.safe_load``) with the checks above."""
+    import yaml
+
+    text = read_document(path, what, error)
+    try:
+        obj = yaml.safe_load(text)
+    except RecursionError:
+        raise error(f"{what} {path} is nested too deeply to read; simplify it") from None
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise error(f"{what} {path} is not valid YAML ({first}); fix its syntax") from None
+    return check_shape(obj, path, what, error)
+
+
+# ----------------------------------------------------------------------------- output folders
+#: Free space below which a results or cache folder counts as full (bytes).
+MIN_FREE_BYTES = 64 * 2**20
+_TMP_NAME = re.compile(r"(?:\.tmp(\d+)$|^\.tmp(\d+)-)")
+
+
+def check_writable(folder: Path, what: str) -> Path:
+    """Create ``folder`` if needed and prove it takes a file (written, fsync'ed, removed) and has
+    at least :data:`MIN_FREE_BYTES` free, so an unwritable, read-only or full results or cache
+    folder is one line before any training instead of a traceback after it.
+
+    Raises:
+        ConfigError: naming the folder, the reason and the fix.
+    """
+    folder = Path(folder)
+    fix = f"pass another {'--results-dir' if what == 'results folder' else '--cache-dir'} or free/allow it"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test.tmp{os.getpid()}"
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"fewshot-nsl write test\n")
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            if probe.exists():
+                probe.unlink()
+    except OSError as exc:
+        reason = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                  errno.ENOSPC: "no space left", errno.ENOTDIR: "a part of the path is a file",
+                  errno.EEXIST: "a file of that name exists"}.get(exc.errno, exc.strerror or type(exc).__name__)
+        raise ConfigError(f"{what} {folder} is not writable ({reason}); {fix}") from None
+    free = shutil.disk_usage(folder).free
+    if free < MIN_FREE_BYTES:
+        raise ConfigError(f"{what} {folder} is full ({free / 2**20:.0f} MiB free, at least "
+                          f"{MIN_FREE_BYTES / 2**20:.0f} MiB needed); {fix}")
+    return folder
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_tmp(folder: Path) -> int:
+    """Delete the temporary files (``*.tmp<pid>``, ``.tmp<pid>-*``) that processes no longer alive
+    left in ``folder`` (killed mid-write); returns how many. Files of live processes are kept."""
+    n = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for e in entries:
+        m = _TMP_NAME.search(e.name)
+        if not m:
+            continue
+        pid = int(m.group(1) or m.group(2))
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        try:
+            if e.is_dir(follow_symlinks=False):
+                shutil.rmtree(e.path)
+            else:
+                os.unlink(e.path)
+            n += 1
+        except OSError:
+            pass
+    return n
+
+
+def atomic_write(path: Path, write: Callable[[Any], None], binary: bool = False) -> Path:
+    """Write ``path`` through a temporary sibling (``write(file)``), fsync, rename; the temporary
+    file is removed if anything fails, so a failed write leaves neither half a file nor a ``.tmp``."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+    return path
