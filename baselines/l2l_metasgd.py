@@ -6,7 +6,9 @@ the support set with learned per-parameter step sizes, and the clone classifies 
 The step sizes (``lrs``) are parameters of this method, so the harness meta-trains them with
 the initial weights.
 
-learn2learn is optional (``make install`` adds it). Without it (or without ``gym``, which its
+learn2learn is optional (``make install`` adds it in a checkout; with pip, the two commands of
+the README's "Install as a package" section: ``pip install "gym>=0.26"`` and
+``pip install --no-deps --config-settings=--build-option=build_ext learn2learn==0.2.0``). Without it (or without ``gym``, which its
 import needs) this file raises ImportError and ``--list`` shows one line saying so. Because
 ``import learn2learn`` takes several seconds (it pulls in torchvision models and gym), the
 import happens when the method is built, not when the plugin is discovered.
@@ -30,8 +32,9 @@ from fewshot_nsl.registry import register_method
 _MISSING = [name for name in ("learn2learn", "gym") if importlib.util.find_spec(name) is None]
 if _MISSING:
     raise ImportError(
-        f"the optional package {' and '.join(_MISSING)} is not installed; `make install` adds it "
-        f"(the pip commands are in pyproject.toml, extra 'l2l')"
+        f"the optional package {' and '.join(_MISSING)} is not installed; install it with "
+        f"`pip install \"gym>=0.26\" && pip install --no-deps --config-settings=--build-option=build_ext "
+        f"learn2learn==0.2.0` (in a checkout: `make install`)"
     )
 
 

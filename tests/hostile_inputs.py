@@ -465,6 +465,65 @@ def ray_address_without_ray(tmp: Path) -> Built:
     return [*TINY_ARGS, "--ray-address", "auto"], None
 
 
+# ----------------------------------------------------------------------------- issue 11/12: plugins, --set, output
+
+DUPLICATE_PLUGIN = '''
+import torch
+from fewshot_nsl.methods import FewShotMethod
+from fewshot_nsl.registry import register_method
+
+@register_method("{name}")
+class Impostor(FewShotMethod):
+    """A plugin that registers a built-in's name."""
+    training_stages = ()
+    def fit_support(self, x, y):
+        pass
+    def forward(self, x):
+        return torch.zeros(len(x), 5)
+'''
+
+
+def plugin_named_like_a_builtin(tmp: Path) -> Built:
+    """``protonet.py`` in --plugins registering ``protonet`` (used to replace the built-in silently)."""
+    plugins = tmp / "lab_plugins"
+    plugins.mkdir()
+    (plugins / "protonet.py").write_text(DUPLICATE_PLUGIN.format(name="protonet"))
+    return ["--plugins", str(plugins), "--method", "protonet", *TINY_ARGS], None
+
+
+def plugin_registers_a_builtin_name(tmp: Path) -> Built:
+    """A plugin file with another name registering a built-in's name (``maml``)."""
+    plugins = tmp / "lab_plugins"
+    plugins.mkdir()
+    (plugins / "my_meta_learner.py").write_text(DUPLICATE_PLUGIN.format(name="maml"))
+    return ["--plugins", str(plugins), "--method", "maml", *TINY_ARGS], None
+
+
+def set_unknown_key(tmp: Path) -> Built:
+    return [*TINY_ARGS, "--set", "episodic.stepz=3"], None
+
+
+def set_wrong_type(tmp: Path) -> Built:
+    return [*TINY_ARGS, "--set", "episodic.steps=ten"], None
+
+
+def set_not_key_value(tmp: Path) -> Built:
+    return [*TINY_ARGS, "--set", "episodic.steps"], None
+
+
+def set_cell_key(tmp: Path) -> Built:
+    return [*TINY_ARGS, "--set", "method=maml"], None
+
+
+def log_file_unwritable(tmp: Path) -> Built:
+    (tmp / "not_a_folder").write_text("a file where the log's folder should be\n")
+    return [*TINY_ARGS, "--log-file", str(tmp / "not_a_folder" / "run.log")], None
+
+
+def json_with_report(tmp: Path) -> Built:
+    return [*TINY_ARGS, "--report", "--json"], None
+
+
 # ----------------------------------------------------------------------------- run-time failures
 
 

@@ -151,8 +151,9 @@ def test_l2l_plugin_without_learn2learn_is_one_clear_line(tmp_path, monkeypatch,
     with pytest.warns(UserWarning, match="l2l_metasgd.py failed to import"):
         registry.load_plugin_file(plugin)
     assert registry.PLUGIN_ERRORS == {
-        str(plugin): "ImportError: the optional package learn2learn is not installed; `make install` adds it "
-        "(the pip commands are in pyproject.toml, extra 'l2l')"
+        str(plugin): "ImportError: the optional package learn2learn is not installed; install it with "
+        "`pip install \"gym>=0.26\" && pip install --no-deps --config-settings=--build-option=build_ext "
+        "learn2learn==0.2.0` (in a checkout: `make install`)"
     }
     _list(print)
     lines = [l for l in capsys.readouterr().out.splitlines() if "not loaded" in l]
