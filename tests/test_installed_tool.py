@@ -139,3 +139,14 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch):
     rows, board = namespace["rows"], namespace["board"]
     assert list(rows["method"]) == ["protonet"] and int(rows["episodes"].iloc[0]) == 20
     assert list(board["run_id"]) == list(rows["run_id"]) and (tmp_path / "results" / "leaderboard.csv").is_file()
+
+
+def test_grid_names_resolve_to_the_packaged_configs(tmp_path, monkeypatch):
+    from fewshot_nsl.config import CONFIG_DIR
+
+    monkeypatch.chdir(tmp_path)  # an empty folder: no configs/ here
+    for spec in ("table6", "table6.yaml", "configs/table6.yaml"):
+        assert cli.grid_path(spec) == CONFIG_DIR / "table6.yaml"
+    (tmp_path / "table6.yaml").write_text("rows: []\n")
+    assert cli.grid_path("table6.yaml") == Path("table6.yaml")  # a file that exists wins
+    assert cli.grid_path("elsewhere/table6.yaml") == Path("elsewhere/table6.yaml")  # load_grid names it missing

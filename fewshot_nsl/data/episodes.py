@@ -171,7 +171,10 @@ class EpisodeList:
 
         path = Path(path)
         if not path.exists() and not path.is_symlink():
-            raise DataError(f"episode list {path} does not exist; run `python run_benchmarks.py --make-episodes` or pass --episodes FILE")
+            from ..console import command_name
+
+            raise DataError(f"episode list {path} does not exist; pass --episodes FILE (in a checkout, "
+                            f"`{command_name()} --make-episodes` regenerates the committed lists)")
         obj = load_json(path, "episode list", DataError)
         try:
             if not isinstance(obj, dict) or not isinstance(obj.get("episodes"), list):
