@@ -570,3 +570,222 @@ def prepare_truncated_checkpoint(run: Callable[[], None], results: Path, tmp: Pa
     data = ckpt.read_bytes()
     ckpt.write_bytes(data[: len(data) // 2])
     return lambda: None
+
+
+# ----------------------------------------------------------------------------- issue 11: identity, episodes, paths, settings, outputs
+
+
+def _tiny_list(tmp: Path, mutate: Callable[[dict], None], name: str = "eps.json", split: str = "test") -> Path:
+    """A 5-way 1-shot 3-query list for the tiny dataset, edited by ``mutate`` (its JSON form),
+    with the checksum recomputed: only the validation can catch it."""
+    import json
+
+    from fewshot_nsl.data.episodes import Episode, EpisodeList, episode_list_for_store
+    from tiny_dataset_access import make_tiny_store
+
+    lst = episode_list_for_store(make_tiny_store(), split, 5, 1, 3, 6, 0)
+    obj = {"dataset": lst.dataset, "split": lst.split, "ways": 5, "shots": 1, "queries": 3, "seed": 0,
+           "episodes": [e.to_json() for e in lst.episodes]}
+    mutate(obj)
+    try:
+        eps = [Episode.from_json(e) for e in obj["episodes"]]
+        obj["sha256"] = EpisodeList(obj["dataset"], obj["split"], obj["ways"], obj["shots"], obj["queries"], 0, eps).sha256
+    except Exception:  # the shape is broken beyond hashing: leave the checksum out
+        pass
+    path = tmp / name
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def _episode_args(path: Path) -> List[str]:
+    return [*TINY_ARGS, "--episodes", str(path), "--shots", "1", "--queries", "3", "--method", "nearest_neighbor"]
+
+
+def episodes_support_query_overlap(tmp: Path) -> Built:
+    def mutate(o):
+        o["episodes"][2][2][1][0] = o["episodes"][2][1][1][0]
+    return _episode_args(_tiny_list(tmp, mutate)), None
+
+
+def episodes_class_twice(tmp: Path) -> Built:
+    def mutate(o):
+        o["episodes"][1][0][3] = o["episodes"][1][0][0]
+    return _episode_args(_tiny_list(tmp, mutate)), None
+
+
+def episodes_fewer_ways(tmp: Path) -> Built:
+    def mutate(o):
+        for part in o["episodes"][0]:
+            del part[-1]
+    return _episode_args(_tiny_list(tmp, mutate)), None
+
+
+def episodes_ragged_shots(tmp: Path) -> Built:
+    def mutate(o):
+        o["episodes"][4][1][2].append(29)
+    return _episode_args(_tiny_list(tmp, mutate)), None
+
+
+def episodes_float_rank(tmp: Path) -> Built:
+    def mutate(o):
+        o["episodes"][3][2][0][1] = 2.5
+    return _episode_args(_tiny_list(tmp, mutate)), None
+
+
+def episodes_other_split(tmp: Path) -> Built:
+    return _episode_args(_tiny_list(tmp, lambda o: None, split="val")), None
+
+
+def episodes_fifo(tmp: Path) -> Built:
+    path = tmp / "eps.json"
+    os.mkfifo(path)
+    return _episode_args(path), None
+
+
+def episodes_deeply_nested(tmp: Path) -> Built:
+    path = tmp / "eps.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    return _episode_args(path), None
+
+
+def yaml_include_cycle(tmp: Path) -> Built:
+    (tmp / "a.yaml").write_text("include: b.yaml\nseed: 1\n")
+    (tmp / "b.yaml").write_text("include: a.yaml\n")
+    return [*TINY_ARGS, "--config", str(tmp / "a.yaml")], None
+
+
+def yaml_alias_bomb(tmp: Path) -> Built:
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for i in range(1, 10):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
+    lines.append("method_options: {bomb: *a9}")
+    path = tmp / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return [*TINY_ARGS, "--config", str(path)], None
+
+
+def _ravi_with(tmp: Path, row: str) -> Path:
+    root = tmp / "custom"
+    (root / "images").mkdir(parents=True)
+    from PIL import Image
+
+    for split in ("train", "test"):
+        rows = ["filename,label"]
+        for c in range(5):
+            for i in range(4):
+                name = f"{split}{c}_{i}.png"
+                Image.new("RGB", (8, 8), (40 * c, 10 * i, 90)).save(root / "images" / name)
+                rows.append(f"{name},{split}{c}")
+        if split == "test":
+            rows.append(row)
+        (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def csv_absolute_path(tmp: Path) -> Built:
+    outside = tmp / "outside.png"
+    outside.write_bytes(b"not read")
+    return custom_args(_ravi_with(tmp, f"{outside},test0")), None
+
+
+def csv_parent_path(tmp: Path) -> Built:
+    return custom_args(_ravi_with(tmp, "../outside.png,test0")), None
+
+
+def image_symlink_loop(tmp: Path) -> Built:
+    root = _ravi_with(tmp, "loop.png,test0")
+    os.symlink(root / "images" / "loop.png", root / "images" / "loop.png")
+    return custom_args(root), None
+
+
+def image_is_fifo(tmp: Path) -> Built:
+    root = _ravi_with(tmp, "pipe.png,test0")
+    os.mkfifo(root / "images" / "pipe.png")
+    return custom_args(root), None
+
+
+def dir_symlink_loop(tmp: Path) -> Built:
+    root = tmp / "folders"
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in range(5):
+            d = root / split / f"{split}{c}"
+            d.mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (8, 8), (40 * c, 10 * i, 90)).save(d / f"{i}.png")
+    os.symlink(root, root / "test" / "test0" / "again")
+    return custom_args(root), None
+
+
+def zero_episodic_steps(tmp: Path) -> Built:
+    return [*TINY_ARGS, "--config", str(yaml_config(tmp, "episodic: {steps: 0}\n"))], None
+
+
+def zero_meta_batch(tmp: Path) -> Built:
+    return [*TINY_ARGS, "--config", str(yaml_config(tmp, "episodic: {meta_batch: 0}\n"))], None
+
+
+def zero_checkpoint_every(tmp: Path) -> Built:
+    return [*TINY_ARGS, "--config", str(yaml_config(tmp, "episodic: {checkpoint_every: 0}\n"))], None
+
+
+def zero_batch_size(tmp: Path) -> Built:
+    return [*TINY_ARGS, "--method", "nearest_neighbor", "--config",
+            str(yaml_config(tmp, "pretrain: {batch_size: 0}\n"))], None
+
+
+def zero_train_queries(tmp: Path) -> Built:
+    return [*TINY_ARGS, "--config", str(yaml_config(tmp, "episodic: {queries: 0}\n"))], None
+
+
+def negative_seed(tmp: Path) -> Built:
+    return [*TINY_ARGS, "--seed", "-1"], None
+
+
+def huge_seed(tmp: Path) -> Built:
+    return [*TINY_ARGS, "--seed", str(2**64)], None
+
+
+def huge_image_size(tmp: Path) -> Built:
+    return [*TINY_ARGS, "--image-size", "100000"], None
+
+
+def results_dir_under_a_file(tmp: Path) -> Built:
+    blocker = tmp / "a_file"
+    blocker.write_text("x")
+    return [*TINY_ARGS, "--results-dir", str(blocker / "results")], None
+
+
+def cache_dir_read_only(tmp: Path) -> Built:
+    return [*TINY_ARGS, "--cache-dir", "/proc/fewshot-cache"], None
+
+
+def _foreign_board(text: bytes):
+    def prepare(run: Callable[[], None], results: Path, tmp: Path) -> Callable[[], None]:
+        (results / "leaderboard.csv").write_bytes(text)
+        return lambda: None
+    return prepare
+
+
+def plugin_method(name: str) -> Callable[[Path], Built]:
+    def build(tmp: Path) -> Built:
+        return ["--plugins", FAULTY_PLUGINS, *TINY_ARGS, "--method", name, "--shots", "1", "--queries", "3",
+                "--n-episodes", "4"], None
+    return build
+
+
+def foreign_identity(tmp: Path) -> Built:
+    """The template's command; ``prepare_foreign_identity`` edits its run's identity.json."""
+    return [], None
+
+
+def prepare_foreign_identity(run: Callable[[], None], results: Path, tmp: Path) -> Callable[[], None]:
+    import json
+
+    (run_dir,) = (results / "runs").iterdir()
+    rec = json.loads((run_dir / "identity.json").read_text())
+    rec["dataset_fingerprint"] = "0" * 16
+    (run_dir / "identity.json").write_text(json.dumps(rec))
+    (run_dir / "summary.json").unlink()  # so the run is not simply complete
+    return lambda: None

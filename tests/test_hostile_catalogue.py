@@ -153,6 +153,72 @@ CASES: List[Case] = [
          ["cannot write the log file", "run.log", "--log-file"]),
     Case("json_with_report", "--json with --report (nothing to print as rows)", H.json_with_report,
          ["--json prints the rows", "--report"]),
+    # --- issue 11: episode lists (checksums match: only validation catches them)
+    Case("episodes_support_query_overlap", "episode list whose support and query share an image",
+         H.episodes_support_query_overlap, ["eps.json", "episode 2", "as both support and query"]),
+    Case("episodes_class_twice", "episode list naming a class twice in one episode", H.episodes_class_twice,
+         ["eps.json", "episode 1", "twice"]),
+    Case("episodes_fewer_ways", "episode list with 4 classes in a 5-way list", H.episodes_fewer_ways,
+         ["eps.json", "episode 0", "has 4 classes", "5-way"]),
+    Case("episodes_ragged_shots", "episode list with 2 support images of one class in a 1-shot list",
+         H.episodes_ragged_shots, ["eps.json", "episode 4", "2 support images", "1-shot"]),
+    Case("episodes_float_rank", "episode list with a rank 2.5", H.episodes_float_rank,
+         ["eps.json", "episode 3", "2.5", "non-negative integers"]),
+    Case("episodes_other_split", "--episodes list of the val split for a test run", H.episodes_other_split,
+         ["eps.json", "val split", "eval.split"]),
+    Case("episodes_fifo", "--episodes pointing at a FIFO (would block forever)", H.episodes_fifo,
+         ["eps.json", "FIFO", "not a regular file"]),
+    Case("episodes_deeply_nested", "episode list of 100,000 nested JSON arrays", H.episodes_deeply_nested,
+         ["eps.json", "nested too deeply"]),
+    # --- issue 11: configs and settings
+    Case("yaml_include_cycle", "config files that include each other", H.yaml_include_cycle,
+         ["a.yaml", "includes itself", "b.yaml"]),
+    Case("yaml_alias_bomb", "YAML alias bomb (10^10 values from 100 lines)", H.yaml_alias_bomb,
+         ["bomb.yaml", "expands to more than"]),
+    Case("zero_episodic_steps", "episodic.steps: 0", H.zero_episodic_steps, ["episodic.steps must be at least 1"]),
+    Case("zero_meta_batch", "episodic.meta_batch: 0", H.zero_meta_batch, ["episodic.meta_batch must be at least 1"]),
+    Case("zero_checkpoint_every", "episodic.checkpoint_every: 0", H.zero_checkpoint_every,
+         ["episodic.checkpoint_every must be at least 1"]),
+    Case("zero_pretrain_batch", "pretrain.batch_size: 0", H.zero_batch_size, ["pretrain.batch_size must be at least 1"]),
+    Case("zero_training_queries", "episodic.queries: 0", H.zero_train_queries, ["episodic.queries must be at least 1"]),
+    Case("negative_seed", "--seed -1", H.negative_seed, ["seed must be in 0 .. 2**63-1", "-1"]),
+    Case("huge_seed", "--seed 2**64", H.huge_seed, ["seed must be in 0 .. 2**63-1"]),
+    Case("huge_image_size", "--image-size 100000", H.huge_image_size, ["image_size 100000", "does not fit in memory"]),
+    # --- issue 11: data paths
+    Case("csv_absolute_path", "a CSV row naming an absolute path outside the data root", H.csv_absolute_path,
+         ["test.csv", "outside", "no absolute paths"]),
+    Case("csv_parent_path", "a CSV row naming ../outside.png", H.csv_parent_path, ["test.csv", "../outside.png", "outside"]),
+    Case("image_symlink_loop", "an image that is a symlink to itself", H.image_symlink_loop, ["loop.png", "symlink loop"]),
+    Case("image_is_fifo", "an image that is a FIFO (would block forever)", H.image_is_fifo, ["pipe.png", "FIFO"]),
+    Case("folder_symlink_loop", "a class folder holding a symlink back to the data root", H.dir_symlink_loop,
+         ["again", "symlink loop"]),
+    # --- issue 11: outputs
+    Case("results_dir_under_a_file", "--results-dir below a regular file", H.results_dir_under_a_file,
+         ["results folder", "a_file", "not writable"]),
+    Case("cache_dir_read_only", "--cache-dir on a read-only file system (/proc)", H.cache_dir_read_only,
+         ["cache folder", "/proc/fewshot-cache", "not writable"]),
+    Case("foreign_leaderboard_header", "a leaderboard.csv with another tool's header", lambda tmp: (TEMPLATE_ARGS, None),
+         ["leaderboard.csv", "not a leaderboard written by fewshot-nsl", "unknown column(s) name"],
+         extra={"prepare": H._foreign_board(b"name,score\nfoo,1\n")}),
+    Case("binary_leaderboard", "a binary file saved as leaderboard.csv", lambda tmp: (TEMPLATE_ARGS, None),
+         ["leaderboard.csv", "binary"], extra={"prepare": H._foreign_board(b"PK\x03\x04\x00\x00binary")}),
+    Case("torn_leaderboard", "a leaderboard.csv whose last row is torn", lambda tmp: (TEMPLATE_ARGS, None),
+         ["leaderboard.csv", "torn row"], extra={"prepare": "torn"}),
+    Case("report_with_bad_leaderboard", "--report over a foreign leaderboard.csv (reports are kept)",
+         lambda tmp: (["--report"], None), ["leaderboard.csv", "not a leaderboard written by fewshot-nsl"],
+         extra={"prepare": H._foreign_board(b"name,score\nfoo,1\n")}),
+    Case("foreign_run_identity", "a run folder whose identity.json names other data", lambda tmp: (
+        [*TEMPLATE_ARGS, "--config", str(_template_config(tmp))], None),
+         ["holds a run of another identity", "dataset_fingerprint", "move it away"],
+         extra={"prepare": H.prepare_foreign_identity}),
+    # --- issue 11: the harness checks what a method returns
+    Case("logits_wrong_shape", "a plugin's forward returns logits (1, ways)", H.plugin_method("logits_one_row"),
+         ["logits_one_row", "shape (1, 5)", "test episode 0", "(15, 5)"], writes_run=True),
+    Case("logits_one_dimensional", "a plugin's forward returns 1-D logits", H.plugin_method("logits_flat"),
+         ["logits_flat", "shape (75,)", "(n_query, ways)"], writes_run=True),
+    Case("method_raises", "a plugin raises inside fit_support", H.plugin_method("raises_in_fit_support"),
+         ["raises_in_fit_support raised RuntimeError in fit_support on test episode 0", "plugin bug", "error.txt"],
+         writes_run=True),
     # --- run time
     Case("nan_training_loss", "training loss turns NaN at step 4 (faulty plugin method)", H.nan_training_loss,
          ["nan_after_steps training loss at step 4", "(training episode 4, classes ", "NaN or Inf", "kept"], writes_run=True),
@@ -169,6 +235,18 @@ CASES: List[Case] = [
          ["interrupted", "run the same command again to resume"], code=130, writes_run=True,
          extra={"raise_on_episode": (3, KeyboardInterrupt())}),
 ]
+
+def _template_config(tmp: Path) -> Path:
+    path = tmp / "template.yaml"
+    path.write_text(TEMPLATE_CONFIG)
+    return path
+
+
+def _tear_last_row(run, results: Path, tmp: Path):
+    data = (results / "leaderboard.csv").read_bytes()
+    (results / "leaderboard.csv").write_bytes(data[:-7])
+    return lambda: None
+
 
 # A finished run that every case's results folder starts with.
 TEMPLATE_ARGS = [*H.TINY_ARGS, "--method", "protonet", "--shots", "1", "--n-episodes", "6", "--queries", "3"]
@@ -237,7 +315,8 @@ def test_refused_cleanly_and_nothing_lost(case: Case, results: Path, tmp_path, c
     args, post_check = case.build(inputs)
     argv = base_args(results, tmp_path / "cache") + list(args)
     if "prepare" in case.extra:  # a state left in the results folder by an earlier run
-        post_check = case.extra["prepare"](lambda: run_in_process(argv, capsys), results, inputs)
+        prepare = _tear_last_row if case.extra["prepare"] == "torn" else case.extra["prepare"]
+        post_check = prepare(lambda: run_in_process(argv, capsys), results, inputs)
     before = snapshot(results)
     if "raise_on_episode" in case.extra:  # fail inside evaluation, after some episodes are written
         n, exc = case.extra["raise_on_episode"]

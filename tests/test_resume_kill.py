@@ -200,3 +200,42 @@ def test_pretraining_cache_hit_or_miss_gives_the_same_trained_method(tmp_path):
     wb = torch.load(tmp_path / "b" / "runs" / second["run_id"] / "method.pt", weights_only=True)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert first["accuracy"] == second["accuracy"]
+
+
+@pytest.mark.parametrize("when", ["meta-training", "evaluation"])
+def test_sigterm_is_handled_like_ctrl_c_and_resumes(tmp_path, reference, when):
+    """SIGTERM (a scheduler's stop, ``kill PID``) ends with one ``interrupted:`` line and status
+    130, no traceback; the same command then completes with exactly the uninterrupted results."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(CONFIG)
+    results = tmp_path / "results"
+
+    def ready():
+        d = run_dir(results)
+        if d is None:
+            return False
+        if when == "meta-training":
+            return (d / "checkpoint.pt").is_file() and not (d / "method.pt").exists()
+        return data_rows(d / "episodes.csv") >= 10
+
+    proc = subprocess.Popen(command(results, cfg), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path,
+                            env=env(tmp_path))
+    deadline = time.time() + 300
+    try:
+        while not ready():
+            assert proc.poll() is None, f"finished before the SIGTERM: {proc.stderr.read().decode()[-2000:]}"
+            assert time.time() < deadline, f"never reached {when}"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=120)[1].decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert proc.returncode == 130, err
+    assert len(lines) == 1 and lines[0].startswith("interrupted:") and "Traceback" not in err, err
+    assert not list(results.rglob("*.tmp*"))
+    run_to_end(command(results, cfg), tmp_path)
+    assert_same_as_reference(results, reference)
+    assert not list(results.rglob("*.tmp*"))

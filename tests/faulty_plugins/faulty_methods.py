@@ -48,3 +48,39 @@ class NanLogitsOnOddEpisodes(NanAfterSteps):
         logits = super().forward(query_x)
         self.evaluated += 1
         return logits * float("nan") if self.evaluated % 2 == 0 else logits
+
+
+class _Untrained(FewShotMethod):
+    """Untrained ProtoNet base for the harness-check methods below (no training stage)."""
+
+    training_stages = ()
+
+    def fit_support(self, support_x, support_y):
+        self.protos = _prototypes(self.backbone(support_x), support_y)
+
+    def forward(self, query_x):
+        return -torch.cdist(self.backbone(query_x), self.protos)
+
+
+@register_method("logits_one_row")
+class LogitsOneRow(_Untrained):
+    """Returns logits of shape (1, ways): would broadcast into a plausible accuracy."""
+
+    def forward(self, query_x):
+        return super().forward(query_x)[:1]
+
+
+@register_method("logits_flat")
+class LogitsFlat(_Untrained):
+    """Returns 1-D logits (n_query * ways,)."""
+
+    def forward(self, query_x):
+        return super().forward(query_x).flatten()
+
+
+@register_method("raises_in_fit_support")
+class RaisesInFitSupport(_Untrained):
+    """Raises inside fit_support (a plugin bug)."""
+
+    def fit_support(self, support_x, support_y):
+        raise RuntimeError("plugin bug: index out of range")
