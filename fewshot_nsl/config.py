@@ -333,7 +333,7 @@ def resolve_config(cli: Dict[str, Any], config_file: Optional[str] = None) -> Ru
     method = cli.get("method") or file_data.get("method") or RunConfig.method
     shots = cli.get("shots") or file_data.get("shots") or RunConfig.shots
     if isinstance(shots, bool) or not isinstance(shots, int):
-        raise ConfigError(f"shots must be int, got {shots!r}")
+        raise ConfigError(f"{config_file or 'config'}.shots must be int, got {shots!r}")
     data = merge(profile_overrides(profile, method, shots), file_data)
     data = merge(data, method_section(file_methods, method, shots, config_file or "config"))
     data = merge(data, cli)

@@ -106,7 +106,7 @@ def load_json(path: Path, what: str, error: Type[FewShotError] = ConfigError) ->
     except RecursionError:
         raise error(f"{what} {path} is nested too deeply to read; simplify it") from None
     except ValueError as exc:
-        raise error(f"{what} {path} is not valid JSON ({exc}); fix or regenerate it") from None
+        raise error(f"{what} {path} is malformed (not valid JSON: {exc}); fix or regenerate it") from None
     return check_shape(obj, path, what, error)
 
 
