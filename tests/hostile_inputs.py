@@ -789,3 +789,19 @@ def prepare_foreign_identity(run: Callable[[], None], results: Path, tmp: Path) 
     (run_dir / "identity.json").write_text(json.dumps(rec))
     (run_dir / "summary.json").unlink()  # so the run is not simply complete
     return lambda: None
+
+
+def csv_same_file_twice(tmp: Path) -> Built:
+    root = _ravi_with(tmp, "alias.png,test1")
+    os.symlink(root / "images" / "test0_0.png", root / "images" / "alias.png")
+    return custom_args(root), None
+
+
+def csv_dot_duplicate(tmp: Path) -> Built:
+    return custom_args(_ravi_with(tmp, "./test0_0.png,test0")), None
+
+
+def yaml_deeply_nested(tmp: Path) -> Built:
+    path = tmp / "deep.yaml"
+    path.write_text("method_options: " + "[" * 50_000 + "]" * 50_000 + "\n")
+    return [*TINY_ARGS, "--config", str(path)], None

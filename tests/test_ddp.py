@@ -62,3 +62,21 @@ def test_distributed_entry_point_refuses_bad_use(tmp_path):
 
     assert main([]) == 2
     assert main(["pretrain", "--method", "protonet"]) == 2  # not under torchrun
+
+
+def test_distributed_launch_refuses_bad_input_in_one_line(tmp_path):
+    """``launch`` checks flags and data before any worker starts: one ``error:`` line, status 2."""
+    base = [sys.executable, "-m", "fewshot_nsl.distributed", "launch"]
+    cases = [
+        (["--method", "nearest_neighbor"], "needs --nproc-per-node"),
+        (["--nproc-per-node", "0", "--method", "nearest_neighbor"], "at least 1"),
+        (["--nproc-per-node", "2", "--method", "protonet", "--profile", "smoke"], "no pretraining stage"),
+        (["--nproc-per-node", "2", "--method", "nearest_neighbor", "--dataset", "custom",
+          "--data-root", str(tmp_path / "nowhere")], "does not exist"),
+    ]
+    for extra, fragment in cases:
+        proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                              env=dict(os.environ, FEWSHOT_NSL_CACHE=str(tmp_path / "cache")))
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert proc.returncode == 2, proc.stderr
+        assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], proc.stderr

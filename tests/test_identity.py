@@ -283,3 +283,25 @@ def test_paper_value_only_beside_comparable_rows(tmp_path, capsys):
     assert float(row["paper_value"]) == 68.20 and str(row["paper_comparable"]) in ("False", "false")
     table = (tmp_path / "results" / "table6.md").read_text()
     assert "paper (5-shot, for orientation)" in table and "| paper (5-shot) |" not in table
+
+
+def test_stale_temporary_files_are_gone_after_a_successful_run(tmp_path, capsys):
+    """Temporary files that a killed process left (``*.tmp<dead pid>``) are removed by the next
+    successful run; those of live processes are kept."""
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    args = ["--plugins", PLUGINS, "--dataset", "tiny", "--method", "nearest_neighbor"]
+    assert _cli(tmp_path, capsys, *args)[0] == 0
+    results = tmp_path / "results"
+    (run,) = (results / "runs").iterdir()
+    stale = [run / f"summary.json.tmp{dead.pid}", results / f"leaderboard.csv.tmp{dead.pid}"]
+    live = run / f"episodes.csv.tmp{os.getppid()}"
+    for f in (*stale, live):
+        f.write_text("half a file")
+    (run / "summary.json").unlink()  # the next run has work to do: it finishes the run again
+    assert _cli(tmp_path, capsys, *args)[0] == 0
+    assert not any(f.exists() for f in stale) and live.exists()

@@ -535,6 +535,7 @@ def scan_ravi(root: Path, layout: Dict[str, Tuple[Path, ...]]) -> List[ClassSour
     images_dir = root / "images"
     present = {e.name for e in os.scandir(images_dir)}
     seen: Dict[str, Tuple[Path, int]] = {}  # keyed by the normalised path inside images/
+    seen_real: Dict[str, str] = {}  # resolved path -> the first name listing it
     classes: List[ClassSource] = []
     for split, (csv_path,) in layout.items():
         per_class: Dict[str, List[Path]] = {}
@@ -546,6 +547,14 @@ def scan_ravi(root: Path, layout: Dict[str, Tuple[Path, ...]]) -> List[ClassSour
                     f"images/ (no absolute paths, no '..')"
                 )
             fname = os.path.normpath(fname).replace(os.sep, "/")  # 'a.jpg', './a.jpg', 'b/../a.jpg': one file
+            real = os.path.realpath(images_dir / fname)  # and two names linked to one file
+            if real in seen_real and seen_real[real] != fname:
+                other, other_line = seen[seen_real[real]]
+                raise DataError(
+                    f"{csv_path} line {lineno} lists {fname}, the same file as {seen_real[real]} ({other} line "
+                    f"{other_line}) through a link; remove the duplicate row"
+                )
+            seen_real.setdefault(real, fname)
             if fname in seen:
                 other, other_line = seen[fname]
                 raise DataError(
