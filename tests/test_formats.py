@@ -341,7 +341,7 @@ def test_public_loader_and_registry(mini, tmp_path, monkeypatch):
     assert DATASETS.get("miniimagenet") is load_miniimagenet and DATASETS.get("custom") is load_custom
     msg = error_of(load_miniimagenet, str(roots[FORMAT_HDF5]), cache_dir=str(tmp_path))
     assert "has 22 images, expected 600" in msg and "train_data.hdf5" in msg
-    monkeypatch.setattr(formats, "EXPECTED_PER_CLASS", N_PER_CLASS)
+    monkeypatch.setattr(formats.build, "EXPECTED_PER_CLASS", N_PER_CLASS)
     store = DATASETS.create("miniimagenet", data_root=str(roots[FORMAT_HDF5]), cache_dir=str(tmp_path))
     assert store.num_classes == 100 and len(store.images) == 100 * N_PER_CLASS
 
@@ -372,7 +372,7 @@ def test_cache_is_memory_mapped_and_skips_decoding(mini, tmp_path, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again despite the cache")
 
-    monkeypatch.setattr(formats, "decode_image", no_decoding)
+    monkeypatch.setattr(formats.images, "decode_image", no_decoding)
     t0 = time.perf_counter()
     second = load(roots[FORMAT_FOLDERS], tmp_path)
     assert time.perf_counter() - t0 < 5
@@ -398,7 +398,7 @@ def test_pickle_cache_skips_unpickling(tmp_path, monkeypatch):
     data = make_data(seed=3, per_class=1, size=8)
     root = write_l2l(tmp_path / "l2l", data)
     first = load(root, tmp_path, expected_per_class=1)
-    monkeypatch.setattr(formats, "read_pickle", lambda path: pytest.fail("unpickled again"))
+    monkeypatch.setattr(formats.pickles, "read_pickle", lambda path: pytest.fail("unpickled again"))
     second = load(root, tmp_path, expected_per_class=1)
     assert isinstance(second.images, np.memmap) and second.fingerprint() == first.fingerprint()
 

@@ -1,0 +1,264 @@
+"""Reading a source (dispatch to the readers), the class checks and order, and building the cached store;
+the registered ``miniimagenet`` and ``custom`` datasets."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from ...errors import ConfigError, DataError
+from ...registry import register_dataset
+from ..store import SPLITS, ImageStore, default_cache_dir
+from .common import (
+    _CUSTOM_HELP,
+    _LAYOUT_HELP,
+    ALL_FORMATS,
+    CUSTOM_FORMATS,
+    EXPECTED_PER_CLASS,
+    FORMAT_FOLDERS,
+    FORMAT_HDF5,
+    FORMAT_L2L,
+    FORMAT_METAOPTNET,
+    FORMAT_RAVI,
+    ClassSource,
+    _one_line,
+    canonical_split,
+)
+from .detect import (
+    _check_root,
+    cache_key,
+    detect_format,
+    locate_split_files,
+    source_files,
+)
+from .folders import scan_folders
+from .hdf5 import scan_hdf5
+from .images import materialize
+from .pickles import scan_learn2learn, scan_metaoptnet
+from .ravi import scan_ravi
+
+
+def scan_source(root: Path, fmt: str, layout: Dict[str, Tuple[Path, ...]]) -> List[ClassSource]:
+    """Dispatch to the reader of ``fmt``; returns one :class:`ClassSource` per class."""
+    if fmt == FORMAT_RAVI:
+        return scan_ravi(root, layout)
+    if fmt == FORMAT_FOLDERS:
+        return scan_folders(layout)
+    if fmt == FORMAT_L2L:
+        return scan_learn2learn(layout)
+    if fmt == FORMAT_METAOPTNET:
+        return scan_metaoptnet(layout)
+    if fmt == FORMAT_HDF5:
+        return scan_hdf5(layout)
+    raise ValueError(fmt)  # pragma: no cover
+
+
+# ----------------------------------------------------------------------------- checks and order
+
+
+def check_unique_classes(classes: List[ClassSource]) -> None:
+    """Every class in exactly one split (and listed once)."""
+    first: Dict[str, ClassSource] = {}
+    for c in classes:
+        if c.name in first:
+            other = first[c.name]
+            where = "twice in the" if other.split == c.split else f"in both the {other.split} and the"
+            raise DataError(
+                f"class {c.name} is {where} {c.split} split ({other.origin} and {c.origin}); "
+                f"keep it in exactly one split"
+            )
+        first[c.name] = c
+
+
+def check_canonical(
+    classes: List[ClassSource],
+    canonical: Dict[str, List[str]],
+    expected_per_class: Optional[int],
+    root: Optional[Path] = None,
+) -> None:
+    """Check the classes are exactly the canonical Ravi classes, in their splits, of the expected size.
+
+    Args:
+        classes: classes found in the source.
+        canonical: ``{split: [wnid, ...]}``.
+        expected_per_class: images per class, or None to skip that check.
+        root: the data root, for messages.
+
+    Raises:
+        DataError: an unknown wnid, a class in the wrong split, a missing class, or a wrong count.
+    """
+    home = {w: s for s in SPLITS for w in canonical[s]}
+    fix = ("fix the source, or accept its splits explicitly with allow_noncanonical_split=True "
+           "(--config FILE with 'dataset_options: {allow_noncanonical_split: true}'), or use --dataset custom")
+    for c in classes:
+        if c.name not in home:
+            raise DataError(f"class {c.name} in {c.origin} is not a Mini-ImageNet class of the Ravi split; {fix}")
+        if home[c.name] != c.split:
+            raise DataError(
+                f"class {c.name} is in the {c.split} split in {c.origin} but in {home[c.name]} in the "
+                f"canonical Ravi split; {fix}"
+            )
+    present = {c.name for c in classes}
+    for s in SPLITS:
+        missing = [w for w in canonical[s] if w not in present]
+        if missing:
+            have = len(canonical[s]) - len(missing)
+            where = f" in {root}" if root else ""
+            more = " and more" if len(missing) > 1 else ""
+            raise DataError(
+                f"the {s} split{where} has {have} of its {len(canonical[s])} Mini-ImageNet classes "
+                f"(missing {missing[0]}{more}); the source is incomplete: re-download it, or {fix.split(', or ', 1)[1]}"
+            )
+    if expected_per_class is not None:
+        for c in classes:
+            if c.count != expected_per_class:
+                raise DataError(
+                    f"class {c.name} in {c.origin} has {c.count} images, expected {expected_per_class}; "
+                    f"the source is incomplete, re-download it"
+                )
+
+
+def order_classes(
+    classes: List[ClassSource], canonical: Optional[Dict[str, List[str]]] = None
+) -> List[ClassSource]:
+    """Canonical class order: train, then val, then test; within a split, the canonical list
+    order for known wnids, then the source order."""
+    position = {w: i for s in SPLITS for i, w in enumerate(canonical[s])} if canonical else {}
+    indexed = list(enumerate(classes))
+    indexed.sort(key=lambda ic: (SPLITS.index(ic[1].split), position.get(ic[1].name, len(position)), ic[0]))
+    return [c for _, c in indexed]
+
+
+# ----------------------------------------------------------------------------- builder
+
+
+def build_store(
+    data_root: Optional[str],
+    *,
+    dataset: str = "miniimagenet",
+    cache_dir: Optional[str] = None,
+    image_size: int = 84,
+    allow_noncanonical_split: bool = False,
+    expected_per_class: Optional[int] = 600,
+    use_cache: bool = True,
+) -> ImageStore:
+    """Load a Mini-ImageNet (``dataset="miniimagenet"``) or custom (``"custom"``) source.
+
+    Args:
+        data_root: folder holding one of the supported layouts.
+        dataset: ``"miniimagenet"`` (canonical split checks, all five formats) or ``"custom"``
+            (splits from the files, Ravi-style or class folders, val optional).
+        cache_dir: where decoded stores are cached; default ``default_cache_dir() / "stores"``.
+        image_size: side ``S`` of the stored images ``(N, S, S, 3)``.
+        allow_noncanonical_split: Mini-ImageNet only: keep the splits the source implies and
+            skip the class and count checks.
+        expected_per_class: Mini-ImageNet only: images per class (``None`` skips the check).
+        use_cache: read and write the cache.
+
+    Returns:
+        The store (memory-mapped from the cache when it was written).
+
+    Raises:
+        DataError: one line naming the bad file and the fix.
+    """
+    if dataset not in ("miniimagenet", "custom"):
+        raise ConfigError(f"unknown dataset kind '{dataset}'; use miniimagenet or custom")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
+        raise ConfigError(f"image_size must be an integer >= 8, got {image_size!r}")
+    mini = dataset == "miniimagenet"
+    what = "Mini-ImageNet" if mini else "custom dataset"
+    root = _check_root(data_root, what, _LAYOUT_HELP if mini else _CUSTOM_HELP)
+    fmt = detect_format(root, ALL_FORMATS if mini else CUSTOM_FORMATS, what)
+    layout = locate_split_files(root, fmt, SPLITS if mini else ("train", "test"))
+
+    options = {"dataset": dataset}
+    if mini:
+        options.update(noncanonical=bool(allow_noncanonical_split), per_class=expected_per_class)
+    key = cache_key(root, fmt, image_size, source_files(root, fmt, layout), options)
+    store_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "stores"
+    store_dir = store_dir / f"{dataset}-{key}"
+    if use_cache and ImageStore.is_cached(store_dir):
+        try:
+            return ImageStore.load(store_dir)
+        except Exception as exc:  # a damaged cache is rebuilt, not fatal
+            warnings.warn(f"ignoring damaged cache {store_dir} ({_one_line(exc)}); rebuilding it")
+
+    classes = scan_source(root, fmt, layout)
+    check_unique_classes(classes)
+    canonical = canonical_split() if mini else None
+    if mini and not allow_noncanonical_split:
+        assert canonical is not None
+        check_canonical(classes, canonical, expected_per_class, root)
+    classes = order_classes(classes, canonical)
+    images, labels = materialize(classes, image_size)
+    store = ImageStore(
+        dataset,
+        images,
+        labels,
+        [c.name for c in classes],
+        [c.split for c in classes],
+        synthetic=False,
+        source=f"{fmt} at {root}",
+    )
+    if not use_cache:
+        return store
+    try:
+        store.save(store_dir)
+    except OSError as exc:
+        warnings.warn(
+            f"could not cache {dataset} in {store_dir} ({_one_line(exc)}); it will be decoded again next time"
+        )
+        return store
+    return ImageStore.load(store_dir)
+
+
+@register_dataset("miniimagenet")
+def load_miniimagenet(
+    data_root: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+    image_size: int = 84,
+    allow_noncanonical_split: bool = False,
+) -> ImageStore:
+    """Mini-ImageNet (Ravi & Larochelle split) from any supported on-disk format.
+
+    Args:
+        data_root: folder with ``images/`` + ``train.csv``/``val.csv``/``test.csv``,
+            ``mini-imagenet-cache-*.pkl``, ``miniImageNet_category_split_*.pickle``,
+            ``{split}_data.hdf5`` + ``{split}_labels.json`` or ``{train,val,test}/<wnid>/``.
+        cache_dir: cache folder; default ``default_cache_dir() / "stores"``.
+        image_size: side ``S`` of the stored images ``(N, S, S, 3)``.
+        allow_noncanonical_split: keep the splits the source implies and skip the
+            64/16/20-classes and 600-images checks (every class must still be in one split).
+
+    Returns:
+        Store named ``"miniimagenet"``: classes are the train wnids (split-file order), then
+        val, then test; ``N = 60000`` for the canonical source.
+    """
+    return build_store(
+        data_root,
+        dataset="miniimagenet",
+        cache_dir=cache_dir,
+        image_size=image_size,
+        allow_noncanonical_split=allow_noncanonical_split,
+        expected_per_class=EXPECTED_PER_CLASS,
+    )
+
+
+@register_dataset("custom")
+def load_custom(
+    data_root: Optional[str] = None, cache_dir: Optional[str] = None, image_size: int = 84
+) -> ImageStore:
+    """The user's own dataset: ``images/`` + ``train.csv``/``test.csv`` (``val.csv`` optional,
+    any class names in the ``label`` column) or ``train/<class>/``, ``test/<class>/``
+    (``val/`` optional) folders of ``.jpg``/``.png`` images.
+
+    Args:
+        data_root: the folder.
+        cache_dir: cache folder; default ``default_cache_dir() / "stores"``.
+        image_size: side ``S`` of the stored images ``(N, S, S, 3)``.
+
+    Returns:
+        Store named ``"custom"``; splits as in the files, classes ordered train, val, test
+        (within a split, in the order of the source).
+    """
+    return build_store(data_root, dataset="custom", cache_dir=cache_dir, image_size=image_size)
