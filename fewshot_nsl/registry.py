@@ -22,7 +22,9 @@ at its top, or ``from .helpers import x``).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib
 import importlib.machinery
 import importlib.metadata
 import importlib.util
@@ -325,14 +327,23 @@ def _load_entry_points() -> None:
     eps.sort(key=lambda ep: (not ep.module.startswith(builtin + "."), ep.name))
     if not any(ep.module.startswith(builtin + ".") for ep in eps):
         _load_folder(BASELINES_DIR)
-    for ep in eps:
+    # (import, where a failure is reported): a built-in is named by its file (as when loaded from the
+    # folder), a third party by its entry point
+    loads = [(ep.load, _entry_point_origin(ep) if ep.module.startswith(builtin + ".") else f"entry point {ep.name}")
+             for ep in eps]
+    if any(ep.module.startswith(builtin + ".") for ep in eps):
+        # a file dropped into baselines/ before pyproject.toml lists its entry point still registers
+        covered = {ep.module for ep in eps}
+        for path in sorted(BASELINES_DIR.glob("*.py")):
+            module = f"{builtin}.{path.stem}"
+            if not path.name.startswith("_") and module not in covered:
+                loads.append((functools.partial(importlib.import_module, module), str(path.resolve())))
+    for load, where in loads:
         try:
-            ep.load()
+            load()
         except DuplicateNameError:
             raise
         except Exception as exc:
-            # a built-in is named by its file (as when loaded from the folder), a third party by its entry point
-            where = _entry_point_origin(ep) if ep.module.startswith(builtin + ".") else f"entry point {ep.name}"
             PLUGIN_ERRORS[where] = f"{type(exc).__name__}: {exc}"
             warnings.warn(f"plugin {where} failed to import ({type(exc).__name__}: {exc}); skipped")
 

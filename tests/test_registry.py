@@ -173,3 +173,16 @@ def test_a_plugin_imports_the_modules_beside_it(tmp_path):
     assert registry.METHODS.get("test_sibling_two").scale == 21
     assert "helpers" not in sys.modules  # siblings do not leak as top-level modules
     assert not registry.PLUGIN_ERRORS.get(str((tmp_path / "lab0" / "helpers.py").resolve()))
+
+
+def test_every_baseline_file_has_its_entry_point():
+    """``baselines/*.py`` and the ``fewshot_nsl.methods`` entry points of pyproject.toml list the same
+    modules (an unlisted file still registers in a checkout, but an installed wheel would then rely
+    on that fallback rather than on the entry-point group)."""
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    listed = set(pyproject["project"]["entry-points"][registry.ENTRY_POINT_GROUP].values())
+    files = {f"fewshot_nsl.baselines.{p.stem}" for p in registry.BASELINES_DIR.glob("*.py") if not p.name.startswith("_")}
+    assert listed == files
