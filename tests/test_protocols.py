@@ -2,6 +2,8 @@
 (episodic lr step schedule and gradient clipping, Sung et al.'s RelationNet, first-order MAML, Ravi's
 full-batch finetuning). The end-to-end check of every paper cell at 84 px is ``test_paper_cells_run`` (slow).
 """
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -178,3 +180,25 @@ def test_finetune_full_batch_whole_network(monkeypatch):
     assert len(steps) == 3  # one full-batch step per pass
     backbone, _ = method._episode
     assert any(not torch.equal(a, b) for a, b in zip(backbone.parameters(), method.backbone.parameters()))
+
+
+# ----------------------------------------------------------------------------- every paper cell, end to end
+def _table6_cells():
+    return [(r["method"], r["backbone"], r["shots"])
+            for r in yaml.safe_load((config_module.CONFIG_DIR / "table6.yaml").read_text())["rows"]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, backbone, shots", _table6_cells())
+def test_paper_cells_run_at_84px_with_cut_budgets(tmp_path, method, backbone, shots):
+    """Every Table-6 cell under the paper profile on glyphs at 84 px, only the budgets cut
+    (benchmarks/paper_cut_budget.yaml); timings: benchmarks/bench_paper_cells.py."""
+    from fewshot_nsl.runner import run
+
+    cut = Path(__file__).resolve().parent.parent / "benchmarks" / "paper_cut_budget.yaml"
+    cfg = resolve_config({"method": method, "backbone": backbone, "shots": shots, "profile": "paper",
+                          "dataset": "glyphs", "image_size": 84, "device": "cpu",
+                          "results_dir": str(tmp_path / "results")}, str(cut))
+    assert cfg.image_size == 84 and cfg.eval.episodes == 1
+    row = run(cfg, progress=False, log=lambda *a: None)
+    assert row["episodes"] == 1 and row["episodes_failed"] == 0 and 0.0 <= row["accuracy"] <= 100.0
