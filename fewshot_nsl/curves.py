@@ -18,11 +18,12 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
+
+from .safe_io import atomic_write
 
 FIELDS = ["stage", "step", "loss", "accuracy"]
 CSV_NAME = "training_curve.csv"
@@ -91,15 +92,7 @@ class LogitsProbe:
 
 
 def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda f: f.write(data), binary=True)
 
 
 def curve_csv(rows: Sequence[Dict[str, Any]]) -> str:

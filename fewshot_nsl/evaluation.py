@@ -144,7 +144,7 @@ def evaluate(
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         if new_file:
             writer.writeheader()
-        bar = tqdm(todo, desc=f"evaluate", disable=not progress, unit="ep")
+        bar = tqdm(todo, desc="evaluate", disable=not progress, unit="ep")
         last_sync = time.monotonic()
         for i in bar:
             if i in done:

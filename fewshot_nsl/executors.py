@@ -119,9 +119,9 @@ def train_task(cfg, plugin_dirs: Sequence[str], threads: int, after: Any = None,
     sharing it (``owns_pretrain``) counts its time and details, as the local executor does for the
     run that pretrains.
     """
-    import json
 
-    from .runner import _atomic_write_text, train
+    from .runner import train
+    from .safe_io import atomic_write_json
 
     ctx = _worker_context(cfg, plugin_dirs, threads)
     fresh = not (ctx.run_dir / "method.pt").is_file()
@@ -129,7 +129,7 @@ def train_task(cfg, plugin_dirs: Sequence[str], threads: int, after: Any = None,
     if fresh and owns_pretrain and isinstance(after, dict) and not after.get("cached"):
         record["train_time_s"] = round((record.get("train_time_s") or 0.0) + after["time_s"], 2)
         record.setdefault("training", {})["pretrain"] = {k: v for k, v in after.items() if k != "time_s"}
-        _atomic_write_text(ctx.run_dir / "train.json", json.dumps(record, indent=1, default=str))
+        atomic_write_json(ctx.run_dir / "train.json", record)
     return record
 
 
@@ -211,7 +211,6 @@ class RayExecutor:
     def run(self, jobs: Sequence[Any], on_done: Callback, on_error: Callback, progress: bool = True, log=print) -> None:
         from .data.store import default_cache_dir
         from .runner import (
-            build_method,
             conv_spec_of,
             finish,
             merge_episode_rows,

@@ -15,14 +15,11 @@ shots and profile: mean paired difference with its 95% CI, paired t-test and Wil
 from __future__ import annotations
 
 import csv
-import fcntl
 import html
 import json
 import math
-import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -30,7 +27,7 @@ import yaml
 
 from .config import CONFIG_DIR
 from .errors import ConfigError
-from .safe_io import atomic_write, remove_stale_tmp
+from .safe_io import atomic_write, atomic_write_text, locked, remove_stale_tmp
 
 KEY = ["dataset", "dataset_fingerprint", "split", "episode_hash", "image_size", "method", "backbone", "ways", "shots",
        "profile"]
@@ -100,18 +97,6 @@ def paper_value(method: str, backbone: str, ways: int, shots: int) -> tuple:
 
 
 # ----------------------------------------------------------------------------- leaderboard file
-@contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock on ``path``.lock for the duration of the block."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(str(path) + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def key_text(v: Any) -> str:
     """A key value as text, the same whether it came from a run (``84``, ``None``) or was read
     back from the CSV (``84.0``, ``NaN``)."""
@@ -132,7 +117,7 @@ def check_leaderboard(path: Path) -> None:
     path = Path(path)
     if not path.exists():
         return
-    fix = f"move it away or pass another --results-dir (results are never written over a file the suite cannot read)"
+    fix = "move it away or pass another --results-dir (results are never written over a file the suite cannot read)"
     if not path.is_file():
         raise ConfigError(f"{path} is not a regular file; {fix}")
     data = path.read_bytes()
@@ -502,7 +487,7 @@ def _summary_frame(g: pd.DataFrame) -> pd.DataFrame:
             "method": r["method"], "backbone": r["backbone"], "shots": int(r["shots"]), "split": r.get("split"),
             "accuracy ± CI95": _fmt(r["accuracy"], r["ci95"]), "t-CI95": num(r.get("ci95_t"), ".2f"),
             "seed sd": num(r.get("seed_std"), ".2f"), "seeds": r.get("seeds"),
-            f"Δ vs ref": _fmt_diff(r), "Wilcoxon p": _fmt_p(r.get("p_wilcoxon_vs_ref")) or "-",
+            "Δ vs ref": _fmt_diff(r), "Wilcoxon p": _fmt_p(r.get("p_wilcoxon_vs_ref")) or "-",
             "paper": _fmt(r.get("paper_value"), r.get("paper_ci")) + (
                 "" if _is_true(r.get("paper_comparable")) or pd.isna(r.get("paper_value")) else " (orientation)"),
             "episodes": int(r["episodes"]), "failed": int(r.get("episodes_failed") or 0),
@@ -617,16 +602,15 @@ def plot_leaderboard(df: pd.DataFrame, path: Path) -> Optional[Path]:
         ax.set_title(f"{_group_title(key).replace('`', '')}{syn}", fontsize=10)
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".tmp{os.getpid()}-" + path.name)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        atomic_write(Path(path), lambda f: fig.savefig(f, dpi=110, format="png"), binary=True)
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 def _write_text(path: Path, text: str) -> Path:
-    return atomic_write(path, lambda f: f.write(text))
+    return atomic_write_text(path, text)
 
 
 def render_reports(results_dir: Path, reference: Optional[str] = None,

@@ -30,10 +30,8 @@ import csv
 import dataclasses
 import json
 import math
-import os
 import platform
 import resource
-import subprocess
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -56,7 +54,7 @@ from .data.store import ImageStore, check_min_images, default_cache_dir
 from .errors import ConfigError, DataError
 from .evaluation import FIELDS, evaluate, read_episode_results
 from .identity import RunIdentity, method_code_hash
-from .safe_io import atomic_write, remove_stale_tmp
+from .safe_io import atomic_write, atomic_write_json, remove_stale_tmp
 from .methods.base import FewShotMethod
 from .registry import check_kwargs, create_backbone, create_dataset, get_method_class
 from .reporting import paper_comparable, paper_value, render_reports, upsert_row
@@ -123,8 +121,6 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text))
 
 
 def _display_path(path: Path, results_dir: Path) -> str:
@@ -209,7 +205,7 @@ def claim_run_dir(rdir: Path, identity: RunIdentity) -> None:
             f"move it away or use another --results-dir"
         )
     rdir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(record, json.dumps(identity.to_dict(), indent=1))
+    atomic_write_json(record, identity.to_dict())
 
 
 def cell_config_hash(cfg: RunConfig) -> str:
@@ -408,7 +404,7 @@ def train(ctx: RunContext, progress: bool = True, log=print) -> Dict[str, Any]:
             "resumed": resumed,
             "training": info,
         }
-        _atomic_write_text(record_path, json.dumps(record, indent=1, default=str))
+        atomic_write_json(record_path, record)
     ctx.method = method
     return record
 
@@ -442,15 +438,13 @@ def merge_episode_rows(csv_path: Path, rows: Iterable[Dict[str, Any]]) -> None:
     merged = {int(k): {f: str(v[f]) for f in FIELDS} for k, v in read_episode_results(csv_path).items()}
     for r in rows:
         merged.setdefault(int(r["episode"]), {f: str(r[f]) for f in FIELDS})
-    tmp = csv_path.with_name(csv_path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
+    def write(f) -> None:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
         for k in sorted(merged):
             w.writerow(merged[k])
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, csv_path)
+
+    atomic_write(csv_path, write)
 
 
 def salvage_shards(ctx: RunContext) -> int:
@@ -529,7 +523,7 @@ def finish(ctx: RunContext, executor: str = "local", eval_peak_mb: Optional[floa
         "run_id": ctx.run_dir.name, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "training": record.get("training", {}),
     }
-    _atomic_write_text(ctx.run_dir / "summary.json", json.dumps(summary, indent=1, default=str))
+    atomic_write_json(ctx.run_dir / "summary.json", summary)
     return summary
 
 

@@ -1,4 +1,13 @@
-"""Reading user-supplied files without hanging, recursing without bound or exhausting memory.
+"""File I/O in one place: reading user-supplied files safely, and writing results atomically.
+
+Writing: :func:`atomic_write` (and :func:`atomic_write_text`, :func:`atomic_write_json`; torch
+checkpoints go through it in :func:`fewshot_nsl.training.atomic_torch_save`) writes a temporary
+sibling, fsyncs and renames, removing the temporary file when anything fails;
+:func:`remove_stale_tmp` clears the ones that killed processes left; :func:`locked` is the
+exclusive file lock (leaderboard updates, pretraining cache misses); :func:`check_writable`
+proves an output folder takes files.
+
+Reading user-supplied files without hanging, recursing without bound or exhausting memory:
 
 Every file the suite reads on the user's word (configs, grid files, episode lists, dataset files)
 goes through :func:`check_regular_file` first: a FIFO would block ``open`` forever, a device or
@@ -11,13 +20,15 @@ size cap, deep nesting is refused (:class:`RecursionError` from the parsers, or 
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import re
 import shutil
 import stat
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Type
+from typing import Any, Callable, Iterator, Type
 
 from .errors import ConfigError, FewShotError
 
@@ -218,3 +229,27 @@ def atomic_write(path: Path, write: Callable[[Any], None], binary: bool = False)
             pass
         raise
     return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """:func:`atomic_write` of a text."""
+    return atomic_write(path, lambda f: f.write(text))
+
+
+def atomic_write_json(path: Path, obj: Any, indent: int = 1) -> Path:
+    """:func:`atomic_write` of ``obj`` as JSON (non-JSON values written with ``str``)."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, default=str))
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Exclusive advisory lock on ``path``.lock for the duration of the block (``fcntl.flock``:
+    released by the kernel if the holder dies)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(path) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

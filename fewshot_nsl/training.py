@@ -218,7 +218,7 @@ def pretrain(
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(cfg.seed)
             return _pretrain(method, module, store, cfg, device, path, progress, distributed, curve)
-    from .reporting import locked
+    from .safe_io import locked
 
     # One process trains a given pretraining; others asking for it meanwhile (parallel grid runs, Ray
     # tasks on one machine) wait for the lock and then load the cache instead of training it again.

@@ -184,7 +184,9 @@ def test_a_failing_cell_is_reported_and_the_grid_goes_on(tmp_path, capsys):
     finally:
         METHODS._entries.pop("broken_for_test", None)
     assert code == 1
-    assert "FAILED broken_for_test cnn4 5-way 2-shot seed 0: RuntimeError: boom" in out
+    # the method's exception is one line naming the method, the call and the episode (issue 11)
+    assert ("FAILED broken_for_test cnn4 5-way 2-shot seed 0: method broken_for_test raised RuntimeError in "
+            "fit_support on test episode 0: boom") in out
     assert "protonet cnn4 5-way 2-shot on tiny" in out
     assert err.startswith("error: 1 cell(s) failed")
     assert list(read_leaderboard(tmp_path / "results" / "leaderboard.csv")["method"]) == ["protonet"]

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from .episodes import EpisodeList, default_episode_path, generate_episode_list
+from .episodes import default_episode_path, generate_episode_list
 
 PACKAGE_DATA = Path(__file__).resolve().parent
 SETTINGS = [(5, 1), (5, 5)]  # (ways, shots)

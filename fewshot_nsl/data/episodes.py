@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -155,9 +154,9 @@ class EpisodeList:
         }
         lines = ",\n".join(json.dumps(e.to_json(), separators=(",", ":")) for e in self.episodes)
         text = json.dumps(head)[:-1] + ',\n"episodes": [\n' + lines + "\n]}\n"
-        tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        from ..safe_io import atomic_write_text
+
+        atomic_write_text(path, text)
 
     @classmethod
     def load(cls, path: Path) -> "EpisodeList":
