@@ -151,3 +151,15 @@ def test_third_party_plugin_package_by_entry_point(installed, env):
     proc = _run([tool, "--method", "demo_centroid", *SMOKE], cwd=work, env=env)
     (row,) = json.loads(proc.stdout)
     assert row["method"] == "demo_centroid" and row["episodes"] == 5
+
+
+def test_pyproject_lists_every_subpackage():
+    """``packages`` in pyproject.toml is explicit (the package-dir mapping needs it): a new sub-package
+    of fewshot_nsl must be added there, or the wheel would lack it."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "fewshot_nsl").rglob("__init__.py")
+             if "__pycache__" not in p.parts}
+    mapped = {f"fewshot_nsl.{name}" for name in ("baselines", "configs", "episodes")}
+    assert listed == found | mapped, f"pyproject.toml [tool.setuptools] packages: add {sorted(found - listed)}"
