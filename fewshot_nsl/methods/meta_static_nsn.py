@@ -80,7 +80,9 @@ class MetaStaticNSN(FewShotMethod):
             meta-training loss; ``None``: the authors' 5e-3 for UNS, 0 for DNS.
         similarity_l2_centered: penalise ``M_s - I`` instead of ``M_s``.
         adapt_head: the inner loop updates the head as well as ``M_s`` (the paper's Eq. 7 and its test
-            protocol update only ``M_s``: ``False``, the default).
+            protocol update only ``M_s``: ``False``, the default). Beware: a head that is not adapted
+            cannot follow the arbitrary label order of an episode; on glyphs (quick budget) ``False``
+            measured at chance, ``True`` at ~80% 5-shot (docs/protocols.md). The paper profile uses ``True``.
         head: ``"linear"`` or ``"cosine"`` (:class:`CosineHead`).
         cosine_scale: scale of the cosine head.
         batch_norm: ``"batch"``: every BN normalises with the statistics of the batch it is given
