@@ -33,7 +33,9 @@ from .data.episodes import EpisodeList
 from .data.store import ImageStore
 from .errors import ConfigError, FewShotError
 from .registry import METHODS, PLUGIN_ERRORS, list_methods
-from .reporting import KEY, _n_seeds, check_leaderboard, key_text, read_leaderboard, render_reports, upsert_row
+from .comparisons import key_text
+from .leaderboard import KEY, check_leaderboard, read_leaderboard, upsert_row
+from .reporting import n_seeds_of, render_reports
 from .runner import (
     aggregate,
     is_complete,
@@ -272,7 +274,7 @@ def result_line(row: Dict[str, Any]) -> str:
     if pv is not None and pv == pv:
         how = "" if str(row.get("paper_comparable")) in ("True", "true") else ", for orientation only"
         paper = f"; paper (Mini-ImageNet{how}): {float(pv):.2f} +- {float(row['paper_ci']):.2f}"
-    seeds = f" x {row['n_seeds']} seeds (seed sd {float(row['seed_std']):.2f})" if _n_seeds(row) > 1 else ""
+    seeds = f" x {row['n_seeds']} seeds (seed sd {float(row['seed_std']):.2f})" if n_seeds_of(row) > 1 else ""
     split = "" if str(row.get("split", "test")) == "test" else f" ({row['split']} split)"
     return (f"{row['method']} {row['backbone']} {row['ways']}-way {row['shots']}-shot on {row['dataset']}{split}: "
             f"{float(row['accuracy']):.2f} +- {float(row['ci95']):.2f} over {row['episodes']} episodes{seeds}{paper}{note}")

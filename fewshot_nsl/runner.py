@@ -28,36 +28,54 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import math
 import platform
-import resource
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 
 from .config import RunConfig, save_config
 from .curves import write_curves
 from .data.episodes import (
-    EPISODES_DIR,
     EpisodeList,
-    check_episodes_match_store,
-    default_episode_path,
-    episode_list_for_store,
 )
-from .data.store import ImageStore, check_min_images, default_cache_dir
+from .data.store import ImageStore, default_cache_dir
+from .episode_log import (  # noqa: F401
+    episode_accuracies,
+    merge_episode_rows,
+    missing_episodes,
+    salvage_shards,
+)
 from .errors import ConfigError, DataError
-from .evaluation import FIELDS, evaluate, read_episode_results
+from .evaluation import evaluate, read_episode_results
 from .identity import RunIdentity, method_code_hash
-from .safe_io import atomic_write, atomic_write_json, remove_stale_tmp
+from .inputs import (  # noqa: F401  (re-exported)
+    TRAINING_STAGES,
+    build_method,
+    conv_spec_of,
+    load_episodes,
+    load_store,
+    stages_of,
+    store_key,
+    validate_against_store,
+)
+from .leaderboard import aggregate, paper_comparable, paper_value, upsert_row
 from .methods.base import FewShotMethod
-from .registry import check_kwargs, create_backbone, create_dataset, get_method_class
-from .reporting import paper_comparable, paper_value, render_reports, upsert_row
+from .provenance import (  # noqa: F401
+    _display_path,
+    _read_json,
+    device_name,
+    git_info,
+    peak_memory_mb,
+    reset_peak_memory,
+)
+from .registry import get_method_class
+from .reporting import render_reports
+from .safe_io import atomic_write_json, remove_stale_tmp
 from .stats import summarize
 from .training import (
     atomic_torch_save,
@@ -69,79 +87,6 @@ from .training import (
     resolve_device,
     set_seed,
 )
-
-TRAINING_STAGES = ("pretrain", "episodic")
-
-
-# ----------------------------------------------------------------------------- provenance helpers
-def git_info() -> Dict[str, Any]:
-    """``{"version": package version, "git_commit": sha, "git_dirty": bool}``; the commit only when
-    the suite runs from a git checkout (None for an installed copy, see :mod:`fewshot_nsl.resources`)."""
-    from .resources import git_info as _git, version
-
-    return {"version": version(), **_git()}
-
-
-def device_name(device: torch.device) -> str:
-    """GPU model, or the CPU model name from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak-memory window: CUDA peak stats on GPU, the RSS high-water mark on Linux."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:  # Linux >= 4.0: writing 5 resets VmHWM (the peak resident set size) of this process
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak CUDA memory allocated (GPU), else the process's peak resident set size since the last
-    :func:`reset_peak_memory` (``VmHWM``; ``ru_maxrss``, the lifetime peak, where unavailable)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except (OSError, ValueError, IndexError):
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-
-
-def _display_path(path: Path, results_dir: Path) -> str:
-    """``path`` relative to the folder holding the committed ``episodes/`` (the checkout or the
-    installed package: ``episodes/<dataset>/...`` either way) or to the results folder (generated
-    lists: ``episodes/...``), else absolute."""
-    if not path.is_absolute():
-        return str(path)
-    for base in (EPISODES_DIR.parent, results_dir.resolve()):
-        try:
-            return str(path.resolve().relative_to(base.resolve()))
-        except ValueError:
-            continue
-    return str(path)
-
-
-def _read_json(path: Path) -> Optional[Dict[str, Any]]:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 # ----------------------------------------------------------------------------- identity
@@ -212,93 +157,6 @@ def cell_config_hash(cfg: RunConfig) -> str:
     """Hash of the resolved config with the seed set to 0: the same for every seed of a cell
     (the seeds are recorded apart); equal to :func:`config_hash` for seed 0."""
     return config_hash(dataclasses.replace(cfg, seed=0))
-
-
-# ----------------------------------------------------------------------------- inputs
-def load_store(cfg: RunConfig) -> ImageStore:
-    """Create the dataset store (cached) with the run's image size."""
-    return create_dataset(
-        cfg.dataset, data_root=cfg.data_root, image_size=cfg.image_size, cache_dir=_stores_dir(cfg), **cfg.dataset_options
-    )
-
-
-def store_key(cfg: RunConfig) -> str:
-    """What determines :func:`load_store`'s result (to share one store between cells)."""
-    return json.dumps([cfg.dataset, cfg.data_root, cfg.image_size, _stores_dir(cfg), cfg.dataset_options],
-                      sort_keys=True, default=str)
-
-
-def _stores_dir(cfg: RunConfig) -> Optional[str]:
-    return str(Path(cfg.cache_dir) / "stores") if cfg.cache_dir else None
-
-
-def load_episodes(cfg: RunConfig, store: ImageStore) -> EpisodeList:
-    """The fixed test episode list: ``--episodes FILE``, the committed list, or one generated once."""
-    q = cfg.eval.queries
-    if cfg.episodes_file:
-        lst = EpisodeList.load(Path(cfg.episodes_file))
-    else:
-        path = default_episode_path(store.name, cfg.eval.split, cfg.ways, cfg.shots, q)
-        if not path.is_file():
-            # No committed list for this dataset/setting: generate one from seed 0 once and keep it.
-            path = Path(cfg.results_dir) / "episodes" / f"{store.name}-{store.fingerprint()}" / path.name
-            if not path.is_file():
-                check_min_images(store, cfg.eval.split, cfg.shots + q)
-                episode_list_for_store(store, cfg.eval.split, cfg.ways, cfg.shots, q, 600, 0).save(path)
-        lst = EpisodeList.load(path)
-    if (lst.ways, lst.shots, lst.queries) != (cfg.ways, cfg.shots, q):
-        raise ConfigError(
-            f"episode list {cfg.episodes_file} is {lst.ways}-way {lst.shots}-shot {lst.queries}-query but the run asks "
-            f"for {cfg.ways}-way {cfg.shots}-shot {q}-query; pass matching --ways/--shots or another --episodes file"
-        )
-    if lst.split != cfg.eval.split:
-        raise ConfigError(
-            f"episode list {cfg.episodes_file or lst.path} is on the {lst.split} split but the run evaluates on "
-            f"{cfg.eval.split} (eval.split); pass a list of that split or set eval.split: {lst.split}"
-        )
-    lst.path = str(path if not cfg.episodes_file else cfg.episodes_file)
-    check_episodes_match_store(lst, store)
-    return lst
-
-
-def build_method(cfg: RunConfig) -> FewShotMethod:
-    """Backbone (with the method's conv spec, overridden by ``cfg.conv``) and method."""
-    method_cls = get_method_class(cfg.method)
-    check_kwargs(method_cls, cfg.method_options, f"method '{cfg.method}'")
-    conv_spec = conv_spec_of(cfg)
-    conv_layer = None
-    if conv_spec and conv_spec.get("kind", "plain") != "plain":
-        from .nn import make_conv_factory
-
-        conv_layer = make_conv_factory(**conv_spec)
-    backbone = create_backbone(cfg.backbone, conv_layer=conv_layer, **cfg.backbone_options)
-    return method_cls(backbone=backbone, image_size=cfg.image_size, **cfg.method_options)
-
-
-def stages_of(cfg: RunConfig) -> Tuple[str, ...]:
-    """Training stages of this run (the method's, given its options)."""
-    return tuple(get_method_class(cfg.method).stages(cfg.method_options))
-
-
-def conv_spec_of(cfg: RunConfig) -> Dict[str, Any]:
-    method_cls = get_method_class(cfg.method)
-    return {**method_cls.default_conv, **cfg.conv}
-
-
-def validate_against_store(cfg: RunConfig, store: ImageStore) -> None:
-    """Impossible ways/shots fail here, before any training."""
-    n_test = len(store.classes_in_split(cfg.eval.split))
-    if cfg.ways > n_test:
-        raise ConfigError(
-            f"--ways {cfg.ways} is more than the {n_test} {cfg.eval.split} classes of {store.name}; lower --ways"
-        )
-    check_min_images(store, cfg.eval.split, cfg.shots + cfg.eval.queries)
-    if "episodic" in stages_of(cfg):
-        ways = cfg.episodic.ways or cfg.ways
-        n_train = len(store.classes_in_split("train"))
-        if ways > n_train:
-            raise ConfigError(f"training ways {ways} exceed the {n_train} base classes of {store.name}; lower --ways")
-        check_min_images(store, "train", (cfg.episodic.shots or cfg.shots) + cfg.episodic.queries)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -424,49 +282,6 @@ def evaluate_run(
                     indices=list(indices) if indices is not None else None)
 
 
-# ----------------------------------------------------------------------------- episode CSVs
-def missing_episodes(ctx: RunContext) -> List[int]:
-    """Indices of episodes without a finished row in ``episodes.csv``."""
-    done = read_episode_results(ctx.episodes_csv)
-    return [i for i in range(ctx.n_episodes) if i not in done]
-
-
-def merge_episode_rows(csv_path: Path, rows: Iterable[Dict[str, Any]]) -> None:
-    """Add ``rows`` (``evaluation.FIELDS`` dicts) to an episodes CSV, keeping one row per episode
-    in episode order; rewritten atomically (temp file, fsync, rename)."""
-    csv_path = Path(csv_path)
-    merged = {int(k): {f: str(v[f]) for f in FIELDS} for k, v in read_episode_results(csv_path).items()}
-    for r in rows:
-        merged.setdefault(int(r["episode"]), {f: str(r[f]) for f in FIELDS})
-    def write(f) -> None:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        for k in sorted(merged):
-            w.writerow(merged[k])
-
-    atomic_write(csv_path, write)
-
-
-def salvage_shards(ctx: RunContext) -> int:
-    """Merge rows left in ``shards/*.csv`` by interrupted shard tasks into ``episodes.csv``."""
-    shard_dir = ctx.run_dir / "shards"
-    if not shard_dir.is_dir():
-        return 0
-    rows: List[Dict[str, str]] = []
-    files = sorted(shard_dir.glob("*.csv"))
-    for f in files:
-        rows += list(read_episode_results(f).values())
-    if rows:
-        merge_episode_rows(ctx.episodes_csv, rows)
-    for f in files:
-        f.unlink()
-    try:
-        shard_dir.rmdir()
-    except OSError:
-        pass
-    return len(rows)
-
-
 # ----------------------------------------------------------------------------- summaries
 def run_summary_path(cfg: RunConfig, identity: Optional[RunIdentity] = None) -> Path:
     return run_dir_of(cfg, identity) / "summary.json"
@@ -543,69 +358,6 @@ def execute(cfg: RunConfig, store: Optional[ImageStore] = None, episodes: Option
     reset_peak_memory(ctx.device)
     evaluate_run(ctx, progress=progress)
     return finish(ctx, "local", eval_peak_mb=peak_memory_mb(ctx.device), threads=threads, resumed=resumed)
-
-
-# ----------------------------------------------------------------------------- leaderboard rows
-def episode_accuracies(run_dir: Path, n: Optional[int] = None) -> np.ndarray:
-    """Per-episode accuracies (%) of a run, in episode order (NaN for failed or missing episodes)."""
-    rows = read_episode_results(Path(run_dir) / "episodes.csv")
-    n = n if n is not None else (max(rows) + 1 if rows else 0)
-    out = np.full(n, np.nan)
-    for i, r in rows.items():
-        if i < n and r.get("status") == "ok":
-            out[i] = float(r["accuracy"])
-    return out
-
-
-#: Per-run fields that are the same for every seed of a cell (taken from the first).
-_SHARED = ("dataset", "method", "backbone", "ways", "shots", "split", "profile", "paper_value", "paper_ci", "paper_comparable", "image_size",
-           "synthetic", "episode_list", "episode_hash", "dataset_fingerprint", "config_hash", "code_hash", "params", "device",
-           "device_name", "threads", "executor", "pretrain_world_size", "torch_version", "python_version")
-
-
-def aggregate(summaries: Sequence[Dict[str, Any]], results_dir: Path) -> Dict[str, Any]:
-    """The leaderboard row of a cell from the summaries of its seeds.
-
-    ``accuracy`` is the mean of the per-seed means; ``ci95``/``ci95_t``/``std`` are the episode
-    statistics of the per-episode accuracies averaged over seeds (one value per test episode, so
-    ``n`` is the number of episodes, and with one seed they are that seed's statistics);
-    ``seed_std`` is the sample standard deviation of the per-seed means (empty for one seed).
-    Times add up over seeds, peak memory is the maximum.
-    """
-    if not summaries:
-        raise ValueError("aggregate needs at least one run summary")
-    summaries = sorted(summaries, key=lambda s: int(s["seed"]))
-    n = int(summaries[0]["episodes"]) + int(summaries[0]["episodes_failed"])
-    mat = np.stack([episode_accuracies(Path(results_dir) / "runs" / s["run_id"], n) for s in summaries])
-    per_episode = mat.mean(axis=0)  # NaN where any seed failed the episode
-    ep = summarize(per_episode)
-    seed_means = np.array([np.nanmean(r) if np.isfinite(r).any() else np.nan for r in mat])
-    row: Dict[str, Any] = {k: summaries[0].get(k) for k in _SHARED}
-
-    def total(key: str) -> Optional[float]:
-        vals = [s.get(key) for s in summaries]
-        return None if any(v is None for v in vals) else round(float(sum(vals)), 2)
-
-    row.update({
-        "accuracy": round(float(np.nanmean(seed_means)), 4),
-        "ci95": round(ep.ci95, 4), "ci95_t": round(ep.ci95_t, 4), "std": round(ep.std, 4),
-        "seed_std": round(float(np.std(seed_means, ddof=1)), 4) if len(summaries) > 1 else None,
-        "n_seeds": len(summaries), "episodes": ep.n,
-        "episodes_failed": int(sum(int(s["episodes_failed"]) for s in summaries)),
-        "seeds": ",".join(str(s["seed"]) for s in summaries),
-        "train_time_s": total("train_time_s"), "eval_time_s": total("eval_time_s"), "wall_time_s": total("wall_time_s"),
-        "peak_memory_mb": max((s["peak_memory_mb"] for s in summaries if s.get("peak_memory_mb") is not None), default=None),
-        "resumed": any(bool(s.get("resumed")) for s in summaries),
-        # package version of every seed's run; the git commit only for runs made from a checkout
-        "version": ";".join(dict.fromkeys(str(s.get("version") or "unknown") for s in summaries)),
-        "git_commit": ";".join(dict.fromkeys(str(s["git_commit"]) for s in summaries if s.get("git_commit"))) or None,
-        "git_dirty": any(bool(s.get("git_dirty")) for s in summaries) if any(s.get("git_commit") for s in summaries) else None,
-        "run_id": ";".join(s["run_id"] for s in summaries),
-        "finished_at": max(str(s["finished_at"]) for s in summaries),
-    })
-    if len({s.get("executor") for s in summaries}) > 1:
-        row["executor"] = "mixed"
-    return row
 
 
 def publish(rows: Sequence[Dict[str, Any]], results_dir: Path, reference: Optional[str] = None) -> None:

@@ -70,7 +70,6 @@ def test_distributed_launch_refuses_bad_input_in_one_line(tmp_path):
     cases = [
         (["--method", "nearest_neighbor"], "needs --nproc-per-node"),
         (["--nproc-per-node", "0", "--method", "nearest_neighbor"], "at least 1"),
-        (["--nproc-per-node", "2", "--method", "protonet", "--profile", "smoke"], "no pretraining stage"),
         (["--nproc-per-node", "2", "--method", "nearest_neighbor", "--dataset", "custom",
           "--data-root", str(tmp_path / "nowhere")], "does not exist"),
     ]

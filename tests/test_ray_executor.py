@@ -46,7 +46,7 @@ def test_ray_executor_reproduces_local_results(tmp_path):
     proto = local.loc[local["method"] == "protonet", "run_id"].iloc[0]
     src, dst = tmp_path / "local" / "runs" / proto, tmp_path / "ray" / "runs" / proto
     dst.mkdir(parents=True)
-    for f in ("config.yaml", "method.pt", "train.json"):
+    for f in ("identity.json", "config.yaml", "method.pt", "train.json"):
         shutil.copy(src / f, dst / f)
     lines = (src / "episodes.csv").read_text().splitlines(keepends=True)
     (dst / "episodes.csv").write_text("".join(lines[:5]))

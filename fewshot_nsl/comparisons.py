@@ -1,0 +1,173 @@
+"""Paired comparisons on the shared fixed episodes: the leaderboard's paired columns against a
+reference method, and ``--compare RUN_A RUN_B`` (statistics from :mod:`fewshot_nsl.stats`)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .errors import ConfigError
+
+#: Paired comparison with the reference method (see :func:`add_paired_columns`).
+PAIRED = ["ref_method", "ref_backbone", "diff_vs_ref", "diff_ci95", "p_vs_ref", "p_wilcoxon_vs_ref", "n_paired"]
+DEFAULT_REFERENCE = "protonet"
+
+
+def key_text(v: Any) -> str:
+    """A key value as text, the same whether it came from a run (``84``, ``None``) or was read
+    back from the CSV (``84.0``, ``NaN``)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and float(v).is_integer():
+        return str(int(v))
+    return str(v)
+
+
+
+# ----------------------------------------------------------------------------- paired comparisons
+def run_dirs_of(results_dir: Path, run_ids: Any) -> List[Path]:
+    """Run folders named by a leaderboard ``run_id`` cell (``;``-separated for several seeds)."""
+    if run_ids is None or (isinstance(run_ids, float) and math.isnan(run_ids)):
+        return []
+    return [Path(results_dir) / "runs" / r for r in str(run_ids).split(";") if r]
+
+
+def episode_vector(run_dirs: Sequence[Path]) -> Optional[np.ndarray]:
+    """Per-episode accuracy (%) averaged over the given runs (seeds), from their episodes CSVs;
+    NaN where an episode failed in any run; None if a run's CSV is missing."""
+    vectors = []
+    for d in run_dirs:
+        p = Path(d) / "episodes.csv"
+        if not p.is_file():
+            return None
+        vals: Dict[int, float] = {}
+        with p.open(newline="") as f:
+            for r in csv.DictReader(f):
+                try:
+                    vals[int(r["episode"])] = float(r["accuracy"]) if r.get("status") == "ok" else math.nan
+                except (TypeError, ValueError, KeyError):
+                    continue
+        n = max(vals) + 1 if vals else 0
+        v = np.full(n, np.nan)
+        for i, a in vals.items():
+            v[i] = a
+        vectors.append(v)
+    if not vectors:
+        return None
+    n = min(len(v) for v in vectors)
+    return np.stack([v[:n] for v in vectors]).mean(axis=0)
+
+
+def _pick_reference(df: pd.DataFrame, i: Any, reference: str) -> Optional[Any]:
+    r = df.loc[i]
+    cand = df[(df["method"].astype(str) == reference) & (df.index != i)]
+    for k in ("dataset", "dataset_fingerprint", "split", "image_size", "ways", "shots", "profile", "episode_hash"):
+        cand = cand[cand[k].map(key_text) == key_text(r[k])]
+    if cand.empty:
+        return None
+    same = cand[cand["backbone"].astype(str) == str(r["backbone"])]
+    if len(same):
+        return same.index[0]
+    return cand.sort_values("backbone", key=lambda s: s.astype(str) != "cnn4", kind="stable").index[0]
+
+
+def add_paired_columns(df: pd.DataFrame, results_dir: Path, reference: Optional[str] = None) -> pd.DataFrame:
+    """Fill :data:`PAIRED` for every row: paired difference (row - reference, in accuracy
+    points) over the episodes both evaluated, its 95% CI (1.96 std / sqrt(n) of the differences),
+    and paired t-test / Wilcoxon p-values (:func:`fewshot_nsl.stats.paired_compare`).
+
+    The reference is the ``reference`` method's row with the same dataset (name and content), split,
+    image size, ways, shots, profile and episode hash, preferably with the same backbone. Rows whose runs' CSVs are gone keep the
+    values they had. ``reference`` None: the leaderboard's current one, else ``protonet``.
+    """
+    from .stats import paired_compare
+
+    df = df.copy()
+    for c in PAIRED:
+        if c not in df.columns:
+            df[c] = None
+    df[PAIRED] = df[PAIRED].astype(object)
+    if reference is None:
+        current = df["ref_method"].dropna().astype(str)
+        reference = current.mode().iloc[0] if len(current) else DEFAULT_REFERENCE
+    cache: Dict[str, Optional[np.ndarray]] = {}
+
+    def vector(i: Any) -> Optional[np.ndarray]:
+        key = str(df.at[i, "run_id"])
+        if key not in cache:
+            cache[key] = episode_vector(run_dirs_of(results_dir, df.at[i, "run_id"]))
+        return cache[key]
+
+    for i in df.index:
+        if str(df.at[i, "method"]) == reference:
+            df.loc[i, PAIRED] = [reference, df.at[i, "backbone"], None, None, None, None, None]
+            continue
+        j = _pick_reference(df, i, reference)
+        if j is None:
+            df.loc[i, PAIRED] = [None] * len(PAIRED)
+            continue
+        a, b = vector(i), vector(j)
+        if a is None or b is None:
+            if str(df.at[i, "ref_method"]) != reference:  # cannot recompute: clear stale values
+                df.loc[i, PAIRED] = [None] * len(PAIRED)
+            continue
+        n = min(len(a), len(b))
+        pc = paired_compare(a[:n], b[:n])
+        df.loc[i, PAIRED] = [reference, df.at[j, "backbone"], round(pc.mean_diff, 4), round(pc.ci95, 4),
+                             float(f"{pc.p_value:.4g}"), float(f"{pc.wilcoxon_p:.4g}"), pc.n]
+    return df
+
+
+def resolve_run(spec: str, results_dir: Path) -> Path:
+    """A run folder from a run id (under ``results_dir/runs``) or a path to the folder."""
+    p = Path(spec)
+    for cand in (p, Path(results_dir) / "runs" / spec):
+        if cand.is_dir() and (cand / "episodes.csv").is_file():
+            return cand
+    raise ConfigError(f"run '{spec}' not found: pass a run folder or a run id under {Path(results_dir) / 'runs'}")
+
+
+def _run_meta(d: Path) -> Dict[str, Any]:
+    for name in ("summary.json",):
+        try:
+            return json.loads((d / name).read_text())
+        except (OSError, ValueError):
+            pass
+    raise ConfigError(f"run {d} has not finished (no summary.json); finish it before comparing")
+
+
+def compare_runs(a: str, b: str, results_dir: Path) -> str:
+    """Paired comparison of two finished runs on their common episodes, as printable text.
+
+    Raises:
+        ConfigError: a run is missing or unfinished, or the two used different episode lists.
+    """
+    from .stats import paired_compare, summarize
+
+    da, db = resolve_run(a, results_dir), resolve_run(b, results_dir)
+    ma, mb = _run_meta(da), _run_meta(db)
+    if ma.get("episode_hash") != mb.get("episode_hash"):
+        raise ConfigError(
+            f"runs {da.name} and {db.name} were evaluated on different episode lists "
+            f"({ma.get('episode_hash')} vs {mb.get('episode_hash')}); a paired comparison needs the same episodes"
+        )
+    va, vb = episode_vector([da]), episode_vector([db])
+    n = min(len(va), len(vb))
+    pc = paired_compare(va[:n], vb[:n])
+    sa, sb = summarize(va[:n]), summarize(vb[:n])
+    sig = "significant" if pc.p_value < 0.05 else "not significant"
+    lines = [
+        f"A: {da.name}  ({ma['method']} {ma['backbone']}, seed {ma.get('seed')})",
+        f"B: {db.name}  ({mb['method']} {mb['backbone']}, seed {mb.get('seed')})",
+        f"episodes: {pc.n} paired (episode list {ma['episode_hash']}, {ma['ways']}-way {ma['shots']}-shot, {ma['dataset']})",
+        f"A: {sa.mean:.2f} +- {sa.ci95:.2f}   B: {sb.mean:.2f} +- {sb.ci95:.2f}   (mean accuracy %, 95% CI)",
+        f"A - B: {pc.mean_diff:+.2f} +- {pc.ci95:.2f} points (95% CI of the paired difference)",
+        f"paired t-test: t = {pc.t_stat:.3f}, p = {pc.p_value:.4g}; Wilcoxon signed-rank p = {pc.wilcoxon_p:.4g} "
+        f"({sig} at 0.05)",
+    ]
+    return "\n".join(lines)

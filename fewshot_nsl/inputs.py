@@ -1,0 +1,108 @@
+"""The inputs of a run: its dataset store, fixed episode list, method (with its backbone and conv
+spec) and training stages, checked against each other before anything trains."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+from .config import RunConfig
+from .data.episodes import (
+    EpisodeList,
+    check_episodes_match_store,
+    default_episode_path,
+    episode_list_for_store,
+)
+from .data.store import ImageStore, check_min_images
+from .errors import ConfigError
+from .methods.base import FewShotMethod
+from .registry import check_kwargs, create_backbone, create_dataset, get_method_class
+
+TRAINING_STAGES = ("pretrain", "episodic")
+
+
+# ----------------------------------------------------------------------------- inputs
+def load_store(cfg: RunConfig) -> ImageStore:
+    """Create the dataset store (cached) with the run's image size."""
+    return create_dataset(
+        cfg.dataset, data_root=cfg.data_root, image_size=cfg.image_size, cache_dir=_stores_dir(cfg), **cfg.dataset_options
+    )
+
+
+def store_key(cfg: RunConfig) -> str:
+    """What determines :func:`load_store`'s result (to share one store between cells)."""
+    return json.dumps([cfg.dataset, cfg.data_root, cfg.image_size, _stores_dir(cfg), cfg.dataset_options],
+                      sort_keys=True, default=str)
+
+
+def _stores_dir(cfg: RunConfig) -> Optional[str]:
+    return str(Path(cfg.cache_dir) / "stores") if cfg.cache_dir else None
+
+
+def load_episodes(cfg: RunConfig, store: ImageStore) -> EpisodeList:
+    """The fixed test episode list: ``--episodes FILE``, the committed list, or one generated once."""
+    q = cfg.eval.queries
+    if cfg.episodes_file:
+        lst = EpisodeList.load(Path(cfg.episodes_file))
+    else:
+        path = default_episode_path(store.name, cfg.eval.split, cfg.ways, cfg.shots, q)
+        if not path.is_file():
+            # No committed list for this dataset/setting: generate one from seed 0 once and keep it.
+            path = Path(cfg.results_dir) / "episodes" / f"{store.name}-{store.fingerprint()}" / path.name
+            if not path.is_file():
+                check_min_images(store, cfg.eval.split, cfg.shots + q)
+                episode_list_for_store(store, cfg.eval.split, cfg.ways, cfg.shots, q, 600, 0).save(path)
+        lst = EpisodeList.load(path)
+    if (lst.ways, lst.shots, lst.queries) != (cfg.ways, cfg.shots, q):
+        raise ConfigError(
+            f"episode list {cfg.episodes_file} is {lst.ways}-way {lst.shots}-shot {lst.queries}-query but the run asks "
+            f"for {cfg.ways}-way {cfg.shots}-shot {q}-query; pass matching --ways/--shots or another --episodes file"
+        )
+    if lst.split != cfg.eval.split:
+        raise ConfigError(
+            f"episode list {cfg.episodes_file or lst.path} is on the {lst.split} split but the run evaluates on "
+            f"{cfg.eval.split} (eval.split); pass a list of that split or set eval.split: {lst.split}"
+        )
+    lst.path = str(path if not cfg.episodes_file else cfg.episodes_file)
+    check_episodes_match_store(lst, store)
+    return lst
+
+
+def build_method(cfg: RunConfig) -> FewShotMethod:
+    """Backbone (with the method's conv spec, overridden by ``cfg.conv``) and method."""
+    method_cls = get_method_class(cfg.method)
+    check_kwargs(method_cls, cfg.method_options, f"method '{cfg.method}'")
+    conv_spec = conv_spec_of(cfg)
+    conv_layer = None
+    if conv_spec and conv_spec.get("kind", "plain") != "plain":
+        from .nn import make_conv_factory
+
+        conv_layer = make_conv_factory(**conv_spec)
+    backbone = create_backbone(cfg.backbone, conv_layer=conv_layer, **cfg.backbone_options)
+    return method_cls(backbone=backbone, image_size=cfg.image_size, **cfg.method_options)
+
+
+def stages_of(cfg: RunConfig) -> Tuple[str, ...]:
+    """Training stages of this run (the method's, given its options)."""
+    return tuple(get_method_class(cfg.method).stages(cfg.method_options))
+
+
+def conv_spec_of(cfg: RunConfig) -> Dict[str, Any]:
+    method_cls = get_method_class(cfg.method)
+    return {**method_cls.default_conv, **cfg.conv}
+
+
+def validate_against_store(cfg: RunConfig, store: ImageStore) -> None:
+    """Impossible ways/shots fail here, before any training."""
+    n_test = len(store.classes_in_split(cfg.eval.split))
+    if cfg.ways > n_test:
+        raise ConfigError(
+            f"--ways {cfg.ways} is more than the {n_test} {cfg.eval.split} classes of {store.name}; lower --ways"
+        )
+    check_min_images(store, cfg.eval.split, cfg.shots + cfg.eval.queries)
+    if "episodic" in stages_of(cfg):
+        ways = cfg.episodic.ways or cfg.ways
+        n_train = len(store.classes_in_split("train"))
+        if ways > n_train:
+            raise ConfigError(f"training ways {ways} exceed the {n_train} base classes of {store.name}; lower --ways")
+        check_min_images(store, "train", (cfg.episodic.shots or cfg.shots) + cfg.episodic.queries)
