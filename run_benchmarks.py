@@ -3,9 +3,6 @@
 import sys
 
 if __name__ == "__main__":
-    try:
-        from fewshot_nsl.cli import main
-    except KeyboardInterrupt:  # Ctrl-C while Python starts up: no traceback
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(main())
+    from fewshot_nsl.__main__ import entry
+
+    sys.exit(entry())

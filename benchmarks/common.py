@@ -122,13 +122,10 @@ def emit(target: str, name: str, value: Dict[str, float], goal: str, met: Option
 
 # ----------------------------------------------------------------------------- settings
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    """The CPU model name (the one the suite records in every row's ``device_name``)."""
+    from fewshot_nsl.provenance import device_name
+
+    return device_name(torch.device("cpu"))
 
 
 def settings(**extra: object) -> Dict[str, object]:

@@ -1,10 +1,16 @@
 """``python -m fewshot_nsl``: the command line (same as ``fewshot-nsl`` and ``run_benchmarks.py``)."""
 import sys
 
-if __name__ == "__main__":
+
+def entry() -> int:
+    """Run the command line; a Ctrl-C while it is still importing ends with one line, no traceback."""
     try:
         from .cli import main
-    except KeyboardInterrupt:  # Ctrl-C while Python starts up: no traceback
+    except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(main())
+        return 130
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(entry())
