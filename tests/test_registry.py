@@ -3,7 +3,7 @@ import textwrap
 
 import pytest
 
-from fewshot_nsl import registry
+from fewshot_nsl import plugins, registry
 from fewshot_nsl.errors import RegistryError
 from fewshot_nsl.registry import create_method, list_methods, load_plugins
 
@@ -82,7 +82,7 @@ def test_entry_point_plugin(tmp_path, monkeypatch):
         centroid = thirdparty_fsl
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    monkeypatch.setattr(plugins, "_entry_points_loaded", False)
     assert "test_entry_point" in list_methods()
 
 

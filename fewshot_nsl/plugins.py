@@ -1,0 +1,232 @@
+"""Loading the built-ins and discovering plugins; the ``create_*`` / ``list_*`` factories.
+
+Plugins are discovered from files in any ``--plugins DIR`` and from installed packages exposing
+the entry-point group ``fewshot_nsl.methods``; the built-in baselines (``baselines/``, installed
+as ``fewshot_nsl.baselines``) are registered through that same group (``pyproject.toml``). A
+checkout put on ``sys.path`` without being installed has no entry points: its ``baselines/``
+folder is then loaded like a ``--plugins`` folder.
+
+Plugin folders are keyed by their full path (two folders with the same name are two plugin
+packages), and a plugin file can import the modules beside it (``from helpers import x`` at its
+top, or ``from .helpers import x``). A plugin that fails to import is recorded in
+:data:`fewshot_nsl.registry.PLUGIN_ERRORS`; the other methods keep working.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import importlib.machinery
+import importlib.metadata
+import importlib.util
+import re
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, List, Optional
+
+from . import registry
+from .errors import RegistryError
+from .registry import BACKBONES, DATASETS, METHODS, DuplicateNameError
+from .resources import resource_dir
+
+
+#: The built-in baselines' folder (``baselines/`` of a checkout, ``fewshot_nsl/baselines`` installed).
+BASELINES_DIR = resource_dir("baselines")
+ENTRY_POINT_GROUP = "fewshot_nsl.methods"
+#: Package that holds the modules of ``--plugins`` folders (one sub-package per folder).
+PLUGIN_PACKAGE = "fewshot_nsl_plugins"
+
+
+
+_loaded_dirs: set = set()
+_entry_points_loaded = False
+
+
+def create_method(name: str, **kwargs: Any) -> Any:
+    """Instantiate the method registered as ``name`` (see :class:`Registry.create`)."""
+    load_plugins()
+    return METHODS.create(name, **kwargs)
+
+
+def get_method_class(name: str) -> Any:
+    load_plugins()
+    return METHODS.get(name)
+
+
+def list_methods() -> List[str]:
+    load_plugins()
+    return METHODS.names()
+
+
+def create_backbone(name: str, **kwargs: Any) -> Any:
+    _import_builtins()
+    return BACKBONES.create(name, **kwargs)
+
+
+def list_backbones() -> List[str]:
+    _import_builtins()
+    return BACKBONES.names()
+
+
+def create_dataset(name: str, **kwargs: Any) -> Any:
+    _import_builtins()
+    return DATASETS.create(name, **kwargs)
+
+
+def list_datasets() -> List[str]:
+    _import_builtins()
+    return DATASETS.names()
+
+
+
+def _import_builtins() -> None:
+    from . import backbones, data, methods  # noqa: F401  (registration side effects)
+
+
+def plugin_package_name(folder: Path) -> str:
+    """Module package of a plugin folder, keyed by its full resolved path:
+    ``fewshot_nsl_plugins.<folder name>_<sha256(path)[:10]>``."""
+    folder = Path(folder).resolve()
+    safe = re.sub(r"\W", "_", folder.name) or "root"
+    return f"{PLUGIN_PACKAGE}.{safe}_{hashlib.sha256(str(folder).encode()).hexdigest()[:10]}"
+
+
+def plugin_module_name(path: Path) -> str:
+    """Module name of a plugin file: its folder's package plus the file's stem."""
+    path = Path(path).resolve()
+    return f"{plugin_package_name(path.parent)}.{path.stem}"
+
+
+def _ensure_package(name: str, path: Optional[Path]) -> None:
+    """Put an (empty) package ``name`` searching ``path`` into ``sys.modules`` if missing."""
+    if name in sys.modules:
+        return
+    spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+    spec.submodule_search_locations = [str(path)] if path is not None else []
+    sys.modules[name] = importlib.util.module_from_spec(spec)
+
+
+def plugin_module(path: Path) -> Any:
+    """The imported module of plugin file ``path`` (imported now if it was not)."""
+    name = plugin_module_name(path)
+    if name not in sys.modules:
+        load_plugin_file(path)
+    if name not in sys.modules:
+        raise RegistryError(f"plugin {path} failed to import ({registry.PLUGIN_ERRORS.get(str(path), 'unknown error')})")
+    return sys.modules[name]
+
+
+def load_plugin_file(path: Path) -> None:
+    """Import one plugin file; a failure is recorded in PLUGIN_ERRORS, not raised.
+
+    The file becomes module :func:`plugin_module_name` inside its folder's package, so
+    ``from .helpers import x`` works; while it is imported its folder is also first on
+    ``sys.path``, so ``from helpers import x`` works too. Such sibling modules are dropped
+    from ``sys.modules`` afterwards (the plugin keeps what it imported), so another plugin
+    folder with a ``helpers.py`` of its own gets its own.
+
+    Raises:
+        DuplicateNameError: the file registers a name another source file already registered.
+    """
+    path = Path(path).resolve()
+    module_name = plugin_module_name(path)
+    if module_name in sys.modules:
+        return
+    _ensure_package(PLUGIN_PACKAGE, None)
+    _ensure_package(plugin_package_name(path.parent), path.parent)
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    folder = str(path.parent)
+    before = set(sys.modules)
+    sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(module)
+    except DuplicateNameError:
+        del sys.modules[module_name]
+        raise
+    except Exception as exc:  # a broken plugin must not take the others down
+        del sys.modules[module_name]
+        registry.PLUGIN_ERRORS[str(path)] = f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"plugin {path} failed to import ({type(exc).__name__}: {exc}); skipped")
+    finally:
+        if folder in sys.path:
+            sys.path.remove(folder)
+        for name in set(sys.modules) - before:  # top-level sibling modules imported from the folder
+            file = getattr(sys.modules[name], "__file__", None)
+            if "." not in name and file and Path(file).resolve().is_relative_to(path.parent):
+                del sys.modules[name]
+
+
+def _load_folder(d: Path) -> None:
+    """Import every ``*.py`` of plugin folder ``d`` (not ``_*.py``), once per folder."""
+    d = d.resolve()
+    if d in _loaded_dirs:
+        return
+    if not d.is_dir():
+        raise RegistryError(f"plugin folder {d} does not exist; pass an existing folder to --plugins")
+    _loaded_dirs.add(d)
+    for path in sorted(d.glob("*.py")):
+        if not path.name.startswith("_"):
+            load_plugin_file(path)
+
+
+def _entry_point_origin(ep: importlib.metadata.EntryPoint) -> str:
+    """The source file of an entry point's module (without importing it), else ``entry point NAME``."""
+    try:
+        spec = importlib.util.find_spec(ep.module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.origin and Path(spec.origin).is_file():
+        return str(Path(spec.origin).resolve())
+    return f"entry point {ep.name}"
+
+
+def _load_entry_points() -> None:
+    """Import every module of the ``fewshot_nsl.methods`` group (the built-ins first); a bare
+    checkout without entry points loads its ``baselines/`` folder instead."""
+    eps = list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+    builtin = f"{__package__}.baselines"
+    eps.sort(key=lambda ep: (not ep.module.startswith(builtin + "."), ep.name))
+    if not any(ep.module.startswith(builtin + ".") for ep in eps):
+        _load_folder(BASELINES_DIR)
+    # (import, where a failure is reported): a built-in is named by its file (as when loaded from the
+    # folder), a third party by its entry point
+    loads = [(ep.load, _entry_point_origin(ep) if ep.module.startswith(builtin + ".") else f"entry point {ep.name}")
+             for ep in eps]
+    if any(ep.module.startswith(builtin + ".") for ep in eps):
+        # a file dropped into baselines/ before pyproject.toml lists its entry point still registers
+        covered = {ep.module for ep in eps}
+        for path in sorted(BASELINES_DIR.glob("*.py")):
+            module = f"{builtin}.{path.stem}"
+            if not path.name.startswith("_") and module not in covered:
+                loads.append((functools.partial(importlib.import_module, module), str(path.resolve())))
+    for load, where in loads:
+        try:
+            load()
+        except DuplicateNameError:
+            raise
+        except Exception as exc:
+            registry.PLUGIN_ERRORS[where] = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"plugin {where} failed to import ({type(exc).__name__}: {exc}); skipped")
+
+
+def load_plugins(extra_dirs: Optional[List[Path]] = None) -> None:
+    """Import built-ins, entry points (the built-in baselines among them) and any extra plugin
+    folders (once each).
+
+    Raises:
+        RegistryError: a folder does not exist, or a plugin registers a name already taken by
+            another source file (:class:`DuplicateNameError`).
+    """
+    global _entry_points_loaded
+    _import_builtins()
+    if not _entry_points_loaded:
+        _entry_points_loaded = True
+        _load_entry_points()
+    for d in extra_dirs or []:
+        if Path(d).resolve() == BASELINES_DIR.resolve():
+            continue  # the built-ins, already registered
+        _load_folder(Path(d))
