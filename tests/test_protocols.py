@@ -84,6 +84,7 @@ def test_paper_meta_static_nsn_adapts_similarity_and_head_with_batch_statistics(
 def test_paper_dynamic_nsn_uses_the_authors_predictor_width_and_eps():
     cfg = resolve_config({"method": "dynamic_nsn", "profile": "paper"})
     assert cfg.conv["hidden"] == 64 and cfg.conv["predictor_bn_eps"] == 1e-3 and cfg.backbone_options["bn_eps"] == 1e-3
+    assert cfg.conv["zero_init_residual"] is False  # authors' M_s = I + predictor(x), no gate (and the ablation)
     method = build_method(resolve_config({"method": "dynamic_nsn", "profile": "paper", "image_size": 32}))
     widths = {m.out_channels for n, m in method.named_modules() if n.endswith("conv1") and hasattr(m, "out_channels")}
     assert widths == {64}
