@@ -1,4 +1,5 @@
-"""Shared fixtures: a hermetic cache, and a tiny learnable dataset registered as ``tiny``."""
+"""Shared fixtures: a hermetic cache, a tiny learnable dataset registered as ``tiny``, and
+:func:`synthetic_episode` (a learnable in-memory episode) with its fixture ``episode_factory``."""
 from __future__ import annotations
 
 import os
@@ -6,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from fewshot_nsl.data.store import ImageStore
 
@@ -33,3 +35,25 @@ make_tiny_store = plugin_module(PLUGINS / "tiny_dataset.py").make_tiny_store
 @pytest.fixture
 def tiny_store() -> ImageStore:
     return make_tiny_store()
+
+
+def synthetic_episode(ways: int = 5, shots: int = 2, queries: int = 3, seed: int = 0, size: int = 16,
+                      separation: float = 0.5, dtype: torch.dtype = torch.float32):
+    """A learnable episode without a dataset: Gaussian images whose mean grows with the class.
+
+    Returns:
+        ``support_x (ways*shots, 3, size, size)``, ``support_y (ways*shots,)``,
+        ``query_x (ways*queries, 3, size, size)``, ``query_y (ways*queries,)``; labels class-major.
+    """
+    g = torch.Generator().manual_seed(seed)
+    sy = torch.arange(ways).repeat_interleave(shots)
+    qy = torch.arange(ways).repeat_interleave(queries)
+    sx = torch.randn(len(sy), 3, size, size, generator=g, dtype=dtype) + sy[:, None, None, None] * separation
+    qx = torch.randn(len(qy), 3, size, size, generator=g, dtype=dtype) + qy[:, None, None, None] * separation
+    return sx, sy, qx, qy
+
+
+@pytest.fixture
+def episode_factory():
+    """:func:`synthetic_episode`, as a fixture."""
+    return synthetic_episode

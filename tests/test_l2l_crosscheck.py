@@ -20,17 +20,14 @@ with contextlib.redirect_stderr(io.StringIO()):  # gym prints a deprecation noti
 from fewshot_nsl.backbones import cnn4  # noqa: E402
 from fewshot_nsl.registry import create_method  # noqa: E402
 
+from conftest import synthetic_episode  # noqa: E402
+
 SIZE, WAYS, SHOTS, QUERIES = 16, 5, 2, 3
 
 
 @pytest.fixture
 def episode():
-    g = torch.Generator().manual_seed(0)
-    sy = torch.arange(WAYS).repeat_interleave(SHOTS)
-    qy = torch.arange(WAYS).repeat_interleave(QUERIES)
-    sx = torch.randn(len(sy), 3, SIZE, SIZE, generator=g, dtype=torch.float64)
-    qx = torch.randn(len(qy), 3, SIZE, SIZE, generator=g, dtype=torch.float64)
-    return sx, sy, qx, qy
+    return synthetic_episode(WAYS, SHOTS, QUERIES, 0, SIZE, separation=0.0, dtype=torch.float64)
 
 
 def our_maml(**options):

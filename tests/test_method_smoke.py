@@ -18,6 +18,8 @@ from fewshot_nsl.config import resolve_config
 from fewshot_nsl.registry import get_method_class, list_methods
 from fewshot_nsl.runner import build_method
 
+from conftest import synthetic_episode  # noqa: E402
+
 IMAGE_SIZE, WAYS, SHOTS, QUERIES = 16, 5, 2, 3
 
 
@@ -31,13 +33,7 @@ def smoke_method(name):
 
 
 def episode(seed):
-    g = torch.Generator().manual_seed(seed)
-    sy = torch.arange(WAYS).repeat_interleave(SHOTS)
-    qy = torch.arange(WAYS).repeat_interleave(QUERIES)
-    # class-dependent mean so that the episode is learnable
-    sx = torch.randn(len(sy), 3, IMAGE_SIZE, IMAGE_SIZE, generator=g) + sy[:, None, None, None] * 0.5
-    qx = torch.randn(len(qy), 3, IMAGE_SIZE, IMAGE_SIZE, generator=g) + qy[:, None, None, None] * 0.5
-    return sx, sy, qx, qy
+    return synthetic_episode(WAYS, SHOTS, QUERIES, seed, IMAGE_SIZE)  # class-dependent mean: learnable
 
 
 def missing_grads(params):

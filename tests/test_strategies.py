@@ -18,16 +18,13 @@ from fewshot_nsl.registry import create_method
 from fewshot_nsl.runner import build_method, conv_spec_of, run
 from fewshot_nsl.training import pretrain_key
 
+from conftest import synthetic_episode  # noqa: E402
+
 SIZE = 16
 
 
 def episode(ways=5, shots=2, queries=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    sy = torch.arange(ways).repeat_interleave(shots)
-    qy = torch.arange(ways).repeat_interleave(queries)
-    sx = torch.randn(len(sy), 3, SIZE, SIZE, generator=g) + sy[:, None, None, None] * 0.5
-    qx = torch.randn(len(qy), 3, SIZE, SIZE, generator=g) + qy[:, None, None, None] * 0.5
-    return sx, sy, qx, qy
+    return synthetic_episode(ways, shots, queries, seed, SIZE)
 
 
 def make(name, conv_layer=None, **options):
