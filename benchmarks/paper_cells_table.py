@@ -1,4 +1,4 @@
-"""Markdown table of benchmarks/bench_paper_cells.py's JSON (docs/protocols.md)."""
+"""Markdown table of benchmarks/paper_cells.py's JSON (docs/protocols.md)."""
 import json
 import sys
 from pathlib import Path

@@ -194,7 +194,7 @@ def _table6_cells():
 @pytest.mark.parametrize("method, backbone, shots", _table6_cells())
 def test_paper_cells_run_at_84px_with_cut_budgets(tmp_path, method, backbone, shots):
     """Every Table-6 cell under the paper profile on glyphs at 84 px, only the budgets cut
-    (benchmarks/paper_cut_budget.yaml); timings: benchmarks/bench_paper_cells.py."""
+    (benchmarks/paper_cut_budget.yaml); timings: benchmarks/paper_cells.py."""
     from fewshot_nsl.runner import run
 
     cut = Path(__file__).resolve().parent.parent / "benchmarks" / "paper_cut_budget.yaml"

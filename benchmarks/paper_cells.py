@@ -19,7 +19,7 @@ Each cell runs in a fresh subprocess with one torch thread:
 Projection of the full budget on this CPU: pretraining steps = ``epochs * ceil(38400 / batch_size)``
 (the 38400 Mini-ImageNet base images), episodic steps = ``episodic.steps``, 600 test episodes.
 
-    .venv/bin/python benchmarks/bench_paper_cells.py [--out benchmarks/paper_cells.json] [--cells 0,3]
+    .venv/bin/python benchmarks/paper_cells.py [--out benchmarks/paper_cells.json] [--cells 0,3]
 """
 from __future__ import annotations
 
