@@ -4,7 +4,7 @@ on the same fixed test episodes, with :func:`fewshot_nsl.stats.paired_compare`.
 Each ablation ran with ``--results-dir ABL/<name>`` (one run per folder; configs in
 ``configs/ablations/<name>.yaml``). A reference arm may also be a committed run folder.
 
-    .venv/bin/python benchmarks/ablation_table.py ABL   # ABL: e.g. /work/ablation_results
+    .venv/bin/python benchmarks/ablation_table.py ABL   # ABL: the folder holding one --results-dir per variant
 """
 from __future__ import annotations
 
@@ -69,4 +69,4 @@ def main(abl: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "/work/ablation_results"))
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "ablation_results"))

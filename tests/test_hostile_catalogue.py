@@ -445,7 +445,8 @@ def test_catalogue_figure(capsys):
     if target:
         rows = ["| # | input | the one line the user sees | test |", "|---|---|---|---|"]
         for i, c in enumerate(CASES, 1):
-            line = re.sub(r"/\S*?/(inputs|results)\b", r"…/\1", OUTCOMES[c.id][2]).replace("|", "\\|")
+            line = re.sub(r"/\S*?/(inputs|results)\b", r"…/\1", OUTCOMES[c.id][2])
+            line = line.replace(str(REPO), "<repo>").replace("|", "\\|")  # no machine paths in the docs
             via = " (subprocess)" if c.subprocess else ""
             rows.append(f"| {i} | {c.what} | `` {line} `` | `[{c.id}]`{via} |")
         Path(target).write_text(figure + "\n\n" + "\n".join(rows) + "\n")
