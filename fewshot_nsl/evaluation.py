@@ -122,12 +122,16 @@ def evaluate(
     seed: int = 0,
     progress: bool = True,
     indices: Optional[List[int]] = None,
+    error_dir: Optional[Path] = None,
 ) -> List[float]:
     """Evaluate ``method`` on the first ``n_episodes`` of ``episodes`` (or on ``indices``).
 
     Each episode: ``fit_support`` then ``forward`` under ``torch.no_grad()`` with the method
     in eval mode (:func:`run_episode`: logits must be ``(n_query, ways)``). A non-finite logit
     marks the episode ``nonfinite`` (accuracy NaN), it is never averaged in silently.
+
+    Args:
+        error_dir: where a method's traceback goes (``error.txt``); default: beside ``out_csv``.
 
     Returns:
         Per-episode accuracies in percent, in episode order (NaN for failed episodes).
@@ -152,7 +156,7 @@ def evaluate(
             t0 = time.perf_counter()
             seed_torch(episode_seed(seed, i), mat.device)
             t = mat(episodes.episodes[i])
-            logits = run_episode(method, t, i, error_dir=out_csv.parent)
+            logits = run_episode(method, t, i, error_dir=error_dir or out_csv.parent)
             if torch.isfinite(logits).all():
                 correct = int((logits.argmax(1) == t.query_y).sum())
                 acc, status = 100.0 * correct / len(t.query_y), "ok"

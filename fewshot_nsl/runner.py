@@ -279,7 +279,7 @@ def evaluate_run(
         raise RuntimeError("evaluate_run needs a trained method: call train(ctx) first")
     return evaluate(ctx.method, ctx.store, ctx.episodes, ctx.n_episodes, ctx.device, ctx.cfg.image_size,
                     Path(out_csv or ctx.episodes_csv), seed=ctx.cfg.seed, progress=progress,
-                    indices=list(indices) if indices is not None else None)
+                    indices=list(indices) if indices is not None else None, error_dir=ctx.run_dir)
 
 
 # ----------------------------------------------------------------------------- summaries

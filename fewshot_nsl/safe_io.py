@@ -99,7 +99,6 @@ def check_shape(obj: Any, path: Path, what: str, error: Type[FewShotError] = Con
             raise error(f"{what} {path} is nested more than {MAX_DEPTH} levels deep; simplify it")
         if isinstance(node, dict):
             stack.extend((v, depth + 1) for v in node.values())
-            stack.extend((k, depth + 1) for k in node.keys() if isinstance(k, (tuple, frozenset)))
         elif isinstance(node, (list, tuple)):
             stack.extend((v, depth + 1) for v in node)
     return obj

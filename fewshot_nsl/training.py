@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -131,10 +132,18 @@ def pretrain_cache_path(cfg: RunConfig, store: ImageStore, conv_spec: Dict[str, 
 
 def cached_world_size(path: Path) -> int:
     """Processes that trained the cached pretraining at ``path`` (1 when none is cached yet:
-    this process will train it)."""
-    if not Path(path).is_file():
+    this process will train it). Read once per version of the file (planning and every stage of
+    a run ask for it)."""
+    try:
+        st = os.stat(path)
+    except OSError:
         return 1
-    return int(load_checkpoint(path, torch.device("cpu")).get("world_size", 1))
+    return _world_size_of(str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _world_size_of(path: str, mtime_ns: int, size: int) -> int:
+    return int(load_checkpoint(Path(path), torch.device("cpu")).get("world_size", 1))
 
 
 def _augment(

@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -83,19 +82,21 @@ def test_identity_and_run_id_name_the_split(tmp_path, tiny_store):
     assert dataclasses.replace(test, split="val").digest() != test.digest()
 
 
+def _write_plugin(folder: Path, file: str, name: str, body: str) -> Path:
+    """A plugin file registering ``class <body>`` as method ``name``; returns its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    src = folder / file
+    src.write_text("import torch\nfrom fewshot_nsl.registry import register_method\n"
+                   "from fewshot_nsl.methods import FewShotMethod\n\n"
+                   f"@register_method('{name}')\nclass Plugin(FewShotMethod):\n" + body)
+    return src
+
+
 def test_identity_changes_with_the_method_code(tmp_path, tiny_store):
     from fewshot_nsl.registry import load_plugins
 
     folder = tmp_path / "code_plugins"
-    folder.mkdir()
-    src = folder / "edited_method.py"
-    src.write_text(
-        "from fewshot_nsl.registry import register_method\n"
-        "from fewshot_nsl.methods import FewShotMethod\n\n"
-        "@register_method('edited_for_identity')\n"
-        "class Edited(FewShotMethod):\n"
-        "    SCALE = 1.0\n"
-    )
+    src = _write_plugin(folder, "edited_method.py", "edited_for_identity", "    SCALE = 1.0\n")
     load_plugins([folder])
     eps = _episodes(tiny_store)
     cfg = _cfg(tmp_path, method="edited_for_identity")
@@ -216,29 +217,19 @@ def test_another_episode_list_is_another_run(tmp_path, capsys, tiny_store):
 
 def test_an_edited_plugin_is_rerun_and_rerun_recomputes(tmp_path, capsys):
     folder = tmp_path / "myplugins"
-    folder.mkdir()
-    src = folder / "scaled_proto.py"
-    src.write_text(
-        "import torch\n"
-        "from fewshot_nsl.registry import register_method\n"
-        "from fewshot_nsl.methods import FewShotMethod\n\n"
-        "@register_method('scaled_proto_e2e')\n"
-        "class ScaledProto(FewShotMethod):\n"
+    src = _write_plugin(folder, "scaled_proto.py", "scaled_proto_e2e",
         "    training_stages = ()\n"
         "    SCALE = 1.0\n"
         "    def fit_support(self, x, y):\n"
         "        f = self.backbone(x)\n"
         "        self.means = torch.stack([f[y == k].mean(0) for k in range(int(y.max()) + 1)])\n"
         "    def forward(self, q):\n"
-        "        return -self.SCALE * torch.cdist(self.backbone(q), self.means)\n"
-    )
+        "        return -self.SCALE * torch.cdist(self.backbone(q), self.means)\n")
     args = ["--plugins", PLUGINS, "--plugins", str(folder), "--dataset", "tiny", "--method", "scaled_proto_e2e"]
     assert _cli(tmp_path, capsys, *args)[0] == 0
     code, out, _ = _cli(tmp_path, capsys, *args)
     assert code == 0 and "nothing to do" in out  # unchanged code: reused
     src.write_text(src.read_text().replace("SCALE = 1.0", "SCALE = 2.0"))
-    from fewshot_nsl import identity
-
     code, out, err = _cli(tmp_path, capsys, *args)
     assert code == 0, err
     assert "nothing to do" not in out
