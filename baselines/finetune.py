@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewshot_nsl.methods import FewShotMethod
+from fewshot_nsl.methods import FewShotMethod, fit_linear_head, make_optimizer, train_on_support
 from fewshot_nsl.registry import register_method
 
 
@@ -62,31 +62,33 @@ class Finetune(FewShotMethod):
         self._episode: Optional[Tuple[nn.Module, nn.Linear]] = None
 
     def fit_support(self, support_x: torch.Tensor, support_y: torch.Tensor) -> None:
-        """Train a new head (and a backbone copy) on ``(S, 3, H, W)``, ``(S,)``; works under no_grad."""
+        """Train a new head (and a backbone copy) on ``(S, 3, H, W)``, ``(S,)``; works under no_grad.
+
+        The support set is reshuffled on every pass, also when one batch holds all of it.
+        """
         ways = self.num_ways(support_y)
         head = nn.Linear(self.feature_dim, ways).to(support_x.device, support_x.dtype)
-        params = [{"params": head.parameters(), "weight_decay": self.weight_decay}]
+        sgd = dict(lr=self.lr, momentum=self.momentum, dampening=self.dampening)
         if self.finetune_backbone:
             backbone = copy.deepcopy(self.backbone)
             backbone.requires_grad_(True)
-            params.append({"params": backbone.parameters(), "weight_decay": 0.0})
+            groups = [
+                {"params": head.parameters(), "weight_decay": self.weight_decay},
+                {"params": backbone.parameters(), "weight_decay": 0.0},
+            ]
+            train_on_support(
+                lambda idx: F.cross_entropy(head(backbone(support_x[idx])), support_y[idx]),
+                len(support_y), make_optimizer("sgd", groups, **sgd), self.epochs, self.batch_size,
+                support_x.device, shuffle_full_batch=True,
+            )  # fmt: skip
         else:
             backbone = self.backbone
             with torch.no_grad():
                 features = self.backbone(support_x)  # (S, D), computed once
-        opt = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, dampening=self.dampening)
-        n = len(support_y)
-        batch = self.batch_size or n
-        with torch.enable_grad():
-            for _ in range(self.epochs):
-                order = torch.randperm(n, device=support_x.device)
-                for start in range(0, n, batch):
-                    idx = order[start : start + batch]
-                    f = backbone(support_x[idx]) if self.finetune_backbone else features[idx]
-                    loss = F.cross_entropy(head(f), support_y[idx])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+            fit_linear_head(
+                head, features, support_y, epochs=self.epochs, batch_size=self.batch_size,
+                weight_decay=self.weight_decay, shuffle_full_batch=True, **sgd,
+            )  # fmt: skip
         self._episode = (backbone, head)
 
     def forward(self, query_x: torch.Tensor) -> torch.Tensor:

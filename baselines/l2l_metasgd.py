@@ -20,13 +20,13 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
-from typing import Any, Optional, Tuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewshot_nsl.methods import FewShotMethod, check_head_ways, use_batch_statistics
+from fewshot_nsl.methods import AdaptedNetwork, GradientAdaptedMethod, check_head_ways, use_batch_statistics
 from fewshot_nsl.registry import register_method
 
 _MISSING = [name for name in ("learn2learn", "gym") if importlib.util.find_spec(name) is None]
@@ -46,8 +46,11 @@ def _metasgd_class() -> Any:
 
 
 @register_method("l2l_metasgd")
-class L2LMetaSGD(FewShotMethod):
+class L2LMetaSGD(GradientAdaptedMethod):
     """Meta-SGD via learn2learn: learned initial weights and per-parameter inner step sizes.
+
+    ``fit_support``, ``forward`` and ``loss`` are :class:`~fewshot_nsl.methods.GradientAdaptedMethod`'s;
+    the inner loop is learn2learn's (:meth:`adapted_network`), over every parameter of backbone + head.
 
     Args:
         backbone: feature extractor; its BN layers are switched to batch statistics.
@@ -71,40 +74,21 @@ class L2LMetaSGD(FewShotMethod):
         inner_steps_test: int = 1,
         first_order: bool = False,
     ) -> None:
-        super().__init__(backbone, image_size)
+        super().__init__(backbone, image_size, ways, inner_steps, inner_steps_test, first_order)
         self._MetaSGD = _metasgd_class()
         use_batch_statistics(self.backbone)
         self.head = nn.Linear(backbone.feature_dim(image_size), ways)
         self.lrs = nn.ParameterList([nn.Parameter(torch.full_like(p, lr)) for p in self.network().parameters()])
-        self.ways, self.inner_steps, self.inner_steps_test, self.first_order = ways, inner_steps, inner_steps_test, first_order
-        self._adapted: Optional[Tuple[nn.Module, int]] = None  # (adapted learner, episode ways)
 
-    def network(self) -> nn.Module:
-        """Backbone and head as one module ``(B, 3, H, W) -> (B, ways)`` (shares their parameters)."""
-        return nn.Sequential(self.backbone, self.head)
-
-    def _adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int, first_order: bool) -> None:
+    def adapted_network(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int, differentiable: bool
+    ) -> AdaptedNetwork:
+        """A learn2learn clone adapted by ``steps`` Meta-SGD steps (the initial weights stay untouched);
+        at test (``differentiable=False``) first order, with gradients enabled, so it works under ``torch.no_grad()``."""
         ways = check_head_ways("l2l_metasgd", self.ways, self.num_ways(support_y))
-        learner = self._MetaSGD(self.network(), lrs=self.lrs, first_order=first_order).clone()
-        for _ in range(steps):
-            learner.adapt(F.cross_entropy(learner(support_x)[:, :ways], support_y))
-        self._adapted = (learner, ways)
-
-    def fit_support(self, support_x: torch.Tensor, support_y: torch.Tensor) -> None:
-        """Adapt a clone (the initial weights stay untouched), also under ``torch.no_grad()``."""
+        first_order = self.first_order if differentiable else True
         with torch.enable_grad():
-            self._adapt(support_x, support_y, self.inner_steps_test, first_order=True)
-
-    def forward(self, query_x: torch.Tensor) -> torch.Tensor:
-        """``(Q, 3, H, W)`` -> logits ``(Q, ways)`` of the adapted clone."""
-        if self._adapted is None:
-            raise RuntimeError("l2l_metasgd: call fit_support before forward")
-        learner, ways = self._adapted
-        return learner(query_x)[:, :ways]
-
-    def loss(self, support_x, support_y, query_x, query_y) -> torch.Tensor:
-        """Query cross-entropy after differentiable adaptation (gradients reach weights and step sizes)."""
-        self._adapt(support_x, support_y, self.inner_steps, first_order=self.first_order)
-        logits = self(query_x)
-        self._adapted = None  # do not keep the episode's graph alive
-        return F.cross_entropy(logits, query_y)
+            learner = self._MetaSGD(self.network(), lrs=self.lrs, first_order=first_order).clone()
+            for _ in range(steps):
+                learner.adapt(F.cross_entropy(learner(support_x)[:, :ways], support_y))
+        return AdaptedNetwork(learner, None, ways)

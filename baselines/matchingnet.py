@@ -89,6 +89,6 @@ class MatchingNet(FewShotMethod):
     def forward(self, query_x: torch.Tensor) -> torch.Tensor:
         """``(Q, 3, H, W)`` -> ``(Q, ways)`` log of the attention mass per class."""
         f = self.embed_query(self.backbone(query_x), self.support)
-        cos = F.normalize(f, dim=1) @ F.normalize(self.support, dim=1).T  # (Q, S)
+        cos = self.cosine_similarities(f, self.support)  # (Q, S)
         attention = torch.softmax(self.attention_scale * cos, dim=1)
         return (attention @ self.support_onehot).clamp_min(1e-8).log()

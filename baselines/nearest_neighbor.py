@@ -6,7 +6,6 @@ takes the label of its nearest support feature (cosine similarity by default).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from fewshot_nsl.methods import FewShotMethod
 from fewshot_nsl.registry import register_method
@@ -31,8 +30,8 @@ class NearestNeighbor(FewShotMethod):
     def _similarity(self, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """``(Q, D)``, ``(S, D)`` -> ``(Q, S)``; larger is closer."""
         if self.metric == "cosine":
-            return F.normalize(q, dim=1) @ F.normalize(s, dim=1).T
-        return -torch.cdist(q, s).pow(2)
+            return self.cosine_similarities(q, s)
+        return -self.squared_distances(q, s)
 
     def fit_support(self, support_x: torch.Tensor, support_y: torch.Tensor) -> None:
         self.support = self.backbone(support_x)

@@ -11,13 +11,6 @@ from fewshot_nsl.methods import FewShotMethod
 from fewshot_nsl.registry import register_method
 
 
-def class_means(features: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
-    """``(S, D)`` features, ``(S,)`` labels -> ``(ways, D)`` per-class means."""
-    sums = features.new_zeros(ways, features.shape[1]).index_add_(0, labels, features)
-    counts = torch.bincount(labels, minlength=ways).clamp_min(1).to(features.dtype)
-    return sums / counts[:, None]
-
-
 @register_method("protonet")
 class ProtoNet(FewShotMethod):
     """ProtoNet: negative squared Euclidean distance to class prototypes.
@@ -40,8 +33,9 @@ class ProtoNet(FewShotMethod):
         self.prototypes: torch.Tensor | None = None
 
     def fit_support(self, support_x: torch.Tensor, support_y: torch.Tensor) -> None:
-        self.prototypes = class_means(self.backbone(support_x), support_y, self.num_ways(support_y))
+        """Prototypes: class means of the support embeddings, ``(ways, D)``."""
+        self.prototypes = self.class_means(self.backbone(support_x), support_y, self.num_ways(support_y))
 
     def forward(self, query_x: torch.Tensor) -> torch.Tensor:
-        q = self.backbone(query_x)  # (Q, D)
-        return -torch.cdist(q, self.prototypes).pow(2) / self.temperature  # (Q, ways)
+        """``(Q, 3, H, W)`` -> ``(Q, ways)``: ``-d^2 / temperature`` to the prototypes."""
+        return -self.squared_distances(self.backbone(query_x), self.prototypes) / self.temperature

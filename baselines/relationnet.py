@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fewshot_nsl.backbones import dry_run
 from fewshot_nsl.methods import FewShotMethod
 from fewshot_nsl.registry import register_method
 
@@ -111,15 +112,9 @@ class RelationNet(FewShotMethod):
         self.prototypes: Optional[torch.Tensor] = None  # (ways, C, h, w) summed support maps
 
     @staticmethod
-    @torch.no_grad()
     def _map_side(backbone, image_size: int) -> int:
         """Side ``h`` of the backbone's (square) feature map for ``image_size`` inputs."""
-        p = next(backbone.parameters())
-        was_training = backbone.training
-        backbone.eval()
-        h = backbone.forward_map(torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype)).shape[-1]
-        backbone.train(was_training)
-        return int(h)
+        return int(dry_run(backbone, backbone.forward_map, image_size).shape[-1])
 
     def clip_groups(self):
         """Encoder and relation module, clipped separately (Sung et al. clip each network's norm to 0.5)."""
@@ -128,7 +123,7 @@ class RelationNet(FewShotMethod):
     def fit_support(self, support_x: torch.Tensor, support_y: torch.Tensor) -> None:
         maps = self.backbone.forward_map(support_x)  # (S, C, h, w)
         ways = self.num_ways(support_y)
-        self.prototypes = maps.new_zeros(ways, *maps.shape[1:]).index_add_(0, support_y, maps)
+        self.prototypes = self.class_sums(maps, support_y, ways)
 
     def forward(self, query_x: torch.Tensor) -> torch.Tensor:
         """``(Q, 3, H, W)`` -> relation scores ``(Q, ways)`` in ``[0, 1]``."""

@@ -35,15 +35,27 @@ class Backbone(nn.Module):
         """``(B, 3, H, W)`` -> ``(B, D)`` with ``D = feature_dim(H)``."""
         return self.forward_map(x).flatten(1)
 
-    @torch.no_grad()
     def feature_dim(self, image_size: int) -> int:
         """Length ``D`` of the flattened feature for square ``image_size`` inputs."""
-        was_training = self.training
-        self.eval()
-        p = next(self.parameters())
-        d = self.forward(torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype)).shape[1]
-        self.train(was_training)
-        return int(d)
+        return int(dry_run(self, self.forward, image_size).shape[1])
+
+
+@torch.no_grad()
+def dry_run(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], image_size: int) -> torch.Tensor:
+    """``fn`` of one black ``(1, 3, image_size, image_size)`` image on ``module``'s device and dtype, with
+    ``module`` in eval mode (its mode restored after): output shapes of a backbone without changing it.
+
+    Args:
+        module: the module whose mode is switched (and whose first parameter gives device and dtype).
+        fn: e.g. ``module.forward`` or ``module.forward_map``.
+        image_size: side of the square input.
+    """
+    was_training = module.training
+    module.eval()
+    p = next(module.parameters())
+    out = fn(torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype))
+    module.train(was_training)
+    return out
 
 
 def conv_bn_relu(

@@ -1,15 +1,18 @@
-"""Few-shot methods: the base class, the shared inner loop and the three NSL strategies (Sec. 7.2 of the paper).
+"""Few-shot methods: the base classes, the shared inner loop and support-set training, and the three NSL
+strategies (Sec. 7.2 of the paper).
 
 Importing this package registers ``static_nsn``, ``dynamic_nsn`` and ``meta_static_nsn``.
 """
-from .adaptation import AdaptedNetwork, check_head_ways, sgd_inner_loop, use_batch_statistics
+from .adaptation import AdaptedNetwork, GradientAdaptedMethod, check_head_ways, sgd_inner_loop, use_batch_statistics
 from .base import FewShotMethod
 from .dynamic_nsn import DynamicNSN
+from .head_training import OPTIMIZERS, fit_linear_head, make_optimizer, train_on_support
 from .meta_static_nsn import MetaStaticNSN
 from .static_nsn import StaticNSN
 
 __all__ = [
     "FewShotMethod",
+    "GradientAdaptedMethod",
     "StaticNSN",
     "DynamicNSN",
     "MetaStaticNSN",
@@ -17,4 +20,8 @@ __all__ = [
     "sgd_inner_loop",
     "check_head_ways",
     "use_batch_statistics",
+    "OPTIMIZERS",
+    "make_optimizer",
+    "train_on_support",
+    "fit_linear_head",
 ]

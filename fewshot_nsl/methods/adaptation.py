@@ -1,21 +1,31 @@
-"""Gradient-based adaptation shared by the MAML-style methods: the ``higher`` inner loop and its helpers.
+"""Gradient-based adaptation shared by the MAML-style methods: the ``higher`` inner loop, its helpers
+and :class:`GradientAdaptedMethod`, the base class that owns the episode wrapper around it.
 
 :func:`sgd_inner_loop` is the one place where an inner loop is written out: plain SGD steps on a
 support loss over a chosen subset of a module's parameters, through
 ``higher.innerloop_ctx(net, opt, copy_initial_weights=False)``, so the fast weights start from (and
-differentiate back to) the module's own parameters, which are never modified. The MAML plugin adapts
-all parameters of backbone + head; ``meta_static_nsn`` adapts only the similarity matrices ``M_s``
-and the head (frozen parameters are carried through unchanged).
+differentiate back to) the module's own parameters, which are never modified.
+
+:class:`GradientAdaptedMethod` is what the MAML plugin, ``meta_static_nsn`` and the ``l2l_metasgd``
+plugin derive from: backbone + head as one network, ``fit_support`` adapts it on the support set
+(under ``torch.no_grad()`` too), ``forward`` classifies with the adapted weights, ``loss`` is the
+query loss after a differentiable inner loop. A subclass names what it adapts
+(:meth:`GradientAdaptedMethod.adapted_parameters`: all of backbone + head for MAML, the ``M_s`` and
+optionally the head for ``meta_static_nsn``), or replaces the inner loop
+(:meth:`GradientAdaptedMethod.adapted_network`: learn2learn's Meta-SGD); frozen parameters are
+carried through unchanged.
 """
 from __future__ import annotations
 
-from typing import Callable, List, NamedTuple, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import higher
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from .base import FewShotMethod
 
 
 def sgd_inner_loop(
@@ -65,18 +75,20 @@ class AdaptedNetwork(NamedTuple):
     """A patched network with its fast weights, sliced to an episode's ways (what ``fit_support`` keeps).
 
     Attributes:
-        fnet: patched module from :func:`sgd_inner_loop`.
-        fast: its fast weights.
+        fnet: patched module from :func:`sgd_inner_loop` (or any module holding adapted weights
+            itself, such as a learn2learn clone).
+        fast: its fast weights; ``None`` when ``fnet`` holds them itself.
         ways: classes of the episode (the head may have more outputs).
     """
 
     fnet: nn.Module
-    fast: List[torch.Tensor]
+    fast: Optional[List[torch.Tensor]]
     ways: int
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` -> ``(B, ways)`` with the fast weights."""
-        return self.fnet(x, params=self.fast)[:, : self.ways]
+        out = self.fnet(x) if self.fast is None else self.fnet(x, params=self.fast)
+        return out[:, : self.ways]
 
 
 def check_head_ways(method: str, head_ways: int, ways: int) -> int:
@@ -107,3 +119,103 @@ def use_batch_statistics(module: nn.Module) -> None:
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.track_running_stats = False
             m.running_mean = m.running_var = m.num_batches_tracked = None
+
+
+class GradientAdaptedMethod(FewShotMethod):
+    """Base class of the methods that adapt backbone + head by gradient steps on each support set.
+
+    The subclass builds ``self.head`` (``(B, D) -> (B, ways)``) in its ``__init__`` and names what the
+    inner loop updates (:meth:`adapted_parameters`); this class owns the rest: the network
+    (:meth:`network`), the ``higher`` inner loop on the support cross-entropy (:meth:`adapt`),
+    ``fit_support`` / ``forward`` at test and the episodic ``loss``. The initial weights are never
+    modified; every episode adapts fast copies.
+
+    Args:
+        backbone: feature extractor.
+        image_size: input side, to size the head.
+        ways: outputs of the head (episodes may have fewer ways, not more).
+        inner_steps: inner steps during meta-training.
+        inner_steps_test: inner steps at evaluation.
+        first_order: drop second-order terms from the meta-gradient.
+        inner_lr: SGD step size of the inner loop (``None`` for a subclass that replaces the inner
+            loop by its own, see :meth:`adapted_network`).
+    """
+
+    def __init__(
+        self,
+        backbone,
+        image_size: int = 84,
+        ways: int = 5,
+        inner_steps: int = 5,
+        inner_steps_test: int = 10,
+        first_order: bool = False,
+        inner_lr: Optional[float] = None,
+    ) -> None:
+        super().__init__(backbone, image_size)
+        self.ways = ways
+        self.inner_lr, self.inner_steps, self.inner_steps_test = inner_lr, inner_steps, inner_steps_test
+        self.first_order = first_order
+        # the adapted network of the last fit_support (a tuple, so not registered as a submodule)
+        self._adapted: Optional[AdaptedNetwork] = None
+
+    # ------------------------------------------------------------------ what is adapted
+    def network(self) -> nn.Module:
+        """Backbone and head as one module ``(B, 3, H, W) -> (B, ways)`` (shares their parameters)."""
+        return nn.Sequential(self.backbone, self.head)
+
+    def adapted_parameters(self) -> List[nn.Parameter]:
+        """The parameters the inner loop updates (all of :meth:`network` by default)."""
+        return list(self.network().parameters())
+
+    # ------------------------------------------------------------------ inner loop
+    def adapt(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int, track_higher_grads: bool
+    ) -> Tuple[nn.Module, List[torch.Tensor]]:
+        """Inner loop: ``steps`` SGD steps of the support cross-entropy over :meth:`adapted_parameters`.
+
+        Args:
+            support_x: ``(S, 3, H, W)`` images.
+            support_y: ``(S,)`` labels in ``0..ways-1``.
+            steps: number of SGD steps.
+            track_higher_grads: make the fast weights differentiable w.r.t. the initial weights
+                (meta-training: through the steps, or by the identity with ``first_order``) or not (test).
+                Gradients are enabled inside, so this also works under ``torch.no_grad()``.
+
+        Returns:
+            The patched network and its fast weights, in ``network().parameters()`` order;
+            ``fnet(x, params=fast)`` -> ``(B, self.ways)``.
+        """
+        ways = check_head_ways(self.display_name(), self.ways, self.num_ways(support_y))
+        return sgd_inner_loop(
+            self.network(), self.adapted_parameters(), self.inner_lr, steps,
+            lambda fnet: F.cross_entropy(fnet(support_x)[:, :ways], support_y),
+            differentiable=track_higher_grads, first_order=self.first_order,
+        )  # fmt: skip
+
+    def adapted_network(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int, differentiable: bool
+    ) -> AdaptedNetwork:
+        """The network adapted to a support set (``(S, 3, H, W)``, ``(S,)``), as :meth:`fit_support` keeps it.
+
+        Override to replace the inner loop; ``differentiable`` is ``False`` at test, ``True`` in :meth:`loss`.
+        """
+        fnet, fast = self.adapt(support_x, support_y, steps, track_higher_grads=differentiable)
+        return AdaptedNetwork(fnet, fast, self.num_ways(support_y))
+
+    # ------------------------------------------------------------------ the two calls
+    def fit_support(self, support_x: torch.Tensor, support_y: torch.Tensor) -> None:
+        """Adapt fast copies of the weights (never the initial ones) with ``inner_steps_test`` steps;
+        works under ``torch.no_grad()``."""
+        self._adapted = self.adapted_network(support_x, support_y, self.inner_steps_test, differentiable=False)
+
+    def forward(self, query_x: torch.Tensor) -> torch.Tensor:
+        """``(Q, 3, H, W)`` -> logits ``(Q, ways)`` with the adapted weights."""
+        if self._adapted is None:
+            raise RuntimeError(f"{self.display_name()}: call fit_support before forward")
+        return self._adapted.logits(query_x)
+
+    def loss(self, support_x, support_y, query_x, query_y) -> torch.Tensor:
+        """Query cross-entropy after the differentiable inner loop (``inner_steps``): the meta-gradient
+        flows to the initial weights. The episode's graph is not kept after the call."""
+        adapted = self.adapted_network(support_x, support_y, self.inner_steps, differentiable=True)
+        return F.cross_entropy(adapted.logits(query_x), query_y)

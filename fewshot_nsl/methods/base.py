@@ -95,6 +95,36 @@ class FewShotMethod(nn.Module):
         p = next(self.parameters())
         return p.new_zeros(())
 
+    @classmethod
+    def display_name(cls) -> str:
+        """The name the method is registered under (its class name if it is not registered), for messages."""
+        return getattr(cls, "registered_name", cls.__name__)
+
+    # ------------------------------------------------------------------ helpers for subclasses
     @staticmethod
     def num_ways(support_y: torch.Tensor) -> int:
+        """Classes of an episode: ``max(support_y) + 1`` (labels are ``0..ways-1``)."""
         return int(support_y.max().item()) + 1
+
+    @staticmethod
+    def class_sums(features: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
+        """Per-class sums: ``(S, *F)`` features (vectors ``(S, D)`` or maps ``(S, C, h, w)``),
+        ``(S,)`` labels in ``0..ways-1`` -> ``(ways, *F)``."""
+        return features.new_zeros(ways, *features.shape[1:]).index_add_(0, labels, features)
+
+    @classmethod
+    def class_means(cls, features: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
+        """Per-class means (prototypes): ``(S, *F)`` features, ``(S,)`` labels -> ``(ways, *F)``
+        (a class without examples gets zeros)."""
+        counts = torch.bincount(labels, minlength=ways).clamp_min(1).to(features.dtype)
+        return cls.class_sums(features, labels, ways) / counts.view(-1, *([1] * (features.dim() - 1)))
+
+    @staticmethod
+    def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Squared Euclidean distances: ``(A, D)``, ``(B, D)`` -> ``(A, B)``."""
+        return torch.cdist(a, b).pow(2)
+
+    @staticmethod
+    def cosine_similarities(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Cosine similarities: ``(A, D)``, ``(B, D)`` -> ``(A, B)`` in ``[-1, 1]``."""
+        return F.normalize(a, dim=1) @ F.normalize(b, dim=1).T

@@ -24,14 +24,13 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
 from ..nn import NSConv2d
 from ..registry import register_method
 from .base import FewShotMethod
-from .static_nsn import OPTIMIZERS, make_optimizer, train_on_support
+from .head_training import OPTIMIZERS, fit_linear_head
 
 
 @register_method("dynamic_nsn")
@@ -85,13 +84,9 @@ class DynamicNSN(FewShotMethod):
         with torch.no_grad():
             features = self.backbone(support_x)  # (S, D), computed once
         head = nn.Linear(self.feature_dim, self.num_ways(support_y)).to(features.device, features.dtype)
-        opt = make_optimizer(
-            self.optimizer, [{"params": list(head.parameters()), "weight_decay": self.weight_decay}],
-            self.lr, self.momentum, self.dampening,
-        )  # fmt: skip
-        train_on_support(
-            lambda idx: F.cross_entropy(head(features[idx]), support_y[idx]),
-            len(support_y), opt, self.epochs, self.batch_size, support_x.device,
+        fit_linear_head(
+            head, features, support_y, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+            momentum=self.momentum, dampening=self.dampening, weight_decay=self.weight_decay, optimizer=self.optimizer,
         )  # fmt: skip
         head.requires_grad_(False)
         self._episode = (head,)

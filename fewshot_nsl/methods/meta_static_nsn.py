@@ -17,10 +17,10 @@
 4. Test: the same inner loop (``inner_steps_test`` steps) on the support set, then the queries are
    classified with the adapted ``M_s`` (and head). The meta-learned initial values are never modified.
 
-The inner loop is :func:`~fewshot_nsl.methods.adaptation.sgd_inner_loop` (shared with the MAML
-plugin): ``higher.innerloop_ctx(net, opt, copy_initial_weights=False)``, so the fast weights start
-from (and differentiate back to) the method's own parameters. Frozen parameters do not require grad
-and are not in the inner optimiser: they are carried through unchanged.
+The inner loop and the episode calls are :class:`~fewshot_nsl.methods.adaptation.GradientAdaptedMethod`'s
+(shared with the MAML plugin): ``higher.innerloop_ctx(net, opt, copy_initial_weights=False)``, so the
+fast weights start from (and differentiate back to) the method's own parameters. Frozen parameters do
+not require grad and are not in the inner optimiser: they are carried through unchanged.
 """
 from __future__ import annotations
 
@@ -33,8 +33,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..nn import NSConv2d, similarity_parameters, similarity_regularization, wrap_convs_static
 from ..registry import register_method
-from .adaptation import AdaptedNetwork, check_head_ways, sgd_inner_loop, use_batch_statistics
-from .base import FewShotMethod
+from .adaptation import GradientAdaptedMethod, use_batch_statistics
 from .static_nsn import AUTHORS_UNS_L2, STRUCTURES
 
 HEADS = ("linear", "cosine")
@@ -64,7 +63,7 @@ class CosineHead(nn.Module):
 
 
 @register_method("meta_static_nsn")
-class MetaStaticNSN(FewShotMethod):
+class MetaStaticNSN(GradientAdaptedMethod):
     """MAML over the static similarity matrices ``M_s`` (and a meta-learned head), on a frozen pretrained backbone.
 
     Args:
@@ -109,7 +108,7 @@ class MetaStaticNSN(FewShotMethod):
         cosine_scale: float = 2.0,
         batch_norm: str = "batch",
     ) -> None:
-        super().__init__(backbone, image_size)
+        super().__init__(backbone, image_size, ways, inner_steps, inner_steps_test, first_order, inner_lr=inner_lr)
         if structure not in STRUCTURES:
             raise ConfigError(f"meta_static_nsn structure must be one of {', '.join(STRUCTURES)}, got {structure!r}")
         if any(isinstance(m, NSConv2d) for m in backbone.modules()):
@@ -125,14 +124,9 @@ class MetaStaticNSN(FewShotMethod):
         dim = backbone.feature_dim(image_size)
         self.head: nn.Module = CosineHead(dim, ways, cosine_scale) if head == "cosine" else nn.Linear(dim, ways)
         self.adapt_head, self.batch_norm = adapt_head, batch_norm
-        self.ways = ways
-        self.inner_lr, self.inner_steps, self.inner_steps_test = inner_lr, inner_steps, inner_steps_test
-        self.first_order = first_order
         self.similarity_l2 = (AUTHORS_UNS_L2 if structure == "uns" else 0.0) if similarity_l2 is None else similarity_l2
         self.similarity_l2_centered = similarity_l2_centered
         self.wrapped = False
-        # the adapted network of the last fit_support (a tuple, so not registered as a submodule)
-        self._adapted: Optional[AdaptedNetwork] = None
 
     # ------------------------------------------------------------------ setup
     def after_pretrain(self) -> None:
@@ -165,55 +159,16 @@ class MetaStaticNSN(FewShotMethod):
             return super().regularization()
         return similarity_regularization(self.backbone, l2=self.similarity_l2, centered=self.similarity_l2_centered)
 
-    # ------------------------------------------------------------------ inner loop
-    def network(self) -> nn.Module:
-        """Backbone and head as one module ``(B, 3, H, W) -> (B, ways)`` (shares their parameters)."""
-        return nn.Sequential(self.backbone, self.head)
-
+    # ------------------------------------------------------------------ what the inner loop adapts
     def adapt(
         self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int, track_higher_grads: bool
     ) -> Tuple[nn.Module, List[torch.Tensor]]:
-        """Inner loop: ``steps`` SGD steps of the support cross-entropy over ``M_s`` (and the head with ``adapt_head``).
-
-        Args:
-            support_x: ``(S, 3, H, W)`` images.
-            support_y: ``(S,)`` labels in ``0..ways-1``.
-            steps: number of SGD steps.
-            track_higher_grads: make the fast weights differentiable w.r.t. the initial ``M_s`` and head
-                (meta-training: through the steps, or by the identity with ``first_order``) or not (test).
-                Gradients are enabled inside, so this also works under ``torch.no_grad()``.
-
-        Returns:
-            The patched network and its fast weights, in ``network().parameters()`` order;
-            ``fnet(x, params=fast)`` -> ``(B, self.ways)``.
-        """
+        """Inner loop: ``steps`` SGD steps of the support cross-entropy over ``M_s`` (and the head with
+        ``adapt_head``); see :meth:`GradientAdaptedMethod.adapt`. Refused before :meth:`after_pretrain`."""
         if not self.wrapped:
             raise RuntimeError("meta_static_nsn: call after_pretrain() (the harness does) before adapting")
-        ways = check_head_ways("meta_static_nsn", self.ways, self.num_ways(support_y))
-        return sgd_inner_loop(
-            self.network(), self.adapted_parameters(), self.inner_lr, steps,
-            lambda fnet: F.cross_entropy(fnet(support_x)[:, :ways], support_y),
-            differentiable=track_higher_grads, first_order=self.first_order,
-        )
+        return super().adapt(support_x, support_y, steps, track_higher_grads)
 
     def adapted_parameters(self) -> List[nn.Parameter]:
         """The parameters the inner loop updates: every ``M_s``, plus the head's with ``adapt_head``."""
         return similarity_parameters(self.backbone) + (list(self.head.parameters()) if self.adapt_head else [])
-
-    # ------------------------------------------------------------------ the two calls
-    def fit_support(self, support_x: torch.Tensor, support_y: torch.Tensor) -> None:
-        """Adapt fast copies of ``M_s`` (and head); never the initial values; works under ``torch.no_grad()``."""
-        fnet, fast = self.adapt(support_x, support_y, self.inner_steps_test, track_higher_grads=False)
-        self._adapted = AdaptedNetwork(fnet, fast, self.num_ways(support_y))
-
-    def forward(self, query_x: torch.Tensor) -> torch.Tensor:
-        """``(Q, 3, H, W)`` -> logits ``(Q, ways)`` with the adapted ``M_s`` (and head)."""
-        if self._adapted is None:
-            raise RuntimeError("meta_static_nsn: call fit_support before forward")
-        return self._adapted.logits(query_x)
-
-    def loss(self, support_x, support_y, query_x, query_y) -> torch.Tensor:
-        """Query cross-entropy after the differentiable inner loop (the meta-gradient reaches the initial ``M_s`` and head)."""
-        fnet, fast = self.adapt(support_x, support_y, self.inner_steps, track_higher_grads=True)
-        logits = AdaptedNetwork(fnet, fast, self.num_ways(support_y)).logits(query_x)
-        return F.cross_entropy(logits, query_y)

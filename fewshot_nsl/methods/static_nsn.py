@@ -19,13 +19,16 @@ SGD lr 0.01, momentum 0.9, dampening 0.9, weight decay 1e-3 on the head, batch 4
 the same as the ``finetune`` baseline, so the two differ only by the adapted ``M_s``. The
 authors' L2 penalty 5e-3 on static UNS ``M_s`` is applied by default for ``structure="uns"``.
 
-The helpers :func:`make_optimizer` and :func:`train_on_support` are shared with
-:mod:`fewshot_nsl.methods.dynamic_nsn`.
+The support-set training (:func:`~fewshot_nsl.methods.head_training.make_optimizer`,
+:func:`~fewshot_nsl.methods.head_training.train_on_support`, the head warm-up with
+:func:`~fewshot_nsl.methods.head_training.fit_linear_head`) is :mod:`fewshot_nsl.methods.head_training`,
+shared with ``dynamic_nsn`` and the ``finetune`` baseline; ``make_optimizer``, ``train_on_support`` and
+``OPTIMIZERS`` can still be imported from here.
 """
 from __future__ import annotations
 
 import copy
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -35,52 +38,11 @@ from ..errors import ConfigError
 from ..nn import NSConv2d, fold_all, similarity_parameters, similarity_regularization, wrap_convs_static
 from ..registry import register_method
 from .base import FewShotMethod
+from .head_training import OPTIMIZERS, fit_linear_head, make_optimizer, train_on_support
 
-OPTIMIZERS = ("sgd", "adam")
 STRUCTURES = ("dns", "uns")
 #: L2 on static UNS M_s in the authors' code (``tf.nn.l2_loss`` convention, see NSConv2d.l2_penalty).
 AUTHORS_UNS_L2 = 5e-3
-
-
-def make_optimizer(
-    name: str, groups: Sequence[Dict], lr: float, momentum: float = 0.9, dampening: float = 0.0
-) -> torch.optim.Optimizer:
-    """``"sgd"`` (with momentum/dampening) or ``"adam"`` over parameter ``groups`` (each may set ``lr``/``weight_decay``)."""
-    if name == "sgd":
-        return torch.optim.SGD(list(groups), lr=lr, momentum=momentum, dampening=dampening)
-    if name == "adam":
-        return torch.optim.Adam(list(groups), lr=lr)
-    raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
-
-
-def train_on_support(
-    loss_fn: Callable[[torch.Tensor], torch.Tensor],
-    n: int,
-    opt: torch.optim.Optimizer,
-    epochs: int,
-    batch_size: Optional[int],
-    device: torch.device,
-) -> None:
-    """Mini-batch training on a support set of ``n`` items, gradients enabled (works under ``no_grad``).
-
-    Args:
-        loss_fn: maps a batch of support indices ``(b,)`` to a scalar loss.
-        n: support-set size.
-        opt: optimiser over the parameters being adapted.
-        epochs: passes over the support set (shuffled with the global torch RNG, which the
-            evaluation harness re-seeds before every episode).
-        batch_size: items per step; ``None`` (or ``<= 0``) for full-batch steps.
-        device: where the indices live.
-    """
-    bs = n if not batch_size or batch_size <= 0 else min(batch_size, n)
-    with torch.enable_grad():
-        for _ in range(epochs):
-            order = torch.randperm(n, device=device) if bs < n else torch.arange(n, device=device)
-            for start in range(0, n, bs):
-                loss = loss_fn(order[start : start + bs])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
 
 
 @register_method("static_nsn")
@@ -183,13 +145,10 @@ class StaticNSN(FewShotMethod):
         if self.head_warmup_epochs > 0:
             with torch.no_grad():
                 features = net(support_x)  # M_s = I: the pretrained features
-            warm = make_optimizer(
-                self.optimizer, [{"params": list(head.parameters()), "weight_decay": self.weight_decay}],
-                self.lr, self.momentum, self.dampening,
-            )  # fmt: skip
-            train_on_support(
-                lambda idx: F.cross_entropy(head(features[idx]), support_y[idx]),
-                len(support_y), warm, self.head_warmup_epochs, self.batch_size, support_x.device,
+            fit_linear_head(
+                head, features, support_y, epochs=self.head_warmup_epochs, batch_size=self.batch_size,
+                lr=self.lr, momentum=self.momentum, dampening=self.dampening, weight_decay=self.weight_decay,
+                optimizer=self.optimizer,
             )  # fmt: skip
 
         def loss_fn(idx: torch.Tensor) -> torch.Tensor:
