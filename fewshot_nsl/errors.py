@@ -29,3 +29,11 @@ class NumericalError(FewShotError):
 
 class MethodError(FewShotError):
     """A method (built-in or plugin) raised or returned something the harness cannot use."""
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """``"Type: message"`` of an exception squeezed onto one line (at most ``limit`` characters of message)."""
+    text = " ".join(str(exc).split()) or "no detail"
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}"

@@ -240,15 +240,46 @@ def atomic_write_json(path: Path, obj: Any, indent: int = 1) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=indent, default=str))
 
 
+def _is_file_at(f: Any, name: str) -> bool:
+    """Whether the open file ``f`` is still the file at path ``name``."""
+    try:
+        return os.path.samestat(os.fstat(f.fileno()), os.stat(name))
+    except FileNotFoundError:
+        return False
+
+
 @contextmanager
-def locked(path: Path) -> Iterator[None]:
+def locked(path: Path, remove: bool = False) -> Iterator[None]:
     """Exclusive advisory lock on ``path``.lock for the duration of the block (``fcntl.flock``:
-    released by the kernel if the holder dies)."""
+    released by the kernel if the holder dies).
+
+    With ``remove``, the lock file is deleted when the block ends, so a folder keeps no trace of the
+    lock (the dataset caches); a waiter that then holds the lock on a deleted file tries again on the
+    file now at that path, so two processes never hold the lock at once.
+
+    Raises:
+        OSError: the lock file cannot be created (e.g. a read-only folder).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(str(path) + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    name = str(path) + ".lock"
+    while True:
+        lock = open(name, "w")
         try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except BaseException:
+            lock.close()
+            raise
+        if not remove or _is_file_at(lock, name):
+            break
+        lock.close()  # the holder before us removed this file: lock the one at the path now
+    try:
+        yield
+    finally:
+        if remove:
+            try:
+                os.unlink(name)
+            except OSError:
+                pass
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()

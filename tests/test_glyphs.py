@@ -4,7 +4,9 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import time
 import unicodedata
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -180,6 +182,32 @@ def test_corrupt_cache_is_regenerated(tmp_path, small_store):
         store = glyphs.load_glyphs(cache_dir=str(tmp_path), seed=0, **SMALL)
     assert store.fingerprint() == small_store.fingerprint()
     assert np.array_equal(np.asarray(store.images), small_store.images)
+
+
+def test_concurrent_loads_build_the_cache_once(tmp_path, monkeypatch):
+    """Loads racing on a cache miss: one builds (under the lock), the others wait and memory-map its store."""
+    calls = []
+    real = glyphs.generate_glyphs
+
+    def slow(*args, **kwargs):
+        calls.append(1)
+        time.sleep(0.3)
+        return real(*args, workers=1, **kwargs)
+
+    monkeypatch.setattr(glyphs, "generate_glyphs", slow)
+    with ThreadPoolExecutor(3) as pool:
+        stores = list(pool.map(lambda _: glyphs.load_glyphs(cache_dir=str(tmp_path), seed=0, **SMALL), range(3)))
+    assert len(calls) == 1
+    assert len({s.fingerprint() for s in stores}) == 1 and all(isinstance(s.images, np.memmap) for s in stores)
+    assert [p.name for p in tmp_path.iterdir()] == [glyphs.cache_name(0, 3, 32)]  # no lock file left
+
+
+def test_unwritable_cache_gives_the_store_in_memory(tmp_path, small_store):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.warns(UserWarning, match="cannot write the cache"):
+        store = glyphs.load_glyphs(cache_dir=str(blocker / "cache"), seed=0, **SMALL)
+    assert not isinstance(store.images, np.memmap) and store.fingerprint() == small_store.fingerprint()
 
 
 def test_registered_and_arguments(tmp_path):

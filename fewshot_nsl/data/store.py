@@ -11,19 +11,27 @@ Images are kept in canonical order: grouped by class (in ``class_names`` order),
 within a class by rank (the order of the source: CSV row order for Ravi & Larochelle,
 sorted file names for folders, list order for pickles). An image is therefore addressed
 by ``(class name, rank within class)``, which is what episode files store.
+
+:func:`load_or_build` is the one disk cache of every source (``glyphs``, Mini-ImageNet, custom): a
+valid cached store is memory-mapped; otherwise one process builds and writes it, under a lock, while
+others wait and then load it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
+import warnings
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, one_line
+from ..safe_io import locked
 
 SPLITS = ("train", "val", "test")
 
@@ -170,8 +178,6 @@ class ImageStore:
         }
         (tmp / "meta.json").write_text(json.dumps(meta))
         if directory.exists():
-            import shutil
-
             shutil.rmtree(directory, ignore_errors=True)
         os.replace(tmp, directory)
 
@@ -197,6 +203,75 @@ class ImageStore:
     @staticmethod
     def is_cached(directory: Path) -> bool:
         return (Path(directory) / "meta.json").is_file()
+
+
+def load_or_build(
+    directory: Path,
+    build: Callable[[], ImageStore],
+    what: str,
+    check: Optional[Callable[[ImageStore], Optional[str]]] = None,
+    use_cache: bool = True,
+) -> ImageStore:
+    """The store cached in ``directory``, or ``build()`` written there first (safe under concurrency).
+
+    A cached store that loads and passes ``check`` is memory-mapped and returned at once. Otherwise the
+    cache is (re)built under an exclusive lock (``<directory>.lock``, removed afterwards): a process that
+    waited for it finds the store another one wrote and loads it instead of building it again. The store
+    is written atomically (:meth:`ImageStore.save`: a temporary folder renamed into place), so readers
+    never see half a cache. A damaged cache is rebuilt with a warning; a cache that cannot be written
+    (read-only or full folder) gives the built store in memory, with a warning.
+
+    Args:
+        directory: the cache folder of this store (its name is the cache key).
+        build: makes the store (decoding or rendering the source).
+        what: the source, for warnings (``"glyphs"``, ``"miniimagenet"``).
+        check: why a loaded store cannot be used, or ``None`` if it can (e.g. a checksum test).
+        use_cache: ``False``: neither read nor write the cache, just ``build()``.
+
+    Returns:
+        The store, memory-mapped from ``directory`` when it could be written.
+    """
+    if not use_cache:
+        return build()
+    directory = Path(directory)
+
+    def cached() -> tuple:
+        """``(store or None, why the cache was not usable or None)``."""
+        if not ImageStore.is_cached(directory):
+            return None, None
+        try:
+            store = ImageStore.load(directory)
+            problem = check(store) if check is not None else None
+        except Exception as exc:  # unreadable or truncated cache: rebuild
+            return None, f"cannot be read ({one_line(exc)})"
+        return (store, None) if problem is None else (None, problem)
+
+    store, _ = cached()
+    if store is not None:
+        return store
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(locked(directory, remove=True))
+        except OSError:
+            pass  # no lock file in an unwritable folder; writing the cache will fail below and say so
+        store, problem = cached()  # another process may have built it while we waited
+        if store is not None:
+            return store
+        if problem is not None:
+            warnings.warn(f"{what}: cached store {directory} {problem}; rebuilding it", stacklevel=3)
+        store = build()
+        try:
+            store.save(directory)
+        except OSError as exc:
+            shutil.rmtree(directory.with_name(directory.name + f".tmp{os.getpid()}"), ignore_errors=True)
+            if ImageStore.is_cached(directory):  # written meanwhile by a process without the lock
+                return ImageStore.load(directory)
+            warnings.warn(
+                f"{what}: cannot write the cache {directory} ({one_line(exc)}); using the store in memory "
+                f"(it is built again next time)", stacklevel=3,
+            )
+            return store
+        return ImageStore.load(directory)
 
 
 def check_min_images(store: ImageStore, split: str, needed: int) -> None:

@@ -1,14 +1,14 @@
-"""Reading a source (dispatch to the readers), the class checks and order, and building the cached store;
-the registered ``miniimagenet`` and ``custom`` datasets."""
+"""Reading a source (dispatch to the readers), the class checks and order, and building the store
+(cached through :func:`fewshot_nsl.data.store.load_or_build`); the registered ``miniimagenet`` and
+``custom`` datasets."""
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ...errors import ConfigError, DataError
 from ...registry import register_dataset
-from ..store import SPLITS, ImageStore, default_cache_dir
+from ..store import SPLITS, ImageStore, default_cache_dir, load_or_build
 from .common import (
     _CUSTOM_HELP,
     _LAYOUT_HELP,
@@ -21,7 +21,6 @@ from .common import (
     FORMAT_METAOPTNET,
     FORMAT_RAVI,
     ClassSource,
-    _one_line,
     canonical_split,
 )
 from .detect import (
@@ -177,39 +176,27 @@ def build_store(
     key = cache_key(root, fmt, image_size, source_files(root, fmt, layout), options)
     store_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "stores"
     store_dir = store_dir / f"{dataset}-{key}"
-    if use_cache and ImageStore.is_cached(store_dir):
-        try:
-            return ImageStore.load(store_dir)
-        except Exception as exc:  # a damaged cache is rebuilt, not fatal
-            warnings.warn(f"ignoring damaged cache {store_dir} ({_one_line(exc)}); rebuilding it")
 
-    classes = scan_source(root, fmt, layout)
-    check_unique_classes(classes)
-    canonical = canonical_split() if mini else None
-    if mini and not allow_noncanonical_split:
-        assert canonical is not None
-        check_canonical(classes, canonical, expected_per_class, root)
-    classes = order_classes(classes, canonical)
-    images, labels = materialize(classes, image_size)
-    store = ImageStore(
-        dataset,
-        images,
-        labels,
-        [c.name for c in classes],
-        [c.split for c in classes],
-        synthetic=False,
-        source=f"{fmt} at {root}",
-    )
-    if not use_cache:
-        return store
-    try:
-        store.save(store_dir)
-    except OSError as exc:
-        warnings.warn(
-            f"could not cache {dataset} in {store_dir} ({_one_line(exc)}); it will be decoded again next time"
+    def decode() -> ImageStore:
+        classes = scan_source(root, fmt, layout)
+        check_unique_classes(classes)
+        canonical = canonical_split() if mini else None
+        if mini and not allow_noncanonical_split:
+            assert canonical is not None
+            check_canonical(classes, canonical, expected_per_class, root)
+        classes = order_classes(classes, canonical)
+        images, labels = materialize(classes, image_size)
+        return ImageStore(
+            dataset,
+            images,
+            labels,
+            [c.name for c in classes],
+            [c.split for c in classes],
+            synthetic=False,
+            source=f"{fmt} at {root}",
         )
-        return store
-    return ImageStore.load(store_dir)
+
+    return load_or_build(store_dir, decode, dataset, use_cache=use_cache)
 
 
 @register_dataset("miniimagenet")

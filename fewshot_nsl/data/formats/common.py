@@ -10,6 +10,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 from ...errors import DataError
+from ...errors import one_line as _one_line  # the name the readers import
 from ...safe_io import check_regular_file
 from ..store import SPLITS
 
@@ -60,14 +61,6 @@ _LAYOUT_HELP = (
 _CUSTOM_HELP = (
     "images/ + train.csv/test.csv (val.csv optional) or train/<class>/, test/<class>/ (val/ optional) folders"
 )
-
-
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    """``"Type: message"`` squeezed onto one line."""
-    text = " ".join(str(exc).split()) or "no detail"
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    return f"{type(exc).__name__}: {text}"
 
 
 # ----------------------------------------------------------------------------- canonical split
