@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "aggregated into one leaderboard row with a seed_std column")
     p.add_argument("--device", help="auto (default), cpu or cuda")
     p.add_argument("--deterministic", action="store_true", default=None, help="deterministic kernels (slower on GPU)")
+    p.add_argument("--compile", choices=("auto", "on", "off"), help="torch.compile the networks: auto (default: on CUDA "
+                   "with Triton, eager on CPU), on, off; methods that adapt through higher always run eager")
     p.add_argument("--results-dir", help="where leaderboard.csv, table6.md and runs/ go (default results)")
     p.add_argument("--cache-dir", help="dataset/pretraining cache (default $FEWSHOT_NSL_CACHE or ~/.cache/fewshot_nsl)")
     p.add_argument("--plugins", action="append", default=[], metavar="DIR", help="extra folder of method plugins")
@@ -139,7 +141,7 @@ def cli_overrides(args: argparse.Namespace, method: Optional[str]) -> Dict[str, 
         "ways": args.ways, "shots": args.shots[0] if args.shots and len(args.shots) == 1 else None,
         "episodes_file": args.episodes, "image_size": args.image_size,
         "profile": args.profile, "seed": args.seed, "device": args.device, "deterministic": args.deterministic,
-        "results_dir": args.results_dir, "cache_dir": args.cache_dir,
+        "compile": args.compile, "results_dir": args.results_dir, "cache_dir": args.cache_dir,
     }
     ev = {k: v for k, v in {"queries": args.queries, "episodes": args.n_episodes}.items() if v is not None}
     if ev:

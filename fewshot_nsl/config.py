@@ -94,6 +94,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     deterministic: bool = False
+    compile: str = "auto"  # torch.compile: auto (CUDA only), on, off (fewshot_nsl.compiling)
     episodes_file: Optional[str] = None
     results_dir: str = "results"
     cache_dir: Optional[str] = None
@@ -105,14 +106,14 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def hash(self, omit: Sequence[str] = ()) -> str:
-        """16-hex hash of everything that can change a result (not device or output paths).
+        """16-hex hash of everything that can change a result (not device, compilation or output paths).
 
         Args:
             omit: further top-level sections to leave out, e.g. ``("episodic",)`` for a method
                 that has no episodic stage (see :func:`fewshot_nsl.runner.config_hash`).
         """
         d = self.to_dict()
-        for k in ("device", "results_dir", "cache_dir", "data_root", "episodes_file", *omit):
+        for k in ("device", "compile", "results_dir", "cache_dir", "data_root", "episodes_file", *omit):
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -177,6 +178,9 @@ class RunConfig:
             raise ConfigError(f"unknown profile '{self.profile}'; use one of {', '.join(PROFILES)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"unknown device '{self.device}'; use auto, cpu or cuda")
+        from .compiling import normalise_setting
+
+        self.compile = normalise_setting(self.compile)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -214,6 +218,8 @@ def _from_dict(cls: Any, data: Dict[str, Any], where: str) -> Any:
             f"unknown config key(s) {', '.join(unknown)} in {where}; accepted: {', '.join(sorted(names))}"
         )
     hints = typing.get_type_hints(cls)
+    if cls is RunConfig and isinstance(data.get("compile"), bool):  # YAML 1.1 reads a bare on/off as a boolean
+        data = {**data, "compile": "on" if data["compile"] else "off"}
     kwargs = {k: _check_type(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     return cls(**kwargs)
 

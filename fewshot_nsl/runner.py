@@ -38,6 +38,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from .compiling import compile_in_place
+from .compiling import resolve as resolve_compile
 from .config import RunConfig, save_config
 from .curves import write_curves
 from .data.episodes import (
@@ -222,13 +224,18 @@ def train(ctx: RunContext, progress: bool = True, log=print) -> Dict[str, Any]:
     # dataset was generated or loaded from its cache in this process.
     set_seed(cfg.seed, cfg.deterministic)
     method = build_method(cfg).to(device)
+    compiled, why = resolve_compile(cfg.compile, device, method)
+    if compiled:
+        log(why)
+    elif cfg.compile == "on":
+        log(f"warning: {why}")
     info: Dict[str, Any] = {}
     curve: List[Dict[str, Any]] = []  # training-curve rows of every stage (fewshot_nsl.curves)
     trained = ctx.run_dir / "method.pt"
     stages = stages_of(cfg)
     if "pretrain" in stages:
         cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-        pre = pretrain(method, ctx.store, cfg, device, conv_spec_of(cfg), cache, progress, curve=curve)
+        pre = pretrain(method, ctx.store, cfg, device, conv_spec_of(cfg), cache, progress, curve=curve, compiled=compiled)
         # recorded relative to the cache dir: train.json/summary.json hold no machine-specific paths
         cache_file = Path(pre.pop("cache_path")).relative_to(cache).as_posix()
         info["pretrain"] = {"cache_file": cache_file, **pre}
@@ -241,6 +248,8 @@ def train(ctx: RunContext, progress: bool = True, log=print) -> Dict[str, Any]:
             f"(base-class train accuracy {100 * info['pretrain']['train_accuracy']:.1f}%)")
         method.after_pretrain()
         method.to(device)
+    if compiled:
+        compile_in_place(method.backbone)  # episodic training and evaluation; state dict names unchanged
     record_path = ctx.run_dir / "train.json"
     fresh = not trained.is_file()
     record = None if fresh else _read_json(record_path)
@@ -260,6 +269,7 @@ def train(ctx: RunContext, progress: bool = True, log=print) -> Dict[str, Any]:
             "peak_memory_mb": round(peak_memory_mb(device), 1),
             "pretrain_world_size": int(info.get("pretrain", {}).get("world_size", 1)),
             "resumed": resumed,
+            "compiled": compiled,
             "training": info,
         }
         atomic_write_json(record_path, record)
@@ -333,6 +343,7 @@ def finish(ctx: RunContext, executor: str = "local", eval_peak_mb: Optional[floa
         "peak_memory_mb": round(max(peaks), 1) if peaks else None,
         "device": str(ctx.device), "device_name": device_name(ctx.device),
         "threads": threads or torch.get_num_threads(), "executor": executor,
+        "compiled": bool(record.get("compiled", False)),
         "pretrain_world_size": record.get("pretrain_world_size", 1), "resumed": bool(record.get("resumed", False)) or resumed,
         "torch_version": torch.__version__, "python_version": platform.python_version(), **git_info(),
         "run_id": ctx.run_dir.name, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -190,6 +190,7 @@ def pretrain(
     progress: bool = True,
     distributed: bool = False,
     curve: Optional[List[Dict[str, Any]]] = None,
+    compiled: bool = False,
 ) -> Dict[str, Any]:
     """Train (or load from cache) ``method.pretrain_module()`` on all base classes.
 
@@ -205,6 +206,8 @@ def pretrain(
             SyncBatchNorm on CUDA; on CPU (gloo) their batch statistics stay per process.
         curve: when given, the training-curve rows of the pretraining (:mod:`fewshot_nsl.curves`;
             kept in the cache file, so a cache hit gives them too) are appended to it.
+        compiled: train the network compiled with ``torch.compile`` (:mod:`fewshot_nsl.compiling`);
+            the cache key does not depend on it.
 
     Returns:
         ``{"cache_path": str, "cached": bool, "train_accuracy": float, "world_size": int}``.
@@ -226,7 +229,7 @@ def pretrain(
     if distributed:  # every process must enter the training loop together: no lock
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(cfg.seed)
-            return _pretrain(method, module, store, cfg, device, path, progress, distributed, curve)
+            return _pretrain(method, module, store, cfg, device, path, progress, distributed, curve, compiled)
     from .safe_io import locked
 
     # One process trains a given pretraining; others asking for it meanwhile (parallel grid runs, Ray
@@ -236,10 +239,10 @@ def pretrain(
             return from_cache()
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(cfg.seed)
-            return _pretrain(method, module, store, cfg, device, path, progress, distributed, curve)
+            return _pretrain(method, module, store, cfg, device, path, progress, distributed, curve, compiled)
 
 
-def _pretrain(method, module, store, cfg, device, path, progress, distributed, curve=None) -> Dict[str, Any]:
+def _pretrain(method, module, store, cfg, device, path, progress, distributed, curve=None, compiled=False) -> Dict[str, Any]:
     """The pretraining loop of :func:`pretrain` (cache miss)."""
     rank, world = 0, 1
     if distributed:
@@ -266,6 +269,10 @@ def _pretrain(method, module, store, cfg, device, path, progress, distributed, c
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # replaces the BN layers inside `module`
             sync_bn = True
         net = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+    if compiled:
+        from .compiling import compile_in_place
+
+        compile_in_place(net)  # in place: `module`'s parameter names (the cache file) are unchanged
     params = list(module.parameters()) + list(head.parameters())
     opt = torch.optim.SGD(params, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay, nesterov=True)
     steps_per_epoch = math.ceil(len(index) / p.batch_size)
