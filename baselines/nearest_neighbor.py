@@ -19,10 +19,7 @@ class NearestNeighbor(FewShotMethod):
 
     def __init__(self, backbone, image_size: int = 84, metric: str = "cosine") -> None:
         super().__init__(backbone, image_size)
-        if metric not in ("cosine", "euclidean"):
-            from fewshot_nsl.errors import ConfigError
-
-            raise ConfigError(f"nearest_neighbor metric must be cosine or euclidean, got '{metric}'")
+        self.check_choice("metric", metric, ("cosine", "euclidean"))
         self.metric = metric
         self.support: torch.Tensor | None = None
         self.support_y: torch.Tensor | None = None

@@ -388,10 +388,15 @@ def unknown_dataset_option(tmp: Path) -> Built:
 BROKEN_PLUGIN = "raise RuntimeError('boom: cannot import my_lab_secret_sauce')\n"
 
 
+def _plugin_folder(folder: Path, file_name: str, text: str) -> Path:
+    """``folder`` (created) holding one plugin file."""
+    folder.mkdir()
+    (folder / file_name).write_text(text)
+    return folder
+
+
 def broken_plugin(tmp: Path) -> Built:
-    plugins = tmp / "my_plugins"
-    plugins.mkdir()
-    (plugins / "my_method.py").write_text(BROKEN_PLUGIN)
+    plugins = _plugin_folder(tmp / "my_plugins", "my_method.py", BROKEN_PLUGIN)
     return ["--plugins", str(plugins), "--method", "my_method", *TINY_ARGS], None
 
 
@@ -485,17 +490,13 @@ class Impostor(FewShotMethod):
 
 def plugin_named_like_a_builtin(tmp: Path) -> Built:
     """``protonet.py`` in --plugins registering ``protonet`` (used to replace the built-in silently)."""
-    plugins = tmp / "lab_plugins"
-    plugins.mkdir()
-    (plugins / "protonet.py").write_text(DUPLICATE_PLUGIN.format(name="protonet"))
+    plugins = _plugin_folder(tmp / "lab_plugins", "protonet.py", DUPLICATE_PLUGIN.format(name="protonet"))
     return ["--plugins", str(plugins), "--method", "protonet", *TINY_ARGS], None
 
 
 def plugin_registers_a_builtin_name(tmp: Path) -> Built:
     """A plugin file with another name registering a built-in's name (``maml``)."""
-    plugins = tmp / "lab_plugins"
-    plugins.mkdir()
-    (plugins / "my_meta_learner.py").write_text(DUPLICATE_PLUGIN.format(name="maml"))
+    plugins = _plugin_folder(tmp / "lab_plugins", "my_meta_learner.py", DUPLICATE_PLUGIN.format(name="maml"))
     return ["--plugins", str(plugins), "--method", "maml", *TINY_ARGS], None
 
 
@@ -537,6 +538,13 @@ def nan_training_loss(tmp: Path) -> Built:
             *TINY_ARGS], None
 
 
+def _nan_run_checkpoint(run: Callable[[], None], results: Path) -> Path:
+    """Run the NaN run once (NaN at step 3 leaves ``checkpoint.pt`` of step 2); its checkpoint."""
+    run()
+    (ckpt,) = (results / "runs").glob("*nan_after_steps*/checkpoint.pt")
+    return ckpt
+
+
 def tampered_checkpoint(tmp: Path) -> Built:
     """The NaN run's command; ``prepare_tampered_checkpoint`` leaves a pickle payload as its checkpoint."""
     return nan_training_loss(tmp)
@@ -547,8 +555,7 @@ def prepare_tampered_checkpoint(run: Callable[[], None], results: Path, tmp: Pat
     unpickling would call ``os.system``; returns the check that nothing ran."""
     import torch
 
-    run()
-    (ckpt,) = (results / "runs").glob("*nan_after_steps*/checkpoint.pt")
+    ckpt = _nan_run_checkpoint(run, results)
     sentinel = tmp / "PWNED"
     torch.save({"step": 2, "model": _Evil(f"touch {sentinel}")}, ckpt)
 
@@ -565,8 +572,7 @@ def truncated_checkpoint(tmp: Path) -> Built:
 
 def prepare_truncated_checkpoint(run: Callable[[], None], results: Path, tmp: Path) -> Callable[[], None]:
     """Run once (leaves ``checkpoint.pt`` of step 2), then truncate it as a full disk or a copy cut short would."""
-    run()
-    (ckpt,) = (results / "runs").glob("*nan_after_steps*/checkpoint.pt")
+    ckpt = _nan_run_checkpoint(run, results)
     data = ckpt.read_bytes()
     ckpt.write_bytes(data[: len(data) // 2])
     return lambda: None
@@ -664,21 +670,28 @@ def yaml_alias_bomb(tmp: Path) -> Built:
     return [*TINY_ARGS, "--config", str(path)], None
 
 
-def _ravi_with(tmp: Path, row: str) -> Path:
-    root = tmp / "custom"
-    (root / "images").mkdir(parents=True)
+def _small_images():
+    """5 classes of 4 flat 8x8 images per split (train, test): ``(split, class name, rank, PIL image)``."""
     from PIL import Image
 
     for split in ("train", "test"):
-        rows = ["filename,label"]
         for c in range(5):
             for i in range(4):
-                name = f"{split}{c}_{i}.png"
-                Image.new("RGB", (8, 8), (40 * c, 10 * i, 90)).save(root / "images" / name)
-                rows.append(f"{name},{split}{c}")
-        if split == "test":
-            rows.append(row)
-        (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
+                yield split, f"{split}{c}", i, Image.new("RGB", (8, 8), (40 * c, 10 * i, 90))
+
+
+def _ravi_with(tmp: Path, row: str) -> Path:
+    """A Ravi-style custom dataset of :func:`_small_images` with ``row`` appended to ``test.csv``."""
+    root = tmp / "custom"
+    (root / "images").mkdir(parents=True)
+    rows = {"train": ["filename,label"], "test": ["filename,label"]}
+    for split, label, i, image in _small_images():
+        name = f"{label}_{i}.png"
+        image.save(root / "images" / name)
+        rows[split].append(f"{name},{label}")
+    rows["test"].append(row)
+    for split, lines in rows.items():
+        (root / f"{split}.csv").write_text("\n".join(lines) + "\n")
     return root
 
 
@@ -706,14 +719,10 @@ def image_is_fifo(tmp: Path) -> Built:
 
 def dir_symlink_loop(tmp: Path) -> Built:
     root = tmp / "folders"
-    from PIL import Image
-
-    for split in ("train", "test"):
-        for c in range(5):
-            d = root / split / f"{split}{c}"
-            d.mkdir(parents=True)
-            for i in range(4):
-                Image.new("RGB", (8, 8), (40 * c, 10 * i, 90)).save(d / f"{i}.png")
+    for split, label, i, image in _small_images():
+        d = root / split / label
+        d.mkdir(parents=True, exist_ok=True)
+        image.save(d / f"{i}.png")
     os.symlink(root, root / "test" / "test0" / "again")
     return custom_args(root), None
 

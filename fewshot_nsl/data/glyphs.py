@@ -25,7 +25,6 @@ if it does not match.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -85,7 +84,7 @@ from .glyph_render import (
     render_image,
     render_preview,
 )
-from .store import ImageStore, default_cache_dir, load_or_build
+from .store import ImageStore, load_or_build, stores_dir
 
 #: The name :func:`similarity_matrix` had before the module was split (kept for callers of the old name).
 _similarity_matrix = similarity_matrix
@@ -152,8 +151,7 @@ def load_glyphs(
     for arg, value, low in checks:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise ConfigError(f"glyphs: {arg} must be an integer >= {low}, got {value!r}")
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "stores"
-    directory = root / cache_name(int(seed), int(images_per_class), int(image_size))
+    directory = stores_dir(cache_dir) / cache_name(int(seed), int(images_per_class), int(image_size))
     return load_or_build(
         directory,
         lambda: generate_glyphs(int(seed), int(images_per_class), int(image_size)),

@@ -205,6 +205,11 @@ class ImageStore:
         return (Path(directory) / "meta.json").is_file()
 
 
+def stores_dir(cache_dir: Optional[str] = None) -> Path:
+    """Where dataset stores are cached: ``cache_dir``, or ``default_cache_dir() / "stores"``."""
+    return Path(cache_dir) if cache_dir is not None else default_cache_dir() / "stores"
+
+
 def load_or_build(
     directory: Path,
     build: Callable[[], ImageStore],

@@ -21,13 +21,14 @@ Class attributes declare how a method is trained:
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Dict, List, Mapping, Tuple
+from typing import Any, ClassVar, Dict, List, Mapping, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import Backbone
+from ..errors import ConfigError
 
 
 class FewShotMethod(nn.Module):
@@ -99,6 +100,16 @@ class FewShotMethod(nn.Module):
     def display_name(cls) -> str:
         """The name the method is registered under (its class name if it is not registered), for messages."""
         return getattr(cls, "registered_name", cls.__name__)
+
+    @classmethod
+    def check_choice(cls, option: str, value: Any, choices: Sequence[str]) -> None:
+        """Refuse an option value outside ``choices``, in one line naming the method, the option and the choices.
+
+        Raises:
+            ConfigError: ``value not in choices``.
+        """
+        if value not in choices:
+            raise ConfigError(f"{cls.display_name()} {option} must be one of {', '.join(choices)}, got {value!r}")
 
     # ------------------------------------------------------------------ helpers for subclasses
     @staticmethod

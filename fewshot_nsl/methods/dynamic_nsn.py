@@ -71,8 +71,7 @@ class DynamicNSN(FewShotMethod):
                 "dynamic_nsn needs a backbone with dynamic NSConv2d layers; keep conv: {kind: dynamic} "
                 "(or leave 'conv:' out) and choose structure/sharing/predictor there"
             )
-        if optimizer not in OPTIMIZERS:
-            raise ConfigError(f"dynamic_nsn optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+        self.check_choice("optimizer", optimizer, OPTIMIZERS)
         self.feature_dim = backbone.feature_dim(image_size)
         self.epochs, self.batch_size, self.optimizer = epochs, batch_size, optimizer
         self.lr, self.momentum, self.dampening, self.weight_decay = lr, momentum, dampening, weight_decay

@@ -34,7 +34,7 @@ from ..errors import ConfigError
 from ..nn import NSConv2d, similarity_parameters, similarity_regularization, wrap_convs_static
 from ..registry import register_method
 from .adaptation import GradientAdaptedMethod, use_batch_statistics
-from .static_nsn import AUTHORS_UNS_L2, STRUCTURES
+from .static_nsn import STRUCTURES, default_similarity_l2
 
 HEADS = ("linear", "cosine")
 BATCH_NORMS = ("batch", "running")
@@ -109,22 +109,19 @@ class MetaStaticNSN(GradientAdaptedMethod):
         batch_norm: str = "batch",
     ) -> None:
         super().__init__(backbone, image_size, ways, inner_steps, inner_steps_test, first_order, inner_lr=inner_lr)
-        if structure not in STRUCTURES:
-            raise ConfigError(f"meta_static_nsn structure must be one of {', '.join(STRUCTURES)}, got {structure!r}")
+        self.check_choice("structure", structure, STRUCTURES)
         if any(isinstance(m, NSConv2d) for m in backbone.modules()):
             raise ConfigError(
                 "meta_static_nsn pretrains a plain backbone and wraps its convs itself; drop the 'conv:' setting "
                 "and choose the similarity with method_options: {structure: dns|uns}"
             )
-        if head not in HEADS:
-            raise ConfigError(f"meta_static_nsn head must be one of {', '.join(HEADS)}, got {head!r}")
-        if batch_norm not in BATCH_NORMS:
-            raise ConfigError(f"meta_static_nsn batch_norm must be one of {', '.join(BATCH_NORMS)}, got {batch_norm!r}")
+        self.check_choice("head", head, HEADS)
+        self.check_choice("batch_norm", batch_norm, BATCH_NORMS)
         self.structure = structure
         dim = backbone.feature_dim(image_size)
         self.head: nn.Module = CosineHead(dim, ways, cosine_scale) if head == "cosine" else nn.Linear(dim, ways)
         self.adapt_head, self.batch_norm = adapt_head, batch_norm
-        self.similarity_l2 = (AUTHORS_UNS_L2 if structure == "uns" else 0.0) if similarity_l2 is None else similarity_l2
+        self.similarity_l2 = default_similarity_l2(structure, similarity_l2)
         self.similarity_l2_centered = similarity_l2_centered
         self.wrapped = False
 

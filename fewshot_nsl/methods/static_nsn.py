@@ -45,6 +45,11 @@ STRUCTURES = ("dns", "uns")
 AUTHORS_UNS_L2 = 5e-3
 
 
+def default_similarity_l2(structure: str, similarity_l2: Optional[float]) -> float:
+    """``similarity_l2`` if given, else the authors' choice: :data:`AUTHORS_UNS_L2` for UNS, 0 for DNS."""
+    return (AUTHORS_UNS_L2 if structure == "uns" else 0.0) if similarity_l2 is None else similarity_l2
+
+
 @register_method("static_nsn")
 class StaticNSN(FewShotMethod):
     """Pretrained plain backbone; per episode, static ``M_s`` (from ``I``) and a new head fine-tuned on the support set.
@@ -91,10 +96,8 @@ class StaticNSN(FewShotMethod):
         head_warmup_epochs: int = 0,
     ) -> None:
         super().__init__(backbone, image_size)
-        if structure not in STRUCTURES:
-            raise ConfigError(f"static_nsn structure must be one of {', '.join(STRUCTURES)}, got {structure!r}")
-        if optimizer not in OPTIMIZERS:
-            raise ConfigError(f"static_nsn optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+        self.check_choice("structure", structure, STRUCTURES)
+        self.check_choice("optimizer", optimizer, OPTIMIZERS)
         if any(isinstance(m, NSConv2d) for m in backbone.modules()):
             raise ConfigError(
                 "static_nsn wraps the convs of a plain pretrained backbone itself; drop the 'conv:' setting "
@@ -106,7 +109,7 @@ class StaticNSN(FewShotMethod):
         self.lr = lr
         self.similarity_lr = lr if similarity_lr is None else similarity_lr
         self.momentum, self.dampening, self.weight_decay = momentum, dampening, weight_decay
-        self.similarity_l2 = (AUTHORS_UNS_L2 if structure == "uns" else 0.0) if similarity_l2 is None else similarity_l2
+        self.similarity_l2 = default_similarity_l2(structure, similarity_l2)
         self.similarity_l2_centered = similarity_l2_centered
         self.fold = fold
         self.head_warmup_epochs = head_warmup_epochs

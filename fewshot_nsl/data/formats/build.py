@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Tuple
 
 from ...errors import ConfigError, DataError
 from ...registry import register_dataset
-from ..store import SPLITS, ImageStore, default_cache_dir, load_or_build
+from ..store import SPLITS, ImageStore, load_or_build, stores_dir
 from .common import (
     _CUSTOM_HELP,
     _LAYOUT_HELP,
@@ -174,8 +174,7 @@ def build_store(
     if mini:
         options.update(noncanonical=bool(allow_noncanonical_split), per_class=expected_per_class)
     key = cache_key(root, fmt, image_size, source_files(root, fmt, layout), options)
-    store_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "stores"
-    store_dir = store_dir / f"{dataset}-{key}"
+    store_dir = stores_dir(cache_dir) / f"{dataset}-{key}"
 
     def decode() -> ImageStore:
         classes = scan_source(root, fmt, layout)
