@@ -2,7 +2,6 @@ import pytest
 import torch
 from torch import nn
 
-from fewshot_nsl.backbones import CNN4, CNN9
 from fewshot_nsl.registry import create_backbone, list_backbones
 from fewshot_nsl.errors import ConfigError, RegistryError
 

@@ -1,7 +1,7 @@
 """The committed episode lists are valid, checksummed, and regenerate byte-identically."""
 import pytest
 
-from fewshot_nsl.data.episode_lists import QUERIES, SETTINGS, SOURCES, SPLITS, make_committed_lists
+from fewshot_nsl.data.episode_lists import QUERIES, SETTINGS, SOURCES, SPLITS
 from fewshot_nsl.data.episodes import EpisodeList, default_episode_path, generate_episode_list
 
 

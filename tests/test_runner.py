@@ -22,7 +22,6 @@ def tiny_cfg(tmp_path, method, **extra):
 def episode_rows(cfg):
     from fewshot_nsl.runner import run_id
 
-    path = tmp = None
     path = f"{cfg.results_dir}/runs/{run_id(cfg)}/episodes.csv"
     with open(path) as f:
         return list(csv.DictReader(f))

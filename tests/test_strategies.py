@@ -3,7 +3,6 @@
 Numerical tests of the layers themselves are in test_nsconv.py; every registered method also
 goes through test_method_smoke.py.
 """
-import copy
 
 import pandas as pd
 import pytest
