@@ -141,6 +141,9 @@ class GradientAdaptedMethod(FewShotMethod):
             loop by its own, see :meth:`adapted_network`).
     """
 
+    #: the inner loop rebuilds the functional network at every step: ``--compile`` leaves these methods eager
+    compilable = False
+
     def __init__(
         self,
         backbone,

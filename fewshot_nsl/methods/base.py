@@ -18,6 +18,8 @@ Class attributes declare how a method is trained:
   methods with the same backbone/conv config); ``episodic`` meta-trains on base-class episodes.
 * ``default_conv``: the conv spec (see :func:`fewshot_nsl.nn.make_conv_factory`) the backbone
   is built with; ``{}`` means plain ``nn.Conv2d``.
+* ``compilable``: whether ``--compile`` may ``torch.compile`` the backbone (:mod:`fewshot_nsl.compiling`);
+  ``False`` for the methods whose inner loop rebuilds the network every step (``higher``, learn2learn).
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ class FewShotMethod(nn.Module):
 
     training_stages: ClassVar[Tuple[str, ...]] = ("episodic",)
     default_conv: ClassVar[Dict[str, Any]] = {}
+    compilable: ClassVar[bool] = True
 
     def __init__(self, backbone: Backbone, image_size: int = 84) -> None:
         super().__init__()
