@@ -16,7 +16,7 @@ evaluation of dynamic NSN against the same evaluation on a plain CNN-4.
 
 Usage::
 
-    python benchmarks/bench_dynamic_targets.py [--reps 5] [--sizes 84,42] [--batch 64] [--compile] [--episodes 600]
+    python benchmarks/bench_dynamic_targets.py [--reps 5] [--sizes 84,42] [--batch 64] [--compile [--compile-sizes 42]] [--episodes 600]
 """
 from __future__ import annotations
 
@@ -135,6 +135,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--sizes", default="84,42")
     p.add_argument("--compile", action="store_true", help="also time the compiled steps (inductor; minutes of compilation)")
+    p.add_argument("--compile-sizes", help="sizes at which to time the compiled steps (default: all of --sizes)")
     p.add_argument("--episodes", type=int, default=600, help="evaluation episodes (0: skip the evaluation target)")
     p.add_argument("--eval-reps", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
@@ -145,8 +146,9 @@ def main(argv=None) -> int:
     if args.compile and backend_problem(torch.device("cpu")):
         print(f"   --compile ignored: {backend_problem(torch.device('cpu'))}")
         args.compile = False
+    compile_sizes = {int(s) for s in (args.compile_sizes or args.sizes).split(",")}
     for size in (int(s) for s in args.sizes.split(",")):
-        bench_step(size, args.batch, args.reps, args.compile)
+        bench_step(size, args.batch, args.reps, args.compile and size in compile_sizes)
     if args.episodes > 0:
         bench_eval(args.episodes, args.eval_reps)
     return 0
