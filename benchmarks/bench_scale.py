@@ -28,7 +28,7 @@ LEADERBOARD = ROOT / "results" / "leaderboard.csv"
 
 
 def scale_table(episodes, sizes, classes: int, per_class: int) -> dict:
-    print(f"\n-- ProtoNet (CNN-4, 32 filters) evaluation wall time, 5-way 5-shot 15-query (one run per cell)")
+    print("\n-- ProtoNet (CNN-4, 32 filters) evaluation wall time, 5-way 5-shot 15-query (one run per cell)")
     print(f"   {'episodes':>8s} " + " ".join(f"{f'{s}x{s} s':>10s} {'ms/ep':>7s} {'data %':>6s}" for s in sizes))
     table = {}
     stores = {s: make_store(classes=classes, per_class=per_class, size=s) for s in sizes}
