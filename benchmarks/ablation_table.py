@@ -55,7 +55,10 @@ def main(abl: Path) -> None:
     extra = [("meta5_m_and_head", "meta5_m_and_head_ref", "rerun of the committed quick run (identity check)"),
              ("dyn5_base", "dyn5_ref", "rerun of the committed quick run (identity check)"),
              ("meta5_m_only", "meta5_m_and_head_ref", "5-shot M only vs the committed M+head run"),
-             ("meta1_m_only", "meta1_m_and_head_ref", "1-shot M only vs the committed M+head run")]
+             ("meta1_m_only", "meta1_m_and_head_ref", "1-shot M only vs the committed M+head run"),
+             ("meta1_m_and_head", "meta1_m_and_head_ref", "rerun of the committed quick run (identity check)"),
+             ("dyn5_gate_off", "protonet5_ref", "dynamic NSN without the gate vs ProtoNet (quick reference)"),
+             ("dyn5_pretrain48", "protonet5_ref", "dynamic NSN, 48 pretraining epochs, vs ProtoNet (quick reference)")]
     for a, b, what in PAIRS + extra:
         da, db = run_dir(abl, a), run_dir(abl, b)
         if da is None or db is None:
