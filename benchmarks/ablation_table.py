@@ -31,6 +31,19 @@ PAIRS = [
     ("dyn5_base", "protonet5_ref", "dynamic NSN (reference arm) vs ProtoNet (quick reference)"),
 ]
 
+#: reruns against the committed quick runs (how far two identical configurations drift), and the
+#: dynamic NSN variants that moved it against ProtoNet's committed quick run
+_RERUN = "rerun of the committed quick run (identity check)"
+CHECKS = [
+    ("meta5_m_and_head", "meta5_m_and_head_ref", _RERUN),
+    ("meta1_m_and_head", "meta1_m_and_head_ref", _RERUN),
+    ("dyn5_base", "dyn5_ref", _RERUN),
+    ("meta5_m_only", "meta5_m_and_head_ref", "5-shot M only vs the committed M+head run"),
+    ("meta1_m_only", "meta1_m_and_head_ref", "1-shot M only vs the committed M+head run"),
+    ("dyn5_gate_off", "protonet5_ref", "dynamic NSN without the gate vs ProtoNet (quick reference)"),
+    ("dyn5_pretrain48", "protonet5_ref", "dynamic NSN, 48 pretraining epochs, vs ProtoNet (quick reference)"),
+]
+
 #: committed reference runs usable as arms (quick profile, seed 0)
 REFERENCE = ROOT / "results" / "reference" / "glyphs_quick" / "runs"
 COMMITTED = {
@@ -52,14 +65,7 @@ def run_dir(abl: Path, name: str):
 def main(abl: Path) -> None:
     print("| variant | vs | change | variant acc | reference acc | paired diff (95% CI) | paired t p | Wilcoxon p | n |")
     print("|---|---|---|---|---|---|---|---|---|")
-    extra = [("meta5_m_and_head", "meta5_m_and_head_ref", "rerun of the committed quick run (identity check)"),
-             ("dyn5_base", "dyn5_ref", "rerun of the committed quick run (identity check)"),
-             ("meta5_m_only", "meta5_m_and_head_ref", "5-shot M only vs the committed M+head run"),
-             ("meta1_m_only", "meta1_m_and_head_ref", "1-shot M only vs the committed M+head run"),
-             ("meta1_m_and_head", "meta1_m_and_head_ref", "rerun of the committed quick run (identity check)"),
-             ("dyn5_gate_off", "protonet5_ref", "dynamic NSN without the gate vs ProtoNet (quick reference)"),
-             ("dyn5_pretrain48", "protonet5_ref", "dynamic NSN, 48 pretraining epochs, vs ProtoNet (quick reference)")]
-    for a, b, what in PAIRS + extra:
+    for a, b, what in PAIRS + CHECKS:
         da, db = run_dir(abl, a), run_dir(abl, b)
         if da is None or db is None:
             continue
