@@ -187,12 +187,78 @@ def test_dynamic_matches_reference(cfg, structure, predictor):
     torch.testing.assert_close(layer(x), expected, atol=ATOL, rtol=0)
 
 
+STRIDE_ONE = [(c, i) for c, i in zip(CONFIGS, CONFIG_IDS) if c[1] == 1]
+
+
+@pytest.mark.parametrize("cfg", [c for c, _ in STRIDE_ONE], ids=[i for _, i in STRIDE_ONE])
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 30], ids=["one-position-blocks", "one-block"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_taps_side_matches_reference_forward_and_backward(cfg, chunk_bytes, layout, monkeypatch):
+    """side='taps' (DNS, stride 1): forward and all three gradients equal the unfold reference's,
+    for one-position and whole-batch blocks, and the output keeps the input's memory format."""
+    import fewshot_nsl.nn.functional as functional
+
+    monkeypatch.setattr(functional, "TAPS_CHUNK_BYTES", chunk_bytes)
+    conv, x = _conv(cfg, cin=3, cout=5), _x(3, 3, 10, 9)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    k, s, p, d = cfg
+    ho, wo = conv(x).shape[-2:]
+    kk = conv.weight.shape[2] * conv.weight.shape[3]
+    m = torch.randn(3, ho * wo, kk, generator=torch.Generator().manual_seed(3), dtype=DT)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, conv.weight, conv.bias, m)]
+    refs = [t.detach().clone().requires_grad_() for t in (x, conv.weight, conv.bias, m)]
+    out = ns_conv2d(*leaves, s, p, d, side="taps")
+    expected = ns_conv_reference(*refs, s, p, d)
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=0)
+    assert out.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(4), dtype=DT)
+    grads = torch.autograd.grad(out, leaves, upstream)
+    expected_grads = torch.autograd.grad(expected, refs, upstream)
+    for name, got, want in zip(("x", "weight", "bias", "m"), grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=1e-9, rtol=0, msg=lambda msg, n=name: f"d/d{n}: {msg}")
+
+
+def test_taps_side_gradcheck_and_double_backward():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 2, 4, 5, generator=g, dtype=DT, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, generator=g, dtype=DT, requires_grad=True)
+    b = torch.randn(3, generator=g, dtype=DT, requires_grad=True)
+    m = torch.randn(2, 20, 9, generator=g, dtype=DT, requires_grad=True)
+
+    def fn(*args):
+        return ns_conv2d(*args, stride=1, padding=1, side="taps")
+
+    assert gradcheck(fn, (x, w, b, m))
+    assert gradgradcheck(fn, (x, w, b, m), fast_mode=True)
+
+
+def test_taps_side_is_auto_for_wide_dns_layers_and_refused_where_it_cannot_apply(monkeypatch):
+    import fewshot_nsl.nn.functional as functional
+
+    calls = []
+    real = functional._taps_conv
+    monkeypatch.setattr(functional, "_taps_conv", lambda *a: calls.append(a[0].shape[1]) or real(*a))
+    wide, narrow = functional.TAPS_MIN_CHANNELS, functional.TAPS_MIN_CHANNELS - 1
+    for c_in in (wide, narrow):
+        ns_conv2d(torch.randn(1, c_in, 20, 20), torch.randn(2, c_in, 3, 3), None, torch.ones(1, 400, 9), 1, 1)
+    ns_conv2d(torch.randn(1, wide, 20, 20), torch.randn(2, wide, 3, 3), None, torch.ones(1, 100, 9), 2, 1)  # strided
+    ns_conv2d(torch.randn(1, wide, 20, 20), torch.randn(2, wide, 3, 3), None, torch.ones(1, 400, 9, 9), 1, 1)  # UNS
+    # 5x5 maps: 8 x 7 padded positions per 25 outputs, above TAPS_MAX_POSITION_RATIO
+    ns_conv2d(torch.randn(1, wide, 5, 5), torch.randn(2, wide, 3, 3), None, torch.ones(1, 25, 9), 1, 1)
+    assert calls == [wide]
+    with pytest.raises(ConfigError, match="side='taps' needs a DNS similarity and stride 1"):
+        ns_conv2d(torch.randn(1, 2, 5, 5), torch.randn(2, 2, 3, 3), None, torch.ones(1, 9, 9), 2, 1, side="taps")
+    with pytest.raises(ConfigError, match="side must be one of"):
+        ns_conv2d(torch.randn(1, 2, 5, 5), torch.randn(2, 2, 3, 3), None, torch.ones(1, 25, 9), 1, 1, side="tap")
+
+
 def test_dynamic_forward_does_not_unfold(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("F.unfold called in the dynamic forward")
 
     monkeypatch.setattr(torch.nn.functional, "unfold", boom)
-    for structure, side in itertools.product(["dns", "uns"], ["input", "output"]):
+    for structure, side in [*itertools.product(["dns", "uns"], ["input", "output"]), ("dns", "taps")]:
         layer = NSConv2d(3, 4, 3, padding=1, mode="dynamic", structure=structure, side=side, zero_init_residual=False)
         layer(torch.randn(2, 3, 6, 6)).sum().backward()
 
@@ -469,6 +535,8 @@ def test_float32_and_module_dtype_device_follow():
 def test_channels_last_input():
     conv, x = _conv((3, 1, 1, 1)), _x(2, 3, 8, 8)
     xcl = x.contiguous(memory_format=torch.channels_last)
-    for structure, side in itertools.product(["dns", "uns"], ["input", "output"]):
+    for structure, side in [*itertools.product(["dns", "uns"], ["input", "output"]), ("dns", "taps")]:
         layer = NSConv2d.from_conv(conv, structure, mode="dynamic", side=side, zero_init_residual=False).to(DT)
-        torch.testing.assert_close(layer(xcl), layer(x), atol=ATOL, rtol=0)
+        out = layer(xcl)
+        torch.testing.assert_close(out, layer(x), atol=ATOL, rtol=0)
+        assert out.is_contiguous(memory_format=torch.channels_last), (structure, side)  # as conv2d: format in = format out

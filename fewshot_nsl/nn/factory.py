@@ -72,7 +72,7 @@ class NSConvFactory:
         zero_init_residual: dynamic layers start as the plain conv.
         predictor_bn_eps: BatchNorm epsilon in predictors.
         sphere_eps: cosine-norm epsilon.
-        side: dynamic application side (``"auto"``, ``"input"``, ``"output"``).
+        side: dynamic application side (``"auto"``, ``"input"``, ``"output"``, ``"taps"``).
     """
 
     def __init__(

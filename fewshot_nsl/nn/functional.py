@@ -27,6 +27,19 @@ from ..errors import ConfigError
 IntPair = Union[int, Tuple[int, int]]
 Padding = Union[int, Tuple[int, int], str]
 
+#: Application sides of a dynamic similarity (see :func:`ns_conv2d`).
+SIDES = ("auto", "input", "output", "taps")
+#: ``side="auto"`` picks ``"taps"`` for DNS, stride 1 and at least this many input channels: below
+#: it the per-tap GEMMs have too short an inner dimension (the RGB stem, ``C_in = 3``, was 3x slower).
+TAPS_MIN_CHANNELS = 16
+#: ... and when the padded map has at most this many positions per output (the taps side computes
+#: every padded position): 1.12 at 42x42, 1.25 at 21x21, 1.56 at 10x10, where the input side was
+#: faster for 128 channels (benchmarks/RESULTS.md, 2026-12-03).
+TAPS_MAX_POSITION_RATIO = 1.5
+#: Bytes of one ``(images, positions, channels)`` working tensor of the ``"taps"`` side; images are
+#: processed in groups of about this size so that the per-tap temporaries stay in the L2 cache.
+TAPS_CHUNK_BYTES = 1 << 17
+
 __all__ = [
     "ns_conv2d",
     "ns_conv_reference",
@@ -155,8 +168,19 @@ def ns_conv2d(
       ``out(l) = sum_{p,q} M_s(l)[p, q] Y_p(l + tap q)`` (DNS: ``sum_p m_p(l) Y_p(l + tap p)``).
       Element-wise cost ``kk * C_out * L`` (DNS) or ``kk^2 * C_out * L`` (UNS); keeps ``Y``
       (``kk * C_out * H_pad * W_pad`` values); with stride ``s`` its GEMM costs ``s^2`` times more.
-    * ``side="auto"``: the side whose ``kk``-fold tensor is smaller (``C_in * L`` vs
-      ``C_out * H_pad * W_pad``); the input side on ties, for the RGB stem and for strided layers.
+    * ``side="taps"`` (DNS, stride 1): one small GEMM per tap and image group, accumulated at once,
+      ``out(l) = sum_p m_p(l) (W[:, :, p] x)(l + tap p)``, on channels-last maps flattened with
+      the padded width (so every tap's input is one contiguous block and no ``kk``-fold tensor is
+      ever made; see :class:`_AccumulateTaps`). Same multiply-adds as the plain conv in the forward,
+      two GEMMs per tap in the backward; saves only the padded input and the maps.
+    * ``side="auto"``: ``"taps"`` for DNS at stride 1 with ``C_in >= TAPS_MIN_CHANNELS`` on maps whose
+      padded size is at most ``TAPS_MAX_POSITION_RATIO`` times the output's; otherwise
+      the side whose ``kk``-fold tensor is smaller (``C_in * L`` vs ``C_out * H_pad * W_pad``); the
+      input side on ties, for the RGB stem and for strided layers.
+
+    The output has the memory format of ``x`` (channels-last in, channels-last out, as
+    :func:`torch.nn.functional.conv2d` on CPU), so the BatchNorm, ReLU and max-pool after the layer
+    take the same fast path as after a plain conv.
 
     Args:
         x: input ``(B, C_in, H, W)``.
@@ -166,15 +190,16 @@ def ns_conv2d(
         stride: conv stride.
         padding: int, pair, ``"same"`` or ``"valid"``.
         dilation: conv dilation.
-        side: ``"auto"``, ``"input"`` or ``"output"`` (dynamic ``m`` only).
+        side: ``"auto"``, ``"input"``, ``"output"`` or ``"taps"`` (dynamic ``m`` only; ``"taps"`` needs
+            DNS and stride 1).
 
     Returns:
         ``(B, C_out, H_out, W_out)``.
     """
     if weight.dim() != 4 or x.dim() != 4 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"expected x (B, C, H, W) and weight (O, C, kh, kw); got {tuple(x.shape)}, {tuple(weight.shape)}")
-    if side not in ("auto", "input", "output"):
-        raise ConfigError(f"side must be 'auto', 'input' or 'output', got {side!r}")
+    if side not in SIDES:
+        raise ConfigError(f"side must be one of {', '.join(SIDES)}, got {side!r}")
     ksize = (int(weight.shape[2]), int(weight.shape[3]))
     kk = ksize[0] * ksize[1]
     strd, dil = _pair(stride, "stride"), _pair(dilation, "dilation")
@@ -188,6 +213,20 @@ def ns_conv2d(
 
     batch, c_in = x.shape[:2]
     c_out = weight.shape[0]
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    if side == "taps" and (kind != "dns" or strd != (1, 1)):
+        raise ConfigError(f"side='taps' needs a DNS similarity and stride 1 (got {kind.upper()}, stride {strd}); use side='auto'")
+    padded = (x.shape[2] + pads[2] + pads[3] + 1) * (x.shape[3] + pads[0] + pads[1])
+    if side == "taps" or (
+        side == "auto" and kind == "dns" and strd == (1, 1) and c_in >= TAPS_MIN_CHANNELS
+        and padded <= TAPS_MAX_POSITION_RATIO * ho * wo
+    ):
+        out = _taps_conv(x, weight, m, ksize, dil, pads, (ho, wo))  # a view with the padded row stride
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        if bias is None:
+            return out.contiguous(memory_format=layout)
+        out = out + bias.view(1, -1, 1, 1)  # one pass into dense channels-last strides
+        return out if channels_last else out.contiguous()
     # Rows/cols of the padded input that any tap reads (crops what a stride leaves unused).
     hu = dil[0] * (ksize[0] - 1) + strd[0] * (ho - 1) + 1
     wu = dil[1] * (ksize[1] - 1) + strd[1] * (wo - 1) + 1
@@ -213,7 +252,133 @@ def ns_conv2d(
         wt = weight.permute(2, 3, 0, 1).reshape(kk * c_out, c_in)
         y = torch.bmm(wt.expand(batch, -1, -1), xp.reshape(batch, c_in, hu * wu)).view(batch, kk, c_out, hu, wu)
         out = _GatherOutputTaps.apply(y, maps.to(y.dtype), taps)
-    return out if bias is None else out + bias.view(1, -1, 1, 1)
+    if bias is not None:
+        out = out + bias.view(1, -1, 1, 1)
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+def _taps_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    m: torch.Tensor,
+    ksize: Tuple[int, int],
+    dil: Tuple[int, int],
+    pads: Tuple[int, int, int, int],
+    out_hw: Tuple[int, int],
+) -> torch.Tensor:
+    """The ``side="taps"`` DNS application at stride 1, without bias: ``(B, C_out, Ho, Wo)``, a strided view.
+
+    The padded input is laid out channels-last and flattened over ``(image, row, col)``: ``xf
+    (B * P, C_in)``, ``P = rows * Wp`` with ``Wp`` the padded width. Output ``(b, r, c)`` is computed
+    at flat position ``q = b * P + r * Wp + c``, and tap ``p = (i, j)`` of every position reads row
+    ``q + off_p`` of ``xf``, ``off_p = i * dh * Wp + j * dw``: for a block of positions, one
+    contiguous block of rows, for the whole batch at once. Positions that are not outputs (the
+    ``Wp - Wo`` columns past ``Wo``, the rows past ``Ho``) are computed and dropped; their maps are
+    zero, so the values they read (padding, or the next row or image) contribute nothing to the
+    output or to any gradient. One extra zero row per image keeps the last tap of the last image in
+    the buffer.
+    """
+    (kh, kw), (dh, dw), (ho, wo) = ksize, dil, out_hw
+    batch, c_in = x.shape[:2]
+    c_out, kk = weight.shape[0], kh * kw
+    extra = 1 if kw > 1 else 0  # the last tap reads (kw - 1) * dw <= Wp positions past the padded map
+    xp = F.pad(x, (pads[0], pads[1], pads[2], pads[3] + extra))
+    rows, wp = xp.shape[2], xp.shape[3]
+    xf = xp.permute(0, 2, 3, 1).reshape(batch * rows * wp, c_in)  # a view when x is channels-last
+    wtaps = weight.permute(2, 3, 1, 0).reshape(kk, c_in, c_out)  # wtaps[p] = W[:, :, p]^T
+    maps = F.pad(m.to(x.dtype).reshape(batch, ho, wo, kk), (0, 0, 0, wp - wo, 0, rows - ho))
+    offs = [i * dh * wp + j * dw for i in range(kh) for j in range(kw)]
+    used = (batch - 1) * rows * wp + ho * wp  # positions up to the last output row of the last image
+    out = _AccumulateTaps.apply(xf, wtaps, maps.reshape(batch * rows * wp, kk), offs, used)  # (B * P, C_out)
+    return out.view(batch, rows, wp, c_out)[:, :ho, :wo].permute(0, 3, 1, 2)
+
+
+def _position_blocks(used: int, width: int, itemsize: int) -> List[Tuple[int, int]]:
+    """``[(q0, q1), ...]`` covering ``range(used)``, each ``(q1 - q0, width)`` block about ``TAPS_CHUNK_BYTES``."""
+    per = max(1, TAPS_CHUNK_BYTES // max(1, width * itemsize))
+    return [(q0, min(used, q0 + per)) for q0 in range(0, used, per)]
+
+
+class _AccumulateTaps(torch.autograd.Function):
+    """``out[q] = sum_p maps[q, p] * (xf[q + off_p] @ wtaps[p])`` for ``q < used``: ``(Q, C_out)``, ``Q = maps.shape[0]``.
+
+    Inputs: ``xf (Q, C_in)``, ``wtaps (kk, C_in, C_out)``, ``maps (Q, kk)``, ``offs`` (``kk`` ints with
+    ``used + off_p <= Q``), ``used``. Rows ``>= used`` of the output (and of the maps' gradient) are
+    zero. Positions go in blocks of about ``TAPS_CHUNK_BYTES`` per temporary, so every operand of a
+    block stays in the L2 cache; within a block each tap is one GEMM into a reused buffer and one
+    ``addcmul_``. Saved for the backward: the inputs only (no ``kk``-fold tensor). The backward, per
+    block and tap: ``gz = g * m_p``, ``dW_p += xs_p^T gz``, ``u = g W_p^T``, ``dm_p = <xs_p, u>``
+    (row-wise), ``dxs_p += m_p * u``; under ``create_graph`` it runs in differentiable ops instead
+    (double backward).
+    """
+
+    @staticmethod
+    def forward(ctx, xf: torch.Tensor, wtaps: torch.Tensor, maps: torch.Tensor, offs: List[int], used: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(xf, wtaps, maps)
+        ctx.offs, ctx.used = offs, used
+        c_in, c_out = wtaps.shape[1:]
+        out = xf.new_empty((maps.shape[0], c_out))
+        out[used:].zero_()
+        z = xf.new_empty((0, c_out))
+        for q0, q1 in _position_blocks(used, max(c_in, c_out), xf.element_size()):
+            o = out[q0:q1]
+            if z.shape[0] != q1 - q0:
+                z = xf.new_empty((q1 - q0, c_out))
+            for p, off in enumerate(offs):
+                torch.mm(xf[q0 + off:q1 + off], wtaps[p], out=z)
+                if p == 0:
+                    torch.mul(z, maps[q0:q1, 0:1], out=o)
+                else:
+                    o.addcmul_(z, maps[q0:q1, p:p + 1])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        xf, wtaps, maps = ctx.saved_tensors
+        offs, used = ctx.offs, ctx.used
+        if torch.is_grad_enabled():
+            return _accumulate_taps_grads(xf, wtaps, maps, offs, used, grad, ctx.needs_input_grad)
+        grad = grad.contiguous()
+        c_in, c_out = wtaps.shape[1:]
+        want_x, want_w, want_m = ctx.needs_input_grad[:3]
+        wback = wtaps.transpose(1, 2).contiguous()  # (kk, C_out, C_in)
+        gx = torch.zeros_like(xf) if want_x else None
+        gw = torch.zeros_like(wtaps) if want_w else None
+        gm = maps.new_empty(maps.shape) if want_m else None
+        if gm is not None:
+            gm[used:].zero_()
+        gz = u = prod = xf.new_empty((0,))
+        for q0, q1 in _position_blocks(used, max(c_in, c_out), xf.element_size()):
+            g, rows = grad[q0:q1], q1 - q0
+            if u.shape[:1] != (rows,):
+                gz, u, prod = xf.new_empty((rows, c_out)), xf.new_empty((rows, c_in)), xf.new_empty((rows, c_in))
+            for p, off in enumerate(offs):
+                xs, mp = xf[q0 + off:q1 + off], maps[q0:q1, p:p + 1]
+                if gw is not None:
+                    gw[p].addmm_(xs.t(), torch.mul(g, mp, out=gz))
+                if gx is None and gm is None:
+                    continue
+                torch.mm(g, wback[p], out=u)
+                if gm is not None:
+                    torch.sum(torch.mul(xs, u, out=prod), 1, out=gm[q0:q1, p])
+                if gx is not None:
+                    gx[q0 + off:q1 + off].addcmul_(u, mp)
+        return gx, gw, gm, None, None
+
+
+def _accumulate_taps_grads(xf, wtaps, maps, offs, used, grad, needs):
+    """The backward of :class:`_AccumulateTaps` in differentiable ops (used under ``create_graph``)."""
+    positions = xf.shape[0]
+    g = grad[:used]
+    us = [g @ wtaps[p].t() for p in range(len(offs))]  # (used, C_in) each
+    gx = gw = gm = None
+    if needs[0]:
+        gx = sum(F.pad(us[p] * maps[:used, p:p + 1], (0, 0, off, positions - off - used)) for p, off in enumerate(offs))
+    if needs[1]:
+        gw = torch.stack([xf[off:off + used].t() @ (g * maps[:used, p:p + 1]) for p, off in enumerate(offs)])
+    if needs[2]:
+        gm = F.pad(torch.stack([(xf[off:off + used] * us[p]).sum(1) for p, off in enumerate(offs)], 1), (0, 0, 0, positions - used))
+    return gx, gw, gm, None, None
 
 
 def _tap_pairs(

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .functional import IntPair, Padding, _pair, conv_output_size, ns_conv2d, resolve_padding
+from .functional import SIDES, IntPair, Padding, _pair, conv_output_size, ns_conv2d, resolve_padding
 from .sphere import PREDICTOR_KINDS, PredictorCore, SimilarityPredictor
 
 __all__ = ["NSConv2d"]
@@ -57,7 +57,7 @@ class NSConv2d(nn.Module):
             init, so the layer starts equal to the plain conv.
         predictor_bn_eps: BatchNorm epsilon inside the predictor.
         sphere_eps: epsilon of the cosine norms.
-        side: dynamic application, ``"auto"``, ``"input"`` or ``"output"`` (see :func:`~fewshot_nsl.nn.ns_conv2d`).
+        side: dynamic application, ``"auto"``, ``"input"``, ``"output"`` or ``"taps"`` (see :func:`~fewshot_nsl.nn.ns_conv2d`).
 
     Attributes:
         weight: ``(C_out, C_in, kh, kw)``.
@@ -99,7 +99,7 @@ class NSConv2d(nn.Module):
         _choice("structure", structure, STRUCTURES)
         _choice("mode", mode, MODES)
         _choice("predictor", predictor, PREDICTOR_KINDS)
-        _choice("side", side, ("auto", "input", "output"))
+        _choice("side", side, SIDES)
         sharing = sharing if sharing is not None else ("shared" if shared_predictor is not None else "disjoint")
         _choice("sharing", sharing, SHARINGS)
         if psd and mode != "static":
