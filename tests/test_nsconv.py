@@ -247,6 +247,9 @@ def test_taps_side_is_auto_for_wide_dns_layers_and_refused_where_it_cannot_apply
     # 5x5 maps: 8 x 7 padded positions per 25 outputs, above TAPS_MAX_POSITION_RATIO
     ns_conv2d(torch.randn(1, wide, 5, 5), torch.randn(2, wide, 3, 3), None, torch.ones(1, 25, 9), 1, 1)
     assert calls == [wide]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # traced: the block loop would unroll
+    ns_conv2d(torch.randn(1, wide, 20, 20), torch.randn(2, wide, 3, 3), None, torch.ones(1, 400, 9), 1, 1)
+    assert calls == [wide]
     with pytest.raises(ConfigError, match="side='taps' needs a DNS similarity and stride 1"):
         ns_conv2d(torch.randn(1, 2, 5, 5), torch.randn(2, 2, 3, 3), None, torch.ones(1, 9, 9), 2, 1, side="taps")
     with pytest.raises(ConfigError, match="side must be one of"):
@@ -275,6 +278,18 @@ def test_sphere_conv_is_cosine():
     zero = sphere_conv2d(torch.zeros(1, 2, 3, 3, dtype=DT, requires_grad=True), w)
     zero.sum().backward()  # finite at an all-zero patch
     assert torch.isfinite(zero).all()
+
+
+@pytest.mark.parametrize("ksize,stride", [((3, 3), (1, 1)), ((3, 3), (2, 2)), ((2, 3), (1, 2)), ((1, 1), (1, 1)), ((5, 4), (3, 1))])
+def test_sphere_window_sums_equal_sum_pooling(ksize, stride):
+    from fewshot_nsl.nn.functional import _window_sums
+
+    sq = _x(2, 1, 11, 10).square().requires_grad_()
+    got = _window_sums(sq, ksize, stride)
+    want = F.avg_pool2d(sq, ksize, stride, 0, divisor_override=1)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    upstream = torch.randn(got.shape, generator=torch.Generator().manual_seed(1), dtype=DT)
+    torch.testing.assert_close(torch.autograd.grad(got, sq, upstream)[0], torch.autograd.grad(want, sq, upstream)[0], atol=1e-12, rtol=0)
 
 
 # ----------------------------------------------------------------------------- gradcheck

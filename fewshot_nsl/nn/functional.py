@@ -36,9 +36,14 @@ TAPS_MIN_CHANNELS = 16
 #: every padded position): 1.12 at 42x42, 1.25 at 21x21, 1.56 at 10x10, where the input side was
 #: faster for 128 channels (benchmarks/RESULTS.md, 2026-12-03).
 TAPS_MAX_POSITION_RATIO = 1.5
-#: Bytes of one ``(images, positions, channels)`` working tensor of the ``"taps"`` side; images are
-#: processed in groups of about this size so that the per-tap temporaries stay in the L2 cache.
+#: Bytes of one ``(positions, channels)`` operand of the ``"taps"`` side on CPU with one thread;
+#: positions go in blocks of about this size so that a block's operands stay in the L2 cache. With
+#: ``t`` intra-op threads the block is ``t**2`` times larger (at most ``TAPS_MAX_CHUNK_BYTES``), so
+#: that its element-wise ops still split across the threads: best of 128 KiB-1 MiB was 128 KiB at
+#: one thread and 512 KiB at two (benchmarks/RESULTS.md, 2026-12-03). On a GPU one block is the
+#: whole tensor.
 TAPS_CHUNK_BYTES = 1 << 17
+TAPS_MAX_CHUNK_BYTES = 1 << 24
 
 __all__ = [
     "ns_conv2d",
@@ -174,7 +179,8 @@ def ns_conv2d(
       ever made; see :class:`_AccumulateTaps`). Same multiply-adds as the plain conv in the forward,
       two GEMMs per tap in the backward; saves only the padded input and the maps.
     * ``side="auto"``: ``"taps"`` for DNS at stride 1 with ``C_in >= TAPS_MIN_CHANNELS`` on maps whose
-      padded size is at most ``TAPS_MAX_POSITION_RATIO`` times the output's; otherwise
+      padded size is at most ``TAPS_MAX_POSITION_RATIO`` times the output's, except while
+      ``torch.compile`` traces (its Python loop over position blocks would be unrolled); otherwise
       the side whose ``kk``-fold tensor is smaller (``C_in * L`` vs ``C_out * H_pad * W_pad``); the
       input side on ties, for the RGB stem and for strided layers.
 
@@ -220,6 +226,7 @@ def ns_conv2d(
     if side == "taps" or (
         side == "auto" and kind == "dns" and strd == (1, 1) and c_in >= TAPS_MIN_CHANNELS
         and padded <= TAPS_MAX_POSITION_RATIO * ho * wo
+        and not torch.compiler.is_compiling()  # its block loop would be unrolled into the graph
     ):
         out = _taps_conv(x, weight, m, ksize, dil, pads, (ho, wo))  # a view with the padded row stride
         layout = torch.channels_last if channels_last else torch.contiguous_format
@@ -293,9 +300,13 @@ def _taps_conv(
     return out.view(batch, rows, wp, c_out)[:, :ho, :wo].permute(0, 3, 1, 2)
 
 
-def _position_blocks(used: int, width: int, itemsize: int) -> List[Tuple[int, int]]:
-    """``[(q0, q1), ...]`` covering ``range(used)``, each ``(q1 - q0, width)`` block about ``TAPS_CHUNK_BYTES``."""
-    per = max(1, TAPS_CHUNK_BYTES // max(1, width * itemsize))
+def _position_blocks(used: int, width: int, like: torch.Tensor) -> List[Tuple[int, int]]:
+    """``[(q0, q1), ...]`` covering ``range(used)``: one block on a GPU; on CPU ``(q1 - q0, width)`` blocks of
+    about ``TAPS_CHUNK_BYTES * threads**2`` bytes (see there)."""
+    if like.device.type != "cpu":
+        return [(0, used)]
+    budget = min(TAPS_CHUNK_BYTES * torch.get_num_threads() ** 2, TAPS_MAX_CHUNK_BYTES)
+    per = max(1, budget // max(1, width * like.element_size()))
     return [(q0, min(used, q0 + per)) for q0 in range(0, used, per)]
 
 
@@ -304,8 +315,8 @@ class _AccumulateTaps(torch.autograd.Function):
 
     Inputs: ``xf (Q, C_in)``, ``wtaps (kk, C_in, C_out)``, ``maps (Q, kk)``, ``offs`` (``kk`` ints with
     ``used + off_p <= Q``), ``used``. Rows ``>= used`` of the output (and of the maps' gradient) are
-    zero. Positions go in blocks of about ``TAPS_CHUNK_BYTES`` per temporary, so every operand of a
-    block stays in the L2 cache; within a block each tap is one GEMM into a reused buffer and one
+    zero. Positions go in blocks (:func:`_position_blocks`), so every operand of a block stays in the
+    L2 cache; within a block each tap is one GEMM into a reused buffer and one
     ``addcmul_``. Saved for the backward: the inputs only (no ``kk``-fold tensor). The backward, per
     block and tap: ``gz = g * m_p``, ``dW_p += xs_p^T gz``, ``u = g W_p^T``, ``dm_p = <xs_p, u>``
     (row-wise), ``dxs_p += m_p * u``; under ``create_graph`` it runs in differentiable ops instead
@@ -320,7 +331,7 @@ class _AccumulateTaps(torch.autograd.Function):
         out = xf.new_empty((maps.shape[0], c_out))
         out[used:].zero_()
         z = xf.new_empty((0, c_out))
-        for q0, q1 in _position_blocks(used, max(c_in, c_out), xf.element_size()):
+        for q0, q1 in _position_blocks(used, max(c_in, c_out), xf):
             o = out[q0:q1]
             if z.shape[0] != q1 - q0:
                 z = xf.new_empty((q1 - q0, c_out))
@@ -348,7 +359,7 @@ class _AccumulateTaps(torch.autograd.Function):
         if gm is not None:
             gm[used:].zero_()
         gz = u = prod = xf.new_empty((0,))
-        for q0, q1 in _position_blocks(used, max(c_in, c_out), xf.element_size()):
+        for q0, q1 in _position_blocks(used, max(c_in, c_out), xf):
             g, rows = grad[q0:q1], q1 - q0
             if u.shape[:1] != (rows,):
                 gz, u, prod = xf.new_empty((rows, c_out)), xf.new_empty((rows, c_in)), xf.new_empty((rows, c_in))
@@ -569,8 +580,26 @@ def sphere_conv2d(
     num = F.conv2d(x, w_unit, None, stride, 0, dilation)
     sq = (x * x).sum(1, keepdim=True)  # (B, 1, H, W)
     if _pair(dilation, "dilation") == (1, 1):  # window sums; a 1-channel conv is slow on CPU (oneDNN)
-        patch_sq = F.avg_pool2d(sq, tuple(weight.shape[2:]), stride, 0, divisor_override=1)
+        patch_sq = _window_sums(sq, (int(weight.shape[2]), int(weight.shape[3])), _pair(stride, "stride"))
     else:
         ones = weight.new_ones((1, 1) + tuple(weight.shape[2:]))
         patch_sq = F.conv2d(sq, ones, None, stride, 0, dilation).clamp_min(0.0)
     return num * torch.rsqrt(patch_sq + eps)
+
+
+def _window_sums(sq: torch.Tensor, ksize: Tuple[int, int], stride: Tuple[int, int]) -> torch.Tensor:
+    """Sums of ``sq (B, 1, H, W)`` over every ``kh x kw`` window at ``stride``: ``(B, 1, H_out, W_out)``.
+
+    Separable: ``kh`` shifted rows added, then ``kw`` shifted columns, then the stride taken. Same
+    values as ``avg_pool2d(..., divisor_override=1)`` up to rounding, about 3x faster forward and
+    backward on CPU (the pooling kernel on one channel is slow).
+    """
+    (kh, kw), (sh, sw) = ksize, stride
+    h, w = sq.shape[2] - kh + 1, sq.shape[3] - kw + 1
+    rows = sq[:, :, :h]
+    for i in range(1, kh):
+        rows = rows + sq[:, :, i:i + h]
+    out = rows[..., :w]
+    for j in range(1, kw):
+        out = out + rows[..., j:j + w]
+    return out[:, :, ::sh, ::sw] if (sh, sw) != (1, 1) else out
