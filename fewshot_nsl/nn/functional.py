@@ -173,11 +173,12 @@ def ns_conv2d(
       ``out(l) = sum_{p,q} M_s(l)[p, q] Y_p(l + tap q)`` (DNS: ``sum_p m_p(l) Y_p(l + tap p)``).
       Element-wise cost ``kk * C_out * L`` (DNS) or ``kk^2 * C_out * L`` (UNS); keeps ``Y``
       (``kk * C_out * H_pad * W_pad`` values); with stride ``s`` its GEMM costs ``s^2`` times more.
-    * ``side="taps"`` (DNS, stride 1): one small GEMM per tap and image group, accumulated at once,
-      ``out(l) = sum_p m_p(l) (W[:, :, p] x)(l + tap p)``, on channels-last maps flattened with
-      the padded width (so every tap's input is one contiguous block and no ``kk``-fold tensor is
-      ever made; see :class:`_AccumulateTaps`). Same multiply-adds as the plain conv in the forward,
-      two GEMMs per tap in the backward; saves only the padded input and the maps.
+    * ``side="taps"`` (DNS, stride 1): ``out(l) = sum_p m_p(l) (W[:, :, p] x)(l + tap p)``, one
+      small GEMM per tap and cache-sized block of positions, accumulated at once, on the
+      channels-last input flattened with its padded width (every tap's input is one contiguous
+      block of rows and no ``kk``-fold tensor is ever made; see :func:`_taps_conv` and
+      :class:`_AccumulateTaps`). The plain conv's multiply-adds in the forward, twice them in the
+      backward, plus ``kk`` element-wise ops per block; saves only the padded input and the maps.
     * ``side="auto"``: ``"taps"`` for DNS at stride 1 with ``C_in >= TAPS_MIN_CHANNELS`` on maps whose
       padded size is at most ``TAPS_MAX_POSITION_RATIO`` times the output's, except while
       ``torch.compile`` traces (its Python loop over position blocks would be unrolled); otherwise
