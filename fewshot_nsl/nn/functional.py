@@ -220,7 +220,8 @@ def ns_conv2d(
 
     batch, c_in = x.shape[:2]
     c_out = weight.shape[0]
-    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format  # of the output, as conv2d
     if side == "taps" and (kind != "dns" or strd != (1, 1)):
         raise ConfigError(f"side='taps' needs a DNS similarity and stride 1 (got {kind.upper()}, stride {strd}); use side='auto'")
     padded = (x.shape[2] + pads[2] + pads[3] + 1) * (x.shape[3] + pads[0] + pads[1])
@@ -230,11 +231,9 @@ def ns_conv2d(
         and not torch.compiler.is_compiling()  # its block loop would be unrolled into the graph
     ):
         out = _taps_conv(x, weight, m, ksize, dil, pads, (ho, wo))  # a view with the padded row stride
-        layout = torch.channels_last if channels_last else torch.contiguous_format
-        if bias is None:
-            return out.contiguous(memory_format=layout)
-        out = out + bias.view(1, -1, 1, 1)  # one pass into dense channels-last strides
-        return out if channels_last else out.contiguous()
+        if bias is not None:
+            out = out + bias.view(1, -1, 1, 1)  # one pass into dense channels-last strides
+        return out.contiguous(memory_format=layout)
     # Rows/cols of the padded input that any tap reads (crops what a stride leaves unused).
     hu = dil[0] * (ksize[0] - 1) + strd[0] * (ho - 1) + 1
     wu = dil[1] * (ksize[1] - 1) + strd[1] * (wo - 1) + 1
@@ -262,7 +261,7 @@ def ns_conv2d(
         out = _GatherOutputTaps.apply(y, maps.to(y.dtype), taps)
     if bias is not None:
         out = out + bias.view(1, -1, 1, 1)
-    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+    return out.contiguous(memory_format=layout)
 
 
 def _taps_conv(
@@ -591,16 +590,17 @@ def sphere_conv2d(
 def _window_sums(sq: torch.Tensor, ksize: Tuple[int, int], stride: Tuple[int, int]) -> torch.Tensor:
     """Sums of ``sq (B, 1, H, W)`` over every ``kh x kw`` window at ``stride``: ``(B, 1, H_out, W_out)``.
 
-    Separable: ``kh`` shifted rows added, then ``kw`` shifted columns, then the stride taken. Same
-    values as ``avg_pool2d(..., divisor_override=1)`` up to rounding, about 3x faster forward and
-    backward on CPU (the pooling kernel on one channel is slow).
+    Separable: ``kh`` strided row slices added, then ``kw`` strided column slices. Same values as
+    ``avg_pool2d(..., divisor_override=1)`` up to rounding, about 3x faster forward and backward on
+    CPU (the pooling kernel on one channel is slow).
     """
     (kh, kw), (sh, sw) = ksize, stride
-    h, w = sq.shape[2] - kh + 1, sq.shape[3] - kw + 1
-    rows = sq[:, :, :h]
+    span_h = sh * ((sq.shape[2] - kh) // sh) + 1  # rows from the first to the last window start
+    span_w = sw * ((sq.shape[3] - kw) // sw) + 1
+    rows = sq[:, :, 0:span_h:sh]
     for i in range(1, kh):
-        rows = rows + sq[:, :, i:i + h]
-    out = rows[..., :w]
+        rows = rows + sq[:, :, i:i + span_h:sh]
+    out = rows[..., 0:span_w:sw]
     for j in range(1, kw):
-        out = out + rows[..., j:j + w]
-    return out[:, :, ::sh, ::sw] if (sh, sw) != (1, 1) else out
+        out = out + rows[..., j:j + span_w:sw]
+    return out
