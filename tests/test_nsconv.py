@@ -252,6 +252,8 @@ def test_taps_side_is_auto_for_wide_dns_layers_and_refused_where_it_cannot_apply
     assert calls == [wide]
     with pytest.raises(ConfigError, match="side='taps' needs a DNS similarity and stride 1"):
         ns_conv2d(torch.randn(1, 2, 5, 5), torch.randn(2, 2, 3, 3), None, torch.ones(1, 9, 9), 2, 1, side="taps")
+    with pytest.raises(ConfigError, match="side='taps' needs structure='dns' and stride 1"):
+        NSConv2d(2, 2, 3, padding=1, mode="dynamic", structure="uns", side="taps")  # refused when built, not at the first forward
     with pytest.raises(ConfigError, match="side must be one of"):
         ns_conv2d(torch.randn(1, 2, 5, 5), torch.randn(2, 2, 3, 3), None, torch.ones(1, 25, 9), 1, 1, side="tap")
 

@@ -102,6 +102,8 @@ class NSConv2d(nn.Module):
         _choice("side", side, SIDES)
         sharing = sharing if sharing is not None else ("shared" if shared_predictor is not None else "disjoint")
         _choice("sharing", sharing, SHARINGS)
+        if side == "taps" and (structure != "dns" or _pair(stride, "stride") != (1, 1)):
+            raise ConfigError(f"side='taps' needs structure='dns' and stride 1 (got {structure!r}, stride {stride}); use side='auto'")
         if psd and mode != "static":
             raise ConfigError("psd=True is only available with mode='static' (the dynamic M_s is I + a bounded residual)")
         if mode == "static" and (sharing == "shared" or shared_predictor is not None):
