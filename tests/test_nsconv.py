@@ -282,6 +282,80 @@ def test_sphere_conv_is_cosine():
     assert torch.isfinite(zero).all()
 
 
+def _sphere_by_unfold(x, w, stride, pads, eps, scale=None):
+    """Cosine conv from its definition: unfold the padded input, divide by both smoothed norms."""
+    xp = F.pad(x, pads)
+    patches = F.unfold(xp, w.shape[2:], stride=stride)  # (B, C*kk, L)
+    wf = w.flatten(1)
+    cos = torch.einsum("ok,bkl->bol", wf, patches)
+    cos = cos / torch.sqrt(wf.square().sum(1) + eps).view(1, -1, 1) / torch.sqrt(patches.square().sum(1, keepdim=True) + eps)
+    if scale is not None:
+        cos = cos * scale.view(1, -1, 1)
+    ho = (xp.shape[2] - w.shape[2]) // stride[0] + 1
+    return cos.view(x.shape[0], w.shape[0], ho, -1)
+
+
+SPHERE_CASES = [  # kernel, stride, (l, r, t, b)
+    ((3, 3), (1, 1), (1, 1, 1, 1)),  # the predictors' conv2 (and conv1 of a padded 3x3 layer)
+    ((3, 3), (1, 1), (0, 0, 0, 0)),
+    ((3, 3), (2, 2), (1, 1, 1, 1)),  # conv1 of a strided layer
+    ((2, 3), (1, 2), (0, 0, 2, 2)),
+    ((3, 3), (1, 1), (1, 0, 2, 1)),  # asymmetric: the input itself is padded
+    ((3, 3), (1, 1), (-1, -1, 0, 0)),  # cropping (conv1 of a layer with a 5-wide span)
+    ((1, 1), (1, 1), (0, 0, 0, 0)),
+]
+
+
+@pytest.mark.parametrize("ksize,stride,pads", SPHERE_CASES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_sphere_conv_matches_its_definition(ksize, stride, pads, channels_last):
+    """The written-out :class:`_SphereConv` forward and backward equal the unfold definition,
+    for symmetric, asymmetric and negative paddings, strides, and both memory formats."""
+    x = _x(2, 3, 9, 8).requires_grad_()
+    w = torch.randn(4, 3, *ksize, dtype=DT, generator=torch.Generator().manual_seed(3)).requires_grad_()
+    scale = torch.tensor([0.5, -0.3, 0.0, 0.9], dtype=DT, requires_grad=True)
+    xin = x.to(memory_format=torch.channels_last) if channels_last else x
+    got = sphere_conv2d(xin, w, stride, pads, eps=1e-4, out_scale=scale)
+    want = _sphere_by_unfold(x, w, stride, pads, 1e-4, scale)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    if channels_last:
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    up = torch.randn(got.shape, dtype=DT, generator=torch.Generator().manual_seed(4))
+    for a, b in zip(torch.autograd.grad(got, (x, w, scale), up), torch.autograd.grad(want, (x, w, scale), up)):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
+def test_sphere_conv_gradcheck_and_double_backward():
+    x = _x(1, 2, 5, 6).requires_grad_()
+    w = torch.randn(3, 2, 3, 3, dtype=DT, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    for stride, pads in [((1, 1), (1, 1, 1, 1)), ((2, 1), (0, 0, 1, 1))]:
+        fn = lambda a, b: sphere_conv2d(a, b, stride, pads)  # noqa: E731
+        assert gradcheck(fn, (x, w))
+        assert gradgradcheck(fn, (x, w))
+    # only the filters need a gradient (the image going into the first layer's predictor)
+    assert gradcheck(lambda b: sphere_conv2d(x.detach(), b, 1, 1), (w,))
+
+
+def test_predictor_gain_is_folded_into_the_cosine_filters():
+    """``second(h, scale)`` is the cosine conv times ``scale`` per map, values and gradients."""
+    from fewshot_nsl.nn import SimilarityPredictor
+
+    torch.manual_seed(0)
+    pred = SimilarityPredictor(4, 9, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), hidden=5).to(DT)
+    with torch.no_grad():
+        pred.gain.copy_(torch.linspace(-1, 1, 9))
+    x = _x(2, 4, 7, 7)
+    got = pred(x)
+    h = torch.relu(pred.bn(pred.core.first(x, pred.stride, pred.pads)))
+    want = pred.core.conv2(h) * torch.tanh(pred.gain).view(1, -1, 1, 1)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    grads = torch.autograd.grad(got.square().sum(), [pred.gain, pred.core.conv2.weight])
+    h = torch.relu(pred.bn(pred.core.first(x, pred.stride, pred.pads)))
+    ref = pred.core.conv2(h) * torch.tanh(pred.gain).view(1, -1, 1, 1)
+    for a, b in zip(grads, torch.autograd.grad(ref.square().sum(), [pred.gain, pred.core.conv2.weight])):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
 @pytest.mark.parametrize("ksize,stride", [((3, 3), (1, 1)), ((3, 3), (2, 2)), ((2, 3), (1, 2)), ((1, 1), (1, 1)), ((5, 4), (3, 1))])
 def test_sphere_window_sums_equal_sum_pooling(ksize, stride):
     from fewshot_nsl.nn.functional import _window_sums

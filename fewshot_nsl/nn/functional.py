@@ -551,6 +551,7 @@ def sphere_conv2d(
     padding: Union[IntPair, Sequence[int]] = 0,
     dilation: IntPair = 1,
     eps: float = 1e-4,
+    out_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Cosine (hyperspherical) convolution: ``<w_o, X_l> / (||w_o|| ||X_l||)``, in ``(-1, 1)``.
 
@@ -564,27 +565,100 @@ def sphere_conv2d(
         padding: symmetric ``int``/pair, or explicit ``(left, right, top, bottom)`` (may be negative: crop).
         dilation: conv dilation.
         eps: added to the squared norms.
+        out_scale: optional ``(C_out,)`` factor of each output channel, folded into the unit filters
+            (the same values as multiplying the output, without a pass over the output map).
 
     Returns:
-        ``(B, C_out, H_out, W_out)``.
+        ``(B, C_out, H_out, W_out)``, in ``x``'s memory format.
+
+    With dilation 1 (every predictor) it runs as :class:`_SphereConv`: the padding goes to the conv
+    (only the one-channel map of squared norms is padded, unless the padding is asymmetric or
+    negative), the output is scaled in place and the backward is written out, so that the full-size
+    maps are each read or written a few times instead of once per elementary op. Under
+    ``torch.compile`` the plain formulation runs instead (the compiler fuses it).
     """
     if isinstance(padding, int) or len(padding) == 2:  # type: ignore[arg-type]
         ph, pw = _pair(padding, "padding")  # type: ignore[arg-type]
         pads = (pw, pw, ph, ph)
     else:
         pads = tuple(int(v) for v in padding)  # type: ignore[assignment]
-    if any(pads):
-        x = F.pad(x, pads)
     # Unit filters (cheap: weight-sized), then one per-location scale by 1 / ||X_l||.
     w_unit = weight * torch.rsqrt(weight.flatten(1).pow(2).sum(1) + eps).view(-1, 1, 1, 1)
-    num = F.conv2d(x, w_unit, None, stride, 0, dilation)
-    sq = (x * x).sum(1, keepdim=True)  # (B, 1, H, W)
-    if _pair(dilation, "dilation") == (1, 1):  # window sums; a 1-channel conv is slow on CPU (oneDNN)
-        patch_sq = _window_sums(sq, (int(weight.shape[2]), int(weight.shape[3])), _pair(stride, "stride"))
-    else:
+    if out_scale is not None:
+        w_unit = w_unit * out_scale.view(-1, 1, 1, 1)
+    stride = _pair(stride, "stride")
+    if _pair(dilation, "dilation") != (1, 1):
+        if any(pads):
+            x = F.pad(x, pads)
+        num = F.conv2d(x, w_unit, None, stride, 0, dilation)
         ones = weight.new_ones((1, 1) + tuple(weight.shape[2:]))
-        patch_sq = F.conv2d(sq, ones, None, stride, 0, dilation).clamp_min(0.0)
-    return num * torch.rsqrt(patch_sq + eps)
+        patch_sq = F.conv2d((x * x).sum(1, keepdim=True), ones, None, stride, 0, dilation).clamp_min(0.0)
+        return num * torch.rsqrt(patch_sq + eps)
+    conv_pad = (0, 0)
+    if pads[0] == pads[1] >= 0 and pads[2] == pads[3] >= 0:
+        conv_pad = (pads[2], pads[0])
+    elif any(pads):  # asymmetric or cropping: pad the input itself
+        x = F.pad(x, pads)
+    if torch.compiler.is_compiling():
+        return _sphere_conv_ops(x, w_unit, stride, conv_pad, eps)
+    return _SphereConv.apply(x, w_unit, stride, conv_pad, eps)
+
+
+def _squared_patch_norms(
+    x: torch.Tensor, ksize: Tuple[int, int], stride: Tuple[int, int], conv_pad: Tuple[int, int]
+) -> torch.Tensor:
+    """``||X_l||^2`` of every conv patch of ``x (B, C, H, W)`` zero-padded by ``conv_pad``: ``(B, 1, H_out, W_out)``."""
+    sq = torch.linalg.vector_norm(x, 2, dim=1, keepdim=True).square()  # one pass over x
+    ph, pw = conv_pad
+    if ph or pw:
+        sq = F.pad(sq, (pw, pw, ph, ph))
+    return _window_sums(sq, ksize, stride)
+
+
+def _sphere_conv_ops(x, w_unit, stride, conv_pad, eps):
+    """:class:`_SphereConv` in differentiable ops (under ``torch.compile`` and for double backward)."""
+    num = F.conv2d(x, w_unit, None, stride, conv_pad)
+    return num * torch.rsqrt(_squared_patch_norms(x, tuple(w_unit.shape[2:]), stride, conv_pad) + eps)
+
+
+class _SphereConv(torch.autograd.Function):
+    """``out = conv(x, w_unit, stride, conv_pad) * s``, ``s = (||X_l||^2 + eps)^(-1/2)`` per location.
+
+    Inputs: ``x (B, C_in, H, W)``, ``w_unit (C_out, C_in, kh, kw)`` (already of unit norm, times any
+    output scale), ``stride``, symmetric ``conv_pad = (ph, pw)``, ``eps``. Saved: ``x``, ``w_unit``,
+    ``s (B, 1, H_out, W_out)`` and the output (which the next layer keeps anyway). Backward, with
+    ``g`` the output gradient: ``d num = g * s``; ``d P = -1/2 s^2 sum_o g * out`` (``P`` the
+    squared patch norm); ``d x = conv_backward(d num) + 2 x * window_adjoint(d P)``;
+    ``d w_unit = conv_backward(d num)``. Under ``create_graph`` it differentiates
+    :func:`_sphere_conv_ops` instead (double backward).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_unit, stride, conv_pad, eps):  # type: ignore[override]
+        s = torch.rsqrt(_squared_patch_norms(x, tuple(w_unit.shape[2:]), stride, conv_pad) + eps)
+        out = F.conv2d(x, w_unit, None, stride, conv_pad).mul_(s)
+        ctx.save_for_backward(x, w_unit, s, out)
+        ctx.stride, ctx.conv_pad, ctx.eps = stride, conv_pad, eps
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, w_unit, s, out = ctx.saved_tensors
+        stride, conv_pad, eps = ctx.stride, ctx.conv_pad, ctx.eps
+        want_x, want_w = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():  # create_graph: a differentiable backward
+            ref = _sphere_conv_ops(x, w_unit, stride, conv_pad, eps)  # from the saved inputs: stays connected
+            inputs = [t for t, want in ((x, want_x), (w_unit, want_w)) if want]
+            grads = iter(torch.autograd.grad(ref, inputs, grad, create_graph=True))
+            return (next(grads) if want_x else None), (next(grads) if want_w else None), None, None, None
+        gx, gw, _ = torch.ops.aten.convolution_backward(
+            grad * s, x, w_unit, None, list(stride), list(conv_pad), [1, 1], False, [0, 0], 1, [want_x, want_w, False]
+        )
+        if want_x:
+            d_patch = torch.linalg.vecdot(grad, out, dim=1).unsqueeze(1).mul_(s.square()).mul_(-0.5)
+            d_sq = _window_sums_adjoint(d_patch, (int(x.shape[2]), int(x.shape[3])), tuple(w_unit.shape[2:]), stride, conv_pad)
+            gx.addcmul_(x, d_sq.mul_(2.0))
+        return gx, gw, None, None, None
 
 
 def _window_sums(sq: torch.Tensor, ksize: Tuple[int, int], stride: Tuple[int, int]) -> torch.Tensor:
@@ -604,3 +678,20 @@ def _window_sums(sq: torch.Tensor, ksize: Tuple[int, int], stride: Tuple[int, in
     for j in range(1, kw):
         out = out + rows[..., j:j + span_w:sw]
     return out
+
+
+def _window_sums_adjoint(
+    d_out: torch.Tensor, size: Tuple[int, int], ksize: Tuple[int, int], stride: Tuple[int, int], conv_pad: Tuple[int, int]
+) -> torch.Tensor:
+    """The adjoint of ``_window_sums(pad(sq, conv_pad), ksize, stride)``: ``d_out (B, 1, H_out, W_out)`` -> ``(B, 1, H, W)``."""
+    (kh, kw), (sh, sw), (ph, pw) = ksize, stride, conv_pad
+    height, width = size[0] + 2 * ph, size[1] + 2 * pw
+    ho, wo = d_out.shape[2:]
+    span_h, span_w = sh * (ho - 1) + 1, sw * (wo - 1) + 1
+    rows = d_out.new_zeros((d_out.shape[0], 1, ho, width))
+    for j in range(kw):
+        rows[..., j:j + span_w:sw] += d_out
+    d_sq = d_out.new_zeros((d_out.shape[0], 1, height, width))
+    for i in range(kh):
+        d_sq[:, :, i:i + span_h:sh] += rows
+    return d_sq[:, :, ph:ph + size[0], pw:pw + size[1]]

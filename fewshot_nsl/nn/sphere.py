@@ -123,10 +123,22 @@ class PredictorCore(nn.Module):
             return sphere_conv2d(x, self.conv1.weight, stride, pads, 1, self.eps)
         return nn.functional.conv2d(nn.functional.pad(x, pads), self.conv1.weight, None, stride)
 
-    def second(self, h: torch.Tensor) -> torch.Tensor:
-        """conv2 (+ ``tanh`` for ``kind="cnn"``): ``(B, hidden, H_out, W_out)`` -> ``(B, out_maps, H_out, W_out)`` in ``(-1, 1)``."""
-        out = self.conv2(h)
-        return out if self.kind == "sphere" else torch.tanh(out)
+    def second(self, h: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """conv2 (+ ``tanh`` for ``kind="cnn"``), times ``scale``.
+
+        Args:
+            h: ``(B, hidden, H_out, W_out)``.
+            scale: optional ``(out_maps,)`` factor per map (a layer's ``tanh(gain)``); for
+                ``kind="sphere"`` it is folded into the unit filters of the cosine conv.
+
+        Returns:
+            ``(B, out_maps, H_out, W_out)``, in ``(-1, 1)`` when ``|scale| < 1``.
+        """
+        if self.kind == "sphere":
+            conv2 = self.conv2
+            return sphere_conv2d(h, conv2.weight, conv2.stride, conv2.padding, conv2.dilation, self.eps, out_scale=scale)
+        out = torch.tanh(self.conv2(h))
+        return out if scale is None else out * scale.view(1, -1, 1, 1)
 
 
 class SimilarityPredictor(nn.Module):
@@ -187,7 +199,4 @@ class SimilarityPredictor(nn.Module):
         if self.adapter is not None:
             x = self.adapter(x)
         h = torch.relu(self.bn(self.core.first(x, self.stride, self.pads)))
-        r = self.core.second(h)
-        if self.gain is not None:
-            r = r * torch.tanh(self.gain).view(1, -1, 1, 1)
-        return r
+        return self.core.second(h, None if self.gain is None else torch.tanh(self.gain))
