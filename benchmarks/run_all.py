@@ -36,6 +36,7 @@ BENCHMARKS: Dict[str, Tuple[str, List[str], List[str]]] = {
     "episodes": ("bench_episodes.py", [], ["--quick"]),
     "static": ("bench_static_nsn.py", [], ["--quick"]),
     "dynamic": ("bench_dynamic_nsn.py", [], ["--quick"]),
+    "sphere": ("bench_sphere_conv.py", [], ["--quick"]),
     "dynamic_targets": ("bench_dynamic_targets.py", ["--compile", "--compile-sizes", "42"], ["--quick"]),
     "nsconv": ("bench_nsconv.py", ["--reps", "5"],
                ["--reps", "1", "--batch", "2", "--size", "16", "--layer-batch", "2", "--layer-size", "8"]),

@@ -23,6 +23,7 @@ EXPECT = {
     "nsconv": ["dynamic dns", "reference"],
     "maml": ["time ours / learn2learn", "memory ours / learn2learn", "saved-for-backward"],
     "maml_steps": ["ours-2nd", "l2l-2nd"],
+    "sphere": ["function / composed-padded", "4 predictors"],
     "dynamic_targets": ["dynamic DNS eager / plain eager", "target <= 2.0x", "dynamic / plain", "target <= 1.5x"],
     "harness": ["harness throughput / bare throughput"],
     "scale": ["evaluation wall time", "quick-profile wall time"],
