@@ -34,7 +34,7 @@ from .data.store import ImageStore
 from .errors import ConfigError, FewShotError
 from .registry import METHODS, PLUGIN_ERRORS, list_methods
 from .comparisons import key_text
-from .leaderboard import KEY, check_leaderboard, read_leaderboard, upsert_row
+from .leaderboard import KEY, check_leaderboard, paper_comparable, read_leaderboard, upsert_row
 from .reporting import n_seeds_of, render_reports
 from .runner import (
     aggregate,
@@ -272,7 +272,10 @@ def result_line(row: Dict[str, Any]) -> str:
     pv = row.get("paper_value")
     paper = ""
     if pv is not None and pv == pv:
-        how = "" if str(row.get("paper_comparable")) in ("True", "true") else ", for orientation only"
+        how = ""
+        if str(row.get("paper_comparable")) not in ("True", "true"):
+            _, why = paper_comparable(row.get("dataset"), row.get("profile"), row.get("image_size"), row.get("split", "test"))
+            how = f", for orientation only: {why}" if why else ", for orientation only"
         paper = f"; paper (Mini-ImageNet{how}): {float(pv):.2f} +- {float(row['paper_ci']):.2f}"
     seeds = f" x {row['n_seeds']} seeds (seed sd {float(row['seed_std']):.2f})" if n_seeds_of(row) > 1 else ""
     split = "" if str(row.get("split", "test")) == "test" else f" ({row['split']} split)"

@@ -269,7 +269,9 @@ def test_paper_value_only_beside_comparable_rows(tmp_path, capsys):
     code, out, err = _cli(tmp_path, capsys, "--plugins", PLUGINS, "--dataset", "tiny", "--method", "protonet",
                           "--shots", "5")
     assert code == 0, err
-    assert "paper (Mini-ImageNet, for orientation only): 68.20" in out
+    # the console line says why the paper's value is only for orientation
+    assert "paper (Mini-ImageNet, for orientation only: dataset tiny, not Mini-ImageNet; profile smoke, not paper" in out
+    assert ": 68.20 +- 0.66" in out
     row = read_leaderboard(tmp_path / "results" / "leaderboard.csv").iloc[0]
     assert float(row["paper_value"]) == 68.20 and str(row["paper_comparable"]) in ("False", "false")
     table = (tmp_path / "results" / "table6.md").read_text()
