@@ -31,27 +31,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import emit, fmt_ms, fmt_ratio, interleaved, print_settings, ratio_stats  # noqa: E402
 
-from fewshot_nsl.nn.functional import _squared_patch_norms, _window_sums, sphere_conv2d  # noqa: E402
+from fewshot_nsl.nn.functional import _sphere_conv_ops, _unit_filters, _window_sums, sphere_conv2d  # noqa: E402
 
 EPS = 1e-4
 
 
-def _unit(w: torch.Tensor) -> torch.Tensor:
-    return w * torch.rsqrt(w.flatten(1).pow(2).sum(1) + EPS).view(-1, 1, 1, 1)
-
-
 def composed_padded(x, w, scale=None):
-    """Before: ``F.pad`` on the input, autograd through every op."""
+    """Before: ``F.pad`` on the input, autograd through every op, the output times ``scale``."""
     xp = F.pad(x, (1, 1, 1, 1))
-    num = F.conv2d(xp, _unit(w))
+    num = F.conv2d(xp, _unit_filters(w, EPS))
     out = num * torch.rsqrt(_window_sums((xp * xp).sum(1, keepdim=True), (3, 3), (1, 1)) + EPS)
     return out if scale is None else out * scale.view(1, -1, 1, 1)
 
 
 def composed(x, w, scale=None):
     """The same ops with the padding given to the conv (the ``torch.compile`` path)."""
-    num = F.conv2d(x, _unit(w) if scale is None else _unit(w) * scale.view(-1, 1, 1, 1), None, 1, 1)
-    return num * torch.rsqrt(_squared_patch_norms(x, (3, 3), (1, 1), (1, 1)) + EPS)
+    return _sphere_conv_ops(x, _unit_filters(w, EPS, scale), (1, 1), (1, 1), EPS)
 
 
 def function(x, w, scale=None):

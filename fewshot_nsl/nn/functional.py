@@ -583,9 +583,7 @@ def sphere_conv2d(
     else:
         pads = tuple(int(v) for v in padding)  # type: ignore[assignment]
     # Unit filters (cheap: weight-sized), then one per-location scale by 1 / ||X_l||.
-    w_unit = weight * torch.rsqrt(weight.flatten(1).pow(2).sum(1) + eps).view(-1, 1, 1, 1)
-    if out_scale is not None:
-        w_unit = w_unit * out_scale.view(-1, 1, 1, 1)
+    w_unit = _unit_filters(weight, eps, out_scale)
     stride = _pair(stride, "stride")
     if _pair(dilation, "dilation") != (1, 1):
         if any(pads):
@@ -602,6 +600,12 @@ def sphere_conv2d(
     if torch.compiler.is_compiling():
         return _sphere_conv_ops(x, w_unit, stride, conv_pad, eps)
     return _SphereConv.apply(x, w_unit, stride, conv_pad, eps)
+
+
+def _unit_filters(weight: torch.Tensor, eps: float, out_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``weight (C_out, C_in, kh, kw)`` over its smoothed norm per output channel, times ``out_scale (C_out,)`` if given."""
+    w_unit = weight * torch.rsqrt(weight.flatten(1).pow(2).sum(1) + eps).view(-1, 1, 1, 1)
+    return w_unit if out_scale is None else w_unit * out_scale.view(-1, 1, 1, 1)
 
 
 def _squared_patch_norms(
