@@ -350,6 +350,7 @@ def meta_train(
         reg = method.regularization()
         if reg.requires_grad:
             reg.backward()
+        method.clip_gradients()  # the method's own clipping (its source's), before the config's norm clip
         for group in clip_groups:  # each group's norm clipped separately, as Sung et al. clip encoder and relation net
             torch.nn.utils.clip_grad_norm_(group, e.grad_clip)
         opt.step()

@@ -3,7 +3,16 @@ strategies (Sec. 7.2 of the paper).
 
 Importing this package registers ``static_nsn``, ``dynamic_nsn`` and ``meta_static_nsn``.
 """
-from .adaptation import AdaptedNetwork, GradientAdaptedMethod, check_head_ways, sgd_inner_loop, use_batch_statistics
+from .adaptation import (
+    LOSS_REDUCTIONS,
+    AdaptedNetwork,
+    GradientAdaptedMethod,
+    check_head_ways,
+    drop_batchnorm_scale,
+    episode_cross_entropy,
+    sgd_inner_loop,
+    use_batch_statistics,
+)
 from .base import FewShotMethod
 from .dynamic_nsn import DynamicNSN
 from .head_training import OPTIMIZERS, fit_linear_head, make_optimizer, train_on_support
@@ -20,6 +29,9 @@ __all__ = [
     "sgd_inner_loop",
     "check_head_ways",
     "use_batch_statistics",
+    "drop_batchnorm_scale",
+    "episode_cross_entropy",
+    "LOSS_REDUCTIONS",
     "OPTIMIZERS",
     "make_optimizer",
     "train_on_support",

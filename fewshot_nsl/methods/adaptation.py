@@ -27,6 +27,31 @@ from torch import nn
 from ..errors import ConfigError
 from .base import FewShotMethod
 
+#: How an episode's cross-entropy is reduced over its examples (:func:`episode_cross_entropy`).
+LOSS_REDUCTIONS = ("mean", "per_shot")
+
+
+def episode_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shots: int, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of one episode's batch, reduced over its examples.
+
+    Args:
+        logits: ``(B, ways)``.
+        labels: ``(B,)`` in ``0..ways-1``.
+        shots: support examples per class of the episode (``K``).
+        reduction: ``"mean"``: the mean over the ``B`` examples. ``"per_shot"``: the sum over the examples
+            divided by ``K``, as Finn et al.'s MAML code computes it (cbfinn/maml ``utils.py`` ``xent``: the
+            per-example cross-entropy divided by ``update_batch_size``; ``maml.py`` sums it, through
+            ``tf.gradients`` in the inner loop and ``tf.reduce_sum`` in the meta-loss). On an ``N``-way
+            support set of ``N*K`` examples this is ``N`` times the mean, so an inner step of ``lr`` on it is
+            a step of ``N * lr`` on the mean.
+
+    Returns:
+        Scalar loss.
+    """
+    if reduction == "per_shot":
+        return F.cross_entropy(logits, labels, reduction="sum") / shots
+    return F.cross_entropy(logits, labels)
+
 
 def sgd_inner_loop(
     net: nn.Module,
@@ -121,6 +146,15 @@ def use_batch_statistics(module: nn.Module) -> None:
             m.running_mean = m.running_var = m.num_batches_tracked = None
 
 
+def drop_batchnorm_scale(module: nn.Module) -> None:
+    """Remove the learned scale (``gamma``) of every BatchNorm in ``module``, keeping the shift (``beta``):
+    ``tf.contrib.layers.batch_norm``'s defaults (``center=True, scale=False``), which Finn et al.'s MAML
+    uses (cbfinn/maml ``utils.py`` ``normalize``)."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+            m.weight = None
+
+
 class GradientAdaptedMethod(FewShotMethod):
     """Base class of the methods that adapt backbone + head by gradient steps on each support set.
 
@@ -139,6 +173,10 @@ class GradientAdaptedMethod(FewShotMethod):
         first_order: drop second-order terms from the meta-gradient.
         inner_lr: SGD step size of the inner loop (``None`` for a subclass that replaces the inner
             loop by its own, see :meth:`adapted_network`).
+        loss_reduction: ``"mean"`` or ``"per_shot"`` (:func:`episode_cross_entropy`), for the support loss of
+            the inner loop and the query loss of meta-training alike.
+        grad_clip_value: clip every element of the meta-gradient to ``[-v, v]`` before the optimiser step
+            (:meth:`clip_gradients`; Finn et al.: 10 on Mini-ImageNet); ``None``: no clipping.
     """
 
     #: the inner loop rebuilds the functional network at every step: ``--compile`` leaves these methods eager
@@ -153,8 +191,15 @@ class GradientAdaptedMethod(FewShotMethod):
         inner_steps_test: int = 10,
         first_order: bool = False,
         inner_lr: Optional[float] = None,
+        *,
+        loss_reduction: str = "mean",
+        grad_clip_value: Optional[float] = None,
     ) -> None:
         super().__init__(backbone, image_size)
+        self.check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
+        if grad_clip_value is not None and not grad_clip_value > 0:
+            raise ConfigError(f"grad_clip_value must be positive (got {grad_clip_value}); use null for no clipping")
+        self.loss_reduction, self.grad_clip_value = loss_reduction, grad_clip_value
         self.ways = ways
         self.inner_lr, self.inner_steps, self.inner_steps_test = inner_lr, inner_steps, inner_steps_test
         self.first_order = first_order
@@ -189,9 +234,10 @@ class GradientAdaptedMethod(FewShotMethod):
             ``fnet(x, params=fast)`` -> ``(B, self.ways)``.
         """
         ways = check_head_ways(self.display_name(), self.ways, self.num_ways(support_y))
+        shots = max(1, len(support_y) // ways)
         return sgd_inner_loop(
             self.network(), self.adapted_parameters(), self.inner_lr, steps,
-            lambda fnet: F.cross_entropy(fnet(support_x)[:, :ways], support_y),
+            lambda fnet: episode_cross_entropy(fnet(support_x)[:, :ways], support_y, shots, self.loss_reduction),
             differentiable=track_higher_grads, first_order=self.first_order,
         )  # fmt: skip
 
@@ -221,4 +267,11 @@ class GradientAdaptedMethod(FewShotMethod):
         """Query cross-entropy after the differentiable inner loop (``inner_steps``): the meta-gradient
         flows to the initial weights. The episode's graph is not kept after the call."""
         adapted = self.adapted_network(support_x, support_y, self.inner_steps, differentiable=True)
-        return F.cross_entropy(adapted.logits(query_x), query_y)
+        shots = max(1, len(support_y) // adapted.ways)
+        return episode_cross_entropy(adapted.logits(query_x), query_y, shots, self.loss_reduction)
+
+    def clip_gradients(self) -> None:
+        """Clip every meta-gradient element to ``[-grad_clip_value, grad_clip_value]`` (cbfinn/maml ``maml.py``:
+        ``tf.clip_by_value(grad, -10, 10)`` for Mini-ImageNet), when set."""
+        if self.grad_clip_value is not None:
+            torch.nn.utils.clip_grad_value_([p for p in self.parameters() if p.grad is not None], self.grad_clip_value)

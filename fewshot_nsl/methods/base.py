@@ -91,6 +91,12 @@ class FewShotMethod(nn.Module):
         """Parameter groups whose gradient norms ``episodic.grad_clip`` clips separately (one group by default)."""
         return [list(self.parameters())]
 
+    def clip_gradients(self) -> None:
+        """Called by episodic training after the meta-batch's backward (and the regularisation's), before
+        ``episodic.grad_clip``'s norm clipping and the optimiser step: a method clips its own gradients here
+        where its source does so in its own way (no-op by default), e.g. Finn et al.'s MAML clips every
+        meta-gradient element to +-10, Ravi & Larochelle's MatchingNet the attention LSTM's norm to 0.25."""
+
     def after_pretrain(self) -> None:
         """Called once the pretrained weights are loaded (e.g. to wrap convs as NSConv2d)."""
 

@@ -84,6 +84,9 @@ class MetaStaticNSN(GradientAdaptedMethod):
             measured at chance, ``True`` at ~80% 5-shot (docs/protocols.md). The paper profile uses ``True``.
         head: ``"linear"`` or ``"cosine"`` (:class:`CosineHead`).
         cosine_scale: scale of the cosine head.
+        loss_reduction: ``"mean"`` or ``"per_shot"`` (MAML's own arithmetic: the cross-entropy summed and divided
+            by the shots; :func:`~fewshot_nsl.methods.adaptation.episode_cross_entropy`).
+        grad_clip_value: clip each meta-gradient element to ``[-v, v]`` (MAML on Mini-ImageNet: 10); ``None``: off.
         batch_norm: ``"batch"``: every BN normalises with the statistics of the batch it is given
             (support batch in the inner loop, query batch at prediction), as Finn et al.'s MAML;
             ``"running"``: the pretraining's base-class running statistics.
@@ -107,8 +110,11 @@ class MetaStaticNSN(GradientAdaptedMethod):
         head: str = "linear",
         cosine_scale: float = 2.0,
         batch_norm: str = "batch",
+        loss_reduction: str = "mean",
+        grad_clip_value: Optional[float] = None,
     ) -> None:
-        super().__init__(backbone, image_size, ways, inner_steps, inner_steps_test, first_order, inner_lr=inner_lr)
+        super().__init__(backbone, image_size, ways, inner_steps, inner_steps_test, first_order, inner_lr=inner_lr,
+                         loss_reduction=loss_reduction, grad_clip_value=grad_clip_value)
         self.check_choice("structure", structure, STRUCTURES)
         if any(isinstance(m, NSConv2d) for m in backbone.modules()):
             raise ConfigError(
