@@ -37,14 +37,21 @@ PROFILES = ("smoke", "quick", "paper")
 MAX_IMAGE_SIZE = 1024
 
 
+#: Choices of ``pretrain.optimizer`` and ``pretrain.schedule``.
+PRETRAIN_OPTIMIZERS = ("sgd", "adam")
+PRETRAIN_SCHEDULES = ("onecycle", "constant")
+
+
 @dataclass
 class PretrainConfig:
     """Base-class pretraining: backbone + linear head, cross-entropy over all base classes."""
 
     epochs: int = 30
     batch_size: int = 64
+    optimizer: str = "sgd"  # "sgd": Nesterov SGD with momentum; "adam": Adam (Ravi & Larochelle's pretraining)
+    schedule: str = "onecycle"  # "onecycle" (peak lr = lr, 10% warm-up) or "constant"
     lr: float = 0.05
-    momentum: float = 0.9
+    momentum: float = 0.9  # SGD only
     weight_decay: float = 5e-4
     max_steps: Optional[int] = None  # cap on optimiser steps (smoke tests)
     augment: bool = True  # random-resized crop (scale 0.8-1) + colour jitter
@@ -144,6 +151,10 @@ class RunConfig:
         positive("pretrain.lr", pre.lr)
         non_negative("pretrain.momentum", pre.momentum)
         non_negative("pretrain.weight_decay", pre.weight_decay)
+        if pre.optimizer not in PRETRAIN_OPTIMIZERS:
+            raise ConfigError(f"pretrain.optimizer must be one of {', '.join(PRETRAIN_OPTIMIZERS)}, got '{pre.optimizer}'")
+        if pre.schedule not in PRETRAIN_SCHEDULES:
+            raise ConfigError(f"pretrain.schedule must be one of {', '.join(PRETRAIN_SCHEDULES)}, got '{pre.schedule}'")
         at_least("episodic.steps", epi.steps)
         at_least("episodic.meta_batch", epi.meta_batch)
         positive("episodic.lr", epi.lr)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -148,6 +148,32 @@ def pretrain(
             return _pretrain(method, module, store, cfg, device, path, progress, distributed, curve, compiled)
 
 
+def pretrain_optimizer(params: List[nn.Parameter], p: Any, total: int) -> Tuple[torch.optim.Optimizer, Any]:
+    """The optimiser and lr schedule of base-class pretraining (``cfg.pretrain``: :class:`~fewshot_nsl.config.PretrainConfig`).
+
+    ``optimizer: sgd``: SGD with Nesterov momentum ``p.momentum``; ``optimizer: adam``: Adam with its default
+    betas and eps (Ravi & Larochelle's ``optim.adam``, twitter/meta-learning-lstm
+    ``model/baselines/pre-train.lua`` l. 52, 90). Both take ``p.weight_decay`` as L2 in the gradient.
+    ``schedule: onecycle``: one-cycle with peak ``p.lr`` and 10% warm-up over ``total`` steps; ``constant``: ``p.lr``
+    throughout (a schedule that does nothing, so checkpoints and resume look the same).
+
+    Returns:
+        ``(optimizer, scheduler)``; the scheduler is stepped once per optimiser step.
+    """
+    if p.optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=p.lr, weight_decay=p.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay, nesterov=True)
+    if p.schedule == "constant":
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    # OneCycleLR divides by the warm-up length pct_start * total - 1 steps: ZeroDivisionError where that is 0
+    # (total 10 at 0.1, e.g. one epoch of 10 batches). Nudged up, the warm-up is still its first step only.
+    pct_start = 0.1
+    while float(pct_start * max(total, 1)) - 1 == 0:
+        pct_start = math.nextafter(pct_start, 1.0)
+    return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=max(total, 1), pct_start=pct_start)
+
+
 def _pretrain(method, module, store, cfg, device, path, progress, distributed, curve=None, compiled=False) -> Dict[str, Any]:
     """The pretraining loop of :func:`pretrain` (cache miss)."""
     rank, world = 0, 1
@@ -180,17 +206,11 @@ def _pretrain(method, module, store, cfg, device, path, progress, distributed, c
 
         compile_in_place(net)  # in place: `module`'s parameter names (the cache file) are unchanged
     params = list(module.parameters()) + list(head.parameters())
-    opt = torch.optim.SGD(params, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay, nesterov=True)
     steps_per_epoch = math.ceil(len(index) / p.batch_size)
     total = steps_per_epoch * p.epochs
     if p.max_steps is not None:
         total = min(total, p.max_steps)
-    # OneCycleLR divides by the warm-up length pct_start * total - 1 steps: ZeroDivisionError where that is 0
-    # (total 10 at 0.1, e.g. one epoch of 10 batches). Nudged up, the warm-up is still its first step only.
-    pct_start = 0.1
-    while float(pct_start * max(total, 1)) - 1 == 0:
-        pct_start = math.nextafter(pct_start, 1.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=max(total, 1), pct_start=pct_start)
+    opt, sched = pretrain_optimizer(params, p, total)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, correct, seen = 0, 0, 0
     curve_rows: List[Dict[str, Any]] = []  # training-curve rows of a resumed pretraining

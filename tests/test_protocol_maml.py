@@ -104,3 +104,74 @@ def test_paper_profile_runs_maml_with_the_sources_arithmetic(shots):
 def test_paper_profile_meta_static_nsn_inherits_the_maml_arithmetic():
     cfg = resolve_config({"method": "meta_static_nsn", "profile": "paper", "shots": 5})
     assert cfg.method_options["loss_reduction"] == "per_shot" and cfg.method_options["grad_clip_value"] == 10.0
+
+
+# ----------------------------------------------------------------------------- issue 26, item 5: Ravi's pretraining
+def test_pretrain_optimizer_choice():
+    from fewshot_nsl.config import PretrainConfig
+    from fewshot_nsl.training import pretrain_optimizer
+
+    params = [nn.Parameter(torch.zeros(3))]
+    opt, sched = pretrain_optimizer(params, PretrainConfig(optimizer="adam", schedule="constant", lr=1e-3,
+                                                           weight_decay=0.0), total=10)
+    assert isinstance(opt, torch.optim.Adam) and opt.param_groups[0]["weight_decay"] == 0.0
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == 1e-3  # constant
+    opt, sched = pretrain_optimizer(params, PretrainConfig(), total=10)
+    assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["nesterov"]
+    assert isinstance(sched, torch.optim.lr_scheduler.OneCycleLR)
+
+
+@pytest.mark.parametrize("key, value", [("optimizer", "rmsprop"), ("schedule", "cosine")])
+def test_bad_pretrain_choices_are_refused(key, value):
+    with pytest.raises(ConfigError, match=f"pretrain.{key}"):
+        resolve_config({"method": "finetune", "profile": "smoke", "pretrain": {key: value}})
+
+
+@pytest.mark.parametrize("method", ["finetune", "nearest_neighbor"])
+def test_paper_profile_pretrains_the_ravi_rows_with_adam(method):
+    p = resolve_config({"method": method, "profile": "paper"}).pretrain
+    assert (p.optimizer, p.schedule, p.lr, p.weight_decay, p.batch_size, p.epochs, p.augment) == \
+        ("adam", "constant", 1e-3, 0.0, 64, 50, False)
+    assert resolve_config({"method": "static_nsn", "profile": "paper"}).pretrain.optimizer == "sgd"
+
+
+def test_adam_pretraining_runs_and_resumes_identically(tmp_path):
+    """An Adam/constant pretraining killed after its first epoch resumes to the same weights."""
+    from fewshot_nsl import training
+
+    f = tmp_path / "p.yaml"
+    f.write_text(yaml.safe_dump({"pretrain": {"optimizer": "adam", "schedule": "constant", "lr": 1e-3, "epochs": 2,
+                                              "batch_size": 32, "augment": False, "max_steps": None}}))
+    cfg = resolve_config({"method": "finetune", "profile": "smoke", "dataset": "tiny", "image_size": 16,
+                          "backbone_options": {"filters": 4}, "device": "cpu"}, str(f))
+    store = load_store(cfg)
+
+    def run(cache):
+        set_seed(0)
+        m = build_method(cfg)
+        training.pretrain(m, store, cfg, torch.device("cpu"), {}, cache, progress=False)
+        return m.pretrain_module().state_dict()
+
+    full = run(tmp_path / "a")
+    real = training.atomic_torch_save
+    calls = []
+
+    def kill_after_first_epoch(obj, path):
+        real(obj, path)
+        if str(path).endswith(".partial"):
+            calls.append(path)
+            raise KeyboardInterrupt
+
+    training.atomic_torch_save = kill_after_first_epoch
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path / "b")
+    finally:
+        training.atomic_torch_save = real
+    assert calls
+    resumed = run(tmp_path / "b")
+    for k in full:
+        torch.testing.assert_close(full[k], resumed[k])
