@@ -12,7 +12,7 @@ A conv factory is any callable
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -62,14 +62,14 @@ class NSConvFactory:
     Args:
         mode: ``"static"`` or ``"dynamic"``.
         structure: ``"dns"`` or ``"uns"``.
-        predictor: ``"sphere"`` or ``"cnn"`` (dynamic).
+        predictor: ``"sphere"`` (the paper's SphereNet), ``"cnn"`` or ``"authors"`` (the NSL authors' code) (dynamic).
         sharing: ``"disjoint"`` or ``"shared"`` (dynamic).
         hidden: predictor width.
         common_width: shared: channels the per-layer 1x1 adapters map to.
         learn_shape: joint kernel-shape learning.
         shape_alpha: kernel-shape threshold.
         psd: static ``M_s = L L^T``.
-        zero_init_residual: dynamic layers start as the plain conv.
+        zero_init_residual: dynamic layers start as the plain conv (``tanh`` gate); ``None``: on except for ``"authors"``.
         predictor_bn_eps: BatchNorm epsilon in predictors.
         sphere_eps: cosine-norm epsilon.
         side: dynamic application side (``"auto"``, ``"input"``, ``"output"``, ``"taps"``).
@@ -86,7 +86,7 @@ class NSConvFactory:
         learn_shape: bool = False,
         shape_alpha: float = 0.5,
         psd: bool = False,
-        zero_init_residual: bool = True,
+        zero_init_residual: Optional[bool] = None,
         predictor_bn_eps: float = 1e-3,
         sphere_eps: float = 1e-4,
         side: str = "auto",

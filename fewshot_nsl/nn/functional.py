@@ -49,6 +49,7 @@ __all__ = [
     "ns_conv2d",
     "ns_conv_reference",
     "sphere_conv2d",
+    "input_normalized_conv2d",
     "resolve_padding",
     "conv_output_size",
 ]
@@ -577,13 +578,55 @@ def sphere_conv2d(
     maps are each read or written a few times instead of once per elementary op. Under
     ``torch.compile`` the plain formulation runs instead (the compiler fuses it).
     """
+    # Unit filters (cheap: weight-sized), then one per-location scale by 1 / ||X_l||.
+    return _patch_normalized_conv(x, _unit_filters(weight, eps, out_scale), stride, padding, dilation, eps)
+
+
+def input_normalized_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: IntPair = 1,
+    padding: Union[IntPair, Sequence[int]] = 0,
+    dilation: IntPair = 1,
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """Convolution divided by the input patch norm only: ``<w_o, X_l> / sqrt(||X_l||^2 + eps)``.
+
+    The first layer of the NSL authors' dynamic predictor (``github:wy1iu/NSL``,
+    ``nsl_image_recog/experiments_cifar10/dynamic_dns/architecture.py``: ``_conv_layer(..., norm=True)``
+    divides the conv by ``_get_input_norm``, ``sqrt(conv2d(x * x, ones) + 1e-4)``); unlike
+    :func:`sphere_conv2d` the filter is not normalised, so the output is not bounded. Same fast path
+    (:class:`_SphereConv`, with the raw filters) and the same arguments as :func:`sphere_conv2d`.
+
+    Args:
+        x: ``(B, C_in, H, W)``.
+        weight: ``(C_out, C_in, kh, kw)``.
+        stride: conv stride.
+        padding: symmetric ``int``/pair, or explicit ``(left, right, top, bottom)`` (may be negative: crop).
+        dilation: conv dilation.
+        eps: added to the squared patch norm (the authors': 1e-4).
+
+    Returns:
+        ``(B, C_out, H_out, W_out)``, in ``x``'s memory format.
+    """
+    return _patch_normalized_conv(x, weight, stride, padding, dilation, eps)
+
+
+def _patch_normalized_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: IntPair,
+    padding: Union[IntPair, Sequence[int]],
+    dilation: IntPair,
+    eps: float,
+) -> torch.Tensor:
+    """``conv(x, weight) / sqrt(||X_l||^2 + eps)`` (arguments as :func:`sphere_conv2d`; ``weight`` used as given)."""
     if isinstance(padding, int) or len(padding) == 2:  # type: ignore[arg-type]
         ph, pw = _pair(padding, "padding")  # type: ignore[arg-type]
         pads = (pw, pw, ph, ph)
     else:
         pads = tuple(int(v) for v in padding)  # type: ignore[assignment]
-    # Unit filters (cheap: weight-sized), then one per-location scale by 1 / ||X_l||.
-    w_unit = _unit_filters(weight, eps, out_scale)
+    w_unit = weight  # unit-norm filters for SphereConv, raw ones for the input-normalised conv
     stride = _pair(stride, "stride")
     if _pair(dilation, "dilation") != (1, 1):
         if any(pads):
@@ -629,7 +672,7 @@ class _SphereConv(torch.autograd.Function):
     """``out = conv(x, w_unit, stride, conv_pad) * s``, ``s = (||X_l||^2 + eps)^(-1/2)`` per location.
 
     Inputs: ``x (B, C_in, H, W)``, ``w_unit (C_out, C_in, kh, kw)`` (already of unit norm, times any
-    output scale), ``stride``, symmetric ``conv_pad = (ph, pw)``, ``eps``. Saved: ``x``, ``w_unit``,
+    output scale, for :func:`sphere_conv2d`; any filters for :func:`input_normalized_conv2d`), ``stride``, symmetric ``conv_pad = (ph, pw)``, ``eps``. Saved: ``x``, ``w_unit``,
     ``s (B, 1, H_out, W_out)`` and the output (which the next layer keeps anyway). Backward, with
     ``g`` the output gradient: ``d num = g * s``; ``d P = -1/2 s^2 sum_o g * out`` (``P`` the
     squared patch norm); ``d x = conv_backward(d num) + 2 x * window_adjoint(d P)``;

@@ -42,8 +42,10 @@ class NSConv2d(nn.Module):
         structure: ``"dns"`` (diagonal ``M_s``, ``kk`` values) or ``"uns"`` (full ``M_s``, ``kk^2`` values).
         mode: ``"static"`` (``M_s`` is a parameter, initialised to ``I``) or ``"dynamic"``
             (``M_s(x) = I + predictor(x)`` at every output location).
-        predictor: dynamic only: ``"sphere"`` (two 3x3 SphereConvs, the paper's choice) or ``"cnn"``
-            (plain convs with a ``tanh``-bounded output).
+        predictor: dynamic only: ``"sphere"`` (two 3x3 SphereConvs, the paper's text), ``"cnn"``
+            (plain convs with a ``tanh``-bounded output) or ``"authors"`` (the NSL authors' code:
+            input-normalised 3x3 conv, BN, ReLU, plain 3x3 conv, BN for DNS; no BN for UNS; see
+            :mod:`fewshot_nsl.nn.sphere`).
         sharing: dynamic only: ``"disjoint"`` (own predictor) or ``"shared"`` (uses ``shared_predictor``
             through a per-layer 1x1 adapter). Defaults to ``"shared"`` iff ``shared_predictor`` is given.
         learn_shape: joint kernel-shape learning, ``M_s = D R`` with ``D = diag(1[D_r > alpha])`` (Sec. 3.5);
@@ -52,11 +54,12 @@ class NSConv2d(nn.Module):
         psd: static only: ``M_s = L L^T`` with ``L`` lower-triangular (init ``I``); DNS: ``m = l^2``.
         shared_predictor: a :class:`~fewshot_nsl.nn.sphere.PredictorCore` shared between layers
             (built by :func:`~fewshot_nsl.nn.make_conv_factory`).
-        hidden: dynamic, disjoint: predictor width.
+        hidden: dynamic, disjoint: predictor width (the authors': 64 for DNS, 128 for UNS).
         zero_init_residual: dynamic: scale the predicted residual by ``tanh(gain)``, ``gain = 0`` at
-            init, so the layer starts equal to the plain conv.
+            init, so the layer starts equal to the plain conv. ``None`` (default): on for
+            ``"sphere"`` and ``"cnn"``, off for ``"authors"`` (their ``M_s = I + mask`` has no gate).
         predictor_bn_eps: BatchNorm epsilon inside the predictor.
-        sphere_eps: epsilon of the cosine norms.
+        sphere_eps: epsilon of the cosine norms (``"sphere"``) or of the input patch norm (``"authors"``).
         side: dynamic application, ``"auto"``, ``"input"``, ``"output"`` or ``"taps"`` (see :func:`~fewshot_nsl.nn.ns_conv2d`).
 
     Attributes:
@@ -90,7 +93,7 @@ class NSConv2d(nn.Module):
         psd: bool = False,
         shared_predictor: Optional[PredictorCore] = None,
         hidden: int = 16,
-        zero_init_residual: bool = True,
+        zero_init_residual: Optional[bool] = None,
         predictor_bn_eps: float = 1e-3,
         sphere_eps: float = 1e-4,
         side: str = "auto",
@@ -105,7 +108,7 @@ class NSConv2d(nn.Module):
         if side == "taps" and (structure != "dns" or _pair(stride, "stride") != (1, 1)):
             raise ConfigError(f"side='taps' needs structure='dns' and stride 1 (got {structure!r}, stride {stride}); use side='auto'")
         if psd and mode != "static":
-            raise ConfigError("psd=True is only available with mode='static' (the dynamic M_s is I + a bounded residual)")
+            raise ConfigError("psd=True is only available with mode='static' (the dynamic M_s is I + a predicted residual)")
         if mode == "static" and (sharing == "shared" or shared_predictor is not None):
             raise ConfigError("sharing='shared' / shared_predictor only apply to mode='dynamic'")
         if sharing == "shared" and shared_predictor is None:
@@ -152,6 +155,7 @@ class NSConv2d(nn.Module):
                 zero_init_residual=zero_init_residual,
                 bn_eps=predictor_bn_eps,
                 eps=sphere_eps,
+                structure=structure,
             )
         self.shape_r = nn.Parameter(torch.ones(kk)) if learn_shape else None
 
