@@ -1,8 +1,11 @@
 """Dynamic NSN for few-shot learning (NSL paper, Sec. 7.2 "Dynamic NSN").
 
 The backbone is a dynamic neural-similarity network: every conv is a dynamic
-:class:`~fewshot_nsl.nn.NSConv2d` whose ``M_s(x) = I + SphereNet(x)`` is predicted from its
-input. The whole network (conv weights and predictors) is trained on the base classes by the
+:class:`~fewshot_nsl.nn.NSConv2d` whose ``M_s(x) = I + predictor(x)`` is predicted from its
+input: by default the SphereNet predictor of the paper's text (Sec. 3.3.1), with
+``conv: {predictor: authors}`` the predictor of the authors' public code
+(``nsl_image_recog/experiments_cifar10/dynamic_dns/architecture.py``, ``_combined_conv``), which the
+``paper`` profile uses (see :mod:`fewshot_nsl.nn.sphere` and ``docs/protocols.md``). The whole network (conv weights and predictors) is trained on the base classes by the
 harness's standard pretraining (backbone + linear head over all base classes); its cache key
 differs from the plain CNN's because the conv spec does. At test the network is frozen, a new
 linear classifier (logistic regression) is trained on the support features, and the queries
@@ -10,7 +13,8 @@ are classified with the dynamic network and that classifier.
 
 The layer variant is chosen with the run's ``conv:`` key, merged over :attr:`DynamicNSN.default_conv`
 (DNS, disjoint predictors, SphereNet predictor), e.g. ``conv: {structure: uns}``,
-``conv: {sharing: shared}``, ``conv: {predictor: cnn}`` (see :func:`fewshot_nsl.nn.make_conv_factory`).
+``conv: {sharing: shared}``, ``conv: {predictor: cnn}``, ``conv: {predictor: authors, hidden: 64}``
+(see :func:`fewshot_nsl.nn.make_conv_factory`).
 The head options default to the finetuning protocol of Chen et al. (ICLR 2019): SGD lr 0.01,
 momentum 0.9, dampening 0.9, weight decay 1e-3, batch 4, 100 passes over the support set.
 
