@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional
 
 import numpy as np
 
-from .evaluation import FIELDS, read_episode_results
+from .evaluation import FIELDS, episode_accuracy, read_episode_results
 from .safe_io import atomic_write
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -57,11 +57,12 @@ def salvage_shards(ctx: RunContext) -> int:
 
 
 def episode_accuracies(run_dir: Path, n: Optional[int] = None) -> np.ndarray:
-    """Per-episode accuracies (%) of a run, in episode order (NaN for failed or missing episodes)."""
+    """Per-episode accuracies (%) of a run, in episode order: 0 for a failed (``nonfinite``)
+    episode, which counts as wrong; NaN only for an episode without a finished row."""
     rows = read_episode_results(Path(run_dir) / "episodes.csv")
     n = n if n is not None else (max(rows) + 1 if rows else 0)
     out = np.full(n, np.nan)
     for i, r in rows.items():
-        if i < n and r.get("status") == "ok":
-            out[i] = float(r["accuracy"])
+        if i < n:
+            out[i] = episode_accuracy(r)
     return out

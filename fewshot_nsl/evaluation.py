@@ -6,11 +6,16 @@ flushed row by row (so a killed process loses no finished episode; fsync'ed at m
 and an interrupted evaluation resumes from the first missing episode.
 Before each episode the torch RNG is re-seeded from ``(seed, episode index)``, so an
 episode's result does not depend on which episodes ran before it in this process.
+
+Fairness. A method is handed the support images, the support labels and the query images of
+an episode, in the episode's shuffled order (:class:`~fewshot_nsl.data.episodes.EpisodeOrder`),
+and nothing else: never the query labels, nor an order they could be read from. An episode
+whose logits are not all finite counts as wrong: accuracy 0, status ``nonfinite`` (so it is
+counted in ``episodes_failed``), never left out of the mean.
 """
 from __future__ import annotations
 
 import csv
-import math
 import os
 import time
 import traceback
@@ -75,20 +80,43 @@ def _method_name(method: FewShotMethod) -> str:
     return getattr(type(method), "registered_name", type(method).__name__)
 
 
-def run_episode(method: FewShotMethod, t, episode: int, error_dir: Optional[Path] = None) -> torch.Tensor:
-    """``fit_support`` then ``forward`` on one materialised episode under ``torch.no_grad()``;
-    returns logits ``(n_query, ways)``.
+def episode_accuracy(row: Dict[str, str]) -> float:
+    """Accuracy (%) of one finished ``episodes.csv`` row: 0 for a ``nonfinite`` episode (counted
+    as wrong; older versions wrote ``nan`` there), else its ``accuracy``."""
+    return 0.0 if row.get("status") == "nonfinite" else float(row["accuracy"])
+
+
+def run_episode(
+    method: FewShotMethod,
+    support_x: torch.Tensor,
+    support_y: torch.Tensor,
+    query_x: torch.Tensor,
+    episode: int,
+    error_dir: Optional[Path] = None,
+) -> torch.Tensor:
+    """``fit_support`` then ``forward`` on one materialised episode under ``torch.no_grad()``.
+
+    The method is given exactly these three tensors (the query labels stay with the caller).
+
+    Args:
+        support_x: ``(ways*shots, 3, H, W)``; support_y: ``(ways*shots,)`` in ``0..ways-1``;
+        query_x: ``(n_query, 3, H, W)``, all in the episode's shuffled order.
+        episode: index of the episode (messages).
+
+    Returns:
+        Logits ``(n_query, ways)`` of a real floating-point dtype.
 
     Raises:
         MethodError: the method raised (one line naming the method, the call and the episode;
-            the traceback goes to ``error_dir/error.txt``), or returned logits of another shape.
+            the traceback goes to ``error_dir/error.txt``), or returned logits of another shape
+            or of a complex, boolean or integer dtype.
     """
     call = "fit_support"
     try:
         with torch.no_grad():
-            method.fit_support(t.support_x, t.support_y)
+            method.fit_support(support_x, support_y)
             call = "forward"
-            logits = method(t.query_x)
+            logits = method(query_x)
     except (KeyboardInterrupt, torch.OutOfMemoryError, FewShotError):
         raise
     except Exception as exc:  # a method's own bug: one line, the traceback kept in a file
@@ -103,11 +131,11 @@ def run_episode(method: FewShotMethod, t, episode: int, error_dir: Optional[Path
         msg = " ".join(str(exc).split())[:200]
         raise MethodError(f"method {_method_name(method)} raised {type(exc).__name__} in {call} on test episode "
                           f"{episode}: {msg}{where}; fix the method (finished episodes are kept)") from None
-    n_query, ways = len(t.query_y), int(t.support_y.max()) + 1
-    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (n_query, ways):
-        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise MethodError(f"method {_method_name(method)} returned logits of shape {got} from forward on test episode "
-                          f"{episode}; expected (n_query, ways) = ({n_query}, {ways}); fix the method")
+    problem = FewShotMethod.logits_problem(logits, len(query_x), int(support_y.max()) + 1)
+    if problem:
+        got, expected = problem
+        raise MethodError(f"method {_method_name(method)} returned {got} from forward on test episode {episode}; "
+                          f"{expected}; fix the method")
     return logits
 
 
@@ -127,14 +155,16 @@ def evaluate(
     """Evaluate ``method`` on the first ``n_episodes`` of ``episodes`` (or on ``indices``).
 
     Each episode: ``fit_support`` then ``forward`` under ``torch.no_grad()`` with the method
-    in eval mode (:func:`run_episode`: logits must be ``(n_query, ways)``). A non-finite logit
-    marks the episode ``nonfinite`` (accuracy NaN), it is never averaged in silently.
+    in eval mode (:func:`run_episode`: logits must be real floating point ``(n_query, ways)``),
+    on the episode in its shuffled order (:meth:`EpisodeList.episode`). A non-finite logit marks
+    the episode ``nonfinite`` and counts it as wrong (accuracy 0): a method cannot raise its
+    mean by abstaining on hard episodes.
 
     Args:
         error_dir: where a method's traceback goes (``error.txt``); default: beside ``out_csv``.
 
     Returns:
-        Per-episode accuracies in percent, in episode order (NaN for failed episodes).
+        Per-episode accuracies in percent, in episode order (0 for ``nonfinite`` episodes).
     """
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
@@ -155,13 +185,13 @@ def evaluate(
                 continue
             t0 = time.perf_counter()
             seed_torch(episode_seed(seed, i), mat.device)
-            t = mat(episodes.episodes[i])
-            logits = run_episode(method, t, i, error_dir=error_dir or out_csv.parent)
+            t = mat(episodes.episode(i))
+            logits = run_episode(method, t.support_x, t.support_y, t.query_x, i, error_dir=error_dir or out_csv.parent)
             if torch.isfinite(logits).all():
-                correct = int((logits.argmax(1) == t.query_y).sum())
+                correct = int((logits.argmax(1) == t.query_y.to(logits.device)).sum())
                 acc, status = 100.0 * correct / len(t.query_y), "ok"
-            else:
-                correct, acc, status = 0, float("nan"), "nonfinite"
+            else:  # abstaining is not allowed: the episode counts as wrong
+                correct, acc, status = 0, 0.0, "nonfinite"
             row = {
                 "episode": i, "accuracy": f"{acc:.6f}", "correct": correct, "total": len(t.query_y),
                 "seconds": f"{time.perf_counter() - t0:.4f}", "status": status,
@@ -174,4 +204,4 @@ def evaluate(
             done[i] = {k: str(v) for k, v in row.items()}
         f.flush()
         os.fsync(f.fileno())
-    return [float(done[i]["accuracy"]) if done[i]["status"] == "ok" else math.nan for i in todo]
+    return [episode_accuracy(done[i]) for i in todo]

@@ -4,12 +4,25 @@ An episode is ``(classes, support ranks, query ranks)``: ``ways`` class names an
 the ranks (position within the class, canonical store order) of its support and query
 images. Episode lists are JSON files under ``episodes/<dataset>/`` carrying a sha256 content
 hash; every result records the hash of the list it was evaluated on.
+
+Presentation order. A method never sees an episode in class order (query ``i`` of class
+``i // queries`` would let a method that ignores every pixel score 100%): every episode the
+suite makes carries an :class:`EpisodeOrder`, a permutation of its support and of its query
+images, which :class:`Materialiser` applies to images and labels alike.
+
+* Episodes of a fixed list: derived from ``(list seed, episode index)`` by the scheme
+  :data:`ORDER_SCHEME` (:func:`list_episode_order`, pure ``hashlib``: the same permutation on
+  every platform and numpy version); not stored per episode, but the scheme's name is written
+  in the file (``"order"``) and the scheme and the seed are part of :attr:`EpisodeList.sha256`,
+  so results computed under another layout are never reused under this hash.
+* Training episodes (:class:`EpisodeSampler`): drawn from the sampler's seeded generator right
+  after the episode's classes and ranks (so a checkpoint of its generator state resumes exactly).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -28,6 +41,25 @@ STD = (0.229, 0.224, 0.225)
 EPISODES_DIR = resource_dir("episodes")
 
 
+#: Name of the scheme that orders a fixed list's episodes (:func:`list_episode_order`); written in
+#: each list file and hashed into :attr:`EpisodeList.sha256`. Change it whenever the permutations change.
+ORDER_SCHEME = "sha256-sort-v1"
+
+
+@dataclass(frozen=True)
+class EpisodeOrder:
+    """The order a method is shown an episode's images in.
+
+    Attributes:
+        support: permutation of ``range(ways*shots)``: position ``k`` of ``support_x``/``support_y``
+            holds item ``support[k]`` of the class-major layout (class 0's shots, then class 1's, ...).
+        query: permutation of ``range(ways*queries)``, the same for ``query_x``/``query_y``.
+    """
+
+    support: Tuple[int, ...]
+    query: Tuple[int, ...]
+
+
 @dataclass(frozen=True)
 class Episode:
     """One few-shot task.
@@ -36,11 +68,16 @@ class Episode:
         classes: ``ways`` class names; episode label ``i`` is ``classes[i]``.
         support: per class, ``shots`` ranks within the class.
         query: per class, ``queries`` ranks within the class.
+        order: presentation order of the support and query images (:class:`EpisodeOrder`);
+            ``None`` only for a hand-built episode, which is then materialised class-major.
+            Every episode of an :class:`EpisodeList` or an :class:`EpisodeSampler` has one.
+            Not part of :meth:`to_json` (a list derives it from its seed).
     """
 
     classes: Tuple[str, ...]
     support: Tuple[Tuple[int, ...], ...]
     query: Tuple[Tuple[int, ...], ...]
+    order: Optional[EpisodeOrder] = None
 
     @property
     def ways(self) -> int:
@@ -89,7 +126,11 @@ def sample_episode(
 
 
 class EpisodeSampler:
-    """Seeded on-the-fly sampler of training episodes from one split of a store."""
+    """Seeded on-the-fly sampler of training episodes from one split of a store.
+
+    Each episode comes with a shuffled :class:`EpisodeOrder` drawn from ``rng`` (the only
+    state: saving ``rng.bit_generator.state`` and restoring it resumes the same sequence).
+    """
 
     def __init__(self, store: ImageStore, split: str, ways: int, shots: int, queries: int, seed: int) -> None:
         self.classes = store.classes_in_split(split)
@@ -111,16 +152,58 @@ class EpisodeSampler:
             )
 
     def __next__(self) -> Episode:
-        return sample_episode(self.rng, self.names, self.sizes, self.ways, self.shots, self.queries)
+        """The next episode, with a presentation order drawn from the same generator."""
+        e = sample_episode(self.rng, self.names, self.sizes, self.ways, self.shots, self.queries)
+        order = EpisodeOrder(
+            tuple(int(k) for k in self.rng.permutation(self.ways * self.shots)),
+            tuple(int(k) for k in self.rng.permutation(self.ways * self.queries)),
+        )
+        return replace(e, order=order)
 
     def __iter__(self) -> "EpisodeSampler":
         return self
 
 
 # ----------------------------------------------------------------------------- fixed lists
+def _sha256_permutation(n: int, key: str) -> Tuple[int, ...]:
+    """``range(n)`` sorted by ``sha256(key/j)``: a permutation fixed by ``key`` alone."""
+    prefix = hashlib.sha256(f"{key}/".encode())
+
+    def rank(j: int) -> bytes:
+        h = prefix.copy()
+        h.update(str(j).encode())
+        return h.digest()
+
+    return tuple(sorted(range(n), key=rank))
+
+
+def list_episode_order(seed: int, index: int, n_support: int, n_query: int) -> EpisodeOrder:
+    """Presentation order of episode ``index`` of a list made with ``seed`` (scheme :data:`ORDER_SCHEME`).
+
+    Support and query permutations sort positions by ``sha256("<scheme>/<seed>/<index>/<part>/<j>")``,
+    ``part`` being ``support`` or ``query``: the same on every platform, independent of the
+    episode's content, different between episodes and between seeds.
+
+    Args:
+        n_support: ``ways*shots``.
+        n_query: ``ways*queries``.
+    """
+    key = f"{ORDER_SCHEME}/{seed}/{index}"
+    return EpisodeOrder(_sha256_permutation(n_support, f"{key}/support"), _sha256_permutation(n_query, f"{key}/query"))
+
+
+def _with_list_order(e: Episode, seed: int, index: int) -> Episode:
+    order = list_episode_order(seed, index, sum(len(s) for s in e.support), sum(len(q) for q in e.query))
+    return e if e.order == order else replace(e, order=order)
+
+
 @dataclass
 class EpisodeList:
-    """A fixed, versioned list of episodes plus its metadata."""
+    """A fixed, versioned list of episodes plus its metadata.
+
+    Every episode is given its presentation order from ``(seed, index)`` on construction
+    (:func:`list_episode_order`), whatever order the given :class:`Episode` objects carried.
+    """
 
     dataset: str
     split: str
@@ -131,9 +214,31 @@ class EpisodeList:
     episodes: List[Episode]
     path: Optional[str] = None  # the file it was read from (messages); not part of the hash
 
+    def __post_init__(self) -> None:
+        self.episodes = [_with_list_order(e, self.seed, i) for i, e in enumerate(self.episodes)]
+
+    def episode(self, index: int) -> Episode:
+        """Episode ``index`` with its presentation order derived afresh from ``(seed, index)``
+        (what evaluation materialises, even if ``episodes`` was reassigned after construction)."""
+        return _with_list_order(self.episodes[index], self.seed, index)
+
     @property
     def sha256(self) -> str:
-        """Content hash over (ways, shots, queries, split, episodes); 16 hex chars."""
+        """Content hash over (split, ways, shots, queries, episodes, order scheme, seed); 16 hex chars.
+
+        The order scheme and the seed determine the presentation order of every episode, so a
+        list differing only in them is a different list.
+        """
+        payload = json.dumps(
+            [self.split, self.ways, self.shots, self.queries, [e.to_json() for e in self.episodes],
+             {"order": ORDER_SCHEME, "seed": self.seed}],
+            separators=(",", ":"),
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def _unordered_sha256(self) -> str:
+        """The hash lists recorded before episodes were shuffled (no order scheme, no seed):
+        only to verify the checksum of such a file on load."""
         payload = json.dumps(
             [self.split, self.ways, self.shots, self.queries, [e.to_json() for e in self.episodes]],
             separators=(",", ":"),
@@ -150,7 +255,7 @@ class EpisodeList:
         head = {
             "dataset": self.dataset, "split": self.split, "ways": self.ways, "shots": self.shots,
             "queries": self.queries, "seed": self.seed, "n_episodes": len(self.episodes),
-            "sha256": self.sha256,
+            "order": ORDER_SCHEME, "sha256": self.sha256,
         }
         lines = ",\n".join(json.dumps(e.to_json(), separators=(",", ":")) for e in self.episodes)
         text = json.dumps(head)[:-1] + ',\n"episodes": [\n' + lines + "\n]}\n"
@@ -162,6 +267,11 @@ class EpisodeList:
     def load(cls, path: Path) -> "EpisodeList":
         """Read, verify and validate an episode list: its recorded hash must match its content,
         and every episode must be well formed (:meth:`validate`).
+
+        The file's ``"order"`` must name :data:`ORDER_SCHEME`. A file without one was written
+        before episodes were shuffled: its recorded (class-major) hash is verified, and the list
+        is then used shuffled under the current scheme, so its :attr:`sha256` differs from the
+        recorded one and no result of the class-major layout is reused.
 
         Raises:
             DataError: one line naming the file and, for a bad episode, the first one.
@@ -186,6 +296,8 @@ class EpisodeList:
                 head[k] = v
             if not isinstance(obj["split"], str) or not isinstance(obj["dataset"], str):
                 raise TypeError("'split' and 'dataset' must be strings")
+            if "order" in obj and not isinstance(obj["order"], str):
+                raise TypeError(f"'order' must be a string, got {obj['order']!r}")
             eps = []
             for i, e in enumerate(obj["episodes"]):
                 if not (isinstance(e, list) and len(e) == 3 and all(isinstance(part, list) for part in e)
@@ -195,7 +307,12 @@ class EpisodeList:
             lst = cls(obj["dataset"], obj["split"], head["ways"], head["shots"], head["queries"], head["seed"], eps)
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"episode list {path} is malformed ({exc}); regenerate it with --make-episodes") from None
-        if obj.get("sha256") != lst.sha256:
+        scheme = obj.get("order")
+        if scheme is not None and scheme != ORDER_SCHEME:
+            raise DataError(f"episode list {path} orders its episodes by scheme '{scheme}', which this version does "
+                            f"not know ('{ORDER_SCHEME}'); regenerate it with --make-episodes or upgrade fewshot-nsl")
+        recorded = obj.get("sha256")
+        if recorded != lst.sha256 and not (scheme is None and recorded == lst._unordered_sha256()):
             raise DataError(f"episode list {path} fails its checksum (edited or corrupted); restore it from git")
         lst.path = str(path)
         lst.validate()
@@ -312,9 +429,10 @@ class EpisodeTensors:
     Attributes:
         support_x: ``(ways*shots, 3, H, W)`` float, normalised; on CPU in ``torch.channels_last``
             memory format by default (see :class:`Materialiser`).
-        support_y: ``(ways*shots,)`` int64 in ``0..ways-1`` (class-major order).
-        query_x: ``(ways*queries, 3, H, W)``.
-        query_y: ``(ways*queries,)``.
+        support_y: ``(ways*shots,)`` int64 in ``0..ways-1``, in the episode's shuffled order.
+        query_x: ``(ways*queries, 3, H, W)``, shuffled likewise.
+        query_y: ``(ways*queries,)``: the answers, for the harness to score with; never given
+            to a method.
     """
 
     support_x: torch.Tensor
@@ -386,17 +504,20 @@ class Materialiser:
         return x.sub_(self.mean).div_(self.std)
 
     def __call__(self, episode: Episode) -> EpisodeTensors:
-        ways = episode.ways
-        shots = len(episode.support[0])
-        queries = len(episode.query[0])
+        """Images and labels of ``episode`` in its presentation order (``episode.order``;
+        class-major for a hand-built episode without one)."""
         cls = [self.index[n] for n in episode.classes]
         s_idx = np.concatenate([self.store.index_of(c, r) for c, r in zip(cls, episode.support)])
         q_idx = np.concatenate([self.store.index_of(c, r) for c, r in zip(cls, episode.query)])
+        s_lab = np.repeat(np.arange(episode.ways), [len(r) for r in episode.support])
+        q_lab = np.repeat(np.arange(episode.ways), [len(r) for r in episode.query])
+        if episode.order is not None:
+            s_perm, q_perm = np.asarray(episode.order.support), np.asarray(episode.order.query)
+            s_idx, s_lab, q_idx, q_lab = s_idx[s_perm], s_lab[s_perm], q_idx[q_perm], q_lab[q_perm]
         x = self.images(np.concatenate([s_idx, q_idx]))
-        labels = torch.arange(ways, device=self.device)
         return EpisodeTensors(
             x[: len(s_idx)],
-            labels.repeat_interleave(shots),
+            torch.from_numpy(s_lab.astype(np.int64)).to(self.device),
             x[len(s_idx):],
-            labels.repeat_interleave(queries),
+            torch.from_numpy(q_lab.astype(np.int64)).to(self.device),
         )

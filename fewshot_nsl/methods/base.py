@@ -4,7 +4,11 @@ A method is an ``nn.Module`` around a backbone with two calls:
 
 * ``fit_support(support_x, support_y)``: absorb the support set of an episode
   (``(ways*shots, 3, H, W)`` images, ``(ways*shots,)`` labels in ``0..ways-1``);
-* ``forward(query_x) -> logits``: ``(n_query, 3, H, W)`` -> ``(n_query, ways)``.
+* ``forward(query_x) -> logits``: ``(n_query, 3, H, W)`` -> ``(n_query, ways)``, a real
+  floating-point tensor (:meth:`FewShotMethod.logits_problem` says what the harness refuses).
+
+A method is given support images, support labels and query images, each in the episode's own
+shuffled order, and nothing else: never the query labels, and no order to read them from.
 
 The harness evaluates under ``torch.no_grad()``; methods that adapt by gradient steps
 open ``torch.enable_grad()`` inside ``fit_support`` themselves. Episodic training uses
@@ -23,14 +27,14 @@ Class attributes declare how a method is trained:
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import Backbone
-from ..errors import ConfigError
+from ..errors import ConfigError, MethodError
 
 
 class FewShotMethod(nn.Module):
@@ -79,9 +83,17 @@ class FewShotMethod(nn.Module):
         query_x: torch.Tensor,
         query_y: torch.Tensor,
     ) -> torch.Tensor:
-        """Episodic training loss (scalar): cross-entropy of ``forward`` after ``fit_support``."""
+        """Episodic training loss (scalar): cross-entropy of ``forward`` after ``fit_support``.
+
+        Raises:
+            MethodError: ``forward`` returned logits of a complex, boolean or integer dtype.
+        """
         self.fit_support(support_x, support_y)
-        return F.cross_entropy(self(query_x), query_y)
+        logits = self(query_x)
+        if isinstance(logits, torch.Tensor) and not logits.dtype.is_floating_point:
+            raise MethodError(f"method {self.display_name()} returned logits of dtype {logits.dtype} from forward in "
+                              f"training; {self.LOGITS_DTYPE}; fix the method")
+        return F.cross_entropy(logits, query_y)
 
     def pretrain_module(self) -> nn.Module:
         """The module trained with a linear head on all base classes (``(B,3,H,W)`` -> ``(B,D)``)."""
@@ -119,6 +131,30 @@ class FewShotMethod(nn.Module):
         """
         if value not in choices:
             raise ConfigError(f"{cls.display_name()} {option} must be one of {', '.join(choices)}, got {value!r}")
+
+    #: What :meth:`logits_problem` expects of a logits dtype (messages).
+    LOGITS_DTYPE: ClassVar[str] = ("expected a real floating-point dtype (e.g. torch.float32): complex, boolean and "
+                                   "integer scores are not logits")
+
+    @classmethod
+    def logits_problem(cls, logits: Any, n_query: int, ways: int) -> Optional[Tuple[str, str]]:
+        """What is wrong with a ``forward`` result the harness is to score, or None.
+
+        Logits must be a tensor ``(n_query, ways)`` of a real floating-point dtype (float16,
+        bfloat16, float32, float64): a complex tensor has no order for ``argmax``, and boolean
+        or integer scores tie (the first class would win every tie), so they are refused rather
+        than scored.
+
+        Returns:
+            ``(what was returned, what was expected)``, e.g. ``("logits of shape (1, 5)",
+            "expected (n_query, ways) = (15, 5)")``; None for acceptable logits.
+        """
+        if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (n_query, ways):
+            got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            return f"logits of shape {got}", f"expected (n_query, ways) = ({n_query}, {ways})"
+        if not logits.dtype.is_floating_point:  # False for complex, bool and integer dtypes
+            return f"logits of dtype {logits.dtype}", cls.LOGITS_DTYPE
+        return None
 
     # ------------------------------------------------------------------ helpers for subclasses
     @staticmethod
