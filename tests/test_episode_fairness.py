@@ -276,3 +276,10 @@ def test_complex_boolean_or_integer_logits_are_one_line_method_errors(tiny_store
         _evaluate(_method(_Dtype, dtype=dtype), tiny_store, test_list, tmp_path, n=2)
     msg = str(err.value)
     assert "\n" not in msg and "_Dtype" in msg and "episode 0" in msg and str(dtype) in msg
+
+
+def test_training_loss_refuses_non_float_logits_in_one_line(episode_factory):
+    sx, sy, qx, qy = episode_factory(ways=WAYS, shots=2, queries=3, size=8)
+    with pytest.raises(MethodError, match=r"^method _Dtype returned logits of dtype torch.bool from forward in training; "):
+        _method(_Dtype, dtype=torch.bool).loss(sx, sy, qx, qy)
+    assert torch.isfinite(_method(_Prototypes).loss(sx, sy, qx, qy))
