@@ -55,6 +55,13 @@ class PretrainConfig:
     weight_decay: float = 5e-4
     max_steps: Optional[int] = None  # cap on optimiser steps (smoke tests)
     augment: bool = True  # random-resized crop (scale 0.8-1) + colour jitter
+    # validation (fewshot_nsl.validation): every val_every optimiser steps, the first val_episodes of the fixed
+    # validation list; val_select: best keeps the weights of the best val_metric; val_patience stops early
+    val_every: Optional[int] = None
+    val_episodes: int = 100
+    val_metric: str = "accuracy"  # accuracy | loss
+    val_select: str = "last"  # last | best
+    val_patience: Optional[int] = None
 
 
 @dataclass
@@ -71,6 +78,13 @@ class EpisodicConfig:
     lr_step: Optional[int] = None  # multiply the lr by lr_gamma every lr_step optimiser steps (None: constant)
     lr_gamma: float = 0.5
     grad_clip: Optional[float] = None  # clip the gradient norm of each of the method's clip_groups() (None: off)
+    # validation (fewshot_nsl.validation): every val_every optimiser steps, the first val_episodes of the fixed
+    # validation list; val_select: best keeps the weights of the best val_metric; val_patience stops early
+    val_every: Optional[int] = None
+    val_episodes: int = 100
+    val_metric: str = "accuracy"  # accuracy | loss
+    val_select: str = "last"  # last | best
+    val_patience: Optional[int] = None
 
 
 @dataclass
@@ -155,6 +169,10 @@ class RunConfig:
             raise ConfigError(f"pretrain.optimizer must be one of {', '.join(PRETRAIN_OPTIMIZERS)}, got '{pre.optimizer}'")
         if pre.schedule not in PRETRAIN_SCHEDULES:
             raise ConfigError(f"pretrain.schedule must be one of {', '.join(PRETRAIN_SCHEDULES)}, got '{pre.schedule}'")
+        from .validation import ValidationSettings, check_settings
+
+        check_settings("pretrain", ValidationSettings.of(pre))
+        check_settings("episodic", ValidationSettings.of(epi))
         at_least("episodic.steps", epi.steps)
         at_least("episodic.meta_batch", epi.meta_batch)
         positive("episodic.lr", epi.lr)

@@ -29,6 +29,8 @@ from .errors import ConfigError
 from .config import RunConfig
 from .curves import LogitsProbe, StageCurve
 from .methods.base import FewShotMethod
+from .evaluation import run_episode
+from .validation import StageValidator, ValidationSettings, prototype_logits
 from .training_state import (  # noqa: F401  (re-exported: callers import them from training)
     cached_world_size,
     check_finite,
@@ -127,7 +129,8 @@ def pretrain(
         if curve is not None:
             curve.extend(ckpt.get("curve", []))
         return {"cache_path": str(path), "cached": True, "train_accuracy": ckpt["train_accuracy"],
-                "world_size": int(ckpt.get("world_size", 1))}
+                "world_size": int(ckpt.get("world_size", 1)),
+                **({"validation": ckpt["validation"]} if ckpt.get("validation") else {})}
 
     if path.is_file():
         return from_cache()
@@ -211,6 +214,8 @@ def _pretrain(method, module, store, cfg, device, path, progress, distributed, c
     if p.max_steps is not None:
         total = min(total, p.max_steps)
     opt, sched = pretrain_optimizer(params, p, total)
+    validator = StageValidator("pretrain", ValidationSettings.of(p), cfg, store, device,
+                               lambda t, i: prototype_logits(module, t), module)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, correct, seen = 0, 0, 0
     curve_rows: List[Dict[str, Any]] = []  # training-curve rows of a resumed pretraining
@@ -227,9 +232,10 @@ def _pretrain(method, module, store, cfg, device, path, progress, distributed, c
         torch.set_rng_state(ckpt["torch_rng"].cpu())
         step = int(ckpt["step"])
         curve_rows = ckpt.get("curve", [])
+        validator.load_state_dict(ckpt.get("validation"))
     stage_curve = StageCurve("pretrain", total, curve_rows)
     bar = tqdm(total=total, initial=step, desc=f"pretrain {cfg.backbone}", disable=not progress or rank > 0, unit="step")
-    while step < total:
+    while step < total and validator.stopped_at is None:
         perm = torch.randperm(len(index), generator=gen).numpy()
         correct, seen = 0, 0
         for start in range(0, len(perm), p.batch_size):
@@ -264,10 +270,13 @@ def _pretrain(method, module, store, cfg, device, path, progress, distributed, c
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct / max(seen, 1):.3f}")
             stage_curve.update(step, loss.item(), batch_correct / max(len(y), 1))
-        if partial is not None and step < total:
+            if validator.due(step) and validator.validate(step, stage_curve.rows):
+                break  # early stop (val_patience)
+        if partial is not None and step < total and validator.stopped_at is None:
             atomic_torch_save({"module": module.state_dict(), "head": head.state_dict(), "optimizer": opt.state_dict(),
                                "scheduler": sched.state_dict(), "generator": gen.get_state(),
-                               "torch_rng": torch.get_rng_state(), "step": step, "curve": stage_curve.rows}, partial)
+                               "torch_rng": torch.get_rng_state(), "step": step, "curve": stage_curve.rows,
+                               "validation": validator.state_dict()}, partial)
     bar.close()
     if world > 1:
         import torch.distributed as dist
@@ -276,16 +285,18 @@ def _pretrain(method, module, store, cfg, device, path, progress, distributed, c
         dist.all_reduce(counts)
         correct, seen = int(counts[0]), int(counts[1])
     acc = correct / max(seen, 1)
+    validation = validator.finish(step)  # loads the selected weights into `module` (val_select: best)
     if rank == 0:
         atomic_torch_save({"module": module.state_dict(), "train_accuracy": acc, "world_size": world,
-                           "sync_bn": sync_bn, "curve": stage_curve.rows}, path)
+                           "sync_bn": sync_bn, "curve": stage_curve.rows, "validation": validation, "steps": step}, path)
         if partial is not None:
             partial.unlink(missing_ok=True)
     if world > 1:
         dist.barrier()
     if curve is not None:
         curve.extend(stage_curve.rows)
-    return {"cache_path": str(path), "cached": False, "train_accuracy": acc, "world_size": world}
+    return {"cache_path": str(path), "cached": False, "train_accuracy": acc, "world_size": world,
+            **({"validation": validation} if validation else {})}
 
 
 # ----------------------------------------------------------------------------- episodic
@@ -319,6 +330,8 @@ def meta_train(
     mat = Materialiser(store, cfg.image_size, device)
     params = [p for p in method.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=e.lr)
+    validator = StageValidator("episodic", ValidationSettings.of(e), cfg, store, device,
+                               lambda t, i: run_episode(method, t.support_x, t.support_y, t.query_x, i), method)
     start, last = 0, float("nan")
     curve_rows: List[Dict[str, Any]] = []
     if Path(checkpoint_path).is_file():
@@ -330,6 +343,7 @@ def meta_train(
         set_host_rng_states(ckpt)
         start, last = int(ckpt["step"]), float(ckpt["loss"])
         curve_rows = ckpt.get("curve", [])
+        validator.load_state_dict(ckpt.get("validation"))
     stage_curve = StageCurve("episodic", e.steps, curve_rows)
     probe = LogitsProbe(method)
     method.train()
@@ -346,12 +360,14 @@ def meta_train(
                 "step": step,
                 "loss": last,
                 "curve": stage_curve.rows,
+                "validation": validator.state_dict(),
             },
             checkpoint_path,
         )
 
     clip_groups = [[p for p in g if p.requires_grad] for g in method.clip_groups()] if e.grad_clip else []
-    for step in range(start, e.steps):
+    done = start  # optimiser steps finished
+    for step in range(start, e.steps if validator.stopped_at is None else start):
         if e.lr_step:  # step schedule (Snell et al., Sung et al.): lr * gamma^(step // lr_step); resumes exactly
             for group in opt.param_groups:
                 group["lr"] = e.lr * e.lr_gamma ** (step // e.lr_step)
@@ -378,10 +394,18 @@ def meta_train(
         bar.update(1)
         bar.set_postfix(loss=f"{total:.3f}")
         stage_curve.update(step + 1, total, None if None in accs else sum(accs) / len(accs))
-        if (step + 1) % e.checkpoint_every == 0 or step + 1 == e.steps:
-            save(step + 1)
+        stop = False
+        if validator.due(step + 1):
+            stop = validator.validate(step + 1, stage_curve.rows)
+            probe.accuracy(t.query_y[:0])  # forget the validation's logits (the next step's probe reads its own)
+        done = step + 1
+        if done % e.checkpoint_every == 0 or done == e.steps or stop:
+            save(done)
+        if stop:  # early stop (val_patience)
+            break
     bar.close()
     probe.close()
+    validation = validator.finish(done)  # loads the selected weights into `method` (val_select: best)
     if curve is not None:
         curve.extend(stage_curve.rows)
-    return {"steps": e.steps, "final_loss": last, "resumed_from": start}
+    return {"steps": done, "final_loss": last, "resumed_from": start, **({"validation": validation} if validation else {})}
