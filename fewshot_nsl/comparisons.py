@@ -1,5 +1,6 @@
 """Paired comparisons on the shared fixed episodes: the leaderboard's paired columns against a
-reference method, and ``--compare RUN_A RUN_B`` (statistics from :mod:`fewshot_nsl.stats`)."""
+reference method, and ``--compare RUN_A RUN_B`` (statistics from :mod:`fewshot_nsl.stats`), which
+refuses two runs of different experiments (:func:`check_comparable`)."""
 from __future__ import annotations
 
 import csv
@@ -132,20 +133,80 @@ def resolve_run(spec: str, results_dir: Path) -> Path:
     raise ConfigError(f"run '{spec}' not found: pass a run folder or a run id under {Path(results_dir) / 'runs'}")
 
 
+#: What makes two runs different experiments (recorded in ``summary.json`` / ``identity.json``):
+#: ``--compare`` refuses to pair them, since the paired test assumes one experiment.
+MUST_MATCH = {"dataset_fingerprint": "dataset content", "split": "split", "image_size": "image size",
+              "ways": "ways", "shots": "shots"}
+#: What two runs compared on purpose may differ in, said in a warning line first.
+WARN_IF_DIFFERENT = {"profile": "profile"}
+
+
 def _run_meta(d: Path) -> Dict[str, Any]:
-    for name in ("summary.json",):
-        try:
-            return json.loads((d / name).read_text())
-        except (OSError, ValueError):
-            pass
-    raise ConfigError(f"run {d} has not finished (no summary.json); finish it before comparing")
+    """A finished run's ``summary.json``, completed from its ``identity.json`` where a component is
+    missing (older summaries)."""
+    try:
+        meta = json.loads((d / "summary.json").read_text())
+    except (OSError, ValueError):
+        raise ConfigError(f"run {d} has not finished (no summary.json); finish it before comparing") from None
+    if not isinstance(meta, dict):
+        raise ConfigError(f"run {d} has an unreadable summary.json; run it again before comparing")
+    try:
+        identity = json.loads((d / "identity.json").read_text())
+    except (OSError, ValueError):
+        identity = None
+    for source in (meta.get("identity"), identity):
+        if isinstance(source, dict):
+            for k, v in source.items():
+                meta.setdefault(k, v)
+    return meta
+
+
+def check_comparable(da: Path, ma: Dict[str, Any], db: Path, mb: Dict[str, Any]) -> List[str]:
+    """Refuse two runs that are different experiments; return the warning lines for the rest.
+
+    The paired test compares two methods episode by episode on *one* experiment. Runs that differ
+    in dataset content (fingerprint), split, image size, ways or shots measured different things:
+    a difference between them is not the methods' difference, so they are refused (on the same
+    episode list the labels and indices line up, which is exactly why the numbers would look
+    meaningful). A different profile is a deliberate comparison of methods trained under different
+    budgets, and allowed with a warning, as are runs on different numbers of episodes (only the
+    common ones are paired) and settings one of the runs did not record.
+
+    Raises:
+        ConfigError: one line naming both runs and every setting that differs.
+    """
+    def text(meta: Dict[str, Any], key: str) -> str:
+        return key_text(meta.get(key))
+
+    differ = [f"{what} {text(ma, k) or '?'} vs {text(mb, k) or '?'}" for k, what in MUST_MATCH.items()
+              if k in ma and k in mb and text(ma, k) != text(mb, k)]
+    if differ:
+        raise ConfigError(
+            f"runs {da.name} and {db.name} are different experiments ({'; '.join(differ)}); a paired comparison "
+            f"needs the same data, split, image size, ways and shots: compare runs of one experiment"
+        )
+    warnings = [f"warning: runs {da.name} and {db.name} differ in {what} ({text(ma, k)} vs {text(mb, k)}): the "
+                f"difference mixes the methods with their training settings"
+                for k, what in WARN_IF_DIFFERENT.items() if text(ma, k) != text(mb, k)]
+    unknown = [what for k, what in MUST_MATCH.items() if k not in ma or k not in mb]
+    if unknown:
+        warnings.append(f"warning: {', '.join(unknown)} not recorded by both runs (older run folders); "
+                        f"cannot check that they are the same experiment")
+    return warnings
+
+
+def _side(name: str, mean: float, ci: float, n: int, failed: int) -> str:
+    note = f"{n} ep" + (f", {failed} failed" if failed else "")
+    return f"{name}: {mean:.2f} +- {ci:.2f} ({note})"
 
 
 def compare_runs(a: str, b: str, results_dir: Path) -> str:
-    """Paired comparison of two finished runs on their common episodes, as printable text.
+    """Paired comparison of two finished runs on their common episodes, as printable text; any
+    warning (:func:`check_comparable`) comes first, as ``warning: ...`` lines.
 
     Raises:
-        ConfigError: a run is missing or unfinished, or the two used different episode lists.
+        ConfigError: a run is missing or unfinished, the two used different episode lists, or
+            they are different experiments (:func:`check_comparable`).
     """
     from .stats import paired_compare, summarize
 
@@ -156,16 +217,21 @@ def compare_runs(a: str, b: str, results_dir: Path) -> str:
             f"runs {da.name} and {db.name} were evaluated on different episode lists "
             f"({ma.get('episode_hash')} vs {mb.get('episode_hash')}); a paired comparison needs the same episodes"
         )
+    lines = check_comparable(da, ma, db, mb)
     va, vb = episode_vector([da]), episode_vector([db])
     n = min(len(va), len(vb))
+    if len(va) != len(vb):
+        lines.append(f"warning: A has {len(va)} episodes and B {len(vb)}; only the first {n} are paired")
     pc = paired_compare(va[:n], vb[:n])
     sa, sb = summarize(va[:n]), summarize(vb[:n])
+    fa, fb = int(np.isnan(va[:n]).sum()), int(np.isnan(vb[:n]).sum())
     sig = "significant" if pc.p_value < 0.05 else "not significant"
-    lines = [
+    lines += [
         f"A: {da.name}  ({ma['method']} {ma['backbone']}, seed {ma.get('seed')})",
         f"B: {db.name}  ({mb['method']} {mb['backbone']}, seed {mb.get('seed')})",
         f"episodes: {pc.n} paired (episode list {ma['episode_hash']}, {ma['ways']}-way {ma['shots']}-shot, {ma['dataset']})",
-        f"A: {sa.mean:.2f} +- {sa.ci95:.2f}   B: {sb.mean:.2f} +- {sb.ci95:.2f}   (mean accuracy %, 95% CI)",
+        f"{_side('A', sa.mean, sa.ci95, sa.n, fa)}   {_side('B', sb.mean, sb.ci95, sb.n, fb)}   "
+        f"(mean accuracy %, 95% CI)",
         f"A - B: {pc.mean_diff:+.2f} +- {pc.ci95:.2f} points (95% CI of the paired difference)",
         f"paired t-test: t = {pc.t_stat:.3f}, p = {pc.p_value:.4g}; Wilcoxon signed-rank p = {pc.wilcoxon_p:.4g} "
         f"({sig} at 0.05)",

@@ -3,7 +3,9 @@
 * Info lines (what runs, results, where the reports are) go to stdout, or to stderr with
   ``--json`` (stdout then holds the JSON document only); ``--quiet`` drops them.
 * ``error: ...`` and ``interrupted: ...`` lines always go to stderr.
-* ``--log-file FILE`` appends every line (info, also under ``--quiet``, and errors) to FILE.
+* ``--log-file FILE`` appends every line (info, also under ``--quiet``, and errors) to FILE. FILE
+  may not be inside the results or cache folder (the suite's own files), nor a folder, FIFO, socket
+  or device (:func:`fewshot_nsl.safe_io.check_log_file`).
 * Progress bars (tqdm, on stderr) are shown when stderr is a terminal, or with ``--progress``;
   ``--no-progress`` and ``--quiet`` turn them off.
 """
@@ -16,6 +18,10 @@ from pathlib import Path
 from typing import IO, Optional
 
 from .errors import ConfigError
+from .safe_io import check_log_file
+
+#: The results folder when ``--results-dir`` is not given (the CLI's default).
+DEFAULT_RESULTS_DIR = Path("results")
 
 
 def command_name(argv0: Optional[str] = None) -> str:
@@ -46,6 +52,12 @@ def show_progress(progress: Optional[bool], quiet: bool = False, stream: IO[str]
         return False
 
 
+def _default_cache_dir() -> Path:
+    from .data.store import default_cache_dir  # numpy only; not imported unless a log file is asked for
+
+    return default_cache_dir()
+
+
 @dataclass
 class Console:
     """The CLI's output channels (see the module docstring).
@@ -54,16 +66,24 @@ class Console:
         quiet: drop info lines.
         json_mode: info lines go to stderr; stdout is kept for :meth:`emit_json`.
         log_file: path every line is appended to.
+        results_dir: the results folder the log file must stay out of (None: the default
+            ``results``; a config file may name another, checked again once it is resolved).
+        cache_dir: the cache folder the log file must stay out of (None: the default cache).
     """
 
     quiet: bool = False
     json_mode: bool = False
     log_file: Optional[Path] = None
+    results_dir: Optional[Path] = None
+    cache_dir: Optional[Path] = None
     _log: Optional[IO[str]] = field(default=None, repr=False)
 
     def open(self) -> "Console":
-        """Open the log file (a one-line :class:`ConfigError` if it cannot be written)."""
+        """Open the log file (a one-line :class:`ConfigError` if it cannot be written, or is a file
+        the suite manages, a folder, FIFO or device: :func:`~fewshot_nsl.safe_io.check_log_file`)."""
         if self.log_file is not None:
+            check_log_file(Path(self.log_file), self.results_dir or DEFAULT_RESULTS_DIR,
+                           self.cache_dir or _default_cache_dir())
             try:
                 Path(self.log_file).parent.mkdir(parents=True, exist_ok=True)
                 self._log = open(self.log_file, "a", encoding="utf-8")

@@ -106,9 +106,24 @@ def curve_csv(rows: Sequence[Dict[str, Any]]) -> str:
 
 
 def curve_png(rows: Sequence[Dict[str, Any]], title: str = "") -> bytes:
-    """PNG bytes of the loss and accuracy curves (matplotlib's Agg canvas, no pyplot state)."""
+    """PNG bytes of the loss and accuracy curves (matplotlib's Agg canvas, no pyplot state).
+
+    Text (the title, stage names) is drawn verbatim: a ``$`` in a run or method name is a dollar
+    sign, not mathtext (:data:`fewshot_nsl.reporting.PLAIN_TEXT_RC`), and control characters are
+    shown as escapes."""
+    import matplotlib
+
+    from .reporting import PLAIN_TEXT_RC
+
+    with matplotlib.rc_context(PLAIN_TEXT_RC):
+        return _curve_png(rows, title)
+
+
+def _curve_png(rows: Sequence[Dict[str, Any]], title: str) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    from .reporting import visible
 
     fig = Figure(figsize=(9, 3.4), dpi=100)
     FigureCanvasAgg(fig)
@@ -116,10 +131,10 @@ def curve_png(rows: Sequence[Dict[str, Any]], title: str = "") -> bytes:
     stages = list(dict.fromkeys(r["stage"] for r in rows))
     for stage in stages:
         pts = [r for r in rows if r["stage"] == stage]
-        ax_loss.plot([r["step"] for r in pts], [r["loss"] for r in pts], label=stage)
+        ax_loss.plot([r["step"] for r in pts], [r["loss"] for r in pts], label=visible(stage))
         acc = [r for r in pts if r.get("accuracy") is not None]
         if acc:
-            ax_acc.plot([r["step"] for r in acc], [100 * float(r["accuracy"]) for r in acc], label=stage)
+            ax_acc.plot([r["step"] for r in acc], [100 * float(r["accuracy"]) for r in acc], label=visible(stage))
     ax_loss.set(xlabel="step", ylabel="training loss", title="loss")
     ax_acc.set(xlabel="step", ylabel="training accuracy (%)", title="accuracy")
     if not rows:
@@ -130,7 +145,7 @@ def curve_png(rows: Sequence[Dict[str, Any]], title: str = "") -> bytes:
             ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(visible(title), fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

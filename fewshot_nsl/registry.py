@@ -11,13 +11,16 @@ Usage::
 
 A name can be registered by one source file only: a second file registering it (whatever the
 file is called) is refused with one line naming both; importing the very same file again is
-harmless. Loading the built-ins and discovering plugins is :mod:`fewshot_nsl.plugins`; its
+harmless. Names are data that ends up in run folder names, CSV cells, Markdown tables and plot
+labels, so a name must follow :data:`NAME_RULE` (checked at registration, :func:`check_name`).
+Loading the built-ins and discovering plugins is :mod:`fewshot_nsl.plugins`; its
 functions (``create_method``, ``list_methods``, ``load_plugins``, ...) are also reachable from
 here, imported on first use, so this module never imports the package back.
 """
 from __future__ import annotations
 
 import inspect
+import re
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -26,6 +29,49 @@ from .errors import RegistryError
 
 class DuplicateNameError(RegistryError):
     """A name is registered by two different source files."""
+
+
+class InvalidNameError(RegistryError):
+    """A name that is not safe as a folder name, CSV cell, Markdown cell or plot label."""
+
+
+#: Longest name accepted (run ids join several names; a file name holds at most 255 bytes).
+MAX_NAME_LENGTH = 64
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+#: The rule a registered name follows, as said in the refusal.
+NAME_RULE = (f"a letter or digit, then letters, digits, '_', '.', '+' or '-' (no '..', at most "
+             f"{MAX_NAME_LENGTH} characters)")
+
+
+def is_valid_name(name: Any) -> bool:
+    """Whether ``name`` follows :data:`NAME_RULE`: safe as a path component (no separator, no
+    ``..``, no leading ``-`` or ``.``), a CSV cell (no formula prefix ``= + - @``), a Markdown cell and
+    a matplotlib label (no ``|``, backtick, ``$``, whitespace or control character)."""
+    return (isinstance(name, str) and len(name) <= MAX_NAME_LENGTH and _NAME.fullmatch(name) is not None
+            and ".." not in name)
+
+
+def shown(name: Any) -> str:
+    """``name`` quoted for a one-line message: ``'protonet'``, or its ``repr`` when it holds
+    characters outside :data:`NAME_RULE` (a newline, quotes ...), so the message stays one line."""
+    return f"'{name}'" if is_valid_name(name) else repr(name)
+
+
+def check_name(kind: str, name: Any) -> str:
+    """``name`` if it follows :data:`NAME_RULE`.
+
+    Args:
+        kind: "method", "backbone" or "dataset" (for the message).
+
+    Raises:
+        InvalidNameError: one line naming the bad name and the rule.
+    """
+    if not is_valid_name(name):
+        raise InvalidNameError(
+            f"{kind} name {shown(name)} is not allowed: a {kind} name is {NAME_RULE}; "
+            f"register it under a name like 'my_{kind}'"
+        )
+    return name
 
 
 def source_of(obj: Any) -> str:
@@ -52,7 +98,13 @@ class Registry:
         self._sources: Dict[str, str] = {}
 
     def register(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        """Return a decorator that registers a class or factory under ``name``."""
+        """Return a decorator that registers a class or factory under ``name``.
+
+        Raises:
+            InvalidNameError: ``name`` does not follow :data:`NAME_RULE` (raised at once, when
+                the decorator is built, before anything is registered).
+        """
+        check_name(self.kind, name)
 
         def decorator(obj: Callable[..., Any]) -> Callable[..., Any]:
             source = source_of(obj)
@@ -82,7 +134,7 @@ class Registry:
         if name not in self._entries:
             known = ", ".join(sorted(self._entries)) or "none"
             raise RegistryError(
-                f"unknown {self.kind} '{name}'; available {self.kind}s: {known}"
+                f"unknown {self.kind} {shown(name)}; available {self.kind}s: {known}"
             )
         return self._entries[name]
 

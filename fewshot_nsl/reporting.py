@@ -14,10 +14,18 @@ comparisons, the per-episode ``runs/<run_id>/episodes.csv`` of the runs a row na
 method is evaluated on the same fixed episodes, so each row is compared episode by episode
 with a reference method (``ref_method``, default ``protonet``) of the same dataset, ways,
 shots and profile: mean paired difference with its 95% CI, paired t-test and Wilcoxon p-values.
+
+Names are data: whatever a CSV cell holds (a method name from another tool's leaderboard, a ``|``,
+a newline, a backtick, ``$...$``) is written so that it cannot change the document around it:
+Markdown cells through :func:`md_cell` (backslash escapes, control characters shown as ``\\n``),
+HTML through :func:`html.escape`, plot text with matplotlib's math parsing off (:data:`PLAIN_TEXT_RC`).
+Every table shows each row's own episode count and failed-episode count (``(600 ep, 3 failed)``).
 """
 from __future__ import annotations
 
 import html
+import re
+import unicodedata
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -52,6 +60,66 @@ from .leaderboard import (  # noqa: F401  (re-exported)
 from .safe_io import atomic_write, atomic_write_text
 
 
+# ----------------------------------------------------------------------------- escaping
+#: Characters that change Markdown around them (emphasis, code, links, table cells, math, strikethrough).
+_MD_SPECIAL = frozenset("\\`*[]|$~")
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_MD_CODE_SAFE = re.compile(r"[A-Za-z0-9_.+\- ]+")
+#: matplotlib settings under which text is drawn verbatim (no ``$...$`` mathtext, no LaTeX).
+PLAIN_TEXT_RC = {"text.usetex": False, "text.parse_math": False}
+
+
+def _is_invisible(ch: str) -> bool:
+    """Control, format (bidi overrides, zero-width) and line/paragraph separator characters."""
+    return unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp")
+
+
+def _escape_code(ch: str) -> str:
+    """``\\n`` or ``\\x1b`` / ``\\u202e`` (as text) for an invisible character."""
+    return _SHORT_ESCAPES.get(ch) or (f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+
+
+def visible(value: Any) -> str:
+    """``str(value)`` with invisible characters written as escapes (a newline as ``\\n``), so a
+    value is always one line and shows what it holds (for HTML, plots and console lines)."""
+    return "".join(_escape_code(ch) if _is_invisible(ch) else ch for ch in str(value))
+
+
+def md_cell(value: Any) -> str:
+    """``value`` as inline Markdown text that renders as itself and cannot leave its table cell.
+
+    ASCII punctuation that Markdown acts on (``\\ ` * _ [ ] | $ ~``, ``<`` before a tag and ``&``
+    before an entity) is backslash-escaped; invisible characters become visible escapes (:func:`visible`)."""
+    text = str(value)
+    out = []
+    for i, ch in enumerate(text):
+        nxt = text[i + 1:i + 2]
+        if _is_invisible(ch):
+            out.append("\\" + _escape_code(ch))
+        elif ch == "_" and (i == 0 or i == len(text) - 1 or not (text[i - 1].isalnum() and nxt.isalnum())):
+            out.append("\\_")  # intraword '_' (static_nsn) never emphasises: left as is
+        elif ch in _MD_SPECIAL:
+            out.append("\\" + ch)
+        elif ch == "<" and re.match(r"[A-Za-z/!?]", nxt):
+            out.append("\\<")
+        elif ch == "&" and re.match(r"#?\w+;", text[i + 1:]):
+            out.append("\\&")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def md_code(value: Any) -> str:
+    """``value`` as a Markdown code span when it is plain (letters, digits, ``_ . + -``, spaces),
+    else as escaped text (a code span cannot escape a backtick or a pipe reliably)."""
+    text = str(value)
+    return f"`{text}`" if _MD_CODE_SAFE.fullmatch(text) else md_cell(text)
+
+
+def _md_row(cells: Sequence[Any]) -> str:
+    return "| " + " | ".join(md_cell(c) for c in cells) + " |"
+
+
 # ----------------------------------------------------------------------------- markdown
 def _fmt(mean: Any, ci: Any) -> str:
     if mean is None or pd.isna(mean):
@@ -80,8 +148,24 @@ def n_seeds_of(r: Any) -> int:
     return 1 if n is None or pd.isna(n) else int(n)
 
 
+def _count(v: Any) -> Optional[int]:
+    """An integer cell (``600``, ``600.0``, ``"600"``), None when empty or not a number."""
+    v = pd.to_numeric(pd.Series([v]), errors="coerce").iloc[0]
+    return None if pd.isna(v) else int(v)
+
+
+def episodes_note(r: Any) -> str:
+    """The row's own episode count and failed-episode count: ``(600 ep)``, ``(597 ep, 3 failed)``,
+    ``(episodes unknown)`` for a row without the column."""
+    n, failed = _count(r.get("episodes")), _count(r.get("episodes_failed"))
+    text = "episodes unknown" if n is None else f"{n} ep"
+    if failed:
+        text += f", {failed} failed"
+    return f"({text})"
+
+
 def _acc_cell(r: pd.Series) -> str:
-    cell = _fmt(r["accuracy"], r["ci95"])
+    cell = f"{_fmt(r['accuracy'], r['ci95'])} {episodes_note(r)}"
     ss = r.get("seed_std")
     if ss is not None and pd.notna(ss) and n_seeds_of(r) > 1:
         cell += f" (seed sd {float(ss):.2f})"
@@ -96,11 +180,14 @@ def _groups(df: pd.DataFrame):
     return df.groupby(GROUP, sort=True)
 
 
-def _group_title(key: Tuple) -> str:
-    """``glyphs (data 1a2b3c4d), test split, 5-way, profile `quick`, 84 px``."""
+def _group_title(key: Tuple, markdown: bool = True) -> str:
+    """``glyphs (data 1a2b3c4d), test split, 5-way, profile `quick`, 84 px``: Markdown (every value
+    escaped), or plain text (``markdown=False``: invisible characters shown, no backticks)."""
     dataset, fingerprint, split, ways, profile, image_size = key
-    px = f", {image_size} px" if image_size else ""
-    return f"{dataset} (data {str(fingerprint)[:8]}), {split} split, {ways}-way, profile `{profile}`{px}"
+    text, code = (md_cell, md_code) if markdown else (visible, visible)
+    px = f", {text(image_size)} px" if image_size else ""
+    return (f"{text(dataset)} (data {text(str(fingerprint)[:8])}), {text(split)} split, {text(ways)}-way, "
+            f"profile {code(profile)}{px}")
 
 
 def _is_true(v: Any) -> bool:
@@ -126,30 +213,33 @@ def table6_markdown(df: pd.DataFrame) -> str:
         "`Δ vs <ref>`: paired difference to the reference method on the same episodes ± its 95% CI, "
         "with the paired t-test p-value. `paper` is the NSL paper's Table 6 value on Mini-ImageNet "
         "(5-way 5-shot; the paper reports no 1-shot values), shown as a column only for Mini-ImageNet test "
-        "rows of the `paper` profile at 84 px; elsewhere it is marked *for orientation*."
+        "rows of the `paper` profile at 84 px; elsewhere it is marked *for orientation*. "
+        "`(n ep, k failed)` after each value: the episodes that row was measured on (`episodes`) and, where "
+        "any, how many of its episodes failed (`episodes_failed`: the method raised or gave non-finite logits)."
     )
     out.append("")
     for key, g in _groups(df):
         dataset, _, split, ways, profile, image_size = key
-        synthetic = bool(g["synthetic"].fillna(False).astype(str).isin(["True", "true", "1"]).any())
+        synthetic = _synthetic(g)
         comparable, why = paper_comparable(dataset, profile, image_size, split)
         ref = _ref_name(g)
         out.append(f"## {_group_title(key)}")
         out.append("")
         if synthetic:
             out.append(
-                f"*{dataset} is synthetic; its numbers are NOT comparable with the paper's Mini-ImageNet values, "
-                "which are shown for orientation only.*"
+                f"*{md_cell(dataset)} is synthetic; its numbers are NOT comparable with the paper's Mini-ImageNet "
+                "values, which are shown for orientation only.*"
             )
             out.append("")
         elif not comparable:
-            out.append(f"*Not comparable with the paper's Table 6 ({why}); its values are shown for orientation only.*")
+            out.append(f"*Not comparable with the paper's Table 6 ({md_cell(why)}); its values are shown for "
+                       "orientation only.*")
             out.append("")
         shots = sorted(int(s) for s in g["shots"].unique())
         paper_col = "paper (5-shot)" if comparable else "paper (5-shot, for orientation)"
         header = (["Method", "Backbone"] + [f"{s}-shot" for s in shots] + [f"Δ vs {ref} ({s}-shot)" for s in shots]
-                  + [paper_col, "seeds", "episodes", "params"])
-        out.append("| " + " | ".join(header) + " |")
+                  + [paper_col, "seeds", "params"])
+        out.append(_md_row(header))
         out.append("|" + "---|" * len(header))
         for (method, backbone), m in g.groupby(["method", "backbone"], sort=False):
             cells = [str(method), str(backbone)]
@@ -165,10 +255,9 @@ def table6_markdown(df: pd.DataFrame) -> str:
             cells.append(_fmt(pv, pc))
             seeds = m["seeds"].dropna().astype(str).unique() if "seeds" in m else []
             cells.append(" / ".join(seeds) if len(seeds) else "-")
-            cells.append(str(int(pd.to_numeric(m["episodes"]).max())))
             params = pd.to_numeric(m["params"], errors="coerce").max()
             cells.append(f"{int(params):,}" if pd.notna(params) else "-")
-            out.append("| " + " | ".join(cells) + " |")
+            out.append(_md_row(cells))
         out.append("")
     others = paper_only_rows()
     if others:
@@ -179,8 +268,12 @@ def table6_markdown(df: pd.DataFrame) -> str:
     return "\n".join(out)
 
 
+def _synthetic(g: pd.DataFrame) -> bool:
+    return bool(g["synthetic"].fillna(False).astype(str).isin(["True", "true", "1"]).any()) if "synthetic" in g else False
+
+
 def _summary_frame(g: pd.DataFrame) -> pd.DataFrame:
-    """The per-row table of the run summary (strings, ready to print)."""
+    """The per-row table of the run summary (raw values as strings; escaped by the renderer)."""
     def num(v: Any, fmt: str) -> str:
         return "-" if v is None or pd.isna(v) else format(float(v), fmt)
 
@@ -189,14 +282,16 @@ def _summary_frame(g: pd.DataFrame) -> pd.DataFrame:
         commit = "" if pd.isna(r.get("git_commit")) or not r.get("git_commit") else str(r.get("git_commit"))
         if not commit and pd.notna(r.get("version")) and r.get("version"):  # an installed copy: its version
             commit = f"v{r.get('version')}"
+        episodes, failed = _count(r.get("episodes")), _count(r.get("episodes_failed")) or 0
         rows.append({
             "method": r["method"], "backbone": r["backbone"], "shots": int(r["shots"]), "split": r.get("split"),
-            "accuracy ± CI95": _fmt(r["accuracy"], r["ci95"]), "t-CI95": num(r.get("ci95_t"), ".2f"),
+            "accuracy ± CI95": _fmt(r["accuracy"], r["ci95"]) + (f" ({failed} failed)" if failed else ""),
+            "t-CI95": num(r.get("ci95_t"), ".2f"),
             "seed sd": num(r.get("seed_std"), ".2f"), "seeds": r.get("seeds"),
             "Δ vs ref": _fmt_diff(r), "Wilcoxon p": _fmt_p(r.get("p_wilcoxon_vs_ref")) or "-",
             "paper": _fmt(r.get("paper_value"), r.get("paper_ci")) + (
                 "" if _is_true(r.get("paper_comparable")) or pd.isna(r.get("paper_value")) else " (orientation)"),
-            "episodes": int(r["episodes"]), "failed": int(r.get("episodes_failed") or 0),
+            "episodes": "-" if episodes is None else episodes, "failed": failed,
             "params": f"{int(r['params']):,}" if pd.notna(r.get("params")) else "-",
             "train s": num(r.get("train_time_s"), ".1f"), "eval s": num(r.get("eval_time_s"), ".1f"),
             "wall s": num(r.get("wall_time_s"), ".1f"), "peak MB": num(r.get("peak_memory_mb"), ".0f"),
@@ -209,9 +304,9 @@ def _summary_frame(g: pd.DataFrame) -> pd.DataFrame:
 
 
 def _md_table(t: pd.DataFrame) -> List[str]:
-    out = ["| " + " | ".join(map(str, t.columns)) + " |", "|" + "---|" * len(t.columns)]
+    out = [_md_row(t.columns), "|" + "---|" * len(t.columns)]
     for _, r in t.iterrows():
-        out.append("| " + " | ".join(str(v) for v in r.values) + " |")
+        out.append(_md_row(r.values))
     return out
 
 
@@ -232,7 +327,7 @@ def summary_markdown(df: pd.DataFrame, title: str = "Benchmark summary",
     for key, g in _groups(df):
         wall = pd.to_numeric(g["wall_time_s"], errors="coerce").sum()
         out.append(f"## {_group_title(key)}: {len(g)} cells, "
-                   f"{wall / 60:.1f} min of run time, reference `{_ref_name(g)}`")
+                   f"{wall / 60:.1f} min of run time, reference {md_code(_ref_name(g))}")
         out.append("")
         out += _md_table(_summary_frame(g))
         out.append("")
@@ -241,7 +336,7 @@ def summary_markdown(df: pd.DataFrame, title: str = "Benchmark summary",
             missing = [c for c in cells if (c["method"], c["backbone"], int(c["shots"])) not in have]
             if missing:
                 out.append("Grid cells without a result: " + ", ".join(
-                    f"{c['method']} {c['backbone']} {c['shots']}-shot" for c in missing) + ".")
+                    md_cell(f"{c['method']} {c['backbone']} {c['shots']}-shot") for c in missing) + ".")
                 out.append("")
     return "\n".join(out)
 
@@ -258,27 +353,34 @@ def summary_html(df: pd.DataFrame, title: str = "Benchmark summary", plot: Optio
     if df.empty:
         parts.append("<p>No results yet.</p>")
     for key, g in _groups(df):
-        syn = " (synthetic: not comparable with Mini-ImageNet)" if g["synthetic"].astype(str).isin(["True", "true"]).any() else ""
-        parts.append(f"<h2>{html.escape(_group_title(key).replace('`', ''))}{syn}</h2>")
-        parts.append(_summary_frame(g).to_html(index=False, escape=True))
+        syn = " (synthetic: not comparable with Mini-ImageNet)" if _synthetic(g) else ""
+        parts.append(f"<h2>{html.escape(_group_title(key, markdown=False))}{syn}</h2>")
+        parts.append(_summary_frame(g).apply(lambda col: col.map(visible)).to_html(index=False, escape=True))
         if cells:
             have = {(str(r.method), str(r.backbone), int(r.shots)) for r in g.itertuples()}
             missing = [c for c in cells if (c["method"], c["backbone"], int(c["shots"])) not in have]
             if missing:
                 parts.append("<p>Grid cells without a result: " + html.escape(", ".join(
-                    f"{c['method']} {c['backbone']} {c['shots']}-shot" for c in missing)) + "</p>")
+                    visible(f"{c['method']} {c['backbone']} {c['shots']}-shot") for c in missing)) + "</p>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
 # ----------------------------------------------------------------------------- plot
 def plot_leaderboard(df: pd.DataFrame, path: Path) -> Optional[Path]:
-    """Horizontal bars of accuracy with 95% CI whiskers per (method, backbone, shots); paper value marked."""
+    """Horizontal bars of accuracy with 95% CI whiskers per (method, backbone, shots); paper value
+    marked; a row with failed episodes says how many in its label. Text is drawn verbatim
+    (:data:`PLAIN_TEXT_RC`: a ``$`` in a name is a dollar sign, not mathtext)."""
     if df.empty:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
+    with matplotlib.rc_context(PLAIN_TEXT_RC):
+        return _plot_leaderboard(df, Path(path))
+
+
+def _plot_leaderboard(df: pd.DataFrame, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     groups = list(_groups(df))
@@ -287,7 +389,9 @@ def plot_leaderboard(df: pd.DataFrame, path: Path) -> Optional[Path]:
         dataset, _, split, ways, profile, image_size = key
         comparable, _ = paper_comparable(dataset, profile, image_size, split)
         g = g.assign(shots=g["shots"].astype(int)).sort_values(["shots", "accuracy"])
-        labels = [f"{r.method} ({r.backbone}, {int(r.shots)}-shot)" for r in g.itertuples()]
+        labels = [visible(f"{r.method} ({r.backbone}, {int(r.shots)}-shot"
+                          + (f", {_count(r.episodes_failed)} failed" if _count(getattr(r, "episodes_failed", None))
+                             else "") + ")") for r in g.itertuples()]
         y = list(range(len(g)))
         ax.barh(y, g["accuracy"].astype(float), xerr=g["ci95"].astype(float), color="#4c72b0", ecolor="black", capsize=3,
                 label="accuracy ± 95% CI")
@@ -304,8 +408,8 @@ def plot_leaderboard(df: pd.DataFrame, path: Path) -> Optional[Path]:
         ax.axvline(100.0 / int(ways), color="grey", linestyle=":", label="chance")
         ax.set_xlim(0, 100)
         ax.set_xlabel("accuracy (%) with 95% CI")
-        syn = " (synthetic)" if g["synthetic"].astype(str).isin(["True", "true"]).any() else ""
-        ax.set_title(f"{_group_title(key).replace('`', '')}{syn}", fontsize=10)
+        syn = " (synthetic)" if _synthetic(g) else ""
+        ax.set_title(f"{_group_title(key, markdown=False)}{syn}", fontsize=10)
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     try:

@@ -5,7 +5,14 @@ checkpoints go through it in :func:`fewshot_nsl.training.atomic_torch_save`) wri
 sibling, fsyncs and renames, removing the temporary file when anything fails;
 :func:`remove_stale_tmp` clears the ones that killed processes left; :func:`locked` is the
 exclusive file lock (leaderboard updates, pretraining cache misses); :func:`check_writable`
-proves an output folder takes files.
+proves an output folder takes files; :func:`check_log_file` refuses a ``--log-file`` that would
+append to a file the suite manages or is not a regular file.
+
+Temporary files are named ``.fewshot-nsl.tmp-<pid>-<thread id>-<target name>`` (:func:`tmp_path`):
+a dedicated prefix, so nothing a user creates (``data.tmp123``, a folder ``x.tmp1``) is taken for
+one, and the writer's process *and* thread, so two threads of one process (``benchmark()`` from a
+thread pool) never write the same temporary file. Only regular files of that form whose process
+is gone are ever deleted by :func:`remove_stale_tmp`.
 
 Reading user-supplied files without hanging, recursing without bound or exhausting memory:
 
@@ -26,9 +33,10 @@ import os
 import re
 import shutil
 import stat
+import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Type
+from typing import Any, Callable, Iterator, Optional, Sequence, Type
 
 from .errors import ConfigError, FewShotError
 
@@ -138,7 +146,27 @@ def load_yaml_document(path: Path, what: str, error: Type[FewShotError] = Config
 # ----------------------------------------------------------------------------- output folders
 #: Free space below which a results or cache folder counts as full (bytes).
 MIN_FREE_BYTES = 64 * 2**20
-_TMP_NAME = re.compile(r"(?:\.tmp(\d+)$|^\.tmp(\d+)-)")
+#: Prefix of every temporary file the suite writes (see the module docstring).
+TMP_PREFIX = ".fewshot-nsl.tmp-"
+_TMP_NAME = re.compile(re.escape(TMP_PREFIX) + r"(\d+)-(\d+)-")
+#: Longest file name written (bytes; most file systems allow 255).
+_MAX_NAME_BYTES = 255
+
+
+def tmp_path(path: Path) -> Path:
+    """The temporary sibling through which ``path`` is written by this process and thread:
+    ``.fewshot-nsl.tmp-<pid>-<native thread id>-<name>`` (the name shortened to keep the file
+    name within 255 bytes)."""
+    path = Path(path)
+    head = f"{TMP_PREFIX}{os.getpid()}-{threading.get_native_id()}-"
+    room = _MAX_NAME_BYTES - len(head.encode())
+    name = path.name.encode()[:room].decode("utf-8", "ignore")
+    return path.with_name(head + name)
+
+
+def is_tmp_name(name: str) -> bool:
+    """Whether ``name`` is a temporary file name written by :func:`tmp_path`."""
+    return _TMP_NAME.match(name) is not None
 
 
 def check_writable(folder: Path, what: str) -> Path:
@@ -153,7 +181,7 @@ def check_writable(folder: Path, what: str) -> Path:
     fix = f"pass another {'--results-dir' if what == 'results folder' else '--cache-dir'} or free/allow it"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test.tmp{os.getpid()}"
+        probe = tmp_path(folder / "write-test")
         try:
             with open(probe, "wb") as f:
                 f.write(b"fewshot-nsl write test\n")
@@ -174,6 +202,69 @@ def check_writable(folder: Path, what: str) -> Path:
     return folder
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` (resolved, symlinks followed) is ``folder`` or lies under it."""
+    try:
+        return path == folder or path.is_relative_to(folder)
+    except ValueError:
+        return False
+
+
+def check_log_file(path: Path, results_dir: Optional[Path], cache_dir: Optional[Path],
+                   inputs: Sequence[Path] = ()) -> Path:
+    """``path`` if it can take ``--log-file`` lines without harming anything.
+
+    Refused: a path inside the results folder or the cache folder (the suite owns everything there:
+    ``leaderboard.csv``, ``table6.md``, ``runs/...``; log lines appended to them break every later
+    run), inside or equal to one of ``inputs`` (data root, config files: what a run reads), a
+    (hard) link to a file directly in the results folder, and anything that is not a regular file
+    or a new name: a folder, a FIFO (``open`` would block forever), a socket, a character or block
+    device. Symlinks are followed, so a link into the results folder is refused too. Uses
+    ``os.stat`` only (never blocks).
+
+    Args:
+        path: the ``--log-file`` value.
+        results_dir: the results folder (``--results-dir``; None: not known yet).
+        cache_dir: the cache folder (``--cache-dir``; None: not known yet).
+        inputs: further files or folders a run reads.
+
+    Raises:
+        ConfigError: one line naming the path, the reason and the fix.
+    """
+    path = Path(path)
+    fix = "pass a log file outside the results and cache folders, e.g. --log-file run.log"
+    try:
+        st: Optional[os.stat_result] = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise ConfigError(f"cannot write the log file {path} ({exc.strerror or exc}); "
+                          f"pass a writable path to --log-file") from None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode)
+                else "a socket" if stat.S_ISSOCK(st.st_mode)
+                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a regular file")
+        raise ConfigError(f"log file {path} is {kind}, not a regular file; {fix}")
+    where = Path(os.path.realpath(path))
+    owned = [(d, what) for d, what in ((results_dir, "results folder"), (cache_dir, "cache folder")) if d is not None]
+    for folder, what in owned:
+        if _inside(where, Path(os.path.realpath(folder))):
+            raise ConfigError(f"log file {path} is inside the {what} {folder}, whose files the suite manages "
+                              f"(leaderboard, tables, run folders, caches); {fix}")
+    for item in inputs:
+        if _inside(where, Path(os.path.realpath(item))):
+            raise ConfigError(f"log file {path} is (inside) {item}, which the run reads; {fix}")
+    if st is not None and st.st_nlink > 1 and results_dir is not None:
+        try:
+            managed = [e for e in os.scandir(results_dir) if e.is_file(follow_symlinks=False)]
+        except OSError:
+            managed = []
+        for e in managed:
+            if os.path.samestat(st, e.stat(follow_symlinks=False)):
+                raise ConfigError(f"log file {path} is a hard link to {e.path}, a file the suite manages; {fix}")
+    return path
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -185,25 +276,29 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_tmp(folder: Path) -> int:
-    """Delete the temporary files (``*.tmp<pid>``, ``.tmp<pid>-*``) that processes no longer alive
-    left in ``folder`` (killed mid-write); returns how many. Files of live processes are kept."""
+    """Delete the temporary files (:func:`tmp_path` names) that processes no longer alive left in
+    ``folder`` (killed mid-write); returns how many.
+
+    Only regular files named ``.fewshot-nsl.tmp-<pid>-<tid>-*`` are candidates: folders, symlinks and
+    every other name (a user's ``data.tmp123``) are never touched, nor are the files of this process
+    (another thread may be writing) or of any live process.
+    """
     n = 0
     try:
         entries = list(os.scandir(folder))
     except OSError:
         return 0
     for e in entries:
-        m = _TMP_NAME.search(e.name)
+        m = _TMP_NAME.match(e.name)
         if not m:
             continue
-        pid = int(m.group(1) or m.group(2))
+        pid = int(m.group(1))
         if pid == os.getpid() or _pid_alive(pid):
             continue
         try:
-            if e.is_dir(follow_symlinks=False):
-                shutil.rmtree(e.path)
-            else:
-                os.unlink(e.path)
+            if not e.is_file(follow_symlinks=False):
+                continue
+            os.unlink(e.path)
             n += 1
         except OSError:
             pass
@@ -211,10 +306,11 @@ def remove_stale_tmp(folder: Path) -> int:
 
 
 def atomic_write(path: Path, write: Callable[[Any], None], binary: bool = False) -> Path:
-    """Write ``path`` through a temporary sibling (``write(file)``), fsync, rename; the temporary
-    file is removed if anything fails, so a failed write leaves neither half a file nor a ``.tmp``."""
+    """Write ``path`` through a temporary sibling (:func:`tmp_path`: ``write(file)``), fsync, rename;
+    the temporary file is removed if anything fails, so a failed write leaves neither half a file nor
+    a temporary one. Safe from several threads at once (each writes its own temporary file)."""
     path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp = tmp_path(path)
     try:
         with open(tmp, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
             write(f)
