@@ -3,6 +3,7 @@ spec) and training stages, checked against each other before anything trains."""
 from __future__ import annotations
 
 import json
+import unicodedata
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -39,16 +40,51 @@ def _stores_dir(cfg: RunConfig) -> Optional[str]:
     return str(Path(cfg.cache_dir) / "stores") if cfg.cache_dir else None
 
 
+def path_name(value: object, what: str) -> str:
+    """``value`` as text that can be part of one folder name: no path separator (``/`` or ``\\``),
+    no control character (NUL, newline ...), not empty, not ``.`` or ``..``.
+
+    Names are validated when they are registered (:mod:`fewshot_nsl.registry`); this check keeps
+    run and episode folders inside the results folder whatever a name holds.
+
+    Raises:
+        ConfigError: one line naming the bad name.
+    """
+    text = str(value)
+    bad = sorted({c for c in text if c in "/\\" or unicodedata.category(c).startswith("C")})
+    if bad or text in ("", ".", ".."):
+        why = f"it contains {', '.join(repr(c) for c in bad)}" if bad else "it is empty or a dot name"
+        raise ConfigError(f"{what} name {text!r} cannot be part of a run folder name ({why}); use a name of letters, "
+                          f"digits, '_', '.' and '-'")
+    return text
+
+
+def check_episode_count(cfg: RunConfig, episodes: EpisodeList) -> None:
+    """``eval.episodes`` must not ask for more episodes than the list holds (never silently capped).
+
+    Raises:
+        ConfigError: one line naming the list, its length and the fixes.
+    """
+    n = len(episodes)
+    if cfg.eval.episodes > n:
+        where = getattr(episodes, "path", None) or cfg.episodes_file or "the episode list"
+        raise ConfigError(
+            f"eval.episodes {cfg.eval.episodes} is more than the {n} episodes of episode list {where}; pass "
+            f"--n-episodes {n} or fewer, or a longer list with --episodes FILE (committed lists: --make-episodes)"
+        )
+
+
 def load_episodes(cfg: RunConfig, store: ImageStore) -> EpisodeList:
     """The fixed test episode list: ``--episodes FILE``, the committed list, or one generated once."""
     q = cfg.eval.queries
     if cfg.episodes_file:
         lst = EpisodeList.load(Path(cfg.episodes_file))
     else:
-        path = default_episode_path(store.name, cfg.eval.split, cfg.ways, cfg.shots, q)
+        path = default_episode_path(path_name(store.name, "dataset"), cfg.eval.split, cfg.ways, cfg.shots, q)
         if not path.is_file():
             # No committed list for this dataset/setting: generate one from seed 0 once and keep it.
-            path = Path(cfg.results_dir) / "episodes" / f"{store.name}-{store.fingerprint()}" / path.name
+            folder = f"{path_name(store.name, 'dataset')}-{store.fingerprint()}"
+            path = Path(cfg.results_dir) / "episodes" / folder / path.name
             if not path.is_file():
                 check_min_images(store, cfg.eval.split, cfg.shots + q)
                 episode_list_for_store(store, cfg.eval.split, cfg.ways, cfg.shots, q, 600, 0).save(path)
@@ -65,6 +101,7 @@ def load_episodes(cfg: RunConfig, store: ImageStore) -> EpisodeList:
         )
     lst.path = str(path if not cfg.episodes_file else cfg.episodes_file)
     check_episodes_match_store(lst, store)
+    check_episode_count(cfg, lst)
     return lst
 
 

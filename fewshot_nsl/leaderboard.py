@@ -3,15 +3,32 @@ under the lock, and the row of a cell aggregated from its seeds' runs.
 
 The leaderboard has one row per experiment: :data:`KEY` = dataset name and content fingerprint,
 split, episode list, image size, method, backbone, ways, shots and profile (two rows that differ in
-any of these are different experiments); a new result for the same key replaces the old row
-(a re-run with other code or settings of the same experiment). Updates take an exclusive file lock
-and replace the file atomically (temp file, fsync, rename), so concurrent runs never corrupt it.
+any of these are different experiments). A new result for the same key replaces the old row (a
+re-run with other code or settings of the same experiment) unless it has less evidence: a row
+measured on fewer episodes *or* on fewer training seeds never replaces one measured on more
+(:func:`has_less_evidence`; episodes and seeds measure different sources of variance, so neither
+makes up for the other), except when asked (``replace=True``, ``--replace-row``). Updates take an
+exclusive file lock and replace the file atomically (temp file, fsync, rename), so concurrent runs
+never corrupt it.
+
+A row aggregates every finished seed of its identity (:func:`cell_summaries`): the seeds run now
+and those already in ``<results_dir>/runs/``.
+
+Text cells that a spreadsheet would run as a formula (starting with ``=``, ``+``, ``-``, ``@``, a tab
+or a carriage return) are written with a leading ``'`` (OWASP's CSV-injection escape), and so is a
+cell that already starts with quotes followed by one of those, so that :func:`read_leaderboard`
+gives back the original text exactly (:func:`escape_cell` / :func:`unescape_cell`). Numbers are
+never escaped.
 """
 from __future__ import annotations
 
 import csv
+import io
+import json
+import math
+import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -19,8 +36,8 @@ import yaml
 
 from .comparisons import PAIRED, add_paired_columns, key_text
 from .config import CONFIG_DIR
-from .episode_log import episode_accuracies
-from .errors import ConfigError
+from .errors import ConfigError, DataError
+from .evaluation import read_episode_results
 from .safe_io import atomic_write, locked, remove_stale_tmp
 from .stats import summarize
 
@@ -112,7 +129,7 @@ def check_leaderboard(path: Path) -> None:
         raise ConfigError(f"{path} is not UTF-8 text, not a leaderboard written by fewshot-nsl; {fix}") from None
     if not text.endswith("\n"):
         raise ConfigError(f"{path} ends in a torn row (no final newline: an interrupted write by another tool?); {fix}")
-    rows = list(csv.reader(text.splitlines()))
+    rows = list(csv.reader(io.StringIO(text, newline="")))  # a quoted cell may hold a line break
     header = rows[0] if rows else []
     unknown = [c for c in header if c not in KNOWN_COLUMNS]
     missing = [c for c in LEGACY_KEY if c not in header]
@@ -134,6 +151,9 @@ def read_leaderboard(path: Path) -> pd.DataFrame:
         return pd.DataFrame(columns=COLUMNS)
     header = pd.read_csv(path, nrows=0).columns
     df = pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS if c in header}, keep_default_na=True)
+    for c in df.columns:
+        if not pd.api.types.is_numeric_dtype(df[c]):
+            df[c] = df[c].map(unescape_cell)
     if "split" not in df.columns:
         df["split"] = "test"
     for c in KEY:
@@ -142,9 +162,40 @@ def read_leaderboard(path: Path) -> pd.DataFrame:
     return df
 
 
+#: A text cell a spreadsheet would evaluate: it starts with one of ``= + - @``, tab or CR (after any
+#: quotes, so that a cell already starting with ``'`` is escaped too and reads back unchanged).
+_FORMULA = re.compile(r"'*[=+\-@\t\r]")
+_ESCAPED = re.compile(r"'+[=+\-@\t\r]")
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|nan)", re.IGNORECASE)
+
+
+def escape_cell(value: Any) -> Any:
+    """A CSV cell safe to open in a spreadsheet: text that starts like a formula gets a leading
+    ``'``; numbers (also negative ones, as text or not) and other values are returned unchanged.
+    :func:`unescape_cell` inverts it."""
+    if isinstance(value, str) and _FORMULA.match(value) and not _NUMBER.fullmatch(value):
+        return "'" + value
+    return value
+
+
+def unescape_cell(value: Any) -> Any:
+    """The text :func:`escape_cell` was given (its inverse on everything it returns)."""
+    if isinstance(value, str) and _ESCAPED.match(value):
+        return value[1:]
+    return value
+
+
 def _write_atomic_csv(df: pd.DataFrame, path: Path) -> None:
     remove_stale_tmp(path.parent)  # under the leaderboard lock: left by killed writers
-    atomic_write(path, lambda f: df.to_csv(f, index=False))
+    out = df.copy()
+    cr = False
+    for c in out.columns:
+        if not pd.api.types.is_numeric_dtype(out[c]):
+            out[c] = out[c].map(escape_cell)
+            cr = cr or bool(out[c].map(lambda v: isinstance(v, str) and "\r" in v).any())
+    # Python's csv writer leaves a bare CR unquoted (a line break to every reader): quote every cell then
+    quoting = csv.QUOTE_ALL if cr else csv.QUOTE_MINIMAL
+    atomic_write(path, lambda f: out.to_csv(f, index=False, quoting=quoting))
 
 
 def _ordered(df: pd.DataFrame) -> pd.DataFrame:
@@ -152,9 +203,62 @@ def _ordered(df: pd.DataFrame) -> pd.DataFrame:
     return df[cols].sort_values(KEY, kind="stable").reset_index(drop=True)
 
 
-def upsert_row(path: Path, row: Dict[str, Any], reference: Optional[str] = None) -> pd.DataFrame:
+def evidence(row: Dict[str, Any]) -> Tuple[int, int]:
+    """``(episodes, seeds)`` a leaderboard row was measured on (a missing count reads as 0 episodes,
+    1 seed: rows written by hand or by older versions)."""
+    def count(v: Any) -> Optional[int]:
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            return None
+        return int(f) if math.isfinite(f) else None
+
+    episodes = count(row.get("episodes")) or 0
+    seeds = count(row.get("n_seeds"))
+    if seeds is None:
+        text = key_text(row.get("seeds"))
+        seeds = len([s for s in text.split(",") if s.strip()]) or 1
+    return episodes, seeds
+
+
+def has_less_evidence(new: Dict[str, Any], old: Dict[str, Any]) -> bool:
+    """Whether ``new`` was measured on fewer episodes or on fewer training seeds than ``old``.
+
+    The two are not traded against each other: episodes measure the spread over test episodes,
+    seeds the spread over training runs (on glyphs the seed spread is several times the episode
+    CI), so a row with more seeds but fewer episodes (or the reverse) still loses evidence.
+    Equal evidence is not less: a re-run on as much evidence replaces the row.
+    """
+    (ne, ns), (oe, os_) = evidence(new), evidence(old)
+    return ne < oe or ns < os_
+
+
+def _measured(row: Dict[str, Any]) -> str:
+    episodes, seeds = evidence(row)
+    return f"{episodes} episodes x {seeds} seed{'s' if seeds != 1 else ''}"
+
+
+def kept_row_line(old: Dict[str, Any], new: Dict[str, Any], results_dir: Path) -> str:
+    """The console line saying that ``old`` stays on the leaderboard instead of ``new``."""
+    runs = [r for r in key_text(new.get("run_id")).split(";") if r]
+    where = Path(results_dir) / "runs"
+    at = f"its run is {where / runs[0]}" if len(runs) == 1 else f"its runs are in {where}: {', '.join(runs)}"
+    what = (f"{old.get('method')} {old.get('backbone')} {key_text(old.get('ways'))}-way "
+            f"{key_text(old.get('shots'))}-shot on {old.get('dataset')}")
+    return (f"leaderboard: kept the row of {what} measured on {_measured(old)}; this result has less evidence "
+            f"({_measured(new)}; {at}); pass --replace-row (benchmark(..., replace_row=True)) to replace the row")
+
+
+def upsert_row(path: Path, row: Dict[str, Any], reference: Optional[str] = None, replace: bool = False,
+               log: Optional[Callable[[str], None]] = None) -> pd.DataFrame:
     """Insert or replace the row with the same key and refresh the paired columns; returns the
-    new leaderboard. ``reference`` None keeps the leaderboard's current reference method."""
+    leaderboard (the new row is in it unless the old one was kept).
+
+    Args:
+        reference: reference method of the paired columns; None keeps the leaderboard's current one.
+        replace: replace the row with the same key even when the new one has less evidence.
+        log: where to say that the old row was kept (one line, :func:`kept_row_line`).
+    """
     path = Path(path)
     with locked(path):
         df = read_leaderboard(path)
@@ -162,6 +266,12 @@ def upsert_row(path: Path, row: Dict[str, Any], reference: Optional[str] = None)
             same = pd.Series(True, index=df.index)
             for k in KEY:
                 same &= df[k].map(key_text) == key_text(row.get(k))
+            if not replace and same.any():
+                old = df[same].iloc[0].to_dict()
+                if has_less_evidence(row, old):
+                    if log is not None:
+                        log(kept_row_line(old, row, path.parent))
+                    return df
             df = df[~same]
         new = pd.DataFrame([{c: row.get(c) for c in COLUMNS} | {k: v for k, v in row.items() if k not in COLUMNS}])
         new = new.astype({c: object for c in new.columns})
@@ -189,23 +299,92 @@ _SHARED = ("dataset", "method", "backbone", "ways", "shots", "split", "profile",
            "device_name", "threads", "executor", "pretrain_world_size", "torch_version", "python_version")
 
 
-def aggregate(summaries: Sequence[Dict[str, Any]], results_dir: Path) -> Dict[str, Any]:
+#: Summary fields that make two runs seeds of one experiment (with the identity's world size).
+_SAME_CELL = ("config_hash", "dataset_fingerprint", "episode_hash", "split", "code_hash", "episodes")
+
+
+def _same_cell(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
+    """Whether two run summaries are seeds of one experiment: the same cell config (the config with
+    seed 0), dataset content, episode list and split, code, number of episodes and world size."""
+    ia, ib = a.get("identity") or {}, b.get("identity") or {}
+    return (all(a.get(k) == b.get(k) for k in _SAME_CELL)
+            and ia.get("world_size", 1) == ib.get("world_size", 1))
+
+
+def _finished_summary(run_dir: Path) -> Optional[Dict[str, Any]]:
+    """The summary of a finished run folder: ``summary.json`` whose identity is the folder's
+    ``identity.json`` and whose ``run_id`` is the folder's name; None for anything else."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        identity = json.loads((run_dir / "identity.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("identity") != identity or summary.get("run_id") != run_dir.name:
+        return None
+    return summary
+
+
+def cell_summaries(summaries: Sequence[Dict[str, Any]], results_dir: Path) -> List[Dict[str, Any]]:
+    """``summaries`` and every other finished seed of the same experiment in ``<results_dir>/runs/``
+    (:func:`_same_cell`), one per seed (those given win), in seed order.
+
+    So a row keeps the seeds of earlier invocations (``--seeds 0,1`` then a plain rerun, or
+    ``--seed 1`` after ``--seed 0``); seeds of other settings, code or data are never mixed in.
+    """
+    if not summaries:
+        return []
+    first = summaries[0]
+    by_seed: Dict[int, Dict[str, Any]] = {int(s["seed"]): s for s in summaries}
+    runs = Path(results_dir) / "runs"
+    prefix = str(first.get("run_id", "")).rsplit("_seed", 1)[0] + "_seed"  # run ids of the cell's seeds
+    try:
+        candidates = sorted(d for d in runs.iterdir() if d.name.startswith(prefix) and d.is_dir())
+    except OSError:
+        candidates = []
+    for d in candidates:
+        s = _finished_summary(d)
+        if s is not None and int(s.get("seed", -1)) not in by_seed and _same_cell(s, first):
+            by_seed[int(s["seed"])] = s
+    return [by_seed[k] for k in sorted(by_seed)]
+
+
+def run_accuracies(run_dir: Path, n: int) -> np.ndarray:
+    """Per-episode accuracies (%) of a finished run, episodes ``0..n-1``; a failed (non-finite)
+    episode counts as wrong (0).
+
+    Raises:
+        DataError: an episode has no row (the run is not finished).
+    """
+    rows = read_episode_results(Path(run_dir) / "episodes.csv")
+    missing = [i for i in range(n) if i not in rows]
+    if missing:
+        raise DataError(f"run {Path(run_dir).name} has no result for episode(s) {missing[:5]} of {n}; "
+                        f"run the same command again to finish it")
+    return np.array([float(rows[i]["accuracy"]) if rows[i].get("status") == "ok" else 0.0 for i in range(n)])
+
+
+def aggregate(summaries: Sequence[Dict[str, Any]], results_dir: Path, other_seeds: bool = True) -> Dict[str, Any]:
     """The leaderboard row of a cell from the summaries of its seeds.
 
     ``accuracy`` is the mean of the per-seed means; ``ci95``/``ci95_t``/``std`` are the episode
     statistics of the per-episode accuracies averaged over seeds (one value per test episode, so
     ``n`` is the number of episodes, and with one seed they are that seed's statistics);
     ``seed_std`` is the sample standard deviation of the per-seed means (empty for one seed).
+    A failed (non-finite) episode counts as wrong (0); ``episodes_failed`` adds them up over seeds.
     Times add up over seeds, peak memory is the maximum.
+
+    Args:
+        other_seeds: also aggregate the cell's other finished seeds in ``<results_dir>/runs/``
+            (:func:`cell_summaries`).
     """
     if not summaries:
         raise ValueError("aggregate needs at least one run summary")
-    summaries = sorted(summaries, key=lambda s: int(s["seed"]))
-    n = int(summaries[0]["episodes"]) + int(summaries[0]["episodes_failed"])
-    mat = np.stack([episode_accuracies(Path(results_dir) / "runs" / s["run_id"], n) for s in summaries])
-    per_episode = mat.mean(axis=0)  # NaN where any seed failed the episode
+    summaries = cell_summaries(summaries, results_dir) if other_seeds else sorted(summaries, key=lambda s: int(s["seed"]))
+    n = int(summaries[0]["episodes"])
+    mat = np.stack([run_accuracies(Path(results_dir) / "runs" / s["run_id"], n) for s in summaries])
+    per_episode = mat.mean(axis=0)
     ep = summarize(per_episode)
-    seed_means = np.array([np.nanmean(r) if np.isfinite(r).any() else np.nan for r in mat])
+    seed_means = mat.mean(axis=1)
     row: Dict[str, Any] = {k: summaries[0].get(k) for k in _SHARED}
 
     def total(key: str) -> Optional[float]:
@@ -213,7 +392,7 @@ def aggregate(summaries: Sequence[Dict[str, Any]], results_dir: Path) -> Dict[st
         return None if any(v is None for v in vals) else round(float(sum(vals)), 2)
 
     row.update({
-        "accuracy": round(float(np.nanmean(seed_means)), 4),
+        "accuracy": round(float(np.mean(seed_means)), 4),
         "ci95": round(ep.ci95, 4), "ci95_t": round(ep.ci95_t, 4), "std": round(ep.std, 4),
         "seed_std": round(float(np.std(seed_means, ddof=1)), 4) if len(summaries) > 1 else None,
         "n_seeds": len(summaries), "episodes": ep.n,

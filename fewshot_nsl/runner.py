@@ -21,14 +21,13 @@ world size), so a run is resumed or reused only under the same identity:
 The stages are separate functions so executors can place them: :func:`prepare`,
 :func:`train`, :func:`evaluate_run` (optionally on a subset of episodes) and :func:`finish`.
 :func:`execute` chains them in this process; :func:`aggregate` turns the summaries of a cell's
-seeds into its leaderboard row; :func:`run` does one cell with one seed, end to end.
+seeds (and its other finished seeds in ``runs/``) into its leaderboard row; :func:`run` does one cell with one seed, end to end.
 Running the same thing again resumes: finished training and episodes are not redone.
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
-import math
 import platform
 import time
 from dataclasses import dataclass
@@ -59,8 +58,10 @@ from .inputs import (  # noqa: F401  (re-exported)
     TRAINING_STAGES,
     build_method,
     conv_spec_of,
+    check_episode_count,
     load_episodes,
     load_store,
+    path_name,
     stages_of,
     store_key,
     validate_against_store,
@@ -118,15 +119,43 @@ def run_identity(cfg: RunConfig, store: Optional[ImageStore] = None, episodes: O
 
 def run_id(cfg: RunConfig, identity: Optional[RunIdentity] = None) -> str:
     """``<dataset>_<method>_<backbone>_<W>w<S>s[_<split>]_<profile>_seed<seed>_<identity digest[:8]>``
-    (the split is named when it is not ``test``)."""
+    (the split is named when it is not ``test``).
+
+    Raises:
+        ConfigError: a name that cannot be part of a folder name (:func:`~fewshot_nsl.inputs.path_name`),
+            or a run id longer than a file name may be.
+    """
     identity = identity or run_identity(cfg)
-    split = "" if identity.split == "test" else f"_{identity.split}"
-    return (f"{cfg.dataset}_{cfg.method}_{cfg.backbone}_{cfg.ways}w{cfg.shots}s{split}_{cfg.profile}_seed{cfg.seed}_"
-            f"{identity.digest()[:8]}")
+    names = {what: path_name(value, what) for what, value in (
+        ("dataset", cfg.dataset), ("method", cfg.method), ("backbone", cfg.backbone), ("profile", cfg.profile),
+        ("split", identity.split))}
+    split = "" if names["split"] == "test" else f"_{names['split']}"
+    rid = (f"{names['dataset']}_{names['method']}_{names['backbone']}_{int(cfg.ways)}w{int(cfg.shots)}s{split}_"
+           f"{names['profile']}_seed{int(cfg.seed)}_{identity.digest()[:8]}")
+    if len(rid.encode("utf-8")) > MAX_RUN_ID_BYTES:
+        raise ConfigError(f"run folder name {rid[:40]}... is {len(rid.encode('utf-8'))} bytes, more than a file name "
+                          f"may hold ({MAX_RUN_ID_BYTES}); use shorter method/backbone/dataset names")
+    return rid
+
+
+#: File names are at most 255 bytes on common file systems.
+MAX_RUN_ID_BYTES = 255
 
 
 def run_dir_of(cfg: RunConfig, identity: Optional[RunIdentity] = None) -> Path:
-    return Path(cfg.results_dir) / "runs" / run_id(cfg, identity)
+    """``<results_dir>/runs/<run_id>``, checked to be inside ``<results_dir>/runs/`` once both are
+    resolved (so neither a name nor a symlinked run folder can lead a run to write elsewhere).
+
+    Raises:
+        ConfigError: one line, when the run folder would be outside ``<results_dir>/runs/``.
+    """
+    runs = Path(cfg.results_dir) / "runs"
+    rdir = runs / run_id(cfg, identity)
+    inside, real = runs.resolve(), rdir.resolve()
+    if real.parent != inside or not real.is_relative_to(inside):
+        raise ConfigError(f"run folder {rdir} resolves to {real}, outside the results folder's runs/ ({inside}); "
+                          f"remove that link or pass another --results-dir")
+    return rdir
 
 
 def claim_run_dir(rdir: Path, identity: RunIdentity) -> None:
@@ -176,8 +205,9 @@ class RunContext:
 
     @property
     def n_episodes(self) -> int:
-        """Episodes evaluated: the first ``cfg.eval.episodes`` of the list."""
-        return min(self.cfg.eval.episodes, len(self.episodes))
+        """Episodes evaluated: the first ``cfg.eval.episodes`` of the list (never more than it
+        holds: :func:`~fewshot_nsl.inputs.check_episode_count`)."""
+        return self.cfg.eval.episodes
 
     @property
     def episodes_csv(self) -> Path:
@@ -198,6 +228,7 @@ def prepare(
     store = store if store is not None else load_store(cfg)
     validate_against_store(cfg, store)
     episodes = episodes if episodes is not None else load_episodes(cfg, store)
+    check_episode_count(cfg, episodes)
     identity = run_identity(cfg, store, episodes)
     rdir = run_dir_of(cfg, identity)
     claim_run_dir(rdir, identity)
@@ -298,12 +329,12 @@ def run_summary_path(cfg: RunConfig, identity: Optional[RunIdentity] = None) -> 
 
 
 def is_complete(cfg: RunConfig, identity: RunIdentity, n_episodes: int) -> Optional[Dict[str, Any]]:
-    """The run's summary if it finished under exactly this identity, else None."""
+    """The run's summary if it finished under exactly this identity on ``n_episodes`` episodes
+    (``episodes`` counts every evaluated episode, failed ones included), else None."""
     s = _read_json(run_summary_path(cfg, identity))
-    if not s:
+    if not isinstance(s, dict):
         return None
-    ok = (s.get("identity") == identity.to_dict()
-          and int(s.get("episodes", 0)) + int(s.get("episodes_failed", 0)) == n_episodes)
+    ok = s.get("identity") == identity.to_dict() and int(s.get("episodes", -1)) == n_episodes
     return s if ok else None
 
 
@@ -320,7 +351,9 @@ def finish(ctx: RunContext, executor: str = "local", eval_peak_mb: Optional[floa
         order = [r.get("episode") for r in csv.DictReader(f)]
     if order != [str(i) for i in range(ctx.n_episodes)]:
         merge_episode_rows(ctx.episodes_csv, [])
-    accs = [float(rows[i]["accuracy"]) if rows[i]["status"] == "ok" else math.nan for i in range(ctx.n_episodes)]
+    # a failed (non-finite) episode counts as wrong: a method cannot raise its mean by abstaining
+    failed = {i for i in range(ctx.n_episodes) if rows[i]["status"] != "ok"}
+    accs = [0.0 if i in failed else float(rows[i]["accuracy"]) for i in range(ctx.n_episodes)]
     eval_time = sum(float(rows[i]["seconds"]) for i in range(ctx.n_episodes))
     s = summarize(accs)
     record = _read_json(ctx.run_dir / "train.json") or {}
@@ -333,7 +366,7 @@ def finish(ctx: RunContext, executor: str = "local", eval_peak_mb: Optional[floa
         "dataset": store.name, "method": cfg.method, "backbone": cfg.backbone, "ways": cfg.ways,
         "shots": cfg.shots, "split": episodes.split, "profile": cfg.profile, "seed": cfg.seed,
         "accuracy": round(s.mean, 4), "ci95": round(s.ci95, 4), "ci95_t": round(s.ci95_t, 4), "std": round(s.std, 4),
-        "episodes": s.n, "episodes_failed": int(sum(a != a for a in accs)),
+        "episodes": s.n, "episodes_failed": len(failed),
         "paper_value": pv, "paper_ci": pc, "paper_comparable": comparable, "image_size": cfg.image_size, "synthetic": store.synthetic,
         "episode_list": episode_list, "episode_hash": episodes.sha256, "dataset_fingerprint": store.fingerprint(),
         "config_hash": cell_config_hash(cfg), "run_config_hash": config_hash(cfg), "code_hash": ctx.identity.code_hash,
@@ -371,21 +404,28 @@ def execute(cfg: RunConfig, store: Optional[ImageStore] = None, episodes: Option
     return finish(ctx, "local", eval_peak_mb=peak_memory_mb(ctx.device), threads=threads, resumed=resumed)
 
 
-def publish(rows: Sequence[Dict[str, Any]], results_dir: Path, reference: Optional[str] = None) -> None:
-    """Upsert leaderboard rows (under the leaderboard lock) and re-render the reports."""
+def publish(rows: Sequence[Dict[str, Any]], results_dir: Path, reference: Optional[str] = None,
+            replace: bool = False, log=print) -> None:
+    """Upsert leaderboard rows (under the leaderboard lock; a row with less evidence than the one
+    there is kept out unless ``replace``, and ``log`` says so) and re-render the reports."""
     results_dir = Path(results_dir)
     for row in rows:
-        upsert_row(results_dir / "leaderboard.csv", row, reference=reference)
+        upsert_row(results_dir / "leaderboard.csv", row, reference=reference, replace=replace, log=log)
     render_reports(results_dir)
 
 
-def run(cfg: RunConfig, progress: bool = True, log=print, reference: Optional[str] = None) -> Dict[str, Any]:
-    """Run (or resume) one cell with the config's seed and upsert its leaderboard row.
+def run(cfg: RunConfig, progress: bool = True, log=print, reference: Optional[str] = None,
+        replace: bool = False) -> Dict[str, Any]:
+    """Run (or resume) one cell with the config's seed and upsert its leaderboard row, which
+    aggregates the cell's other finished seeds too (:func:`~fewshot_nsl.leaderboard.cell_summaries`).
+
+    Args:
+        replace: replace the cell's leaderboard row even if it was measured on more episodes or seeds.
 
     Returns:
-        The leaderboard row (dict).
+        The cell's row from this run (dict); the leaderboard keeps the row with more evidence.
     """
     summary = execute(cfg, progress=progress, log=log)
     row = aggregate([summary], cfg.results_dir)
-    publish([row], Path(cfg.results_dir), reference)
+    publish([row], Path(cfg.results_dir), reference, replace=replace, log=log)
     return row
