@@ -100,13 +100,26 @@ def test_meta_batch_norm_batch_statistics_vs_running():
 def test_meta_cosine_head():
     method = meta(head="cosine", cosine_scale=3.0, adapt_head=True)
     assert type(method.head).__name__ == "CosineHead"
-    assert {n for n, p in method.named_parameters() if p.requires_grad and n.startswith("head")} == {"head.weight"}
+    assert {n for n, p in method.named_parameters() if p.requires_grad and n.startswith("head")} == {"head.weight",
+                                                                                                "head.norm"}
     z = torch.randn(6, method.head.weight.shape[1])
     logits = method.head(z)
-    assert logits.shape == (6, 5) and logits.abs().max() <= 3.0 + 1e-5  # scale * cosine
+    bound = 3.0 * float(method.head.norm.detach().abs().max())
+    assert logits.shape == (6, 5) and logits.abs().max() <= bound + 1e-5  # scale * g_c * cosine
     assert torch.allclose(method.head(2.5 * z), logits, atol=1e-5)  # invariant to the feature norm
+    # Chen et al.'s distLinear: a bias-free Linear under WeightNorm(dim=0) applied to x / (|x| + 1e-5), times scale
+    chen = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(z.shape[1], 5, bias=False), dim=0)
+    with torch.no_grad():
+        chen.parametrizations.weight.original1.copy_(method.head.weight)
+        chen.parametrizations.weight.original0.copy_(method.head.norm[:, None] * 1.7)
+        method.head.norm.mul_(1.7)
+    expected = 3.0 * chen(z / (z.norm(dim=1, keepdim=True) + 1e-5))
+    torch.testing.assert_close(method.head(z), expected, rtol=1e-5, atol=1e-6)
     method.train().loss(*episode()).backward()
     assert method.head.weight.grad is not None and method.head.weight.grad.abs().sum() > 0
+    assert method.head.norm.grad is not None and method.head.norm.grad.abs().sum() > 0
+    plain = meta(head="cosine", cosine_class_norm=False)
+    assert plain.head.norm is None and plain.head(z).abs().max() <= 2.0 + 1e-5
     with pytest.raises(ConfigError, match="head must be one of linear, cosine"):
         meta(head="mlp")
 

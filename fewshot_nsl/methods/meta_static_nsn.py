@@ -41,25 +41,39 @@ BATCH_NORMS = ("batch", "running")
 
 
 class CosineHead(nn.Module):
-    """Normalised (cosine) classifier, Chen et al. 2019 (``distLinear``): ``scale * cos(x, w_c)``.
+    """Normalised (cosine) classifier of Chen et al. 2019 (``distLinear``, wyharveychen/CloserLookFewShot
+    ``backbone.py`` l. 22-44): ``scale * g_c * cos(x, v_c)``.
+
+    Chen's layer is a bias-free linear layer under ``WeightNorm(dim=0)`` applied to ``x / (|x| + 1e-5)``: its class
+    weights are ``g_c * v_c / |v_c|`` with a learned per-class norm ``g_c`` (initialised, as WeightNorm does, to the
+    initial ``|v_c|``), and the scores are multiplied by ``scale`` (2 for up to 200 classes).
+    ``class_norm=False`` drops ``g`` (a plain cosine classifier, ``scale * cos(x, v_c)``).
 
     Args:
         in_features: ``D``.
         ways: outputs.
-        scale: multiplies the cosines (Chen et al.: 2 for up to 200 classes).
+        scale: multiplies the scores (Chen et al.: 2 for up to 200 classes).
+        class_norm: learn Chen's per-class norm ``g``.
 
     Shape:
         ``(B, D)`` -> ``(B, ways)``.
     """
 
-    def __init__(self, in_features: int, ways: int, scale: float = 2.0) -> None:
+    def __init__(self, in_features: int, ways: int, scale: float = 2.0, class_norm: bool = True) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(ways, in_features))
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # as nn.Linear
+        self.norm: Optional[nn.Parameter] = None
+        if class_norm:
+            self.norm = nn.Parameter(self.weight.detach().norm(dim=1).clone())
         self.scale = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * F.normalize(x, dim=1, eps=1e-5) @ F.normalize(self.weight, dim=1, eps=1e-5).t()
+        x = x / (x.norm(dim=1, keepdim=True) + 1e-5)
+        w = F.normalize(self.weight, dim=1, eps=1e-12)
+        if self.norm is not None:
+            w = self.norm[:, None] * w
+        return self.scale * x @ w.t()
 
 
 @register_method("meta_static_nsn")
@@ -84,6 +98,7 @@ class MetaStaticNSN(GradientAdaptedMethod):
             measured at chance, ``True`` at ~80% 5-shot (docs/protocols.md). The paper profile uses ``True``.
         head: ``"linear"`` or ``"cosine"`` (:class:`CosineHead`).
         cosine_scale: scale of the cosine head.
+        cosine_class_norm: the cosine head learns Chen et al.'s per-class norm (``distLinear`` under WeightNorm).
         loss_reduction: ``"mean"`` or ``"per_shot"`` (MAML's own arithmetic: the cross-entropy summed and divided
             by the shots; :func:`~fewshot_nsl.methods.adaptation.episode_cross_entropy`).
         grad_clip_value: clip each meta-gradient element to ``[-v, v]`` (MAML on Mini-ImageNet: 10); ``None``: off.
@@ -109,6 +124,7 @@ class MetaStaticNSN(GradientAdaptedMethod):
         adapt_head: bool = False,
         head: str = "linear",
         cosine_scale: float = 2.0,
+        cosine_class_norm: bool = True,
         batch_norm: str = "batch",
         loss_reduction: str = "mean",
         grad_clip_value: Optional[float] = None,
@@ -125,7 +141,7 @@ class MetaStaticNSN(GradientAdaptedMethod):
         self.check_choice("batch_norm", batch_norm, BATCH_NORMS)
         self.structure = structure
         dim = backbone.feature_dim(image_size)
-        self.head: nn.Module = CosineHead(dim, ways, cosine_scale) if head == "cosine" else nn.Linear(dim, ways)
+        self.head: nn.Module = CosineHead(dim, ways, cosine_scale, cosine_class_norm) if head == "cosine" else nn.Linear(dim, ways)
         self.adapt_head, self.batch_norm = adapt_head, batch_norm
         self.similarity_l2 = default_similarity_l2(structure, similarity_l2)
         self.similarity_l2_centered = similarity_l2_centered
