@@ -12,11 +12,24 @@ padding: [0, 0, 1, 1]}`` (64x19x19 maps at 84 px) with ``relation_padding: 0, re
 pooled CNN-4 (5x5 maps at 84x84, 1x1 at small sizes): padded relation convs, ceil-mode pooling,
 skipped where the map is already 1 pixel wide. Sung et al. clip the gradient norm of the encoder
 and of the relation module separately (0.5): :meth:`RelationNet.clip_groups` gives those two groups.
+
+Two settings of Sung et al.'s code are options (``floodsung/LearningToCompare_FSL``, ``miniimagenet/``):
+
+* ``test_bn``: their BN layers are built with ``momentum=1`` and the test script never calls ``.eval()``,
+  so a test episode is normalised with its own batch statistics: the support set as one batch, the
+  queries as another, the (query, class) pairs in the relation module as a third. ``test_bn: batch``
+  does that at test (the harness evaluates in eval mode: the method switches its BN layers to batch
+  statistics itself, without touching the running statistics). A row run so is **transductive**: a
+  query's score depends on the other queries of its episode (:attr:`RelationNet.transductive`).
+  ``running`` (default): the running statistics of training, the usual inductive protocol.
+* ``encoder_init``: their ``weights_init`` is applied to the encoder and the relation module alike
+  (``sung``); ``default`` keeps PyTorch's init for the encoder. The relation module always gets it.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,13 +46,34 @@ def sung_init(m: nn.Module) -> None:
     alive at the start (with PyTorch's default init the scores tend to collapse to a constant 1/ways)."""
     if isinstance(m, nn.Conv2d):
         nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
-        nn.init.zeros_(m.bias)
+        if m.bias is not None:  # the suite's backbone convs have none (BN follows)
+            nn.init.zeros_(m.bias)
     elif isinstance(m, nn.BatchNorm2d):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
     elif isinstance(m, nn.Linear):
         nn.init.normal_(m.weight, 0.0, 0.01)
         nn.init.ones_(m.bias)
+
+
+TEST_BNS = ("running", "batch")
+ENCODER_INITS = ("default", "sung")
+
+
+@contextmanager
+def batch_statistics(module: nn.Module) -> Iterator[None]:
+    """Every BatchNorm layer of ``module`` normalises with the statistics of its current batch, in eval mode
+    too, and updates nothing: the running statistics are set aside (a BN layer without them uses batch
+    statistics, PyTorch's documented ``track_running_stats=False`` behaviour) and put back afterwards."""
+    saved = [(bn, bn.running_mean, bn.running_var) for bn in module.modules()
+             if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.running_mean is not None]
+    try:
+        for bn, _, _ in saved:
+            bn.running_mean, bn.running_var = None, None
+        yield
+    finally:
+        for bn, mean, var in saved:
+            bn.running_mean, bn.running_var = mean, var
 
 
 class RelationBlock(nn.Module):
@@ -80,9 +114,15 @@ class RelationNet(FewShotMethod):
             episodically as usual. Sung et al. train from scratch (``False``, the default).
         relation_padding: zero padding of the relation convs (Sung et al.: 0).
         relation_ceil: ceil-mode pooling in the relation blocks (Sung et al.: floor, ``False``).
+        test_bn: ``running`` (default) or ``batch``: BN statistics at test (Sung et al.: ``batch``, transductive).
+        encoder_init: ``default`` (PyTorch's) or ``sung`` (Sung et al.'s ``weights_init``) for the encoder.
+
+    Attributes:
+        transductive: whether test predictions depend on the other queries of the episode (``test_bn: batch``).
     """
 
     training_stages = ("episodic",)
+    transductive: bool = False  # the class default; an instance says what its test_bn makes it
 
     def __init__(
         self,
@@ -93,8 +133,14 @@ class RelationNet(FewShotMethod):
         pretrained_backbone: bool = False,
         relation_padding: int = 1,
         relation_ceil: bool = True,
+        test_bn: str = "running",
+        encoder_init: str = "default",
     ) -> None:
         super().__init__(backbone, image_size)
+        self.check_choice("test_bn", test_bn, TEST_BNS)
+        self.check_choice("encoder_init", encoder_init, ENCODER_INITS)
+        self.test_bn = test_bn
+        self.transductive = self.is_transductive({"test_bn": test_bn})
         c = backbone.out_channels
         width = relation_channels or c
         self.blocks = nn.Sequential(
@@ -109,6 +155,8 @@ class RelationNet(FewShotMethod):
         self.fc = nn.Sequential(nn.Linear(flat, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1))
         self.blocks.apply(sung_init)
         self.fc.apply(sung_init)
+        if encoder_init == "sung":  # feature_encoder.apply(weights_init) in Sung et al.'s train scripts
+            self.backbone.apply(sung_init)
         self.prototypes: Optional[torch.Tensor] = None  # (ways, C, h, w) summed support maps
 
     @staticmethod
@@ -116,24 +164,43 @@ class RelationNet(FewShotMethod):
         """Side ``h`` of the backbone's (square) feature map for ``image_size`` inputs."""
         return int(dry_run(backbone, backbone.forward_map, image_size).shape[-1])
 
+    @classmethod
+    def is_transductive(cls, options: Mapping[str, Any]) -> bool:
+        """Whether a run with these ``method_options`` is transductive (``test_bn: batch``), for tables."""
+        return options.get("test_bn", "running") == "batch"
+
+    @contextmanager
+    def _test_statistics(self) -> Iterator[None]:
+        """At test (eval mode) with ``test_bn: batch``, BN uses the current batch's statistics; else nothing."""
+        if self.test_bn == "batch" and not self.training:
+            with batch_statistics(self):
+                yield
+        else:
+            yield
+
     def clip_groups(self):
         """Encoder and relation module, clipped separately (Sung et al. clip each network's norm to 0.5)."""
         return [list(self.backbone.parameters()), list(self.blocks.parameters()) + list(self.fc.parameters())]
 
     def fit_support(self, support_x: torch.Tensor, support_y: torch.Tensor) -> None:
-        maps = self.backbone.forward_map(support_x)  # (S, C, h, w)
+        """Class maps ``(ways, C, h, w)``: the sums of the support maps (the support set is one BN batch)."""
+        with self._test_statistics():
+            maps = self.backbone.forward_map(support_x)  # (S, C, h, w)
         ways = self.num_ways(support_y)
         self.prototypes = self.class_sums(maps, support_y, ways)
 
     def forward(self, query_x: torch.Tensor) -> torch.Tensor:
-        """``(Q, 3, H, W)`` -> relation scores ``(Q, ways)`` in ``[0, 1]``."""
-        q = self.backbone.forward_map(query_x)  # (Q, C, h, w)
-        n_q, ways = q.shape[0], self.prototypes.shape[0]
-        pairs = torch.cat(
-            [q.unsqueeze(1).expand(-1, ways, -1, -1, -1), self.prototypes.unsqueeze(0).expand(n_q, -1, -1, -1, -1)],
-            dim=2,
-        ).flatten(0, 1)  # (Q * ways, 2C, h, w)
-        scores = torch.sigmoid(self.fc(self.blocks(pairs).flatten(1)))
+        """``(Q, 3, H, W)`` -> relation scores ``(Q, ways)`` in ``[0, 1]`` (the queries are one BN batch, their
+        pairs with the classes another)."""
+        with self._test_statistics():
+            q = self.backbone.forward_map(query_x)  # (Q, C, h, w)
+            n_q, ways = q.shape[0], self.prototypes.shape[0]
+            pairs = torch.cat(
+                [q.unsqueeze(1).expand(-1, ways, -1, -1, -1),
+                 self.prototypes.unsqueeze(0).expand(n_q, -1, -1, -1, -1)],
+                dim=2,
+            ).flatten(0, 1)  # (Q * ways, 2C, h, w)
+            scores = torch.sigmoid(self.fc(self.blocks(pairs).flatten(1)))
         return scores.view(n_q, ways)
 
     def loss(self, support_x, support_y, query_x, query_y) -> torch.Tensor:
