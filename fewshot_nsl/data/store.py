@@ -26,7 +26,7 @@ import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -53,6 +53,11 @@ class ImageStore:
         class_splits: ``C`` split names.
         synthetic: True for generated data whose numbers are not comparable to real data.
         source: human-readable description of where the data came from.
+        source_files: absolute paths of every file the store was read from: the listing its
+            cache key was computed from (:mod:`fewshot_nsl.data.formats.listing`); empty for
+            generated data.
+        decode_note: one line saying which image modes were converted to 8-bit RGB while
+            decoding (``""`` if none), for the console.
     """
 
     name: str
@@ -62,11 +67,14 @@ class ImageStore:
     class_splits: List[str]
     synthetic: bool = False
     source: str = ""
+    source_files: Tuple[str, ...] = ()
+    decode_note: str = ""
     _offsets: np.ndarray = field(init=False, repr=False)
     _fingerprint: Optional[str] = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
+        self.source_files = tuple(str(p) for p in self.source_files)
         if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
             raise DataError(
                 f"{self.name}: images must be uint8 (N, H, W, 3), got {self.images.dtype} "
@@ -162,7 +170,8 @@ class ImageStore:
 
     # ------------------------------------------------------------------ disk cache
     def save(self, directory: Path) -> None:
-        """Write the store to ``directory`` (``images.npy`` + ``labels.npy`` + ``meta.json``) atomically."""
+        """Write the store to ``directory`` (``images.npy`` + ``labels.npy`` + ``files.json`` (the
+        source files) + ``meta.json``) atomically."""
         directory = Path(directory)
         tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
@@ -175,7 +184,9 @@ class ImageStore:
             "synthetic": self.synthetic,
             "source": self.source,
             "fingerprint": self.fingerprint(),
+            "decode_note": self.decode_note,
         }
+        (tmp / "files.json").write_text(json.dumps(list(self.source_files)))
         (tmp / "meta.json").write_text(json.dumps(meta))
         if directory.exists():
             shutil.rmtree(directory, ignore_errors=True)
@@ -188,6 +199,7 @@ class ImageStore:
         meta = json.loads((directory / "meta.json").read_text())
         images = np.load(directory / "images.npy", mmap_mode="r")
         labels = np.load(directory / "labels.npy")
+        files = directory / "files.json"
         store = cls(
             meta["name"],
             images,
@@ -196,6 +208,8 @@ class ImageStore:
             meta["class_splits"],
             synthetic=meta["synthetic"],
             source=meta["source"],
+            source_files=tuple(json.loads(files.read_text())) if files.is_file() else (),
+            decode_note=meta.get("decode_note", ""),
         )
         store._fingerprint = meta.get("fingerprint")
         return store

@@ -2,8 +2,9 @@
 
 Modules: :mod:`.common` (constants, canonical split, class records), :mod:`.safe_pickle`,
 :mod:`.images` (decoding), :mod:`.detect` (format detection, split files, cache key), one module
-per reader (:mod:`.ravi`, :mod:`.folders`, :mod:`.pickles`, :mod:`.hdf5`) and :mod:`.build`
-(checks, order, the cached store, the registered datasets).
+per reader (:mod:`.ravi`, :mod:`.folders`, :mod:`.pickles`, :mod:`.hdf5`), :mod:`.listing` (the one
+list of a source's files, shared by the cache key and the readers) and :mod:`.build` (checks,
+order, the cached store, the registered datasets).
 
 Each loader turns a folder on disk into one canonical :class:`~.store.ImageStore`
 (``uint8`` images ``(N, S, S, 3)`` grouped by class, ``int64`` labels, class names,
@@ -26,7 +27,16 @@ For Mini-ImageNet, splits come from the canonical Ravi wnid lists shipped with t
 (``miniimagenet_split.json``), never from folder membership alone, and the 64/16/20 classes
 of 600 images are checked. The decoded store is cached (memory-mapped) under
 ``cache_dir/<dataset>-<key>``, where the key hashes the resolved root, the format, the image
-size, the options and the name, size and mtime of every source file.
+size, the options and the name, size, mtime, ctime and inode of every file in the source's
+listing (:func:`list_source`): exactly the files the readers open, built once and used for both
+the key and the decoding. A Ravi CSV may name any file in ``images/`` (dot-named ones too: they
+are read and keyed); in class folders, names starting with ``.`` and non-image files are neither
+read nor keyed. The listing is kept with the store (``ImageStore.source_files``).
+
+Images that are not 8-bit RGB are converted (:func:`to_rgb`): 16-bit grey (``I;16``, ``I``
+holding 0..65535) divided by 257, transparency composited on white, ``1``/``L``/``P``/``CMYK``
+through PIL; floating-point or 32-bit images, whose range is not defined, are refused. Which modes
+were converted is said once, in an :class:`ImageModeWarning`, and kept as ``ImageStore.decode_note``.
 
 Every problem with a source is raised as a one-line :class:`~..errors.DataError` naming
 the file and the fix.
@@ -60,7 +70,8 @@ from .common import (
     canonical_split,
 )
 from .detect import cache_key, detect_format, locate_split_files, source_files
-from .images import decode_image, materialize
+from .images import ImageModeWarning, conversion_note, decode_image, materialize, to_rgb
+from .listing import SourceListing, list_source, read_classes
 from .safe_pickle import SafeUnpickler, read_pickle
 
 __all__ = [
@@ -92,6 +103,12 @@ __all__ = [
     "source_files",
     "decode_image",
     "materialize",
+    "to_rgb",
+    "ImageModeWarning",
+    "conversion_note",
+    "SourceListing",
+    "list_source",
+    "read_classes",
     "SafeUnpickler",
     "read_pickle",
 ]

@@ -3,6 +3,8 @@
 ``custom`` datasets."""
 from __future__ import annotations
 
+import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -15,41 +17,18 @@ from .common import (
     ALL_FORMATS,
     CUSTOM_FORMATS,
     EXPECTED_PER_CLASS,
-    FORMAT_FOLDERS,
-    FORMAT_HDF5,
-    FORMAT_L2L,
-    FORMAT_METAOPTNET,
-    FORMAT_RAVI,
     ClassSource,
     canonical_split,
 )
-from .detect import (
-    _check_root,
-    cache_key,
-    detect_format,
-    locate_split_files,
-    source_files,
-)
-from .folders import scan_folders
-from .hdf5 import scan_hdf5
-from .images import materialize
-from .pickles import scan_learn2learn, scan_metaoptnet
-from .ravi import scan_ravi
+from .detect import _check_root, cache_key, detect_format, locate_split_files
+from .images import ImageModeWarning, conversion_note, materialize
+from .listing import SourceListing, list_source, read_classes
 
 
 def scan_source(root: Path, fmt: str, layout: Dict[str, Tuple[Path, ...]]) -> List[ClassSource]:
-    """Dispatch to the reader of ``fmt``; returns one :class:`ClassSource` per class."""
-    if fmt == FORMAT_RAVI:
-        return scan_ravi(root, layout)
-    if fmt == FORMAT_FOLDERS:
-        return scan_folders(layout)
-    if fmt == FORMAT_L2L:
-        return scan_learn2learn(layout)
-    if fmt == FORMAT_METAOPTNET:
-        return scan_metaoptnet(layout)
-    if fmt == FORMAT_HDF5:
-        return scan_hdf5(layout)
-    raise ValueError(fmt)  # pragma: no cover
+    """The classes of a source (its :func:`~.listing.list_source`, then :func:`~.listing.read_classes`);
+    one :class:`ClassSource` per class."""
+    return read_classes(list_source(root, fmt, layout))
 
 
 # ----------------------------------------------------------------------------- checks and order
@@ -173,29 +152,54 @@ def build_store(
     options = {"dataset": dataset}
     if mini:
         options.update(noncanonical=bool(allow_noncanonical_split), per_class=expected_per_class)
-    key = cache_key(root, fmt, image_size, source_files(root, fmt, layout), options)
-    store_dir = stores_dir(cache_dir) / f"{dataset}-{key}"
+    # one listing: the cache key is computed from it and the store is decoded from it
+    listing = list_source(root, fmt, layout)
+    store_dir = stores_dir(cache_dir) / f"{dataset}-{cache_key(listing, image_size, options)}"
 
     def decode() -> ImageStore:
-        classes = scan_source(root, fmt, layout)
-        check_unique_classes(classes)
-        canonical = canonical_split() if mini else None
-        if mini and not allow_noncanonical_split:
-            assert canonical is not None
-            check_canonical(classes, canonical, expected_per_class, root)
-        classes = order_classes(classes, canonical)
-        images, labels = materialize(classes, image_size)
-        return ImageStore(
-            dataset,
-            images,
-            labels,
-            [c.name for c in classes],
-            [c.split for c in classes],
-            synthetic=False,
-            source=f"{fmt} at {root}",
-        )
+        return _decode(listing, dataset, image_size, allow_noncanonical_split, expected_per_class, what)
 
     return load_or_build(store_dir, decode, dataset, use_cache=use_cache)
+
+
+def _decode(
+    listing: SourceListing,
+    dataset: str,
+    image_size: int,
+    allow_noncanonical_split: bool,
+    expected_per_class: Optional[int],
+    what: str,
+) -> ImageStore:
+    """Read, check, order and decode the classes of ``listing`` into a store (see :func:`build_store`).
+
+    Says once (a warning) which image modes were converted to 8-bit RGB; the store keeps that line
+    as ``decode_note`` and the listed files as ``source_files``.
+    """
+    mini = dataset == "miniimagenet"
+    classes = read_classes(listing)
+    check_unique_classes(classes)
+    canonical = canonical_split() if mini else None
+    if mini and not allow_noncanonical_split:
+        assert canonical is not None
+        check_canonical(classes, canonical, expected_per_class, listing.root)
+    classes = order_classes(classes, canonical)
+    converted: Counter = Counter()
+    images, labels = materialize(classes, image_size, converted)
+    note = conversion_note(converted, len(images))
+    if note:
+        note = f"{what} at {listing.root}: {note}"
+        warnings.warn(note, ImageModeWarning)
+    return ImageStore(
+        dataset,
+        images,
+        labels,
+        [c.name for c in classes],
+        [c.split for c in classes],
+        synthetic=False,
+        source=f"{listing.fmt} at {listing.root}",
+        source_files=tuple(str(p) for p in listing.files),
+        decode_note=note,
+    )
 
 
 @register_dataset("miniimagenet")

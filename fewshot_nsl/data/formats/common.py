@@ -36,8 +36,9 @@ ALL_FORMATS = (FORMAT_RAVI, FORMAT_L2L, FORMAT_METAOPTNET, FORMAT_HDF5, FORMAT_F
 CUSTOM_FORMATS = (FORMAT_RAVI, FORMAT_FOLDERS)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-#: Bump when the decoding changes, so that old caches are not reused.
-_CACHE_VERSION = 1
+#: Bump when the decoding or the cache key changes, so that old caches are not reused
+#: (2: 16-bit and transparent images converted by ``images.to_rgb``; the key covers the listing).
+_CACHE_VERSION = 2
 #: Show a progress bar from this many images on.
 _PROGRESS_MIN = 2000
 #: Images decoded per thread-pool task (PIL releases the GIL while decoding).

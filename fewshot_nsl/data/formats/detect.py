@@ -1,12 +1,11 @@
-"""Which on-disk format a folder holds, where each split's files are, and the cache key over them."""
+"""Which on-disk format a folder holds, where each split's files are, and the cache key over a source's
+listing (:mod:`.listing`)."""
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import stat
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ...errors import DataError
 from ...safe_io import check_regular_file
@@ -24,6 +23,7 @@ from .common import (
     FORMAT_METAOPTNET,
     FORMAT_RAVI,
 )
+from .listing import FileStat, SourceListing
 
 # ----------------------------------------------------------------------------- detection
 
@@ -147,67 +147,22 @@ def locate_split_files(root: Path, fmt: str, required: Sequence[str]) -> Dict[st
     return out
 
 
-def _walk_files(folder: Path) -> Iterable[os.DirEntry]:
-    """Every regular file under ``folder`` (recursively, hidden entries skipped).
+def source_files(listing: SourceListing) -> List[FileStat]:
+    """``(relative name, size, mtime_ns, ctime_ns, inode)`` of every file in ``listing`` (the files
+    the readers open, :attr:`SourceListing.files`), sorted by name."""
+    return listing.stats()
 
-    Raises:
-        DataError: a symlink loop (a folder that leads back to one of its parents, or a link to
-            itself), or a FIFO, socket or device in the tree (never opened: that would hang).
+
+def cache_key(listing: SourceListing, image_size: int, options: dict) -> str:
+    """sha256 (16 hex chars) of the root, format, image size, options and the stats of the listed files.
+
+    Args:
+        listing: the source's listing, the one its store is then decoded from.
+        image_size: side of the stored images.
+        options: anything else that changes the store (dataset kind, split checks).
     """
-    seen = set()
-    st = os.stat(folder)
-    seen.add((st.st_dev, st.st_ino))
-    stack = [(folder, (st.st_dev, st.st_ino))]
-    while stack:
-        current, _ = stack.pop()
-        with os.scandir(current) as it:
-            for entry in it:
-                if entry.name.startswith("."):
-                    continue
-                try:
-                    est = entry.stat()  # follows symlinks
-                except OSError:
-                    check_regular_file(Path(entry.path), "dataset file", DataError)  # names the loop / broken link
-                    raise
-                if stat.S_ISDIR(est.st_mode):
-                    key = (est.st_dev, est.st_ino)
-                    if key in seen:
-                        raise DataError(f"{entry.path} is a symlink loop (it leads back to a folder already read); "
-                                        f"remove the link")
-                    seen.add(key)
-                    stack.append((Path(entry.path), key))
-                elif stat.S_ISREG(est.st_mode):
-                    yield entry
-                else:
-                    check_regular_file(Path(entry.path), "dataset file", DataError)
-
-
-def source_files(root: Path, fmt: str, layout: Dict[str, Tuple[Path, ...]]) -> List[Tuple[str, int, int]]:
-    """``(relative name, size, mtime_ns)`` of every file the source is read from, sorted."""
-    rows: List[Tuple[str, int, int]] = []
-
-    def add(entry_path: str, st: os.stat_result) -> None:
-        # size, mtime and ctime: a rewrite changes ctime even when size and mtime are restored
-        rows.append((os.path.relpath(entry_path, root), st.st_size, st.st_mtime_ns * 1_000_000_007 + st.st_ctime_ns))
-
-    for paths in layout.values():
-        for p in paths:
-            if p.is_dir():
-                for e in _walk_files(p):
-                    add(e.path, e.stat())
-            else:
-                check_regular_file(p, "dataset file", DataError)
-                add(str(p), p.stat())
-    if fmt == FORMAT_RAVI:
-        for e in _walk_files(root / "images"):
-            add(e.path, e.stat())
-    return sorted(rows)
-
-
-def cache_key(root: Path, fmt: str, image_size: int, files: List[Tuple[str, int, int]], options: dict) -> str:
-    """sha256 (16 hex chars) of the root, format, image size, options and file stats."""
     h = hashlib.sha256()
-    h.update(json.dumps([_CACHE_VERSION, str(root), fmt, image_size, options], sort_keys=True).encode())
-    for name, size, mtime in files:
-        h.update(f"{name}\0{size}\0{mtime}\n".encode())
+    h.update(json.dumps([_CACHE_VERSION, str(listing.root), listing.fmt, image_size, options], sort_keys=True).encode())
+    for name, size, mtime, ctime, inode in source_files(listing):
+        h.update(f"{name}\0{size}\0{mtime}\0{ctime}\0{inode}\n".encode())
     return h.hexdigest()[:16]

@@ -53,7 +53,9 @@ def scan_ravi(root: Path, layout: Dict[str, Tuple[Path, ...]]) -> List[ClassSour
         DataError: unreadable/non-UTF-8 CSV, bad rows, a file listed twice, or a missing image.
     """
     images_dir = root / "images"
-    present = {e.name for e in os.scandir(images_dir)}
+    base = str(images_dir)
+    real_base = os.path.realpath(images_dir)
+    entries = {e.name: e for e in os.scandir(images_dir)}  # file types from the listing: no stat per row
     seen: Dict[str, Tuple[Path, int]] = {}  # keyed by the normalised path inside images/
     seen_real: Dict[str, str] = {}  # resolved path -> the first name listing it
     classes: List[ClassSource] = []
@@ -61,13 +63,18 @@ def scan_ravi(root: Path, layout: Dict[str, Tuple[Path, ...]]) -> List[ClassSour
         per_class: Dict[str, List[Path]] = {}
         missing: List[str] = []
         for lineno, fname, label in _read_csv_rows(csv_path):
-            if os.path.isabs(fname) or ".." in Path(fname).parts or fname.startswith("~"):
+            if os.path.isabs(fname) or ".." in fname.split(os.sep) or fname.startswith("~"):
                 raise DataError(
                     f"{csv_path} line {lineno} names {fname}, outside {images_dir}; list image paths relative to "
                     f"images/ (no absolute paths, no '..')"
                 )
             fname = os.path.normpath(fname).replace(os.sep, "/")  # 'a.jpg', './a.jpg', 'b/../a.jpg': one file
-            real = os.path.realpath(images_dir / fname)  # and two names linked to one file
+            entry = entries.get(fname)
+            # two names linked to one file are one file (a plain entry of images/ is not a link)
+            if entry is not None and not entry.is_symlink():
+                real = os.path.join(real_base, fname)
+            else:
+                real = os.path.realpath(os.path.join(base, fname))
             if real in seen_real and seen_real[real] != fname:
                 other, other_line = seen[seen_real[real]]
                 raise DataError(
@@ -82,14 +89,14 @@ def scan_ravi(root: Path, layout: Dict[str, Tuple[Path, ...]]) -> List[ClassSour
                     f"remove the duplicate row"
                 )
             seen[fname] = (csv_path, lineno)
-            path = images_dir / fname
-            if fname not in present and not (("/" in fname) and path.is_file()):
+            path = Path(os.path.join(base, fname))
+            if entry is None and not ("/" in fname and path.is_file()):
                 if path.exists() or path.is_symlink():
                     check_regular_file(path, "image", DataError)  # a FIFO, device, socket or symlink loop
                 missing.append(fname)
-            elif not path.is_file():
+            elif entry is not None and not entry.is_file():
                 check_regular_file(path, "image", DataError)
-            per_class.setdefault(label, []).append(images_dir / fname)
+            per_class.setdefault(label, []).append(path)
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise DataError(
