@@ -235,7 +235,7 @@ def check_log_file(path: Path, results_dir: Optional[Path], cache_dir: Optional[
     fix = "pass a log file outside the results and cache folders, e.g. --log-file run.log"
     try:
         st: Optional[os.stat_result] = os.stat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a new file (or a bad folder: opening it says so)
         st = None
     except OSError as exc:
         raise ConfigError(f"cannot write the log file {path} ({exc.strerror or exc}); "
