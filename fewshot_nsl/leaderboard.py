@@ -37,7 +37,7 @@ import yaml
 from .comparisons import PAIRED, add_paired_columns, key_text
 from .config import CONFIG_DIR
 from .errors import ConfigError, DataError
-from .evaluation import read_episode_results
+from .evaluation import episode_accuracy, read_episode_results
 from .safe_io import atomic_write, locked, remove_stale_tmp
 from .stats import summarize
 
@@ -360,7 +360,7 @@ def run_accuracies(run_dir: Path, n: int) -> np.ndarray:
     if missing:
         raise DataError(f"run {Path(run_dir).name} has no result for episode(s) {missing[:5]} of {n}; "
                         f"run the same command again to finish it")
-    return np.array([float(rows[i]["accuracy"]) if rows[i].get("status") == "ok" else 0.0 for i in range(n)])
+    return np.array([episode_accuracy(rows[i]) for i in range(n)])
 
 
 def aggregate(summaries: Sequence[Dict[str, Any]], results_dir: Path, other_seeds: bool = True) -> Dict[str, Any]:

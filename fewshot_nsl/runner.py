@@ -52,7 +52,7 @@ from .episode_log import (  # noqa: F401
     salvage_shards,
 )
 from .errors import ConfigError, DataError
-from .evaluation import evaluate, read_episode_results
+from .evaluation import episode_accuracy, evaluate, read_episode_results
 from .identity import RunIdentity, method_code_hash
 from .inputs import (  # noqa: F401  (re-exported)
     TRAINING_STAGES,
@@ -353,7 +353,7 @@ def finish(ctx: RunContext, executor: str = "local", eval_peak_mb: Optional[floa
         merge_episode_rows(ctx.episodes_csv, [])
     # a failed (non-finite) episode counts as wrong: a method cannot raise its mean by abstaining
     failed = {i for i in range(ctx.n_episodes) if rows[i]["status"] != "ok"}
-    accs = [0.0 if i in failed else float(rows[i]["accuracy"]) for i in range(ctx.n_episodes)]
+    accs = [episode_accuracy(rows[i]) for i in range(ctx.n_episodes)]
     eval_time = sum(float(rows[i]["seconds"]) for i in range(ctx.n_episodes))
     s = summarize(accs)
     record = _read_json(ctx.run_dir / "train.json") or {}
