@@ -279,11 +279,13 @@ def test_paper_value_only_beside_comparable_rows(tmp_path, capsys):
 
 
 def test_stale_temporary_files_are_gone_after_a_successful_run(tmp_path, capsys):
-    """Temporary files that a killed process left (``*.tmp<dead pid>``) are removed by the next
-    successful run; those of live processes are kept."""
+    """Temporary files that a killed process left (``.fewshot-nsl.tmp-<dead pid>-<tid>-*``) are removed by the
+    next successful run; those of live processes, and files a user named like temporaries, are kept."""
     import os
     import subprocess
     import sys
+
+    from fewshot_nsl.safe_io import TMP_PREFIX
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -291,10 +293,11 @@ def test_stale_temporary_files_are_gone_after_a_successful_run(tmp_path, capsys)
     assert _cli(tmp_path, capsys, *args)[0] == 0
     results = tmp_path / "results"
     (run,) = (results / "runs").iterdir()
-    stale = [run / f"summary.json.tmp{dead.pid}", results / f"leaderboard.csv.tmp{dead.pid}"]
-    live = run / f"episodes.csv.tmp{os.getppid()}"
-    for f in (*stale, live):
+    stale = [run / f"{TMP_PREFIX}{dead.pid}-1-summary.json", results / f"{TMP_PREFIX}{dead.pid}-1-leaderboard.csv"]
+    live = run / f"{TMP_PREFIX}{os.getppid()}-1-episodes.csv"
+    users = [run / f"summary.json.tmp{dead.pid}", results / f"notes.tmp{dead.pid}"]  # not the suite's: kept
+    for f in (*stale, live, *users):
         f.write_text("half a file")
     (run / "summary.json").unlink()  # the next run has work to do: it finishes the run again
     assert _cli(tmp_path, capsys, *args)[0] == 0
-    assert not any(f.exists() for f in stale) and live.exists()
+    assert not any(f.exists() for f in stale) and live.exists() and all(f.exists() for f in users)
