@@ -177,6 +177,28 @@ def pretrain_optimizer(params: List[nn.Parameter], p: Any, total: int) -> Tuple[
     return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=max(total, 1), pct_start=pct_start)
 
 
+def restore_pretraining(partial: Path, module: nn.Module, head: nn.Module, opt: torch.optim.Optimizer, sched: Any,
+                        gen: torch.Generator, validator: StageValidator) -> Tuple[int, List[Dict[str, Any]]]:
+    """Restore a pretraining from its ``.partial`` checkpoint (the state after its last finished epoch).
+
+    The file is read on the CPU whatever the training device: the generator's and torch's RNG states must be CPU
+    byte tensors (``Generator.set_state`` refuses a CUDA tensor: every preempted GPU pretraining used to fail to
+    resume), while ``load_state_dict`` copies weights and optimiser state onto the device of the live modules.
+
+    Returns:
+        ``(step, curve rows)`` to continue from.
+    """
+    ckpt = load_checkpoint(partial, torch.device("cpu"))
+    module.load_state_dict(ckpt["module"])
+    head.load_state_dict(ckpt["head"])
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    gen.set_state(ckpt["generator"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    validator.load_state_dict(ckpt.get("validation"))
+    return int(ckpt["step"]), list(ckpt.get("curve", []))
+
+
 def _pretrain(method, module, store, cfg, device, path, progress, distributed, curve=None, compiled=False) -> Dict[str, Any]:
     """The pretraining loop of :func:`pretrain` (cache miss)."""
     rank, world = 0, 1
@@ -223,16 +245,7 @@ def _pretrain(method, module, store, cfg, device, path, progress, distributed, c
     # resumes from its last finished epoch with the same weights an uninterrupted run would reach.
     partial = path.with_name(path.name + ".partial") if world == 1 else None
     if partial is not None and partial.is_file():
-        ckpt = load_checkpoint(partial, device)
-        module.load_state_dict(ckpt["module"])
-        head.load_state_dict(ckpt["head"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        gen.set_state(ckpt["generator"])
-        torch.set_rng_state(ckpt["torch_rng"].cpu())
-        step = int(ckpt["step"])
-        curve_rows = ckpt.get("curve", [])
-        validator.load_state_dict(ckpt.get("validation"))
+        step, curve_rows = restore_pretraining(partial, module, head, opt, sched, gen, validator)
     stage_curve = StageCurve("pretrain", total, curve_rows)
     bar = tqdm(total=total, initial=step, desc=f"pretrain {cfg.backbone}", disable=not progress or rank > 0, unit="step")
     while step < total and validator.stopped_at is None:
@@ -335,7 +348,8 @@ def meta_train(
     start, last = 0, float("nan")
     curve_rows: List[Dict[str, Any]] = []
     if Path(checkpoint_path).is_file():
-        ckpt = load_checkpoint(checkpoint_path, device)
+        # read on the CPU: RNG states must stay CPU byte tensors; load_state_dict copies weights to their device
+        ckpt = load_checkpoint(checkpoint_path, torch.device("cpu"))
         method.load_state_dict(ckpt["method"])
         opt.load_state_dict(ckpt["optimizer"])
         sampler.rng.bit_generator.state = json.loads(ckpt["sampler"])
