@@ -118,7 +118,9 @@ class HeNormalConv2d(nn.Conv2d):
         init_scale: factor on the He standard deviation.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair, padding: IntPair = 0, init_scale: float = 1.0) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: IntPair, padding: IntPair = 0, init_scale: float = 1.0
+    ) -> None:
         self.init_scale = init_scale  # read by reset_parameters, which nn.Conv2d.__init__ calls
         super().__init__(in_channels, out_channels, kernel_size, padding=padding, bias=False)
 
