@@ -93,15 +93,20 @@ def run_episode(
     query_x: torch.Tensor,
     episode: int,
     error_dir: Optional[Path] = None,
+    split: str = "test",
 ) -> torch.Tensor:
     """``fit_support`` then ``forward`` on one materialised episode under ``torch.no_grad()``.
 
     The method is given exactly these three tensors (the query labels stay with the caller).
 
     Args:
-        support_x: ``(ways*shots, 3, H, W)``; support_y: ``(ways*shots,)`` in ``0..ways-1``;
-        query_x: ``(n_query, 3, H, W)``, all in the episode's shuffled order.
+        method: the method, in eval mode.
+        support_x: ``(ways*shots, 3, H, W)`` support images, in the episode's shuffled order.
+        support_y: ``(ways*shots,)`` int64 support labels in ``0..ways-1``, in the same order.
+        query_x: ``(n_query, 3, H, W)`` query images, in the episode's shuffled order.
         episode: index of the episode (messages).
+        error_dir: where a method's traceback goes (``error.txt``); None: not kept.
+        split: the episode list's split, for messages (``test episode 3``, ``val episode 3``).
 
     Returns:
         Logits ``(n_query, ways)`` of a real floating-point dtype.
@@ -129,12 +134,12 @@ def run_episode(
             except OSError:
                 pass
         msg = " ".join(str(exc).split())[:200]
-        raise MethodError(f"method {_method_name(method)} raised {type(exc).__name__} in {call} on test episode "
+        raise MethodError(f"method {_method_name(method)} raised {type(exc).__name__} in {call} on {split} episode "
                           f"{episode}: {msg}{where}; fix the method (finished episodes are kept)") from None
     problem = FewShotMethod.logits_problem(logits, len(query_x), int(support_y.max()) + 1)
     if problem:
         got, expected = problem
-        raise MethodError(f"method {_method_name(method)} returned {got} from forward on test episode {episode}; "
+        raise MethodError(f"method {_method_name(method)} returned {got} from forward on {split} episode {episode}; "
                           f"{expected}; fix the method")
     return logits
 
@@ -186,7 +191,8 @@ def evaluate(
             t0 = time.perf_counter()
             seed_torch(episode_seed(seed, i), mat.device)
             t = mat(episodes.episode(i))
-            logits = run_episode(method, t.support_x, t.support_y, t.query_x, i, error_dir=error_dir or out_csv.parent)
+            logits = run_episode(method, t.support_x, t.support_y, t.query_x, i, error_dir=error_dir or out_csv.parent,
+                                 split=episodes.split)
             if torch.isfinite(logits).all():
                 correct = int((logits.argmax(1) == t.query_y.to(logits.device)).sum())
                 acc, status = 100.0 * correct / len(t.query_y), "ok"
