@@ -307,3 +307,25 @@ def test_undefined_ranges_are_refused_in_one_line(tmp_path):
     assert "i.tif" in msg and "mode I" in msg and "70000" in msg
     neg = _save(Image.fromarray(np.full((4, 4), -5, dtype=np.int32)), tmp_path / "n.tif")
     assert "mode I" in one_line_error(decode_image, neg, 4)
+
+
+def test_sub_folder_in_a_class_folder_is_refused_not_silently_skipped(tmp_path):
+    """Images in a folder below a class folder are not read; the loader says so in one line (and a
+    link back up is named as a symlink loop) instead of leaving them out of the class."""
+    root = tmp_path / "folders"
+    for split, c in [("train", "a"), ("test", "b")]:
+        (root / split / c).mkdir(parents=True)
+        for r in range(2):
+            Image.fromarray(noise(r, 1)[0]).save(root / split / c / f"{r}.png")
+    (root / "train" / "a" / "more").mkdir()
+    Image.fromarray(noise(9, 1)[0]).save(root / "train" / "a" / "more" / "2.png")
+    msg = one_line_error(load_custom, str(root), cache_dir=str(tmp_path / "cache"), image_size=8)
+    assert "sub-folder more/" in msg and str(root / "train" / "a") in msg
+    (root / "train" / "a" / "more" / "2.png").rename(root / "train" / "a" / "2.png")
+    (root / "train" / "a" / "more").rmdir()
+    os.symlink(root, root / "train" / "a" / "again")
+    msg = one_line_error(load_custom, str(root), cache_dir=str(tmp_path / "cache"), image_size=8)
+    assert "again" in msg and "symlink loop" in msg
+    (root / "train" / "a" / "again").unlink()
+    (root / "train" / "a" / ".ipynb_checkpoints").mkdir()  # hidden folders are not part of the class
+    assert len(load_custom(str(root), cache_dir=str(tmp_path / "cache"), image_size=8).images) == 5

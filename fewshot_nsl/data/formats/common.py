@@ -3,6 +3,7 @@ shared by the readers (see the package docstring)."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -89,6 +90,22 @@ def canonical_split(path: Optional[Path] = None) -> Dict[str, List[str]]:
         if len(split[s]) != EXPECTED_CLASSES[s] or len(set(split[s])) != len(split[s]):
             raise DataError(f"canonical split file {path} has a bad {s} list; reinstall fewshot_nsl")
     return split
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    """Whether ``entry`` is (a link to) a folder; False for a symlink loop or a broken link."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    """Whether ``entry`` is (a link to) a regular file; False for a symlink loop or a broken link."""
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
 
 
 def _sniff(path: Path, what: str) -> None:

@@ -9,7 +9,7 @@ from typing import Dict, List, Tuple
 
 from ...errors import DataError
 from ...safe_io import check_regular_file
-from .common import ClassSource, _sniff
+from .common import ClassSource, _is_file, _sniff
 
 # ----------------------------------------------------------------------------- readers
 
@@ -94,8 +94,8 @@ def scan_ravi(root: Path, layout: Dict[str, Tuple[Path, ...]]) -> List[ClassSour
                 if path.exists() or path.is_symlink():
                     check_regular_file(path, "image", DataError)  # a FIFO, device, socket or symlink loop
                 missing.append(fname)
-            elif entry is not None and not entry.is_file():
-                check_regular_file(path, "image", DataError)
+            elif entry is not None and not _is_file(entry):
+                check_regular_file(path, "image", DataError)  # names the FIFO, folder, loop or broken link
             per_class.setdefault(label, []).append(path)
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
