@@ -166,7 +166,8 @@ def test_authors_predictor_gradcheck(structure, stride, padding):
     def fn(x, *ps):
         return torch.func.functional_call(layer, dict(zip(names, ps)), (x,))
 
-    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-6)
+    # UNS has 81 * 3 * 9 m2 weights: the fast (random-projection) mode keeps it to a second
+    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-6, fast_mode=structure == "uns")
 
 
 # ----------------------------------------------------------------------------- in a network
