@@ -229,18 +229,16 @@ class EpisodeList:
         The order scheme and the seed determine the presentation order of every episode, so a
         list differing only in them is a different list.
         """
-        payload = json.dumps(
-            [self.split, self.ways, self.shots, self.queries, [e.to_json() for e in self.episodes],
-             {"order": ORDER_SCHEME, "seed": self.seed}],
-            separators=(",", ":"),
-        )
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return self._content_hash({"order": ORDER_SCHEME, "seed": self.seed})
 
     def _unordered_sha256(self) -> str:
         """The hash lists recorded before episodes were shuffled (no order scheme, no seed):
         only to verify the checksum of such a file on load."""
+        return self._content_hash()
+
+    def _content_hash(self, *extra: object) -> str:
         payload = json.dumps(
-            [self.split, self.ways, self.shots, self.queries, [e.to_json() for e in self.episodes]],
+            [self.split, self.ways, self.shots, self.queries, [e.to_json() for e in self.episodes], *extra],
             separators=(",", ":"),
         )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
