@@ -7,7 +7,9 @@
     board = fewshot_nsl.load_results("results")
 
 :func:`benchmark` does what the command line does (the same configs, run folders, resume and
-leaderboard), without printing unless asked. Input errors raise
+leaderboard), without printing unless asked. A plugin file (or a module beside it) edited since this
+process imported it is imported again before the cells run, so calling :func:`benchmark` again after
+an edit runs the new code under its new identity. Input errors raise
 :class:`~fewshot_nsl.errors.FewShotError` subclasses with the command line's one-line message.
 """
 from __future__ import annotations
@@ -80,7 +82,7 @@ def benchmark(
     from .config import check_overrides
     from .executors import LocalExecutor
     from .grid import cells_from_args, run_grid
-    from .registry import load_plugins
+    from .plugins import load_plugins, refresh_plugins
 
     for key in ("method", "backbone", "shots"):
         if key in overrides:
@@ -89,6 +91,10 @@ def benchmark(
     if dataset is not None:
         cli["dataset"] = dataset
     check_overrides(cli, "benchmark()")
+    # plugins edited since this process imported them are imported again, so the code that runs is
+    # the code on disk, the code the run's identity records
+    for folder in refresh_plugins():
+        (log or (lambda line: None))(f"plugin folder {folder} changed on disk since it was imported: re-imported")
     load_plugins([Path(p) for p in plugins])
     methods = _as_list(method) or ["protonet"]
     backbones = _as_list(backbone)

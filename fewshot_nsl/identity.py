@@ -8,26 +8,68 @@ A run's identity (:class:`RunIdentity`) is
 * ``dataset_fingerprint``: sha256 of the dataset *content* (class names, splits, labels and
   every image byte, :meth:`fewshot_nsl.data.store.ImageStore.fingerprint`), not its path;
 * ``episode_hash`` and ``split``: the content hash of the fixed episode list and its split;
-* ``code_hash``: the package's source (every ``.py`` file of :mod:`fewshot_nsl`) and the
-  source files of the method's own classes (built-in baseline or plugin, wherever it lives);
+* ``code_hash``: the package's source (every ``.py`` file of :mod:`fewshot_nsl`) and the code
+  the method's class actually uses (:func:`method_code_files`), derived from what is loaded, never
+  from a list kept by hand;
 * ``world_size``: the number of processes of the pretraining the run uses (``torchrun``).
 
 The run folder is named after :meth:`RunIdentity.digest`, and ``identity.json`` in it records
-the components, so a run is resumed, reused or written into only under the same identity;
-anything else gets a folder of its own.
+the components (and, as ``code_files``, the files behind the code hash with their content hashes),
+so a run is resumed, reused or written into only under the same identity; anything else gets a
+folder of its own.
+
+**The code of a method** (:func:`method_code_files`) is, for its class and each base up to
+:class:`~fewshot_nsl.methods.base.FewShotMethod`:
+
+* the file defining the class (found from the code objects of its functions, so a class made by
+  ``exec`` in a file's namespace is not taken for that file's);
+* every module of its *code location* that is loaded: a ``--plugins`` folder (the modules imported
+  from it, including the sibling modules the plugin loader drops from ``sys.modules`` after the
+  import, recorded when they were imported, plus every ``*.py`` directly in the folder, so a helper
+  imported lazily while the run goes is covered too); a package (every ``.py`` file under the
+  package's folder, as for :mod:`fewshot_nsl` itself); a plain module (a script, a test module: the
+  modules under its folder that it, transitively, holds in its namespace);
+* a class without a source file (a notebook cell): the text of its cell(s) where Python keeps it
+  (IPython puts cell sources into :mod:`linecache`), including the cells of the notebook functions
+  and classes it names; otherwise a per-class nonce, so its runs are never reused.
+
+A code file that was imported and has changed on disk since is refused in one line
+(:class:`~fewshot_nsl.errors.RegistryError`) whenever the identity is computed: the module that would
+run is not the one on disk. :func:`fewshot_nsl.benchmark` and
+:func:`~fewshot_nsl.plugins.load_plugins` re-import a changed ``--plugins`` folder first.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import inspect
 import json
-from dataclasses import dataclass
+import linecache
+import os
+import site
+import sys
+import sysconfig
+import threading
+import types
+import uuid
+import warnings
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
+
+from .errors import RegistryError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+_PACKAGE = str(PACKAGE_DIR)
+#: Module package of the ``--plugins`` folders (:data:`fewshot_nsl.plugins.PLUGIN_PACKAGE`).
+_PLUGIN_PACKAGE = "fewshot_nsl_plugins"
+
+_lock = threading.RLock()
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def _hash_files(paths: List[Path], root: Optional[Path] = None) -> str:
@@ -40,42 +82,605 @@ def _hash_files(paths: List[Path], root: Optional[Path] = None) -> str:
     return h.hexdigest()[:16]
 
 
+def _py_files(root: Path) -> List[Path]:
+    """Every ``.py`` file under ``root`` (not in ``__pycache__`` or hidden folders), sorted."""
+    return sorted(p for p in root.rglob("*.py")
+                  if not any(part == "__pycache__" or part.startswith(".") for part in p.relative_to(root).parts[:-1]))
+
+
 @functools.lru_cache(maxsize=1)
 def package_code_hash() -> str:
     """sha256 (16 hex) of every ``.py`` file of the installed/checked-out ``fewshot_nsl`` package."""
-    files = sorted(p for p in PACKAGE_DIR.rglob("*.py") if "__pycache__" not in p.parts)
-    return _hash_files(files, PACKAGE_DIR)
+    return _hash_files(_py_files(PACKAGE_DIR), PACKAGE_DIR)
 
 
-def own_source_files(cls: type) -> List[Path]:
-    """Source files of ``cls`` and of its bases up to (not including) ``FewShotMethod``: the
-    method's own code, wherever it lives (``baselines/``, a ``--plugins`` folder, a package)."""
-    from .methods.base import FewShotMethod
+# ----------------------------------------------------------------------------- files and their state
+@dataclass(frozen=True)
+class FileState:
+    """A file's modification time (ns), size and content hash (sha256, 16 hex)."""
 
-    files: List[Path] = []
-    for klass in inspect.getmro(cls):
-        if klass is FewShotMethod or klass is object:
-            break
-        try:
-            src = inspect.getsourcefile(klass)
-        except TypeError:  # built-in class
-            continue
-        if src and Path(src).is_file() and Path(src).resolve() not in files:
-            files.append(Path(src).resolve())
+    mtime_ns: int
+    size: int
+    sha256: str
+
+
+def file_state(path: str) -> Optional[FileState]:
+    """The state of ``path`` now (None if it cannot be read)."""
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return FileState(st.st_mtime_ns, st.st_size, _sha(data))
+
+
+#: State of every code file when it was imported (or first seen behind a code hash), by real path.
+_IMPORTED: Dict[str, FileState] = {}
+
+
+@functools.lru_cache(maxsize=None)
+def _real(path: str) -> str:
+    return os.path.realpath(path)
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def note_imported(paths: Iterable[Any]) -> None:
+    """Record the state of code files just imported (the plugin loader calls this right after an
+    import, so a later edit is seen as a change since the import)."""
+    with _lock:
+        for p in paths:
+            real = _real(os.fspath(p))
+            state = file_state(real)
+            if state is not None:
+                _IMPORTED[real] = state
+
+
+def forget_imported(root: Any) -> None:
+    """Drop the records of the code files under ``root`` (a plugin folder about to be re-imported)."""
+    root = _real(os.fspath(root))
+    with _lock:
+        for p in [p for p in _IMPORTED if _under(p, root)]:
+            del _IMPORTED[p]
+
+
+def changed_since_import(root: Any) -> List[str]:
+    """The code files under ``root`` imported in this process whose content changed (or that were
+    deleted) since."""
+    root = _real(os.fspath(root))
+    with _lock:
+        records = [(p, s) for p, s in _IMPORTED.items() if _under(p, root)]
+    out = []
+    for path, state in records:
+        now = file_state(path)
+        if now is None or now.sha256 != state.sha256:
+            out.append(path)
+    return sorted(out)
+
+
+@functools.lru_cache(maxsize=1)
+def _system_dirs() -> Tuple[str, ...]:
+    """The standard library and site-packages folders (third-party code: not a method's own)."""
+    dirs: Set[str] = set()
+    paths = sysconfig.get_paths()
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        if paths.get(key):
+            dirs.add(paths[key])
+    try:
+        dirs.update(site.getsitepackages())
+        dirs.add(site.getusersitepackages())
+    except AttributeError:  # an embedded / virtualenv ``site`` without them
+        pass
+    return tuple(sorted(_real(d) for d in dirs if d))
+
+
+def _foreign(path: str, root: str) -> bool:
+    """Whether ``path`` is third-party or package code that does not belong to a code location ``root``
+    (``root`` inside one of those folders keeps what lies under it)."""
+    for d in (*_system_dirs(), _PACKAGE):
+        if _under(path, d) and not _under(root, d):
+            return True
+    return False
+
+
+def _module_file(module: Any) -> Optional[str]:
+    f = getattr(module, "__file__", None)
+    return _existing_file(f) if isinstance(f, str) else None
+
+
+@functools.lru_cache(maxsize=None)
+def _existing_file(path: str) -> Optional[str]:
+    """The real path of a module's ``__file__`` if it is a file (cached: asked for every loaded module)."""
+    real = _real(path)
+    return real if os.path.isfile(real) else None
+
+
+def _loaded_files() -> Set[str]:
+    """The files of every loaded module, plus those recorded at import (modules since dropped)."""
+    files = {f for f in map(_module_file, list(sys.modules.values())) if f}
+    with _lock:
+        files.update(_IMPORTED)
     return files
 
 
-def method_code_hash(cls: type) -> str:
-    """sha256 (16 hex) of the package source plus the method's own source files."""
-    h = hashlib.sha256(package_code_hash().encode())
-    for f in own_source_files(cls):
-        h.update(_hash_files([f]).encode())
+# ----------------------------------------------------------------------------- the code of a class
+@dataclass(frozen=True)
+class CodeFile:
+    """One piece of code behind a code hash.
+
+    Attributes:
+        label: what a reader sees: the path relative to the code location's parent
+            (``baselines/protonet.py``, ``my_plugins/helpers.py``), or ``<source of M.Q>`` /
+            ``<no source: M.Q>`` for a class without a file.
+        sha256: sha256 (16 hex) of the content (the source text; the nonce where there is none).
+        path: the file (None for source text and nonces).
+        classes: the method classes it defines.
+        imported: whether it was imported in this process (then checked for changes since).
+    """
+
+    label: str
+    sha256: str
+    path: Optional[str] = None
+    classes: Tuple[str, ...] = ()
+    imported: bool = False
+
+    def record(self) -> Dict[str, Any]:
+        """The entry written to ``identity.json`` (``code_files``)."""
+        out: Dict[str, Any] = {"path": self.label, "sha256": self.sha256}
+        if self.classes:
+            out["classes"] = list(self.classes)
+        if self.label.startswith("<no source"):
+            out["reusable"] = False
+        return out
+
+
+@dataclass
+class _Code:
+    """What :func:`_code_of` finds about one class or function."""
+
+    files: Set[str] = field(default_factory=set)  # real files that define it
+    texts: Dict[str, str] = field(default_factory=dict)  # pseudo file name -> source text (notebook cells)
+    unknown: bool = False  # neither: never reusable
+    namespaces: List[Dict[str, Any]] = field(default_factory=list)  # globals of its functions
+
+
+def _functions(value: Any) -> List[types.FunctionType]:
+    """The Python functions behind a class member (methods, static/class methods, properties),
+    unwrapped from decorators (``functools.wraps``, ``torch.no_grad()``)."""
+    out = []
+    for v in (value, getattr(value, "__func__", None), getattr(value, "fget", None),
+              getattr(value, "fset", None), getattr(value, "fdel", None)):
+        if isinstance(v, types.FunctionType):
+            try:
+                v = inspect.unwrap(v)
+            except ValueError:
+                pass
+            if isinstance(v, types.FunctionType):
+                out.append(v)
+    return out
+
+
+def _code_files(obj: Any) -> List[types.FunctionType]:
+    return [fn for value in vars(obj).values() for fn in _functions(value)] if isinstance(obj, type) \
+        else _functions(obj)
+
+
+def _names_in(code: types.CodeType) -> Set[str]:
+    """Global names a code object (and the code nested in it) refers to."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _names_in(const)
+    return names
+
+
+def _code_of(obj: Any) -> _Code:
+    """Where the code of a class (its own members) or function lives."""
+    out = _Code()
+    fns = _code_files(obj)
+    pseudo: Dict[str, types.FunctionType] = {}
+    for fn in fns:
+        name = fn.__code__.co_filename
+        real = _real(name) if name and not name.startswith("<") else ""
+        if real and os.path.isfile(real):
+            out.files.add(real)
+        else:
+            pseudo[name] = fn
+        out.namespaces.append(fn.__globals__)
+    if not fns:  # a class with attributes only: the file whose source holds its ``class`` statement
+        module_file = _module_file(sys.modules.get(getattr(obj, "__module__", "") or ""))
+        try:
+            inspect.getsource(obj)
+            found = module_file is not None
+        except (OSError, TypeError):
+            found = False
+        if found:
+            out.files.add(module_file)  # type: ignore[arg-type]
+        else:
+            out.unknown = True
+    for name in pseudo:
+        text = "".join(linecache.getlines(name))
+        if text:
+            out.texts[name] = text
+        else:
+            out.unknown = True
+    if pseudo and not out.unknown:  # notebook functions and classes the cell's code names, transitively
+        _add_referenced_cells(list(pseudo.values()), out)
+    return out
+
+
+def _add_referenced_cells(fns: List[types.FunctionType], out: _Code) -> None:
+    """Add the source text of the notebook-defined functions and classes that ``fns`` name."""
+    seen: Set[int] = set()
+    todo = list(fns)
+    while todo:
+        fn = todo.pop()
+        if id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        for name in _names_in(fn.__code__):
+            value = fn.__globals__.get(name)
+            for sub in (_code_files(value) if isinstance(value, (type, types.FunctionType)) else []):
+                file = sub.__code__.co_filename
+                if file.startswith("<") or not os.path.isfile(_real(file)):
+                    text = "".join(linecache.getlines(file))
+                    if not text:
+                        out.unknown = True
+                        continue
+                    out.texts[file] = text
+                    todo.append(sub)
+
+
+def _location(obj: Any, code: _Code) -> Optional[Tuple[str, str]]:
+    """The code location of ``obj``: ``(folder, kind)``, kind ``folder`` (a ``--plugins`` folder),
+    ``package`` (a package's folder) or ``imports`` (a plain module's folder, or the working folder of
+    a notebook: only what its namespace holds); None where only ``obj``'s own file counts (package
+    code, already in :func:`package_code_hash`, or a third-party module)."""
+    if not code.files:
+        return (_real(os.getcwd()), "imports")
+    module_name = getattr(obj, "__module__", "") or ""
+    module = sys.modules.get(module_name)
+    file = _module_file(module)
+    file = file if file in code.files else sorted(code.files)[0]
+    parts = module_name.split(".")
+    if parts[0] == _PLUGIN_PACKAGE and len(parts) >= 3:
+        for d in getattr(sys.modules.get(".".join(parts[:2])), "__path__", None) or []:
+            return (_real(d), "folder")
+    for i in range(1, len(parts)):
+        for d in getattr(sys.modules.get(".".join(parts[:i])), "__path__", None) or []:
+            d = _real(d)
+            if _under(file, d):
+                return None if d == _PACKAGE else (d, "package")
+    folder = os.path.dirname(file)
+    if _under(folder, _PACKAGE) or any(_under(folder, d) for d in _system_dirs()):
+        return None
+    return (folder, "imports")
+
+
+def _defining_module(value: Any) -> Optional[types.ModuleType]:
+    """The loaded module an object (a function, a class) was defined in, if any."""
+    name = getattr(value, "__module__", None)
+    return sys.modules.get(name) if isinstance(name, str) else None
+
+
+def _namespace_modules(namespaces: List[Dict[str, Any]], root: str) -> Set[str]:
+    """Files under ``root`` of the modules that ``namespaces`` hold (a module, or an object defined
+    in one), followed transitively through those modules' namespaces."""
+    files: Set[str] = set()
+    todo = list(namespaces)
+    seen: Set[int] = set()
+    while todo:
+        ns = todo.pop()
+        if id(ns) in seen:
+            continue
+        seen.add(id(ns))
+        for value in list(ns.values()):
+            module = value if isinstance(value, types.ModuleType) else _defining_module(value)
+            f = _module_file(module)
+            if f and _under(f, root) and not _foreign(f, root) and f not in files:
+                files.add(f)
+                todo.append(vars(module))
+    return files
+
+
+def _location_files(root: str, kind: str, code: _Code, loaded: Set[str]) -> Set[str]:
+    """The code files of a location (see :func:`_location`); ``loaded``: :func:`_loaded_files`."""
+    if kind == "imports":
+        return _namespace_modules(code.namespaces, root)
+    files = {f for f in loaded if _under(f, root) and not _foreign(f, root)}
+    if kind == "package":
+        files.update(_real(str(p)) for p in _py_files(Path(root)))
+    else:  # a plugin folder: also its own *.py files (a sibling imported lazily while the run goes)
+        files.update(_real(str(p)) for p in Path(root).glob("*.py"))
+    return files
+
+
+def _label(path: str, root: Optional[str]) -> str:
+    if root and _under(path, root):
+        return f"{os.path.basename(root)}/{Path(path).relative_to(root).as_posix()}"
+    if _under(path, _PACKAGE):
+        return f"{PACKAGE_DIR.name}/{Path(path).relative_to(_PACKAGE).as_posix()}"
+    return os.path.basename(path)
+
+
+#: Per-object nonces of classes without any source (never reused).
+_NONCES: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+
+
+def _nonce(obj: Any) -> str:
+    with _lock:
+        if obj not in _NONCES:
+            _NONCES[obj] = _sha(f"{uuid.uuid4().hex}".encode())
+            warnings.warn(f"method class {obj.__module__}.{obj.__qualname__} has no source file and Python kept no "
+                          f"source text for it (defined with exec?): its runs get an identity of their own and are "
+                          f"never reused", stacklevel=3)
+        return _NONCES[obj]
+
+
+def _is_plugin_file(path: str) -> Optional[str]:
+    """The ``--plugins`` folder holding ``path``, if it is one (else None)."""
+    try:
+        from .plugins import loaded_plugin_folders
+    except ImportError:  # pragma: no cover - partial install
+        return None
+    for folder in loaded_plugin_folders():
+        if _under(path, _real(str(folder))):
+            return str(folder)
+    return None
+
+
+def _check_unchanged(entry: CodeFile, owner: str) -> None:
+    """Refuse a code file imported in this process that has changed on disk since.
+
+    Raises:
+        RegistryError: one line naming the file and what to do.
+    """
+    if not entry.imported or entry.path is None or _under(entry.path, _PACKAGE):
+        return
+    with _lock:
+        recorded = _IMPORTED.setdefault(entry.path, FileState(0, 0, entry.sha256))  # first seen: as it is now
+    if recorded.sha256 == entry.sha256:
+        return
+    folder = _is_plugin_file(entry.path)
+    if folder is not None:
+        raise RegistryError(
+            f"plugin {entry.path} changed on disk since it was imported (code of {owner}); restart Python, or "
+            f"call fewshot_nsl.benchmark() or load_plugins([{folder!r}]) again, which re-import a changed plugin folder"
+        )
+    raise RegistryError(f"code file {entry.path} changed on disk since it was imported (code of {owner}); restart "
+                        f"Python so that the code that runs is the code recorded")
+
+
+def _outdated(obj: Any) -> Optional[str]:
+    try:
+        from .plugins import outdated_reason
+    except ImportError:  # pragma: no cover
+        return None
+    return outdated_reason(obj)
+
+
+def object_code_files(obj: Any, stop: Tuple[type, ...] = ()) -> List[CodeFile]:
+    """The code behind a class (with its bases, up to any class in ``stop``) or a function,
+    outside the package's own files (see the module docstring), sorted by label.
+
+    Raises:
+        RegistryError: ``obj`` was replaced by a re-import of its plugin, or one of its code files
+            was imported and has changed on disk since.
+    """
+    reason = _outdated(obj)
+    if reason:
+        raise RegistryError(reason)
+    owner = getattr(obj, "registered_name", None) or f"{getattr(obj, '__module__', '?')}.{obj.__qualname__}"
+    owner = f"method '{owner}'" if hasattr(obj, "registered_name") else owner
+    chain = [k for k in inspect.getmro(obj) if k is not object] if isinstance(obj, type) else [obj]
+    stop_at = next((i for i, k in enumerate(chain) if k in stop), len(chain))
+    entries: Dict[str, CodeFile] = {}
+    classes: Dict[str, List[str]] = {}
+    loaded = _loaded_files()
+    for klass in chain[:stop_at]:
+        code = _code_of(klass)
+        if klass is not chain[0] and _third_party(klass, chain[0], code):
+            continue  # a base from an installed library (torch's nn.Module, a mixin): not the method's code
+        loc = _location(klass, code)
+        root = loc[0] if loc else None
+        if code.unknown:
+            label = f"<no source: {klass.__module__}.{klass.__qualname__}>"
+            entries[label] = CodeFile(label, _nonce(klass))
+            classes.setdefault(label, []).append(klass.__qualname__)
+            continue
+        for text in code.texts.values():
+            label = f"<source of {klass.__module__}.{klass.__qualname__}>"
+            h = _sha(text.encode())
+            if label in entries:
+                h = _sha((entries[label].sha256 + h).encode())
+            entries[label] = CodeFile(label, h)
+        if code.texts:
+            classes.setdefault(f"<source of {klass.__module__}.{klass.__qualname__}>", []).append(klass.__qualname__)
+        files = set(code.files) | (_location_files(*loc, code, loaded) if loc else set())
+        for f in sorted(files):
+            state = file_state(f)
+            if state is None:
+                continue
+            label = _label(f, root)
+            entries[label] = CodeFile(label, state.sha256, f, imported=f in loaded)
+        for f in code.files:
+            classes.setdefault(_label(f, root), []).append(klass.__qualname__)
+    out = []
+    for label in sorted(entries):
+        e = entries[label]
+        e = CodeFile(e.label, e.sha256, e.path, tuple(classes.get(label, ())), e.imported)
+        _check_unchanged(e, owner)
+        out.append(e)
+    return out
+
+
+def _third_party(klass: type, first: Any, code: _Code) -> bool:
+    """Whether ``klass`` (a base of ``first``) is installed-library code outside ``first``'s own package."""
+    if not code.files or not all(any(_under(f, d) for d in _system_dirs()) for f in code.files):
+        return False
+    return klass.__module__.split(".")[0] != str(getattr(first, "__module__", "")).split(".")[0]
+
+
+def _method_base() -> Tuple[type, ...]:
+    from .methods.base import FewShotMethod
+
+    return (FewShotMethod,)
+
+
+def method_code_files(cls: type) -> List[CodeFile]:
+    """The files (and source texts) behind :func:`method_code_hash` besides the package's own: the
+    method's class and bases up to ``FewShotMethod`` and the code their locations load (see the module
+    docstring), each with its content hash, sorted by label.
+
+    Raises:
+        RegistryError: a code file imported in this process changed on disk since (the module that
+            would run is not the one on disk), or the class was replaced by a re-import of its plugin.
+    """
+    return object_code_files(cls, _method_base())
+
+
+def own_source_files(cls: type) -> List[Path]:
+    """Source files of ``cls`` and of its bases up to (not including) ``FewShotMethod``."""
+    out: List[Path] = []
+    for klass in inspect.getmro(cls):
+        if klass in _method_base() or klass is object:
+            break
+        for f in sorted(_code_of(klass).files):
+            if Path(f) not in out:
+                out.append(Path(f))
+    return out
+
+
+#: ``code_files`` records by the code hash they make up (filled by :func:`method_code_hash`).
+_CODE_FILES: Dict[str, Tuple[Dict[str, Any], ...]] = {}
+
+
+def code_files_hash(files: List[CodeFile], base: str) -> str:
+    """sha256 (16 hex) of ``base`` (a package hash) and the labels, hashes and classes of ``files``."""
+    h = hashlib.sha256(base.encode())
+    for f in files:
+        h.update(json.dumps([f.label, f.sha256, list(f.classes)]).encode())
     return h.hexdigest()[:16]
+
+
+def method_code_hash(cls: type) -> str:
+    """sha256 (16 hex) of the package source plus the method's code (:func:`method_code_files`).
+
+    Raises:
+        RegistryError: as :func:`method_code_files`.
+    """
+    files = method_code_files(cls)
+    digest = code_files_hash(files, package_code_hash())
+    with _lock:
+        _CODE_FILES[digest] = (
+            {"path": f"{PACKAGE_DIR.name}/**/*.py", "sha256": package_code_hash()},
+            *(f.record() for f in files),
+        )
+    return digest
+
+
+def code_files_of(code_hash: str) -> Tuple[Dict[str, Any], ...]:
+    """The ``code_files`` record of a code hash computed in this process (empty if none was)."""
+    with _lock:
+        return _CODE_FILES.get(code_hash, ())
+
+
+# ----------------------------------------------------------------------------- pretraining
+#: Members a method class may define without changing what the base-class pretraining trains: the calls
+#: made at episode time, after the pretrained weights exist, and the declarations the cache key already
+#: holds (``default_conv`` is in the conv spec) or that only choose the stages.
+EPISODE_TIME_MEMBERS = frozenset({
+    "fit_support", "forward", "loss", "after_pretrain", "clip_groups", "display_name", "check_choice",
+    "stages", "training_stages", "default_conv", "compilable", "registered_name",
+    "__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__annotations__", "__firstlineno__",
+    "__static_attributes__", "__orig_bases__", "__parameters__", "_abc_impl",
+})
+
+
+def _builtin_dirs() -> Tuple[str, ...]:
+    from .resources import resource_dir
+
+    return (_PACKAGE, _real(str(resource_dir("baselines"))))
+
+
+def is_builtin(obj: Any) -> bool:
+    """Whether ``obj`` (a class or function) is defined in the package or its built-in baselines."""
+    code = _code_of(obj)
+    return bool(code.files) and not code.texts and not code.unknown and all(
+        any(_under(f, d) for d in _builtin_dirs()) for f in code.files)
+
+
+@functools.lru_cache(maxsize=1)
+def _baselines_code_hash() -> Optional[str]:
+    """sha256 (16 hex) of the built-in baselines' ``.py`` files where they live outside the package (a
+    checkout); None where the package holds them (a wheel: :func:`package_code_hash` covers them)."""
+    baselines = Path(_builtin_dirs()[1])
+    if not baselines.is_dir() or _under(str(baselines), _PACKAGE):
+        return None
+    return _hash_files(_py_files(baselines), baselines)
+
+
+def shared_pretraining_code_hash() -> str:
+    """sha256 (16 hex) of the code every built-in's pretraining shares: the package source and the
+    built-in baselines (their ``__init__`` is shared code: editing any of them retrains it)."""
+    baselines = _baselines_code_hash()
+    return package_code_hash() if baselines is None else _sha(f"{package_code_hash()}:{baselines}".encode())
+
+
+def builds_pretrained_module(cls: type) -> bool:
+    """Whether code of ``cls`` beyond the shared built-in code can change what pretraining trains:
+    a built-in class (or base) overriding ``pretrain_module``, or any other class (plugin, notebook,
+    third-party package) in the chain up to ``FewShotMethod`` defining a member outside
+    :data:`EPISODE_TIME_MEMBERS` (``__init__``, ``pretrain_module``, ``regularization``, an attribute a
+    base may read while building the module ...)."""
+    for klass in inspect.getmro(cls):
+        if klass in _method_base() or klass is object:
+            return False
+        if is_builtin(klass):
+            if "pretrain_module" in vars(klass):
+                return True
+        elif set(vars(klass)) - EPISODE_TIME_MEMBERS:
+            return True
+    return False
+
+
+def pretraining_code_hash(method_cls: Optional[type], backbone_factory: Optional[Callable[..., Any]] = None) -> str:
+    """The code part of the pretraining cache key (:func:`fewshot_nsl.training_state.pretrain_key`).
+
+    The built-ins share one pretraining by design: the key is :func:`shared_pretraining_code_hash`
+    when the method's classes are built-ins that leave ``pretrain_module`` alone (or are plugins that
+    define episode-time members only, :func:`builds_pretrained_module`). Otherwise the method's code
+    (:func:`method_code_hash`, its helpers included) is added. A backbone that is not built in adds its
+    own code (:func:`object_code_files`).
+
+    Raises:
+        RegistryError: as :func:`method_code_files`.
+    """
+    parts = [shared_pretraining_code_hash()]
+    if method_cls is not None and builds_pretrained_module(method_cls):
+        parts.append(f"method:{method_code_hash(method_cls)}")
+    if backbone_factory is not None and not is_builtin(backbone_factory):
+        parts.append(f"backbone:{code_files_hash(object_code_files(backbone_factory), '')}")
+    return parts[0] if len(parts) == 1 else _sha(":".join(parts).encode())
+
+
+# ----------------------------------------------------------------------------- the identity
+#: The components that make a run what it is (``code_files`` only explains ``code_hash``).
+_COMPONENTS = ("config_hash", "dataset_fingerprint", "episode_hash", "split", "code_hash", "world_size")
 
 
 @dataclass(frozen=True)
 class RunIdentity:
-    """Everything that determines a run's numbers (see the module docstring)."""
+    """Everything that determines a run's numbers (see the module docstring).
+
+    ``code_files`` (filled from the code hash computed in this process) lists the files behind
+    ``code_hash`` with their content hashes, for a reader of ``identity.json``; it adds nothing to
+    the identity (the code hash covers the same content), so :meth:`digest` and
+    :meth:`differences` leave it out.
+    """
 
     config_hash: str
     dataset_fingerprint: str
@@ -83,15 +688,23 @@ class RunIdentity:
     split: str
     code_hash: str
     world_size: int = 1
+    code_files: Tuple[Dict[str, Any], ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.code_files:
+            object.__setattr__(self, "code_files", code_files_of(self.code_hash))
 
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        out: Dict[str, Any] = {k: getattr(self, k) for k in _COMPONENTS}
+        if self.code_files:
+            out["code_files"] = [dict(f) for f in self.code_files]
+        return out
 
     def digest(self) -> str:
         """sha256 (16 hex) of all components; the last part of the run id is its first 8."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        core = {k: getattr(self, k) for k in _COMPONENTS}
+        return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
 
     def differences(self, recorded: Dict[str, Any]) -> List[str]:
         """Names of the components in which ``recorded`` (an ``identity.json``) differs."""
-        mine = self.to_dict()
-        return [k for k in mine if recorded.get(k) != mine[k]]
+        return [k for k in _COMPONENTS if recorded.get(k) != getattr(self, k)]

@@ -10,6 +10,13 @@ Plugin folders are keyed by their full path (two folders with the same name are 
 packages), and a plugin file can import the modules beside it (``from helpers import x`` at its
 top, or ``from .helpers import x``). A plugin that fails to import is recorded in
 :data:`fewshot_nsl.registry.PLUGIN_ERRORS`; the other methods keep working.
+
+Every file a plugin import reads from its folder (the plugin, its helpers, even those dropped from
+``sys.modules`` afterwards) is recorded with its content hash (:func:`fewshot_nsl.identity.note_imported`),
+so the code identity of a method covers them and sees when one changes on disk. A folder changed since
+it was imported is re-imported by :func:`refresh_plugins` (``fewshot_nsl.benchmark()`` and
+``load_plugins([folder])`` call it), re-registering its methods; the classes it replaced are outdated
+(:func:`outdated_reason`) and their identity is refused, so old code never runs under a new hash.
 """
 from __future__ import annotations
 
@@ -19,13 +26,16 @@ import importlib
 import importlib.machinery
 import importlib.metadata
 import importlib.util
+import os
 import re
 import sys
+import threading
 import warnings
+import weakref
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Set
 
-from . import registry
+from . import identity, registry
 from .errors import RegistryError
 from .registry import BACKBONES, DATASETS, METHODS, DuplicateNameError
 from .resources import resource_dir
@@ -40,6 +50,11 @@ PLUGIN_PACKAGE = "fewshot_nsl_plugins"
 
 
 _loaded_dirs: set = set()
+#: Plugin files imported, by folder (what a re-import of the folder imports again).
+_loaded_files: Dict[Path, Set[Path]] = {}
+#: Registered objects replaced by a re-import of their plugin folder -> why they must not run.
+_outdated: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+_reload_lock = threading.RLock()
 _entry_points_loaded = False
 
 
@@ -139,6 +154,7 @@ def load_plugin_file(path: Path) -> None:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
+    _loaded_files.setdefault(path.parent, set()).add(path)
     folder = str(path.parent)
     before = set(sys.modules)
     sys.path.insert(0, folder)
@@ -154,10 +170,102 @@ def load_plugin_file(path: Path) -> None:
     finally:
         if folder in sys.path:
             sys.path.remove(folder)
-        for name in set(sys.modules) - before:  # top-level sibling modules imported from the folder
-            file = getattr(sys.modules[name], "__file__", None)
-            if "." not in name and file and Path(file).resolve().is_relative_to(path.parent):
+        new = {name: sys.modules[name] for name in set(sys.modules) - before}
+        # what this import read from the folder, as it was read (the code identity checks it later)
+        identity.note_imported([path, *(f for m in new.values() for f in _files_under(m, path.parent))])
+        for name, mod in new.items():  # sibling modules imported from the folder by their own name
+            if not name.startswith(PLUGIN_PACKAGE + ".") and _is_under(mod, path.parent):
                 del sys.modules[name]
+
+
+def _files_under(module: Any, folder: Path) -> List[str]:
+    """The file of ``module`` if it lies under ``folder`` (else nothing)."""
+    file = getattr(module, "__file__", None)
+    if isinstance(file, str) and Path(os.path.realpath(file)).is_relative_to(folder):
+        return [os.path.realpath(file)]
+    return []
+
+
+def _is_under(module: Any, folder: Path) -> bool:
+    """Whether ``module`` (a file module or a namespace package) was loaded from ``folder``."""
+    if _files_under(module, folder):
+        return True
+    paths = getattr(module, "__path__", None) or []
+    return getattr(module, "__file__", None) is None and any(
+        Path(os.path.realpath(p)).is_relative_to(folder) for p in list(paths))
+
+
+def loaded_plugin_folders() -> List[Path]:
+    """The ``--plugins`` folders (and the bare checkout's ``baselines/``) imported in this process."""
+    return sorted(set(_loaded_dirs) | set(_loaded_files))
+
+
+def outdated_reason(obj: Any) -> Optional[str]:
+    """Why the registered class or factory ``obj`` must not run any more (its plugin folder was
+    re-imported since it was created), else None."""
+    try:
+        return _outdated.get(obj)
+    except TypeError:  # not weak-referenceable: never registered from a plugin folder
+        return None
+
+
+def refresh_plugins(folders: Optional[Iterable[Path]] = None) -> List[Path]:
+    """Re-import every loaded plugin folder (or those of ``folders`` that are loaded) in which a file
+    imported in this process has changed on disk since (or was deleted).
+
+    The folder's modules are imported again and re-register their methods, backbones and datasets;
+    the objects they replace (or no longer register) are marked outdated.
+
+    Returns:
+        The folders re-imported.
+    """
+    wanted = None if folders is None else {Path(f).resolve() for f in folders}
+    done = []
+    with _reload_lock:
+        for folder in loaded_plugin_folders():
+            if (wanted is None or folder in wanted) and identity.changed_since_import(folder):
+                _reload_folder(folder)
+                done.append(folder)
+    return done
+
+
+def _registered_from(folder: Path) -> List[tuple]:
+    """``(registry, name, object)`` of everything registered by code of ``folder``."""
+    out = []
+    for reg in (METHODS, BACKBONES, DATASETS):
+        for name in reg.names():
+            obj = reg.get(name)
+            src = registry.source_of(obj)
+            module = str(getattr(obj, "__module__", ""))
+            if Path(src).is_relative_to(folder) or module.startswith(plugin_package_name(folder) + "."):
+                out.append((reg, name, obj))
+    return out
+
+
+def _reload_folder(folder: Path) -> None:
+    """Import plugin folder ``folder`` again (see :func:`refresh_plugins`)."""
+    before = _registered_from(folder)
+    package = plugin_package_name(folder)
+    for name in [n for n in sys.modules if n == package or n.startswith(package + ".")]:
+        del sys.modules[name]
+    identity.forget_imported(folder)
+    for key in [k for k in registry.PLUGIN_ERRORS if Path(k).parent == folder]:
+        del registry.PLUGIN_ERRORS[key]
+    files = sorted(_loaded_files.pop(folder, set()))
+    if folder in _loaded_dirs:  # a whole folder: its files now
+        _loaded_dirs.discard(folder)
+        if folder.is_dir():
+            _load_folder(folder)
+    for path in files:  # files imported one by one (load_plugin_file); already imported ones are skipped
+        if path.is_file():
+            load_plugin_file(path)
+    for reg, name, obj in before:
+        if name in reg and reg.get(name) is not obj:
+            why = "was re-imported since this object was created"
+        else:
+            why = "no longer registers it"
+        _outdated[obj] = (f"{reg.kind} '{name}': its plugin folder {folder} changed on disk and {why}; "
+                          f"use the current one (get_method_class), or restart Python")
 
 
 def _load_folder(d: Path) -> None:
@@ -204,6 +312,7 @@ def _load_entry_points() -> None:
             if not path.name.startswith("_") and module not in covered:
                 loads.append((functools.partial(importlib.import_module, module), str(path.resolve())))
     for load, where in loads:
+        before = set(sys.modules)
         try:
             load()
         except DuplicateNameError:
@@ -211,11 +320,15 @@ def _load_entry_points() -> None:
         except Exception as exc:
             registry.PLUGIN_ERRORS[where] = f"{type(exc).__name__}: {exc}"
             warnings.warn(f"plugin {where} failed to import ({type(exc).__name__}: {exc}); skipped")
+        finally:  # the files these imports read, as they were read (the code identity checks them later)
+            identity.note_imported(f for f in (getattr(sys.modules.get(n), "__file__", None)
+                                               for n in set(sys.modules) - before) if isinstance(f, str))
 
 
 def load_plugins(extra_dirs: Optional[List[Path]] = None) -> None:
     """Import built-ins, entry points (the built-in baselines among them) and any extra plugin
-    folders (once each).
+    folders (once each; a folder whose imported files changed on disk since is imported again,
+    :func:`refresh_plugins`).
 
     Raises:
         RegistryError: a folder does not exist, or a plugin registers a name already taken by
@@ -229,4 +342,6 @@ def load_plugins(extra_dirs: Optional[List[Path]] = None) -> None:
     for d in extra_dirs or []:
         if Path(d).resolve() == BASELINES_DIR.resolve():
             continue  # the built-ins, already registered
-        _load_folder(Path(d))
+        with _reload_lock:
+            refresh_plugins([Path(d)])
+            _load_folder(Path(d))

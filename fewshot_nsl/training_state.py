@@ -17,7 +17,6 @@ import torch
 from .config import RunConfig
 from .data.store import ImageStore, default_cache_dir
 from .errors import ConfigError, DataError, NumericalError
-from .methods.base import FewShotMethod
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -82,15 +81,31 @@ def check_finite(value: torch.Tensor, what: str) -> None:
 def pretrain_key(cfg: RunConfig, store: ImageStore, conv_spec: Dict[str, Any],
                  method_cls: Optional[type] = None) -> str:
     """Hash of everything that determines the pretrained weights: dataset content, image size,
-    backbone and conv config, pretraining settings, seed, and the code (the package source, plus
-    the method's own source when the method overrides ``pretrain_module``)."""
-    from .identity import method_code_hash, package_code_hash
+    backbone and conv config, pretraining settings, seed, and the code of whatever builds the
+    pretrained module (:func:`fewshot_nsl.identity.pretraining_code_hash`).
 
-    code = package_code_hash()
-    if method_cls is not None and getattr(method_cls, "pretrain_module") is not FewShotMethod.pretrain_module:
-        code = method_code_hash(method_cls)
+    The code rule: the built-in methods share one pretraining per (data, backbone, conv, settings,
+    seed) by design (finetune, nearest_neighbor, static_nsn, meta_static_nsn, protonet or relationnet
+    with ``pretrained_backbone``): their ``pretrain_module`` is the package's and their backbone is
+    built by the package, so the code part is the package source plus the built-in baselines'
+    source (an edit to any built-in, its ``__init__`` included, retrains the shared pretraining). The
+    method's own code (its class, bases and the helpers they import, :func:`~fewshot_nsl.identity.method_code_hash`)
+    is added whenever a class in its chain up to ``FewShotMethod`` can change what is trained: a
+    built-in overriding ``pretrain_module``, or a plugin / notebook / third-party class defining
+    anything besides the episode-time members (``__init__``, ``pretrain_module``, ``regularization``,
+    an attribute a base may read while building; see
+    :data:`~fewshot_nsl.identity.EPISODE_TIME_MEMBERS`). A backbone registered by a plugin adds its
+    code too.
+
+    Raises:
+        RegistryError: a code file behind the key changed on disk since it was imported.
+    """
+    from .identity import pretraining_code_hash
+    from .registry import BACKBONES
+
+    factory = BACKBONES.get(cfg.backbone) if cfg.backbone in BACKBONES else None
     payload = {
-        "code": code,
+        "code": pretraining_code_hash(method_cls, factory),
         "dataset": store.fingerprint(),
         "image_size": cfg.image_size,
         "backbone": cfg.backbone,
