@@ -24,9 +24,7 @@ def _hook(event: str, args: tuple) -> None:
         _recording.append(args[0])
 
 
-if not getattr(sys, "_fewshot_nsl_open_audit", False):  # one hook per process, even if imported twice
-    sys.addaudithook(_hook)
-    sys._fewshot_nsl_open_audit = True  # type: ignore[attr-defined]
+sys.addaudithook(_hook)  # once, at import (a module is imported once per process)
 
 
 @contextmanager

@@ -31,7 +31,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import DataError, one_line
-from ..safe_io import locked
+from ..safe_io import locked, tmp_path
 
 SPLITS = ("train", "val", "test")
 
@@ -173,7 +173,7 @@ class ImageStore:
         """Write the store to ``directory`` (``images.npy`` + ``labels.npy`` + ``files.json`` (the
         source files) + ``meta.json``) atomically."""
         directory = Path(directory)
-        tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
+        tmp = tmp_path(directory)  # this process's and thread's own name, never a user's file
         tmp.mkdir(parents=True, exist_ok=True)
         np.save(tmp / "images.npy", np.ascontiguousarray(self.images))
         np.save(tmp / "labels.npy", self.labels)
@@ -282,7 +282,7 @@ def load_or_build(
         try:
             store.save(directory)
         except OSError as exc:
-            shutil.rmtree(directory.with_name(directory.name + f".tmp{os.getpid()}"), ignore_errors=True)
+            shutil.rmtree(tmp_path(directory), ignore_errors=True)
             if ImageStore.is_cached(directory):  # written meanwhile by a process without the lock
                 return ImageStore.load(directory)
             warnings.warn(

@@ -21,7 +21,6 @@ class ImageModeWarning(UserWarning):
     """Said once per decoded source: which image modes were converted to 8-bit RGB, and how."""
 
 
-
 def _resize_pil(img: Image.Image, size: int) -> Image.Image:
     """Resize to ``size`` x ``size`` (bicubic, antialiased) unless already that size."""
     if img.size != (size, size):
@@ -49,13 +48,13 @@ def _grey16_to_rgb(img: Image.Image, path: Path) -> Image.Image:
     """A 16-bit (``I;16``, ``I;16B``, ...) or ``I`` grey image scaled to 8 bits (``v / 257``, rounded).
 
     Raises:
-        DataError: values outside ``0..65535`` (a 32-bit image, whose range is not defined).
+        DataError: values outside ``0..65535`` (a 32-bit or signed image, whose range is not defined).
     """
     arr = np.asarray(img).astype(np.int64)  # (H, W)
     lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
     if lo < 0 or hi > _MAX16:
         raise DataError(
-            f"image {path} has 32-bit integer pixels (mode {img.mode}) with values {lo}..{hi}, outside the "
+            f"image {path} has integer pixels (mode {img.mode}) with values {lo}..{hi}, outside the unsigned "
             f"16-bit range 0..65535, so their scale is not defined; save the images as 8- or 16-bit PNG"
         )
     grey = ((arr * 2 + 257) // 514).astype(np.uint8)  # round(v / 257)
