@@ -82,10 +82,19 @@ class LogitsProbe:
 
     def accuracy(self, query_y: torch.Tensor) -> Optional[float]:
         """Query accuracy of the last logits seen (then forgotten), or None."""
+        acc = self.accuracy_tensor(query_y)
+        return None if acc is None else float(acc)
+
+    def accuracy_tensor(self, query_y: torch.Tensor) -> Optional[torch.Tensor]:
+        """:meth:`accuracy` as a 0-d tensor on the logits' device (no host synchronisation), or None."""
         out, self._last = self._last, None
         if out is None or out.dim() != 2 or out.shape[0] != query_y.shape[0]:
             return None
-        return float((out.argmax(1) == query_y).float().mean())
+        return (out.argmax(1) == query_y).float().mean()
+
+    def forget(self) -> None:
+        """Drop the last logits seen (e.g. a validation's, so the next training step reads only its own)."""
+        self._last = None
 
     def close(self) -> None:
         self._handle.remove()

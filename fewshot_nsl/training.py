@@ -177,6 +177,56 @@ def pretrain_optimizer(params: List[nn.Parameter], p: Any, total: int) -> Tuple[
     return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=max(total, 1), pct_start=pct_start)
 
 
+class IntervalLog:
+    """The losses (and accuracies) of a stage's steps since its last curve row, kept on the device.
+
+    Training loops :meth:`add` 0-d device tensors every step (no host synchronisation) and :meth:`flush` them
+    once per curve row (every ``curve.every`` steps), before every checkpoint and at the end: one transfer reads
+    them all, checks that every loss is finite (naming the first bad one by its own description, as a per-step
+    check did) and writes the curve row (the mean over the interval).
+
+    Args:
+        curve: the stage's :class:`~fewshot_nsl.curves.StageCurve`.
+    """
+
+    def __init__(self, curve: StageCurve) -> None:
+        self.curve = curve
+        self.losses: List[torch.Tensor] = []
+        self.accs: List[Optional[torch.Tensor]] = []
+        self.where: List[str] = []
+
+    def add(self, loss: torch.Tensor, accuracy: Optional[torch.Tensor], where: str) -> None:
+        """Record one loss (a 0-d tensor), its accuracy (0-d tensor in [0, 1] or None) and what it was."""
+        self.losses.append(loss.detach().float().reshape(()))
+        self.accs.append(None if accuracy is None else accuracy.detach().float().reshape(()))
+        self.where.append(where)
+
+    def row_due(self, step: int) -> bool:
+        return step % self.curve.every == 0 or step == self.curve.total
+
+    def flush(self, step: int) -> Optional[float]:
+        """Read, check and log what was added since the last flush as the curve row of step ``step``.
+
+        Returns:
+            The mean loss of the interval (None when nothing was added).
+
+        Raises:
+            NumericalError: a loss is NaN or Inf (the first one is named).
+        """
+        if not self.losses:
+            return None
+        have_acc = all(a is not None for a in self.accs)
+        values = torch.stack(self.losses + ([a for a in self.accs] if have_acc else [])).tolist()  # one sync
+        losses, accs = values[: len(self.losses)], values[len(self.losses):]
+        for v, where in zip(losses, self.where):
+            if not math.isfinite(v):
+                check_finite(torch.tensor(v), where)
+        mean = sum(losses) / len(losses)
+        self.curve.update(step, mean, sum(accs) / len(accs) if have_acc else None)
+        self.losses, self.accs, self.where = [], [], []
+        return mean
+
+
 def restore_pretraining(partial: Path, module: nn.Module, head: nn.Module, opt: torch.optim.Optimizer, sched: Any,
                         gen: torch.Generator, validator: StageValidator) -> Tuple[int, List[Dict[str, Any]]]:
     """Restore a pretraining from its ``.partial`` checkpoint (the state after its last finished epoch).
@@ -247,10 +297,11 @@ def _pretrain(method, module, store, cfg, device, path, progress, distributed, c
     if partial is not None and partial.is_file():
         step, curve_rows = restore_pretraining(partial, module, head, opt, sched, gen, validator)
     stage_curve = StageCurve("pretrain", total, curve_rows)
+    log = IntervalLog(stage_curve)
     bar = tqdm(total=total, initial=step, desc=f"pretrain {cfg.backbone}", disable=not progress or rank > 0, unit="step")
     while step < total and validator.stopped_at is None:
         perm = torch.randperm(len(index), generator=gen).numpy()
-        correct, seen = 0, 0
+        correct, seen = torch.zeros((), device=device), 0  # this epoch's, summed on the device
         for start in range(0, len(perm), p.batch_size):
             if step >= total:
                 break
@@ -271,20 +322,22 @@ def _pretrain(method, module, store, cfg, device, path, progress, distributed, c
             else:
                 ce = F.cross_entropy(logits, y)
             loss = ce + method.regularization()
-            check_finite(loss, f"pretraining loss at step {step}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            batch_correct = int((logits.argmax(1) == y).sum())
+            batch_correct = (logits.detach().argmax(1) == y).sum()
             correct += batch_correct
             seen += len(y)
             step += 1
+            log.add(loss, batch_correct / max(len(y), 1), f"pretraining loss at step {step}")
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct / max(seen, 1):.3f}")
-            stage_curve.update(step, loss.item(), batch_correct / max(len(y), 1))
+            if log.row_due(step):  # the only host synchronisation of the loop, every curve row
+                mean = log.flush(step)
+                bar.set_postfix(loss=f"{mean:.3f}")
             if validator.due(step) and validator.validate(step, stage_curve.rows):
                 break  # early stop (val_patience)
+        log.flush(step)  # before the checkpoint: never save weights past a non-finite loss
         if partial is not None and step < total and validator.stopped_at is None:
             atomic_torch_save({"module": module.state_dict(), "head": head.state_dict(), "optimizer": opt.state_dict(),
                                "scheduler": sched.state_dict(), "generator": gen.get_state(),
@@ -294,10 +347,10 @@ def _pretrain(method, module, store, cfg, device, path, progress, distributed, c
     if world > 1:
         import torch.distributed as dist
 
-        counts = torch.tensor([correct, seen], dtype=torch.float64, device=device)
+        counts = torch.stack([correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device)])
         dist.all_reduce(counts)
-        correct, seen = int(counts[0]), int(counts[1])
-    acc = correct / max(seen, 1)
+        correct, seen = counts[0], int(counts[1])
+    acc = float(correct) / max(seen, 1)
     validation = validator.finish(step)  # loads the selected weights into `module` (val_select: best)
     if rank == 0:
         atomic_torch_save({"module": module.state_dict(), "train_accuracy": acc, "world_size": world,
@@ -359,6 +412,7 @@ def meta_train(
         curve_rows = ckpt.get("curve", [])
         validator.load_state_dict(ckpt.get("validation"))
     stage_curve = StageCurve("episodic", e.steps, curve_rows)
+    log = IntervalLog(stage_curve)
     probe = LogitsProbe(method)
     method.train()
     bar = tqdm(total=e.steps, initial=start, desc=f"meta-train {cfg.method}", disable=not progress, unit="step")
@@ -386,17 +440,15 @@ def meta_train(
             for group in opt.param_groups:
                 group["lr"] = e.lr * e.lr_gamma ** (step // e.lr_step)
         opt.zero_grad(set_to_none=True)
-        total = 0.0
-        accs = []
         for i in range(e.meta_batch):
             episode = next(sampler)
             t = mat(episode)
-            loss = method.loss(t.support_x, t.support_y, t.query_x, t.query_y) / e.meta_batch
-            check_finite(loss, f"{cfg.method} training loss at step {step + 1} of {e.steps} (training episode "
-                               f"{step * e.meta_batch + i + 1}, classes {', '.join(episode.classes)})")
-            loss.backward()
-            total += float(loss.detach())
-            accs.append(probe.accuracy(t.query_y))
+            loss = method.loss(t.support_x, t.support_y, t.query_x, t.query_y)
+            (loss / e.meta_batch).backward()
+            # kept on the device; read and checked once per curve row (IntervalLog), not per episode
+            log.add(loss, probe.accuracy_tensor(t.query_y),
+                    f"{cfg.method} training loss at step {step + 1} of {e.steps} (training episode "
+                    f"{step * e.meta_batch + i + 1}, classes {', '.join(episode.classes)})")
         reg = method.regularization()
         if reg.requires_grad:
             reg.backward()
@@ -404,16 +456,19 @@ def meta_train(
         for group in clip_groups:  # each group's norm clipped separately, as Sung et al. clip encoder and relation net
             torch.nn.utils.clip_grad_norm_(group, e.grad_clip)
         opt.step()
-        last = total
         bar.update(1)
-        bar.set_postfix(loss=f"{total:.3f}")
-        stage_curve.update(step + 1, total, None if None in accs else sum(accs) / len(accs))
-        stop = False
-        if validator.due(step + 1):
-            stop = validator.validate(step + 1, stage_curve.rows)
-            probe.accuracy(t.query_y[:0])  # forget the validation's logits (the next step's probe reads its own)
         done = step + 1
-        if done % e.checkpoint_every == 0 or done == e.steps or stop:
+        stop = False
+        if validator.due(done):
+            stop = validator.validate(done, stage_curve.rows)
+            probe.forget()  # the validation's logits: the next step's probe reads its own
+        checkpoint = done % e.checkpoint_every == 0 or done == e.steps or stop
+        if log.row_due(done) or checkpoint:  # the loop's only host synchronisation (and never a NaN checkpoint)
+            mean = log.flush(done)
+            if mean is not None:
+                last = mean
+                bar.set_postfix(loss=f"{mean:.3f}")
+        if checkpoint:
             save(done)
         if stop:  # early stop (val_patience)
             break

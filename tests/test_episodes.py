@@ -63,11 +63,15 @@ def test_materialiser_gathers_the_right_images_normalised(tiny_store):
     ep = lst.episodes[0]
     t = Materialiser(tiny_store, 16, torch.device("cpu"))(ep)
     assert t.support_x.shape == (8, 3, 16, 16) and t.query_x.shape == (12, 3, 16, 16)
-    assert t.support_y.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
-    assert t.query_y.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    # shown in the episode's shuffled order: position k holds item order.support[k] of the class-major layout
+    class_major_support = [k for k in range(4) for _ in range(2)]
+    class_major_query = [k for k in range(4) for _ in range(3)]
+    assert t.support_y.tolist() == [class_major_support[i] for i in ep.order.support]
+    assert t.query_y.tolist() == [class_major_query[i] for i in ep.order.query]
+    assert sorted(ep.order.support) == list(range(8)) and list(ep.order.support) != list(range(8))
     idx = tiny_store.class_index()[ep.classes[2]]
-    raw = tiny_store.images[tiny_store.index_of(idx, [ep.support[2][1]])[0]]
+    raw = tiny_store.images[tiny_store.index_of(idx, [ep.support[2][1]])[0]]  # class-major item 5
     expect = (torch.from_numpy(raw.astype(np.float32)).permute(2, 0, 1) / 255 - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
-    assert torch.allclose(t.support_x[5], expect, atol=1e-5)
+    assert torch.allclose(t.support_x[list(ep.order.support).index(5)], expect, atol=1e-5)
     # resizing to another image size keeps the layout
     assert Materialiser(tiny_store, 8, torch.device("cpu"))(ep).query_x.shape == (12, 3, 8, 8)

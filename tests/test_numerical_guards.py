@@ -35,14 +35,14 @@ def test_nan_training_loss_names_method_and_step_and_keeps_checkpoint(tmp_path):
     assert not (tmp_path / "results" / "leaderboard.csv").exists()
 
 
-def test_nonfinite_logits_mark_the_episode_and_are_not_averaged(tmp_path):
+def test_nonfinite_logits_mark_the_episode_and_count_as_wrong(tmp_path):
     cfg = tiny(tmp_path, "nan_logits_on_odd_episodes")
     row = run(cfg, progress=False, log=lambda *a: None)
     with open(run_dir_of(cfg) / "episodes.csv") as f:
         rows = list(csv.DictReader(f))
     status = [r["status"] for r in sorted(rows, key=lambda r: int(r["episode"]))]
     assert status == ["ok", "nonfinite"] * 4
-    assert row["episodes_failed"] == 4 and row["episodes"] == 4
+    assert row["episodes_failed"] == 4 and row["episodes"] == 8  # failed episodes are in the count, as wrong
     assert row["accuracy"] == row["accuracy"]  # not NaN
     df = pd.read_csv(tmp_path / "results" / "leaderboard.csv")
     assert int(df.loc[0, "episodes_failed"]) == 4

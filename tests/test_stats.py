@@ -18,9 +18,11 @@ def test_ci_matches_formula_and_scipy():
     assert s.ci95_t > 1.96 * acc.std(ddof=1) / np.sqrt(600)
 
 
-def test_nan_episodes_are_excluded_not_averaged():
+def test_nan_episodes_count_as_wrong_not_excluded():
+    """A failed (NaN) episode is an episode the method got wrong: 0 in the mean, counted in n and in failed
+    (dropping it would let a method raise its score by abstaining on hard episodes)."""
     s = summarize([50.0, float("nan"), 70.0])
-    assert s.n == 2 and s.mean == pytest.approx(60.0)
+    assert s.n == 3 and s.failed == 1 and s.mean == pytest.approx(40.0)
 
 
 def test_paired_compare_matches_scipy():
