@@ -263,9 +263,11 @@ def _functions(value: Any) -> List[types.FunctionType]:
     return out
 
 
-def _code_files(obj: Any) -> List[types.FunctionType]:
-    return [fn for value in vars(obj).values() for fn in _functions(value)] if isinstance(obj, type) \
-        else _functions(obj)
+def _own_functions(obj: Any) -> List[types.FunctionType]:
+    """The functions a class defines itself (not its bases'), or a function itself."""
+    if isinstance(obj, type):
+        return [fn for value in vars(obj).values() for fn in _functions(value)]
+    return _functions(obj)
 
 
 def _names_in(code: types.CodeType) -> Set[str]:
@@ -280,7 +282,7 @@ def _names_in(code: types.CodeType) -> Set[str]:
 def _code_of(obj: Any) -> _Code:
     """Where the code of a class (its own members) or function lives."""
     out = _Code()
-    fns = _code_files(obj)
+    fns = _own_functions(obj)
     pseudo: Dict[str, types.FunctionType] = {}
     for fn in fns:
         name = fn.__code__.co_filename
@@ -323,7 +325,7 @@ def _add_referenced_cells(fns: List[types.FunctionType], out: _Code) -> None:
         seen.add(id(fn))
         for name in _names_in(fn.__code__):
             value = fn.__globals__.get(name)
-            for sub in (_code_files(value) if isinstance(value, (type, types.FunctionType)) else []):
+            for sub in (_own_functions(value) if isinstance(value, (type, types.FunctionType)) else []):
                 file = sub.__code__.co_filename
                 if file.startswith("<") or not os.path.isfile(_real(file)):
                     text = "".join(linecache.getlines(file))
@@ -540,18 +542,6 @@ def method_code_files(cls: type) -> List[CodeFile]:
             would run is not the one on disk), or the class was replaced by a re-import of its plugin.
     """
     return object_code_files(cls, _method_base())
-
-
-def own_source_files(cls: type) -> List[Path]:
-    """Source files of ``cls`` and of its bases up to (not including) ``FewShotMethod``."""
-    out: List[Path] = []
-    for klass in inspect.getmro(cls):
-        if klass in _method_base() or klass is object:
-            break
-        for f in sorted(_code_of(klass).files):
-            if Path(f) not in out:
-                out.append(Path(f))
-    return out
 
 
 #: ``code_files`` records by the code hash they make up (filled by :func:`method_code_hash`).

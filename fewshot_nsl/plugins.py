@@ -173,8 +173,11 @@ def load_plugin_file(path: Path) -> None:
         new = {name: sys.modules[name] for name in set(sys.modules) - before}
         # what this import read from the folder, as it was read (the code identity checks it later)
         identity.note_imported([path, *(f for m in new.values() for f in _files_under(m, path.parent))])
-        for name, mod in new.items():  # sibling modules imported from the folder by their own name
-            if not name.startswith(PLUGIN_PACKAGE + ".") and _is_under(mod, path.parent):
+        # sibling modules (and their sub-modules) imported from the folder by their own name: dropped, so
+        # another folder's ``helpers`` is its own
+        tops = {n for n, m in new.items() if "." not in n and n != PLUGIN_PACKAGE and _is_under(m, path.parent)}
+        for name in new:
+            if name.split(".")[0] in tops:
                 del sys.modules[name]
 
 
