@@ -70,7 +70,9 @@ def check_episode_count(cfg: RunConfig, episodes: EpisodeList) -> None:
         where = getattr(episodes, "path", None) or cfg.episodes_file or "the episode list"
         raise ConfigError(
             f"eval.episodes {cfg.eval.episodes} is more than the {n} episodes of episode list {where}; pass "
-            f"--n-episodes {n} or fewer, or a longer list with --episodes FILE (committed lists: --make-episodes)"
+            f"--n-episodes {n} or fewer, or a list of {cfg.eval.episodes} or more episodes with --episodes FILE "
+            f"(made with fewshot_nsl.data.episodes.episode_list_for_store(...).save(FILE); --make-episodes "
+            f"regenerates the committed 600-episode lists)"
         )
 
 
