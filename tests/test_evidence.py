@@ -129,6 +129,29 @@ def test_the_console_says_which_row_was_kept_and_replace_row_replaces_it(tmp_pat
     assert int(board(tmp_path).loc[0, "episodes"]) == 6
 
 
+def _benchmark_takes_replace_row() -> bool:
+    from fewshot_nsl.api import benchmark
+
+    return _grid_takes_replace_row() and "replace_row" in inspect.signature(benchmark).parameters
+
+
+@pytest.mark.skipif(not _benchmark_takes_replace_row(), reason="needs benchmark(replace_row=...) in api.py and "
+                                                               "grid.run_grid(replace_row=...) (issue 25, reported)")
+def test_benchmark_keeps_the_stronger_row_and_says_so_unless_replace_row(tmp_path):
+    import fewshot_nsl
+
+    common = dict(dataset="tiny", profile="smoke", image_size=16, results_dir=str(tmp_path / "results"),
+                  cache_dir=str(tmp_path / "cache"), plugins=[REPO / "tests" / "plugins"], threads=1)
+    fewshot_nsl.benchmark("protonet", eval={"episodes": 12, "queries": 3}, **common)
+    lines = []
+    rows = fewshot_nsl.benchmark("protonet", eval={"episodes": 6, "queries": 3}, log=lines.append, **common)
+    assert int(rows.loc[0, "episodes"]) == 6  # what this call measured
+    assert int(board(tmp_path).loc[0, "episodes"]) == 12  # what the leaderboard keeps
+    assert len([line for line in lines if "kept" in line]) == 1
+    fewshot_nsl.benchmark("protonet", eval={"episodes": 6, "queries": 3}, replace_row=True, **common)
+    assert int(board(tmp_path).loc[0, "episodes"]) == 6
+
+
 # ----------------------------------------------------------------------------- the rule
 def _row(episodes: int, seeds: str, accuracy: float = 50.0, method: str = "protonet") -> dict:
     return {"dataset": "tiny", "dataset_fingerprint": "f" * 16, "split": "test", "episode_hash": "e" * 16,
