@@ -394,8 +394,9 @@ def test_ctrl_c_keeps_finished_episodes_and_resumes(results, tmp_path, capsys, m
     assert run_in_process(argv, capsys)[0] == 0
     assert len(calls) == 3  # only episodes 3, 4, 5 were evaluated again
     assert list(pd.read_csv(run / "episodes.csv")["episode"]) == list(range(6))
-    # one leaderboard row per cell: the finished seed-7 run now holds it; the seed-0 run folder is untouched
-    assert list(pd.read_csv(results / "leaderboard.csv")["seeds"].astype(str)) == ["7"]
+    # one leaderboard row per cell, aggregating every finished seed of the experiment (the fixture's seed 0 and
+    # seed 7); the seed-0 run folder is untouched
+    assert list(pd.read_csv(results / "leaderboard.csv")["seeds"].astype(str)) == ["0,7"]
     assert snapshot(seed0) == seed0_files
 
 
