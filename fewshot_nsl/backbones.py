@@ -7,15 +7,18 @@ static or dynamic neural-similarity factories.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+import math
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, FewShotError, one_line
 from .registry import register_backbone
 
 ConvFactory = Callable[..., nn.Module]
+#: Largest input side :func:`min_input_size` searches (above :data:`fewshot_nsl.config.MAX_IMAGE_SIZE`).
+_MAX_SIDE = 4096
 
 
 class Backbone(nn.Module):
@@ -26,10 +29,18 @@ class Backbone(nn.Module):
     """
 
     out_channels: int
+    #: ``backbone_options`` that make the feature map shrink less (named in the too-small message).
+    shrink_options: Tuple[str, ...] = ()
 
     def forward_map(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` -> ``(B, out_channels, h, w)``."""
         raise NotImplementedError
+
+    def min_image_size(self) -> Optional[int]:
+        """Smallest square input side every layer accepts (each map at least 1x1), or ``None`` when
+        the layers do not say (then :func:`check_image_size` tries a forward pass instead).
+        Backbones whose layers run in registration order return :func:`min_input_size` of them."""
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` -> ``(B, D)`` with ``D = feature_dim(H)``."""
@@ -58,6 +69,162 @@ def dry_run(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], image
     return out
 
 
+# ----------------------------------------------------------------------------- input sizes
+def _side(value: Any) -> int:
+    """The height part of an int-or-pair layer setting."""
+    return int(value[0] if isinstance(value, (tuple, list)) else value)
+
+
+def _conv_out(n: int, layer: nn.Module) -> int:
+    """Output side of a conv (``nn.Conv2d`` or :class:`~fewshot_nsl.nn.NSConv2d`) on an ``n``-pixel input."""
+    k, s, d = _side(layer.kernel_size), _side(layer.stride), _side(layer.dilation)
+    pads = getattr(layer, "pads", None)  # NSConv2d: resolved (left, right, top, bottom)
+    if pads is not None:
+        total = int(pads[2]) + int(pads[3])
+    elif isinstance(layer.padding, str):
+        return n if layer.padding == "same" else (n - d * (k - 1) - 1) // s + 1
+    else:
+        total = 2 * _side(layer.padding)
+    return (n + total - d * (k - 1) - 1) // s + 1
+
+
+def _pool_out(n: int, layer: nn.Module) -> int:
+    """Output side of a max/avg pool on an ``n``-pixel input (PyTorch's ``pooling_output_shape``)."""
+    k, p = _side(layer.kernel_size), _side(layer.padding)
+    s = _side(layer.stride if layer.stride is not None else layer.kernel_size)
+    d = _side(getattr(layer, "dilation", 1))
+    ceil = bool(layer.ceil_mode)
+    out = (n + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil else 0)) // s + 1
+    if ceil and (out - 1) * s >= n + p:
+        out -= 1
+    return out
+
+
+def _spatial_layers(module: nn.Module) -> Iterator[nn.Module]:
+    """Convs and pools of ``module`` in registration order; a conv's own submodules (a dynamic
+    layer's predictor) run beside it, not after it, and are not entered."""
+    for child in module.children():
+        if isinstance(child, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) \
+                or hasattr(child, "kernel_size") and hasattr(child, "dilation"):
+            yield child
+        else:
+            yield from _spatial_layers(child)
+
+
+def _output_side(layers: List[nn.Module], n: int) -> int:
+    """Side of the last map for an ``n``-pixel input, or 0 as soon as some layer has nothing left."""
+    for layer in layers:
+        if isinstance(layer, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+            size = layer.output_size
+            n = n if size is None or _side(size) is None else _side(size)
+        elif isinstance(layer, (nn.MaxPool2d, nn.AvgPool2d)):
+            n = _pool_out(n, layer)
+        else:
+            n = _conv_out(n, layer)
+        if n < 1:
+            return 0
+    return n
+
+
+def min_input_size(module: nn.Module) -> int:
+    """Smallest square input side for which every conv and pool of ``module`` (run in registration
+    order, as in an ``nn.Sequential``) leaves a map of at least 1x1.
+
+    Example: CNN-4 (four padded 3x3 convs, each followed by a 2x2 max-pool) needs 16 px
+    (16 -> 8 -> 4 -> 2 -> 1); with unpadded convs it needs 46 px; Sung et al.'s RelationNet encoder
+    (``padding: [0, 0, 1, 1]``, ``pool: [true, true, false, false]``) needs 10 px.
+
+    Raises:
+        ConfigError: no input up to 4096 px is large enough.
+    """
+    layers = list(_spatial_layers(module))
+    low, high = 1, _MAX_SIDE  # the output side never decreases as the input grows: bisect
+    if _output_side(layers, high) < 1:
+        raise ConfigError(f"{type(module).__name__}: no input up to {_MAX_SIDE} px survives its convs and pools; "
+                          f"check its options")
+    while low < high:
+        mid = (low + high) // 2
+        if _output_side(layers, mid) >= 1:
+            high = mid
+        else:
+            low = mid + 1
+    return low
+
+
+def check_image_size(name: str, options: Dict[str, Any], image_size: int) -> None:
+    """Refuse, in one line, an ``image_size`` too small for backbone ``name`` built with ``options``,
+    and options the backbone cannot be built with, before anything is trained.
+
+    The backbone is built with plain convs (a conv factory keeps every layer's kernel, stride and
+    padding) on the ``meta`` device, so nothing is allocated. Its minimum comes from its layers
+    (:meth:`Backbone.min_image_size`); a backbone that does not give one is run forward on one
+    meta image of ``image_size`` instead.
+
+    Raises:
+        ConfigError: naming the backbone, its minimum and the fix; or why it cannot be built.
+    """
+    from .registry import create_backbone
+
+    try:
+        with torch.device("meta"):
+            net = create_backbone(name, **options)
+    except FewShotError:
+        raise
+    except Exception:  # noqa: BLE001 - a plugin that cannot be built on meta: build it for real
+        try:
+            net = create_backbone(name, **options)
+        except FewShotError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise ConfigError(f"backbone {name} cannot be built with backbone_options {options} ({one_line(exc)}); "
+                              f"fix backbone_options") from None
+    minimum = net.min_image_size() if isinstance(net, Backbone) else None
+    if minimum is not None:
+        if image_size < minimum:
+            shrink = getattr(net, "shrink_options", ())
+            other = f", or backbone_options ({', '.join(shrink)}) that shrink the map less" if shrink else ""
+            raise ConfigError(f"image_size {image_size} is too small: backbone {name} needs images of at least "
+                              f"{minimum} px (its convs and pools shrink smaller ones to nothing); use "
+                              f"--image-size {minimum} or more{other}")
+        return
+    device = next((p.device for p in net.parameters()), torch.device("cpu"))
+    try:
+        with torch.no_grad():
+            net.eval()
+            fn = net.forward_map if isinstance(net, Backbone) else net
+            fn(torch.zeros(2, 3, image_size, image_size, device=device))
+    except FewShotError:
+        raise
+    except RuntimeError as exc:
+        raise ConfigError(f"image_size {image_size} is too small for backbone {name} ({one_line(exc)}); "
+                          f"raise --image-size") from None
+
+
+# ----------------------------------------------------------------------------- option checks
+def _positive_int(backbone: str, name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"backbone {backbone} option {name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _non_negative_int(backbone: str, name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"backbone {backbone} option {name} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _flag(backbone: str, name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"backbone {backbone} option {name} must be true or false, got {value!r}")
+    return value
+
+
+def _positive_number(backbone: str, name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"backbone {backbone} option {name} must be a positive number, got {value!r}")
+    return float(value)
+
+
 def conv_bn_relu(
     conv_layer: ConvFactory, cin: int, cout: int, bn_eps: float, pool: bool, padding: int = 1, ceil_pool: bool = False
 ) -> nn.Sequential:
@@ -72,12 +239,14 @@ def conv_bn_relu(
     return nn.Sequential(*layers)
 
 
-def _per_block(name: str, value, n: int) -> tuple:
-    """A per-block setting given once (applies to every block) or as a list of ``n`` values."""
+def _per_block(name: str, value, n: int, check: Optional[Callable[[str, str, Any], Any]] = None,
+               backbone: str = "cnn4") -> tuple:
+    """A per-block setting given once (applies to every block) or as a list of ``n`` values, each
+    passed through ``check(backbone, name, value)``."""
     values = tuple(value) if isinstance(value, (list, tuple)) else (value,) * n
     if len(values) != n:
-        raise ConfigError(f"backbone option {name} needs {n} values (one per block), got {list(values)}")
-    return values
+        raise ConfigError(f"backbone {backbone} option {name} needs {n} values (one per block), got {list(values)}")
+    return tuple(check(backbone, name, v) for v in values) if check else values
 
 
 class CNN4(Backbone):
@@ -105,16 +274,25 @@ class CNN4(Backbone):
     ) -> None:
         super().__init__()
         conv_layer = conv_layer or nn.Conv2d
+        filters = _positive_int("cnn4", "filters", filters)
+        bn_eps = _positive_number("cnn4", "bn_eps", bn_eps)
         chans = [3, filters, filters, filters, filters]
-        pools, pads = _per_block("pool", pool, 4), _per_block("padding", padding, 4)
+        pools = _per_block("pool", pool, 4, _flag)
+        pads = _per_block("padding", padding, 4, _non_negative_int)
         self.blocks = nn.Sequential(
-            *[conv_bn_relu(conv_layer, chans[i], chans[i + 1], bn_eps, pool=bool(pools[i]), padding=int(pads[i]))
+            *[conv_bn_relu(conv_layer, chans[i], chans[i + 1], bn_eps, pool=pools[i], padding=pads[i])
               for i in range(4)]
         )  # fmt: skip
         self.out_channels = filters
 
+    shrink_options = ("padding", "pool")
+
     def forward_map(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x)
+
+    def min_image_size(self) -> int:
+        """16 px by default (four 2x2 pools), 46 unpadded, 10 for Sung et al.'s encoder."""
+        return min_input_size(self.blocks)
 
 
 class CNN9(Backbone):
@@ -149,8 +327,13 @@ class CNN9(Backbone):
     ) -> None:
         super().__init__()
         conv_layer = conv_layer or nn.Conv2d
-        if len(widths) != 3:
-            raise ConfigError(f"cnn9 widths needs 3 values (one per stage), got {list(widths)}")
+        if not isinstance(widths, (list, tuple)) or len(widths) != 3:
+            raise ConfigError(f"backbone cnn9 option widths needs a list of 3 values (one per stage), got {widths!r}")
+        widths = [_positive_int("cnn9", "widths", w) for w in widths]
+        stem = _positive_int("cnn9", "stem", stem)
+        bn_eps = _positive_number("cnn9", "bn_eps", bn_eps)
+        global_pool, nsl_stem = _flag("cnn9", "global_pool", global_pool), _flag("cnn9", "nsl_stem", nsl_stem)
+        ceil_pool = _flag("cnn9", "ceil_pool", ceil_pool)
         layers = [conv_bn_relu(conv_layer if nsl_stem else nn.Conv2d, 3, stem, bn_eps, pool=False)]
         cin = stem
         for w in widths:
@@ -160,6 +343,12 @@ class CNN9(Backbone):
         self.blocks = nn.Sequential(*layers)
         self.global_pool = global_pool
         self.out_channels = cin
+
+    shrink_options = ("ceil_pool",)
+
+    def min_image_size(self) -> int:
+        """1 px with 'SAME' (ceil) pooling (a 1-pixel map pools to 1 pixel), 8 px with floor pooling."""
+        return min_input_size(self.blocks)
 
     def forward_map(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(x)
@@ -189,5 +378,5 @@ def cnn9(
     ceil_pool: bool = True,
 ) -> CNN9:
     """CNN-9 backbone (see :class:`CNN9`): the authors' layout by default."""
-    return CNN9(stem=stem, widths=tuple(widths), conv_layer=conv_layer, bn_eps=bn_eps, global_pool=global_pool,
+    return CNN9(stem=stem, widths=widths, conv_layer=conv_layer, bn_eps=bn_eps, global_pool=global_pool,
                 nsl_stem=nsl_stem, ceil_pool=ceil_pool)

@@ -211,14 +211,36 @@ def _out_of_memory() -> tuple:
     return (torch.OutOfMemoryError,) if torch is not None and hasattr(torch, "OutOfMemoryError") else ()
 
 
+def config_method(config_file: Optional[str]) -> str:
+    """The method a ``--config`` file names (``method:``), else ``protonet``: without ``--method``
+    the file's method runs, as the file's other keys apply (flags > ``--set`` > file > profile).
+
+    Raises:
+        ConfigError: the file's ``method`` is not one method name.
+    """
+    if not config_file:
+        return "protonet"
+    from .config import load_yaml
+
+    method = load_yaml(Path(config_file)).get("method")
+    if method is None:
+        return "protonet"
+    if not isinstance(method, str) or not method.strip():
+        raise ConfigError(f"config file {config_file}: method must be one method name (several: --method a,b), "
+                          f"got {method!r}")
+    return method
+
+
 def _executor(args: argparse.Namespace):
     from .executors import LocalExecutor, RayExecutor
 
     if args.executor == "ray":
+        if args.ray_num_cpus is not None and args.ray_num_cpus < 1:
+            raise ConfigError(f"--ray-num-cpus must be at least 1, got {args.ray_num_cpus}")
         return RayExecutor(address=args.ray_address, num_cpus=args.ray_num_cpus, threads=args.threads,
                            shard_size=args.shard_size, plugin_dirs=args.plugins)
-    if args.ray_address:
-        raise ConfigError("--ray-address needs --executor ray")
+    if args.ray_address or args.ray_num_cpus is not None:
+        raise ConfigError("--ray-address and --ray-num-cpus need --executor ray")
     return LocalExecutor(threads=args.threads)
 
 
@@ -245,6 +267,9 @@ def sigterm_as_interrupt() -> Iterator[None]:
     finally:
         signal.signal(signal.SIGTERM, previous)
 
+
+#: Most torch CPU threads ``--threads`` accepts (far above any machine's cores; 10**20 overflowed torch's C int).
+MAX_THREADS = 1024
 
 INTERRUPTED = "interrupted: finished episodes and checkpoints are saved; run the same command again to resume"
 
@@ -309,7 +334,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
             grid_name, cells = load_grid(grid_path(args.grid))
             cells = filter_cells(cells, None if methods == ["all"] else methods, backbones, args.shots)
         else:
-            cells = cells_from_args(methods or ["protonet"], backbones, args.shots)
+            cells = cells_from_args(methods or [config_method(args.config)], backbones, args.shots)
         if args.report:
             from .reporting import render_reports
 
@@ -322,8 +347,8 @@ def _main(argv: Optional[List[str]] = None) -> int:
             return 0
         if args.seeds and args.seed is not None:
             raise ConfigError("give either --seed or --seeds, not both")
-        if args.threads is not None and args.threads < 1:
-            raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+        if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+            raise ConfigError(f"--threads must be at least 1 and at most {MAX_THREADS}, got {args.threads}")
         result = run_grid(
             cells, overrides_of(args), args.config, seeds=args.seeds, executor=_executor(args),
             reference=args.reference, skip_unregistered=bool(args.grid), grid_name=grid_name,

@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,56 @@ CONFIG_DIR = resource_dir("configs")
 PROFILES = ("smoke", "quick", "paper")
 #: Largest image side accepted (a 60,000-image store at 1024 px is 189 GB; 84 px is the protocol).
 MAX_IMAGE_SIZE = 1024
+#: Seeds every RNG the suite seeds accepts (numpy: ``0 <= seed < 2**63``).
+MAX_SEED = 2**63 - 1
+#: Option keys the harness passes itself: ``{section: {key: what sets it}}``. Set in the option dict
+#: they would reach the factory twice (a ``TypeError`` once the run has started).
+RESERVED_OPTIONS = {
+    "dataset_options": {"name": "--dataset (dataset:)", "data_root": "--data-root (data_root:)",
+                        "image_size": "--image-size (image_size:)", "cache_dir": "--cache-dir (cache_dir:)"},
+    "method_options": {"backbone": "--backbone and backbone_options", "image_size": "--image-size (image_size:)"},
+    "backbone_options": {"conv_layer": "the conv section (conv: {kind: static|dynamic, ...})"},
+}
+
+
+# ----------------------------------------------------------------------------- YAML
+#: Floats PyYAML's YAML 1.1 resolver misses: an exponent without a dot or without a sign (``1e-4``,
+#: ``5e-1``, ``1E3``, ``1.5e3``) and a signed leading dot (``-.5``). YAML 1.2 reads all of them as floats.
+_FLOAT_12 = re.compile(r"""^(?:[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+
+                             |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?)$""", re.X)
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that reads ``1e-4`` / ``5e-1`` as floats (YAML 1.2), not strings (YAML 1.1).
+
+    Every YAML read of a config goes through it: config and profile files, their includes, grid
+    files (:func:`load_yaml`) and ``--set`` values (:func:`parse_yaml`). A subclass, so
+    :class:`yaml.SafeLoader` itself is unchanged for everyone else.
+    """
+
+
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    """One YAML document from ``text`` with :class:`ConfigLoader` (``"1e-4"`` -> ``0.0001``).
+
+    Raises:
+        yaml.YAMLError: not YAML.
+    """
+    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def check_seed(value: Any, where: str) -> int:
+    """``value`` if it is an int seed every RNG accepts (``0 .. 2**63-1``; a bool is not one).
+
+    Raises:
+        ConfigError: naming ``where``, the value and the range.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"{where} must be in 0 .. 2**63-1 (an integer, what numpy's and torch's RNGs accept), "
+                          f"got {value!r}")
+    return value
 
 
 #: Choices of ``pretrain.optimizer`` and ``pretrain.schedule``.
@@ -156,8 +207,7 @@ class RunConfig:
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name} must be a non-negative number, got {value}")
 
-        if not 0 <= self.seed < 2**63:
-            raise ConfigError(f"seed must be in 0 .. 2**63-1 (what numpy's and torch's RNGs accept), got {self.seed}")
+        check_seed(self.seed, "seed")
         pre, epi, ev = self.pretrain, self.episodic, self.eval
         at_least("pretrain.epochs", pre.epochs)
         at_least("pretrain.batch_size", pre.batch_size)
@@ -185,6 +235,24 @@ class RunConfig:
         if ev.split not in ("train", "val", "test"):
             raise ConfigError(f"eval.split must be train, val or test, got '{ev.split}'")
 
+    def _validate_options(self) -> None:
+        """Option dicts hold option names only, none that the harness passes itself (``dataset_options.
+        image_size`` would reach the dataset twice), and the ``conv`` section is a valid (partial) conv
+        spec (:func:`fewshot_nsl.nn.factory.check_conv_spec`; the method's default spec under it is
+        checked when the cell is planned, :func:`fewshot_nsl.grid.check_buildable`)."""
+        for section in ("dataset_options", "method_options", "backbone_options", "conv"):
+            for key in getattr(self, section):
+                if not isinstance(key, str) or not key.isidentifier():
+                    raise ConfigError(f"{section} key {key!r} is not an option name; use names like "
+                                      f"{section}.some_option")
+        for section, reserved in RESERVED_OPTIONS.items():
+            for key in sorted(set(getattr(self, section)) & set(reserved)):
+                raise ConfigError(f"{section}.{key} conflicts with the run's own {key}, which the suite passes "
+                                  f"itself; remove {section}.{key} and set it with {reserved[key]}")
+        from .nn.factory import check_conv_spec
+
+        check_conv_spec(self.conv, partial=True)
+
     def validate(self) -> None:
         """Refuse impossible settings before anything runs."""
         if self.ways < 2:
@@ -203,6 +271,7 @@ class RunConfig:
             raise ConfigError(f"image_size {self.image_size} is more than {MAX_IMAGE_SIZE}: a store of that size does not "
                               f"fit in memory (Mini-ImageNet at 84 px is 1.3 GB; it grows with the square); use 84")
         self._validate_numbers()
+        self._validate_options()
         if self.profile not in PROFILES:
             raise ConfigError(f"unknown profile '{self.profile}'; use one of {', '.join(PROFILES)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -264,6 +333,27 @@ def merge(base: Dict[str, Any], override: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def read_yaml_document(path: Path, what: str) -> Any:
+    """One YAML document of a file, parsed with :class:`ConfigLoader`, with the checks of
+    :mod:`fewshot_nsl.safe_io` (a regular file of at most 64 MiB, UTF-8, nested at most 64 levels,
+    expanding to at most a million values).
+
+    Raises:
+        ConfigError: one line naming the file.
+    """
+    from .safe_io import check_shape, read_document
+
+    text = read_document(path, what)
+    try:
+        obj = parse_yaml(text)
+    except RecursionError:
+        raise ConfigError(f"{what} {path} is nested too deeply to read; simplify it") from None
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{what} {path} is not valid YAML ({first}); fix its syntax") from None
+    return check_shape(obj, path, what)
+
+
 def load_yaml(path: Path, _chain: Sequence[Path] = ()) -> Dict[str, Any]:
     """Read a YAML mapping, resolving ``include:`` (a path or list of paths, relative to the file).
 
@@ -271,8 +361,6 @@ def load_yaml(path: Path, _chain: Sequence[Path] = ()) -> Dict[str, Any]:
     at most a million values (:mod:`fewshot_nsl.safe_io`); an ``include:`` cycle (a file that
     includes itself, directly or not) and include chains deeper than 16 files are refused.
     """
-    from .safe_io import load_yaml_document
-
     path = Path(path)
     if not path.exists() and not path.is_symlink():
         raise ConfigError(f"config file {path} does not exist; check the path given to --config")
@@ -282,7 +370,7 @@ def load_yaml(path: Path, _chain: Sequence[Path] = ()) -> Dict[str, Any]:
         raise ConfigError(f"config file {path} includes itself ({cycle}); remove the include cycle")
     if len(_chain) >= 16:
         raise ConfigError(f"config file {path}: includes nested more than 16 files deep; flatten them")
-    data = load_yaml_document(path, "config file") or {}
+    data = read_yaml_document(path, "config file") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must contain a mapping of keys to values")
     includes = data.pop("include", [])
@@ -407,7 +495,7 @@ def parse_set_options(items: Sequence[str], where: str = "--set") -> Dict[str, A
         if parts[0] in CELL_KEYS:
             raise ConfigError(f"{where} {item}: use {CELL_KEYS[parts[0]]} (it chooses the runs), not {where}")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = parse_yaml(text) if text.strip() else None
         except yaml.YAMLError:
             raise ConfigError(f"{where} {item}: the value is not valid YAML; quote it") from None
         node = out

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 
-from .config import RunConfig, load_yaml, resolve_config
+from .config import RunConfig, check_seed, load_yaml, resolve_config
 from .data.episodes import EpisodeList
 from .data.store import ImageStore
 from .errors import ConfigError, FewShotError
@@ -64,25 +64,100 @@ class Cell:
         return f"{self.method} {b} {w}{s}-shot"
 
 
+#: Keys of a grid file: the cells (``rows``, ``grid``) and notes about the paper's values.
+GRID_FILE_KEYS = ("rows", "grid", "paper_only", "dataset_of_paper_values", "ways")
+#: Keys of one ``rows:`` entry; a row chooses a cell, everything else comes from the command line.
+ROW_KEYS = ("method", "backbone", "shots", "label", "paper", "paper_ci")
+CELL_KEYS = ("method", "backbone", "shots")
+
+
+def _cell_value(path: Path, where: str, key: str, value: Any) -> Any:
+    """A cell's ``method`` (a name), ``backbone`` (a name or null) or ``shots`` (a positive integer or
+    null: ``1.9`` and ``true`` are refused, not rounded), as written in a grid file.
+
+    Raises:
+        ConfigError: one line naming the file, the entry and the value.
+    """
+    if key == "shots":
+        if value is None or isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+        want = "a positive integer (or null)"
+    elif key == "backbone":
+        if value is None or isinstance(value, str) and value:
+            return value
+        want = "a backbone name (or null)"
+    else:
+        if isinstance(value, str) and value:
+            return value
+        want = "a method name"
+    raise ConfigError(f"grid file {path}: {where}.{key} must be {want}, got {value!r}")
+
+
+def _rows(path: Path, rows: Any) -> List[Cell]:
+    """The cells of a grid file's ``rows:`` list."""
+    if not isinstance(rows, list):
+        raise ConfigError(f"grid file {path}: rows must be a list of mappings (one per cell, e.g. "
+                          f"- {{method: protonet, backbone: cnn4, shots: 5}}), got {rows!r}")
+    cells = []
+    for i, r in enumerate(rows):
+        where = f"rows[{i}]"
+        if not isinstance(r, dict) or "method" not in r:
+            raise ConfigError(f"grid file {path}: {where} must be a mapping with at least a 'method'")
+        unknown = sorted(str(k) for k in set(r) - set(ROW_KEYS))
+        if unknown:
+            raise ConfigError(f"grid file {path}: {where} sets {', '.join(unknown)}, which a grid row cannot set; a row "
+                              f"takes {', '.join(ROW_KEYS)} (ways, dataset, profile and the rest come from the command "
+                              f"line: --ways, --dataset, --profile, --set, --config)")
+        for key in ("label", "paper", "paper_ci"):
+            value = r.get(key)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if value is not None and not (number if key != "label" else number or isinstance(value, str)):
+                want = "a text" if key == "label" else "a number (or null)"
+                raise ConfigError(f"grid file {path}: {where}.{key} must be {want}, got {value!r}")
+        m, b, s = (_cell_value(path, where, k, r.get(k)) for k in CELL_KEYS)
+        cells.append(Cell(m, b, s, str(r.get("label") or "")))
+    return cells
+
+
+def _crossed(path: Path, grid: Any) -> List[Cell]:
+    """The cells of a grid file's ``grid:`` mapping (its lists crossed)."""
+    if not isinstance(grid, dict):
+        raise ConfigError(f"grid file {path}: grid must be a mapping of method, backbone, shots to a value or a "
+                          f"list (e.g. grid: {{method: [protonet, maml], shots: [1, 5]}}), got {grid!r}")
+    unknown = sorted(str(k) for k in set(grid) - set(CELL_KEYS))
+    if unknown:
+        raise ConfigError(f"grid file {path}: unknown grid key(s) {', '.join(unknown)}; use method, backbone, shots")
+    lists = []
+    for key in CELL_KEYS:
+        values = grid.get(key)
+        values = values if isinstance(values, list) else [values]
+        lists.append([_cell_value(path, "grid", key, v) for v in values])
+    return [Cell(m, b, s) for m, b, s in itertools.product(*lists)]
+
+
 def load_grid(path: Path) -> Tuple[str, List[Cell]]:
     """Cells of a grid file: ``rows: [{method, backbone, shots, ...}]`` and/or
-    ``grid: {method: [...], backbone: [...], shots: [...]}`` (crossed)."""
+    ``grid: {method: [...], backbone: [...], shots: [...]}`` (crossed).
+
+    Raises:
+        ConfigError: one line naming the file and the entry: an unknown key, a row or grid of the
+            wrong type, a method or backbone that is not a name, shots that are not a positive
+            integer (``1.9`` and ``true`` are refused, not rounded), or no cell at all.
+    """
     path = Path(path)
     data = load_yaml(path)
+    unknown = sorted(str(k) for k in set(data) - set(GRID_FILE_KEYS))
+    if unknown:
+        raise ConfigError(f"grid file {path}: unknown key(s) {', '.join(unknown)}; a grid file holds rows: and grid: "
+                          f"(and the notes {', '.join(GRID_FILE_KEYS[2:])}); give the rest on the command line "
+                          f"(--profile, --dataset, --set, --config)")
+    if not isinstance(data.get("paper_only") or [], list):
+        raise ConfigError(f"grid file {path}: paper_only must be a list of rows, got {data['paper_only']!r}")
     cells: List[Cell] = []
-    for i, r in enumerate(data.get("rows", []) or []):
-        if not isinstance(r, dict) or "method" not in r:
-            raise ConfigError(f"grid file {path}: rows[{i}] must be a mapping with at least a 'method'")
-        cells.append(Cell(str(r["method"]), r.get("backbone"), int(r["shots"]) if r.get("shots") is not None else None,
-                          str(r.get("label", ""))))
-    g = data.get("grid")
-    if g:
-        unknown = sorted(set(g) - {"method", "backbone", "shots"})
-        if unknown:
-            raise ConfigError(f"grid file {path}: unknown grid key(s) {', '.join(unknown)}; use method, backbone, shots")
-        lists = [g.get(k) if isinstance(g.get(k), list) else [g.get(k)] for k in ("method", "backbone", "shots")]
-        for m, b, s in itertools.product(*lists):
-            cells.append(Cell(str(m), b, int(s) if s is not None else None))
+    if data.get("rows") is not None:
+        cells += _rows(path, data["rows"])
+    if data.get("grid") is not None:
+        cells += _crossed(path, data["grid"])
     if not cells:
         raise ConfigError(f"grid file {path} lists no cells; give 'rows:' or 'grid:'")
     return path.stem, list(dict.fromkeys(cells))
@@ -100,7 +175,14 @@ def filter_cells(cells: Sequence[Cell], methods: Optional[Sequence[str]], backbo
 
 
 def cells_from_args(methods: Sequence[str], backbones: Optional[Sequence[str]], shots: Optional[Sequence[int]]) -> List[Cell]:
-    """The cross product of ``--method`` x ``--backbone`` x ``--shots`` (None: the config's value)."""
+    """The cross product of ``--method`` x ``--backbone`` x ``--shots`` (None: the config's value).
+
+    Raises:
+        ConfigError: a shot count that is not a positive integer (``1.9`` and ``True`` are refused, not rounded).
+    """
+    for s in shots or []:
+        if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+            raise ConfigError(f"shots must be positive integers (--shots 1,5 or shots=[1, 5]), got {s!r}")
     if list(methods) == ["all"]:
         methods = list_methods()
     return [Cell(m, b, s) for m, b, s in itertools.product(methods, backbones or [None], shots or [None])]
@@ -142,12 +224,34 @@ def _not_registered(method: str) -> Optional[str]:
 
 
 def check_buildable(cfg: RunConfig) -> None:
-    """Unknown backbone, method option or backbone option: a one-line error before anything runs."""
+    """Unknown backbone, method option or backbone option, an invalid conv spec, backbone options
+    the backbone cannot be built with, or an image size too small for the backbone: a one-line
+    error before anything is loaded, trained or written.
+
+    The conv spec checked is the one the run builds: the method's ``default_conv`` with the
+    config's ``conv`` over it (:func:`fewshot_nsl.inputs.conv_spec_of`); a ``plain`` one builds
+    ``nn.Conv2d`` and ignores the default's other options, as :func:`fewshot_nsl.inputs.build_method`.
+    """
+    from .backbones import check_image_size
+    from .inputs import conv_spec_of
+    from .nn.factory import check_conv_spec
     from .registry import BACKBONES, check_kwargs, get_method_class, list_backbones
 
     list_backbones()
-    check_kwargs(get_method_class(cfg.method), cfg.method_options, f"method '{cfg.method}'")
+    method_cls = get_method_class(cfg.method)
+    check_kwargs(method_cls, cfg.method_options, f"method '{cfg.method}'")
     check_kwargs(BACKBONES.get(cfg.backbone), cfg.backbone_options, f"backbone '{cfg.backbone}'")
+    spec = conv_spec_of(cfg)
+    if spec.get("kind", "plain") != "plain":
+        try:
+            check_conv_spec(spec)
+        except ConfigError as exc:
+            default = getattr(method_cls, "default_conv", None)
+            if not default:
+                raise
+            raise ConfigError(f"{exc} (the conv spec is method {cfg.method}'s default {default} with the config's "
+                              f"conv {cfg.conv} over it)") from None
+    check_image_size(cfg.backbone, cfg.backbone_options, cfg.image_size)
 
 
 def check_outputs(cfg: RunConfig, checked: set) -> None:
@@ -283,6 +387,19 @@ def result_line(row: Dict[str, Any]) -> str:
             f"{float(row['accuracy']):.2f} +- {float(row['ci95']):.2f} over {row['episodes']} episodes{seeds}{paper}{note}")
 
 
+def check_seeds(seeds: Any) -> Optional[List[int]]:
+    """``--seeds`` / ``seeds=`` as a list of distinct seeds in first-seen order (``None`` when not given).
+
+    Raises:
+        ConfigError: not a list of integers in ``0 .. 2**63-1`` (``-1``, ``2**63``, ``1.5`` and ``True`` refused).
+    """
+    if seeds is None or isinstance(seeds, (list, tuple)) and not seeds:
+        return None
+    if not isinstance(seeds, (list, tuple)):
+        raise ConfigError(f"seeds must be a list of integers (--seeds 0,1,2 or seeds=[0, 1, 2]), got {seeds!r}")
+    return list(dict.fromkeys(check_seed(s, "each of --seeds (seeds=)") for s in seeds))
+
+
 def run_grid(
     cells: Sequence[Cell],
     cli: Dict[str, Any],
@@ -310,7 +427,7 @@ def run_grid(
     from .executors import LocalExecutor
 
     executor = executor or LocalExecutor()
-    seeds = list(dict.fromkeys(int(s) for s in seeds)) if seeds else None
+    seeds = check_seeds(seeds)
     planned = plan(cells, cli, config_file, seeds, skip_unregistered, rerun)
     runnable = [p for p in planned if p.cfgs]
     results_dir = Path(runnable[0].cfgs[0].results_dir if runnable else cli.get("results_dir") or "results")

@@ -12,19 +12,21 @@ A conv factory is any callable
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple, Union
+import math
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .functional import IntPair, Padding, _pair
+from .functional import SIDES, IntPair, Padding, _pair
 from .nsconv import MODES, NSConv2d, STRUCTURES, SHARINGS, _choice
 from .sphere import PREDICTOR_KINDS, PredictorCore
 
 __all__ = [
     "NSConvFactory",
     "make_conv_factory",
+    "check_conv_spec",
     "wrap_convs_static",
     "fold_all",
     "similarity_parameters",
@@ -50,6 +52,71 @@ FACTORY_OPTIONS: Dict[str, Tuple[str, ...]] = {
         "side",
     ),
 }
+
+
+#: How each option of :data:`FACTORY_OPTIONS` is checked: a tuple of allowed strings, or a kind of value.
+_OPTION_CHECKS: Dict[str, Any] = {
+    "structure": STRUCTURES, "predictor": PREDICTOR_KINDS, "sharing": SHARINGS, "side": SIDES,
+    "hidden": "positive int", "common_width": "positive int",
+    "learn_shape": "bool", "psd": "bool", "zero_init_residual": "bool or null",
+    "shape_alpha": "finite number", "predictor_bn_eps": "positive number", "sphere_eps": "positive number",
+}
+
+
+def _check_option(name: str, value: Any, where: str) -> None:
+    """One conv-spec option's value (see :data:`_OPTION_CHECKS`; an option without a rule is left to
+    the layer); a bool is not a number."""
+    rule = _OPTION_CHECKS.get(name)
+    if rule is None:
+        return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(rule, tuple):
+        ok, want = isinstance(value, str) and value in rule, f"one of {', '.join(rule)}"
+    elif rule == "positive int":
+        ok, want = number and isinstance(value, int) and value >= 1, "a positive integer"
+    elif rule == "bool":
+        ok, want = isinstance(value, bool), "true or false"
+    elif rule == "bool or null":
+        ok, want = value is None or isinstance(value, bool), "true, false or null"
+    elif rule == "finite number":
+        ok, want = number and math.isfinite(value), "a finite number"
+    else:
+        ok, want = number and math.isfinite(value) and value > 0, "a positive number"
+    if not ok:
+        raise ConfigError(f"{where}.{name} must be {want}, got {value!r}")
+
+
+def check_conv_spec(spec: Any, partial: bool = False, where: str = "conv") -> None:
+    """Refuse a conv spec (``{kind: ..., **options}``: a method's ``default_conv`` with the config's
+    ``conv`` section over it) that :func:`make_conv_factory` could not build or whose layers would
+    fail, without building anything, so that a bad spec is one line before any run folder exists.
+
+    Args:
+        spec: the spec; ``kind`` defaults to ``"plain"``.
+        partial: ``spec`` is only the config's ``conv`` section (the method's default not merged in
+            yet): a missing ``kind`` is not taken as ``plain``, and the options of any kind are accepted.
+        where: name used in messages (``conv``).
+
+    Raises:
+        ConfigError: not a mapping, an unknown kind, an option unknown (to that kind), a value of
+            the wrong type or out of range, or ``side: taps`` with ``structure: uns``.
+    """
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"{where} must be a mapping such as {{kind: dynamic, structure: dns}}, got {spec!r}")
+    kind = spec.get("kind", None if partial else "plain")
+    if kind is not None and (not isinstance(kind, str) or kind not in FACTORY_OPTIONS):
+        raise ConfigError(f"{where}.kind: unknown conv factory {kind!r}; accepted: {', '.join(FACTORY_OPTIONS)}")
+    options = {k: v for k, v in spec.items() if k != "kind"}
+    accepted = FACTORY_OPTIONS[kind] if kind is not None else tuple(dict.fromkeys(sum(FACTORY_OPTIONS.values(), ())))
+    unknown = sorted(str(k) for k in set(options) - set(accepted))
+    if unknown:
+        which = f"for conv factory {kind!r}" if kind is not None else "in the conv spec"
+        raise ConfigError(f"{where}: unknown option(s) {which}: {', '.join(unknown)}; "
+                          f"accepted: {', '.join(accepted) if accepted else '(none)'}")
+    for name, value in options.items():
+        _check_option(name, value, where)
+    if options.get("side") == "taps" and options.get("structure", "dns") != "dns":
+        raise ConfigError(f"{where}: side 'taps' needs structure 'dns' (got {options['structure']!r}); use side 'auto'")
 
 
 class NSConvFactory:
@@ -161,15 +228,7 @@ def make_conv_factory(kind: str = "plain", **options: object) -> Callable[..., n
     Raises:
         ConfigError: unknown kind or option (the message lists the accepted ones), or a bad value.
     """
-    if kind not in FACTORY_OPTIONS:
-        raise ConfigError(f"unknown conv factory {kind!r}; accepted: {', '.join(FACTORY_OPTIONS)}")
-    accepted = FACTORY_OPTIONS[kind]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ConfigError(
-            f"unknown option(s) for conv factory {kind!r}: {', '.join(unknown)}; "
-            f"accepted: {', '.join(accepted) if accepted else '(none)'}"
-        )
+    check_conv_spec({"kind": kind, **options}, where="conv factory")
     if kind == "plain":
         return nn.Conv2d
     return NSConvFactory(kind, **options)  # type: ignore[arg-type]
