@@ -351,8 +351,8 @@ def _location(obj: Any, code: _Code) -> Optional[Tuple[str, str]]:
     if parts[0] == _PLUGIN_PACKAGE and len(parts) >= 3:
         for d in getattr(sys.modules.get(".".join(parts[:2])), "__path__", None) or []:
             return (_real(d), "folder")
-    for i in range(1, len(parts)):
-        for d in getattr(sys.modules.get(".".join(parts[:i])), "__path__", None) or []:
+    for i in range(1, len(parts) + 1):  # the outermost package whose folder holds the file (a package's own
+        for d in getattr(sys.modules.get(".".join(parts[:i])), "__path__", None) or []:  # __init__ too)
             d = _real(d)
             if _under(file, d):
                 return None if d == _PACKAGE else (d, "package")
