@@ -231,7 +231,7 @@ INIT_V2 = '''    def __init__(self, backbone, image_size=84):
         super().__init__(backbone, image_size)
         self.backbone.extra = nn.Dropout(0.5)
 '''
-EPISODE_ONLY = '''    SCALE = None  # placeholder: only episode-time calls below
+PLAIN_ATTRIBUTE = '''    width = 2  # a plain class attribute: a base's __init__ may read it while building the module
 '''
 
 
@@ -261,10 +261,10 @@ def test_the_built_ins_share_one_pretraining_and_an_episode_time_plugin_joins_th
     name = _name("epi")
     folder = tmp_path / "episode_time_plugins"
     folder.mkdir()
-    (folder / "head_only.py").write_text(PRETRAIN_PLUGIN.format(name=name, body=EPISODE_ONLY))
+    (folder / "head_only.py").write_text(PRETRAIN_PLUGIN.format(name=name, body=PLAIN_ATTRIBUTE))
     load_plugins([folder])
-    # it defines only what runs at test time (fit_support, forward) and a plain attribute ...
-    assert _key(tmp_path, tiny_store, name) != keys["finetune"]  # ... but the attribute might be read by a base
+    # fit_support and forward run at test time only, but a plain attribute may change what is built
+    assert _key(tmp_path, tiny_store, name) != keys["finetune"]
     (folder / "head_only.py").write_text(PRETRAIN_PLUGIN.format(name=name, body="    compilable = True\n"))
     load_plugins([folder])
     assert _key(tmp_path, tiny_store, name) == keys["finetune"]  # episode-time code only: shared
