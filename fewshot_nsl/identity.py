@@ -572,6 +572,26 @@ def method_code_hash(cls: type) -> str:
     return digest
 
 
+def run_code_hash(method_cls: type, backbone_factory: Optional[Callable[..., Any]] = None) -> str:
+    """The code hash of a run: :func:`method_code_hash`, plus the code of its backbone where the backbone
+    is not built in (a plugin's ``register_backbone``), so editing a plugin backbone gives a new identity.
+
+    Raises:
+        RegistryError: as :func:`method_code_files`.
+    """
+    if backbone_factory is None or is_builtin(backbone_factory):
+        return method_code_hash(method_cls)
+    files = {f.label: f for f in method_code_files(method_cls)}
+    for f in object_code_files(backbone_factory):
+        files.setdefault(f.label, f)
+    ordered = [files[k] for k in sorted(files)]
+    digest = code_files_hash(ordered, f"{package_code_hash()}:backbone")
+    with _lock:
+        _CODE_FILES[digest] = ({"path": f"{PACKAGE_DIR.name}/**/*.py", "sha256": package_code_hash()},
+                               *(f.record() for f in ordered))
+    return digest
+
+
 def code_files_of(code_hash: str) -> Tuple[Dict[str, Any], ...]:
     """The ``code_files`` record of a code hash computed in this process (empty if none was)."""
     with _lock:

@@ -296,3 +296,21 @@ def test_a_plugin_backbone_is_part_of_the_pretraining_key(tmp_path, tiny_store):
     (folder / "net.py").write_text(BACKBONE_PLUGIN.format(name=name, layer="ReLU"))
     load_plugins([folder])
     assert pretrain_cache_path(cfg, tiny_store, conv_spec_of(cfg), cls, tmp_path) != first
+
+
+def test_a_run_code_hash_covers_a_plugin_backbone(tmp_path):
+    """For ``runner.run_identity``: the run's code hash with a plugin backbone changes with the backbone's code."""
+    from fewshot_nsl.identity import run_code_hash
+    from fewshot_nsl.registry import BACKBONES
+
+    name = _name("rbb")
+    folder = tmp_path / "run_backbone_plugins"
+    folder.mkdir()
+    (folder / "net.py").write_text(BACKBONE_PLUGIN.format(name=name, layer="Identity"))
+    load_plugins([folder])
+    proto = get_method_class("protonet")
+    assert run_code_hash(proto, BACKBONES.get("cnn4")) == method_code_hash(proto)  # built-in backbone: unchanged
+    first = run_code_hash(proto, BACKBONES.get(name))
+    (folder / "net.py").write_text(BACKBONE_PLUGIN.format(name=name, layer="ReLU"))
+    load_plugins([folder])
+    assert run_code_hash(proto, BACKBONES.get(name)) != first
