@@ -51,6 +51,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}; see {self.prog} --help\n")
 
 
+def check_not_empty(args: argparse.Namespace) -> None:
+    """Refuse a flag given an empty value (``--config ""``, ``--method "$UNSET"``): left alone it
+    would silently mean the default (no config file, protonet, plugins from the working folder).
+
+    Raises:
+        ConfigError: naming the flag.
+    """
+    for dest, value in vars(args).items():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str) and not v.strip():
+                flag = "--set" if dest == "set_options" else f"--{dest.replace('_', '-')}"
+                raise ConfigError(f"{flag} was given an empty value; give a value or leave {flag} out")
+
+
 def _plugin_failures(dirs: List[str]) -> List[str]:
     """One phrase per plugin file under ``dirs`` (or entry point) that failed to import."""
     from .registry import PLUGIN_ERRORS
@@ -291,6 +305,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
     log = console.info
     progress = show_progress(args.progress, args.quiet)
     try:
+        check_not_empty(args)
         console.open()
         if args.json and (args.compare or args.report or args.make_episodes or args.dry_run):
             raise ConfigError("--json prints the rows of a run or the --list; drop it for --compare, --report, "

@@ -304,7 +304,9 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
-        raise ConfigError(f"{where} must be {tp.__name__}, got {value!r}")
+        whole = tp is int and isinstance(value, float) and value.is_integer()
+        hint = f" (write a whole number without a point or exponent: {int(value)})" if whole else ""
+        raise ConfigError(f"{where} must be {tp.__name__}, got {value!r}{hint}")
     return value
 
 

@@ -185,7 +185,8 @@ def cells_from_args(methods: Sequence[str], backbones: Optional[Sequence[str]], 
             raise ConfigError(f"shots must be positive integers (--shots 1,5 or shots=[1, 5]), got {s!r}")
     if list(methods) == ["all"]:
         methods = list_methods()
-    return [Cell(m, b, s) for m, b, s in itertools.product(methods, backbones or [None], shots or [None])]
+    cells = [Cell(m, b, s) for m, b, s in itertools.product(methods, backbones or [None], shots or [None])]
+    return list(dict.fromkeys(cells))  # --shots 1,1 is one cell, run once
 
 
 # ----------------------------------------------------------------------------- planning

@@ -104,6 +104,13 @@ def write(tmp_path: Path, name: str, text: str) -> str:
          ["conv", "taps", "dns"]),
         # threads the OS cannot give
         (["--threads", str(10**20)], ["--threads", "at most"]),
+        # an empty value (an unset shell variable) is not the default
+        (["--config", ""], ["--config", "empty value"]),
+        (["--grid", " "], ["--grid", "empty value"]),
+        (["--plugins", ""], ["--plugins", "empty value"]),
+        (["--episodes", ""], ["--episodes", "empty value"]),
+        (["--method", ""], ["--method", "empty value"]),
+        (["--results-dir", ""], ["--results-dir", "empty value"]),
     ],
 )
 def test_bad_cli_input_is_one_error_line_before_any_run_folder(tmp_path, capsys, args, fragments):
@@ -226,6 +233,19 @@ def test_exponent_numbers_in_set_and_config_files_are_floats(tmp_path):
     cfg = resolve_config({"method": "protonet", "profile": "smoke"}, cfg_file)
     assert (cfg.pretrain.lr, cfg.pretrain.weight_decay, cfg.episodic.lr) == (0.5, 1e-3, 2e-4)
     with pytest.raises(ConfigError, match="episodic.steps must be int"):  # an int key is not rounded from a float
+        parse_set_options(["episodic.steps=1e4"])
+
+
+def test_repeated_shots_or_methods_are_one_cell(tmp_path, capsys):
+    code, err, _ = run_cli(tmp_path, capsys, ["--shots", "2,2", "--method", "protonet,protonet", "--dry-run"])
+    assert code == 0, err
+    assert run_cli.out.count("to run:") == 1, run_cli.out
+
+
+def test_a_float_for_an_integer_key_says_how_to_write_it():
+    from fewshot_nsl.config import parse_set_options
+
+    with pytest.raises(ConfigError, match=r"episodic.steps must be int, got 10000.0 \(write a whole number .*: 10000\)"):
         parse_set_options(["episodic.steps=1e4"])
 
 
