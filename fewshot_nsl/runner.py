@@ -53,7 +53,7 @@ from .episode_log import (  # noqa: F401
 )
 from .errors import ConfigError, DataError
 from .evaluation import episode_accuracy, evaluate, read_episode_results
-from .identity import RunIdentity, method_code_hash
+from .identity import RunIdentity, run_code_hash
 from .inputs import (  # noqa: F401  (re-exported)
     TRAINING_STAGES,
     build_method,
@@ -76,7 +76,7 @@ from .provenance import (  # noqa: F401
     peak_memory_mb,
     reset_peak_memory,
 )
-from .registry import get_method_class
+from .registry import BACKBONES, get_method_class
 from .reporting import render_reports
 from .safe_io import atomic_write_json, remove_stale_tmp
 from .stats import summarize
@@ -112,9 +112,10 @@ def run_identity(cfg: RunConfig, store: Optional[ImageStore] = None, episodes: O
     if "pretrain" in stages_of(cfg):
         cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         world = cached_world_size(pretrain_cache_path(cfg, store, conv_spec_of(cfg), method_cls, cache))
+    backbone_factory = BACKBONES.get(cfg.backbone) if cfg.backbone in BACKBONES else None  # a plugin backbone's code counts
     return RunIdentity(config_hash=config_hash(cfg), dataset_fingerprint=store.fingerprint(),
-                       episode_hash=episodes.sha256, split=episodes.split, code_hash=method_code_hash(method_cls),
-                       world_size=world)
+                       episode_hash=episodes.sha256, split=episodes.split,
+                       code_hash=run_code_hash(method_cls, backbone_factory), world_size=world)
 
 
 def run_id(cfg: RunConfig, identity: Optional[RunIdentity] = None) -> str:

@@ -102,6 +102,13 @@ def test_identity_changes_with_the_method_code(tmp_path, tiny_store):
     cfg = _cfg(tmp_path, method="edited_for_identity")
     a = run_identity(cfg, tiny_store, eps)
     src.write_text(src.read_text().replace("SCALE = 1.0", "SCALE = 2.0"))
+    # the edited file is not what this process runs until it is re-imported: refused in one line, never a new hash
+    # over the old module (issue 25)
+    from fewshot_nsl.errors import RegistryError
+
+    with pytest.raises(RegistryError, match="changed on disk since it was imported"):
+        run_identity(cfg, tiny_store, eps)
+    load_plugins([folder])  # re-imports the changed plugin folder
     b = run_identity(cfg, tiny_store, eps)
     assert a.code_hash != b.code_hash and a.digest() != b.digest()
     # a built-in method's code hash differs from another method's (its own source file counts)
