@@ -1,9 +1,15 @@
 """Run a method on fixed episodes and record one accuracy per episode as it finishes.
 
-Results go to a CSV (``episode,accuracy,correct,total,seconds,status``), appended and
-flushed row by row (so a killed process loses no finished episode; fsync'ed at most every
-``FSYNC_EVERY_S`` seconds and at the end, so a crash of the machine loses at most that much),
-and an interrupted evaluation resumes from the first missing episode.
+Results go to a CSV (``episode,accuracy,correct,total,seconds,status``), one row per episode,
+appended in small batches: an episode's correct count and finiteness stay on the device until
+its batch is written (every ``ROWS_PER_FLUSH`` episodes or ``FSYNC_EVERY_S`` seconds, whichever
+comes first, at the end, and when the evaluation is interrupted or fails), so the harness
+synchronises with the device once per batch, not once per episode. A killed process loses at
+most the rows of the batch not yet written (recomputed, identically, on resume); the file is
+fsync'ed at most every ``FSYNC_EVERY_S`` seconds and at the end, so a crash of the machine loses
+at most that much. An interrupted evaluation resumes from the first missing episode.
+The next episode is gathered from the store in a background thread while the current one runs
+(:mod:`fewshot_nsl.data.prefetch`).
 Before each episode the torch RNG is re-seeded from ``(seed, episode index)``, so an
 episode's result does not depend on which episodes ran before it in this process.
 
@@ -20,12 +26,13 @@ import os
 import time
 import traceback
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import IO, Dict, List, Optional
 
 import torch
 from tqdm.auto import tqdm
 
 from .data.episodes import EpisodeList, Materialiser
+from .data.prefetch import Prefetcher, stages
 from .data.store import ImageStore
 from .errors import FewShotError, MethodError
 from .methods.base import FewShotMethod
@@ -33,6 +40,8 @@ from .methods.base import FewShotMethod
 FIELDS = ["episode", "accuracy", "correct", "total", "seconds", "status"]
 #: Seconds between fsyncs of the results CSV (an fsync costs milliseconds: per episode, a visible share of a small-image episode).
 FSYNC_EVERY_S = 1.0
+#: Most finished episodes kept on the device before their rows are written (one host synchronisation per write).
+ROWS_PER_FLUSH = 16
 
 
 def read_episode_results(path: Path) -> Dict[int, Dict[str, str]]:
@@ -94,6 +103,7 @@ def run_episode(
     episode: int,
     error_dir: Optional[Path] = None,
     split: str = "test",
+    ways: Optional[int] = None,
 ) -> torch.Tensor:
     """``fit_support`` then ``forward`` on one materialised episode under ``torch.no_grad()``.
 
@@ -107,6 +117,8 @@ def run_episode(
         episode: index of the episode (messages).
         error_dir: where a method's traceback goes (``error.txt``); None: not kept.
         split: the episode list's split, for messages (``test episode 3``, ``val episode 3``).
+        ways: the episode's number of classes, to check the logits' shape against; None: read from
+            ``support_y`` (``max + 1``: a host synchronisation where the labels are on a GPU).
 
     Returns:
         Logits ``(n_query, ways)`` of a real floating-point dtype.
@@ -136,12 +148,66 @@ def run_episode(
         msg = " ".join(str(exc).split())[:200]
         raise MethodError(f"method {_method_name(method)} raised {type(exc).__name__} in {call} on {split} episode "
                           f"{episode}: {msg}{where}; fix the method (finished episodes are kept)") from None
-    problem = FewShotMethod.logits_problem(logits, len(query_x), int(support_y.max()) + 1)
+    problem = FewShotMethod.logits_problem(logits, len(query_x), int(support_y.max()) + 1 if ways is None else ways)
     if problem:
         got, expected = problem
         raise MethodError(f"method {_method_name(method)} returned {got} from forward on {split} episode {episode}; "
                           f"{expected}; fix the method")
     return logits
+
+
+class _PendingRows:
+    """Finished episodes whose results are still on the device, written to the CSV in one batch.
+
+    Args:
+        f: the results CSV, open for appending.
+        writer: its ``csv.DictWriter`` over :data:`FIELDS`.
+    """
+
+    def __init__(self, f: IO[str], writer: csv.DictWriter) -> None:
+        self.f, self.writer = f, writer
+        self.episodes: List[int] = []
+        self.totals: List[int] = []
+        self.seconds: List[float] = []
+        self.correct: List[torch.Tensor] = []  # 0-d int64, on the device; 0 for a non-finite episode
+        self.finite: List[torch.Tensor] = []  # 0-d bool, on the device
+        self.last_write = self.last_sync = time.monotonic()
+
+    def add(self, episode: int, logits: torch.Tensor, query_y: torch.Tensor, seconds: float) -> None:
+        """Score one episode on the device (no host synchronisation).
+
+        Args:
+            logits: ``(n_query, ways)`` real floating point.
+            query_y: ``(n_query,)`` int64 answers.
+            seconds: host time the episode took (on a GPU: to queue its work, until its batch is written).
+        """
+        finite = torch.isfinite(logits).all()
+        correct = (logits.argmax(1) == query_y.to(logits.device)).sum()
+        self.episodes.append(episode)
+        self.totals.append(len(query_y))
+        self.seconds.append(seconds)
+        self.correct.append(torch.where(finite, correct, torch.zeros_like(correct)))  # abstaining counts as wrong
+        self.finite.append(finite)
+
+    def due(self) -> bool:
+        return len(self.episodes) >= ROWS_PER_FLUSH or time.monotonic() - self.last_write >= FSYNC_EVERY_S
+
+    def write(self, done: Dict[int, Dict[str, str]], fsync: bool = False) -> None:
+        """Read the batch from the device (one transfer), append its rows and flush them to the OS (from there
+        they survive a kill of this process); fsync at most every ``FSYNC_EVERY_S`` seconds, or now if ``fsync``."""
+        if self.episodes:
+            correct, finite = torch.stack([torch.stack(self.correct), torch.stack(self.finite).long()]).tolist()  # one sync
+            for i, c, ok, total, sec in zip(self.episodes, correct, finite, self.totals, self.seconds):
+                row = {"episode": i, "accuracy": f"{100.0 * c / total if ok else 0.0:.6f}", "correct": c,
+                       "total": total, "seconds": f"{sec:.4f}", "status": "ok" if ok else "nonfinite"}
+                self.writer.writerow(row)
+                done[i] = {k: str(v) for k, v in row.items()}
+            self.f.flush()
+            self.episodes, self.totals, self.seconds, self.correct, self.finite = [], [], [], [], []
+        self.last_write = time.monotonic()
+        if fsync or self.last_write - self.last_sync >= FSYNC_EVERY_S:
+            os.fsync(self.f.fileno())
+            self.last_sync = time.monotonic()
 
 
 def evaluate(
@@ -165,6 +231,12 @@ def evaluate(
     the episode ``nonfinite`` and counts it as wrong (accuracy 0): a method cannot raise its
     mean by abstaining on hard episodes.
 
+    The next episode is materialised in a background thread while the method runs on the current
+    one (:class:`~fewshot_nsl.data.prefetch.Prefetcher`); scores stay on the device and rows are
+    written in batches (:data:`ROWS_PER_FLUSH`, :data:`FSYNC_EVERY_S`), so the harness itself
+    synchronises with the device once per batch. Finished episodes are written before an exception
+    (a method's error, Ctrl-C) leaves.
+
     Args:
         error_dir: where a method's traceback goes (``error.txt``); default: beside ``out_csv``.
 
@@ -179,35 +251,34 @@ def evaluate(
     mat = Materialiser(store, image_size, device)
     method.to(device).eval()
     new_file = not out_csv.is_file() or out_csv.stat().st_size == 0
+    missing = [i for i in todo if i not in done]
+    prepare, finish = stages(mat.device, lambda i: mat.stage(episodes.episode(i)), mat.load)
     with out_csv.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         if new_file:
             writer.writeheader()
-        bar = tqdm(todo, desc="evaluate", disable=not progress, unit="ep")
-        last_sync = time.monotonic()
-        for i in bar:
-            if i in done:
-                continue
-            t0 = time.perf_counter()
-            seed_torch(episode_seed(seed, i), mat.device)
-            t = mat(episodes.episode(i))
-            logits = run_episode(method, t.support_x, t.support_y, t.query_x, i, error_dir=error_dir or out_csv.parent,
-                                 split=episodes.split)
-            if torch.isfinite(logits).all():
-                correct = int((logits.argmax(1) == t.query_y.to(logits.device)).sum())
-                acc, status = 100.0 * correct / len(t.query_y), "ok"
-            else:  # abstaining is not allowed: the episode counts as wrong
-                correct, acc, status = 0, 0.0, "nonfinite"
-            row = {
-                "episode": i, "accuracy": f"{acc:.6f}", "correct": correct, "total": len(t.query_y),
-                "seconds": f"{time.perf_counter() - t0:.4f}", "status": status,
-            }
-            writer.writerow(row)
-            f.flush()  # in the OS from here on: survives a kill of this process
-            if time.monotonic() - last_sync >= FSYNC_EVERY_S:
-                os.fsync(f.fileno())
-                last_sync = time.monotonic()
-            done[i] = {k: str(v) for k, v in row.items()}
-        f.flush()
-        os.fsync(f.fileno())
+        rows = _PendingRows(f, writer)
+        bar = tqdm(total=len(todo), initial=len(todo) - len(missing), desc="evaluate", disable=not progress, unit="ep")
+        try:
+            with Prefetcher(missing, prepare, finish) as tensors:
+                t0 = time.perf_counter()
+                for i, t in zip(missing, tensors):  # an episode's seconds: from the previous one's end (data time included)
+                    seed_torch(episode_seed(seed, i), mat.device)
+                    logits = run_episode(method, t.support_x, t.support_y, t.query_x, i,
+                                         error_dir=error_dir or out_csv.parent, split=episodes.split,
+                                         ways=len(episodes.episodes[i].classes))
+                    rows.add(i, logits, t.query_y, time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    bar.update(1)
+                    if rows.due():
+                        rows.write(done)
+        except BaseException:
+            try:  # keep the episodes that finished before the error or the interrupt
+                rows.write(done, fsync=True)
+            except Exception:
+                pass
+            raise
+        finally:
+            bar.close()
+        rows.write(done, fsync=True)
     return [episode_accuracy(done[i]) for i in todo]

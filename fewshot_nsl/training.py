@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -23,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data.episodes import EpisodeSampler, Materialiser
+from .data.episodes import Episode, EpisodeSampler, Materialiser
+from .data.prefetch import Prefetcher, stages
 from .data.store import ImageStore, default_cache_dir
 from .errors import ConfigError
 from .config import RunConfig
@@ -54,27 +56,94 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- pretraining
-def _augment(
-    x: torch.Tensor, gen: torch.Generator, part: Optional[slice] = None, total: Optional[int] = None
-) -> torch.Tensor:
-    """Random crop (scale 0.8-1, resized back) and brightness/contrast jitter on ``(B,3,H,W)``.
+@dataclass
+class _Augmentation:
+    """One batch's random crop and brightness/contrast jitter, drawn by :func:`_draw_augmentation`.
 
-    For data-parallel pretraining ``x`` holds the images ``part`` of a global batch of ``total``
+    Attributes:
+        top, left, height, width: the crop (of an ``image_size`` square), resized back to the full size.
+        scale, shift: ``(b, 1, 1, 1)`` per-image factors and offsets on the host (pinned for a CUDA device).
+    """
+
+    top: int
+    left: int
+    height: int
+    width: int
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+
+def _draw_augmentation(
+    gen: torch.Generator, size: int, b: int, part: Optional[slice] = None, total: Optional[int] = None
+) -> _Augmentation:
+    """Draw the random crop (scale 0.8-1) and the brightness/contrast jitter of a batch of ``b`` images
+    of ``size x size`` from ``gen`` (the only random numbers of a pretraining batch, in this order).
+
+    For data-parallel pretraining the batch holds the images ``part`` of a global batch of ``total``
     images: the per-image jitter is drawn for the whole batch and sliced, so every process draws
     the same random numbers and the result equals single-process augmentation of the full batch.
     """
-    b, _, h, w = x.shape
     n, part = (total or b), (part or slice(None))
     s = float(torch.empty(1).uniform_(0.8, 1.0, generator=gen))
-    ch, cw = max(1, int(h * s)), max(1, int(w * s))
-    i = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
-    j = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
-    x = x[:, :, i : i + ch, j : j + cw]
-    if (ch, cw) != (h, w):
+    ch, cw = max(1, int(size * s)), max(1, int(size * s))
+    i = int(torch.randint(0, size - ch + 1, (1,), generator=gen))
+    j = int(torch.randint(0, size - cw + 1, (1,), generator=gen))
+    scale = torch.empty(n, 1, 1, 1).uniform_(0.8, 1.2, generator=gen)[part]
+    shift = torch.empty(n, 1, 1, 1).uniform_(-0.2, 0.2, generator=gen)[part]
+    return _Augmentation(i, j, ch, cw, scale, shift)
+
+
+def _augment(x: torch.Tensor, aug: _Augmentation) -> torch.Tensor:
+    """Apply a drawn augmentation to ``(B, 3, H, W)`` images: crop, resize back (bilinear), ``x * scale + shift``."""
+    h, w = x.shape[2], x.shape[3]
+    x = x[:, :, aug.top : aug.top + aug.height, aug.left : aug.left + aug.width]
+    if (aug.height, aug.width) != (h, w):
         x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
-    scale = torch.empty(n, 1, 1, 1).uniform_(0.8, 1.2, generator=gen)[part].to(x.device)
-    shift = torch.empty(n, 1, 1, 1).uniform_(-0.2, 0.2, generator=gen)[part].to(x.device)
-    return x * scale + shift
+    return x * aug.scale.to(x.device, non_blocking=True) + aug.shift.to(x.device, non_blocking=True)
+
+
+@dataclass
+class _Batch:
+    """One pretraining batch on its way through the input pipeline (:func:`_pretrain_batches`).
+
+    Attributes:
+        x: ``(b, H, W, 3)`` uint8 store images on the host after the host stage (pinned for a CUDA device);
+            ``(b, 3, S, S)`` normalised and augmented float on the device after the device stage.
+        y: ``(b,)`` int64 labels (host, then device).
+        aug: the batch's augmentation, or None.
+        n_global: images in the global batch (data-parallel pretraining: all processes together).
+    """
+
+    x: Any
+    y: torch.Tensor
+    aug: Optional[_Augmentation]
+    n_global: int
+
+
+def _pretrain_batches(
+    perm: np.ndarray, index: np.ndarray, batch_size: int, budget: int, rank: int, world: int,
+    gen: Optional[torch.Generator], size: int,
+):
+    """The work items of one pretraining epoch (at most ``budget``): ``(store indices (b,), positions of the
+    images in ``index`` (b,), augmentation or None, global batch size)``.
+
+    Augmentations are drawn from ``gen`` in batch order, in the caller's thread, as the input pipeline pulls
+    each item. A ragged last batch too small to split over ``world`` processes is skipped by every process
+    (drawing nothing).
+    """
+    for start in range(0, len(perm), batch_size):
+        if budget <= 0:
+            return
+        batch = perm[start : start + batch_size]
+        part = slice(None)
+        if world > 1:
+            if len(batch) < world:
+                continue
+            bounds = np.cumsum([0] + [len(a) for a in np.array_split(np.arange(len(batch)), world)])
+            part = slice(int(bounds[rank]), int(bounds[rank + 1]))
+        aug = None if gen is None else _draw_augmentation(gen, size, len(batch[part]), part, len(batch))
+        budget -= 1
+        yield index[batch[part]], batch[part], aug, len(batch)
 
 
 class _PretrainNet(nn.Module):
@@ -299,44 +368,49 @@ def _pretrain(method, module, store, cfg, device, path, progress, distributed, c
     stage_curve = StageCurve("pretrain", total, curve_rows)
     log = IntervalLog(stage_curve)
     bar = tqdm(total=total, initial=step, desc=f"pretrain {cfg.backbone}", disable=not progress or rank > 0, unit="step")
+
+    def host_stage(item: Tuple[np.ndarray, np.ndarray, Optional[_Augmentation], int]) -> _Batch:
+        idx, pos, aug, n_global = item
+        if aug is not None and mat.pin_memory:
+            aug = replace(aug, scale=aug.scale.pin_memory(), shift=aug.shift.pin_memory())
+        y = labels[pos]
+        return _Batch(mat.gather(idx), y.pin_memory() if mat.pin_memory else y, aug, n_global)
+
+    def device_stage(b: _Batch) -> _Batch:
+        x = mat.to_device(b.x)
+        return _Batch(x if b.aug is None else _augment(x, b.aug), b.y.to(device, non_blocking=True), None, b.n_global)
+
+    # the next batch is gathered, normalised and (on CPU) augmented in a background thread while this one trains
+    prepare, finish = stages(device, host_stage, device_stage)
     while step < total and validator.stopped_at is None:
         perm = torch.randperm(len(index), generator=gen).numpy()
         correct, seen = torch.zeros((), device=device), 0  # this epoch's, summed on the device
-        for start in range(0, len(perm), p.batch_size):
-            if step >= total:
-                break
-            batch = perm[start : start + p.batch_size]
-            part = slice(None)
-            if world > 1:
-                if len(batch) < world:  # a ragged last batch too small to split: skipped by every process
-                    continue
-                bounds = np.cumsum([0] + [len(a) for a in np.array_split(np.arange(len(batch)), world)])
-                part = slice(int(bounds[rank]), int(bounds[rank + 1]))
-            x = mat.images(index[batch[part]])
-            y = labels[batch[part]].to(device)
-            if p.augment:
-                x = _augment(x, gen, part, len(batch))
-            logits = net(x)
-            if world > 1:  # DDP averages gradients over processes: scale so the result is the full-batch mean
-                ce = F.cross_entropy(logits, y, reduction="sum") * (world / len(batch))
-            else:
-                ce = F.cross_entropy(logits, y)
-            loss = ce + method.regularization()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            batch_correct = (logits.detach().argmax(1) == y).sum()
-            correct += batch_correct
-            seen += len(y)
-            step += 1
-            log.add(loss, batch_correct / max(len(y), 1), f"pretraining loss at step {step}")
-            bar.update(1)
-            if log.row_due(step):  # the only host synchronisation of the loop, every curve row
-                mean = log.flush(step)
-                bar.set_postfix(loss=f"{mean:.3f}")
-            if validator.due(step) and validator.validate(step, stage_curve.rows):
-                break  # early stop (val_patience)
+        epoch = _pretrain_batches(perm, index, p.batch_size, total - step, rank, world, gen if p.augment else None,
+                                  cfg.image_size)
+        with Prefetcher(epoch, prepare, finish) as batches:  # one epoch: `gen` is the checkpoint's at its end
+            for b in batches:
+                y = b.y
+                logits = net(b.x)
+                if world > 1:  # DDP averages gradients over processes: scale so the result is the full-batch mean
+                    ce = F.cross_entropy(logits, y, reduction="sum") * (world / b.n_global)
+                else:
+                    ce = F.cross_entropy(logits, y)
+                loss = ce + method.regularization()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                batch_correct = (logits.detach().argmax(1) == y).sum()
+                correct += batch_correct
+                seen += len(y)
+                step += 1
+                log.add(loss, batch_correct / max(len(y), 1), f"pretraining loss at step {step}")
+                bar.update(1)
+                if log.row_due(step):  # the only host synchronisation of the loop, every curve row
+                    mean = log.flush(step)
+                    bar.set_postfix(loss=f"{mean:.3f}")
+                if validator.due(step) and validator.validate(step, stage_curve.rows):
+                    break  # early stop (val_patience)
         log.flush(step)  # before the checkpoint: never save weights past a non-finite loss
         if partial is not None and step < total and validator.stopped_at is None:
             atomic_torch_save({"module": module.state_dict(), "head": head.state_dict(), "optimizer": opt.state_dict(),
@@ -366,6 +440,25 @@ def _pretrain(method, module, store, cfg, device, path, progress, distributed, c
 
 
 # ----------------------------------------------------------------------------- episodic
+def _training_episodes(sampler: EpisodeSampler, n: int) -> Iterator[Tuple[Dict[str, Any], Episode]]:
+    """``n`` training episodes of ``sampler``, each with the generator state it was drawn from."""
+    for _ in range(n):
+        state = sampler.rng.bit_generator.state
+        yield state, next(sampler)
+
+
+def _episode_stages(mat: Materialiser) -> Tuple[Callable, Callable]:
+    """``(prepare, finish)`` of a :class:`Prefetcher` over :func:`_training_episodes`: ``(episode, EpisodeTensors)``."""
+    return stages(mat.device, lambda item: (item[1], mat.stage(item[1])), lambda p: (p[0], mat.load(p[1])))
+
+
+def _sampler_state(sampler: EpisodeSampler, stream: Prefetcher) -> Dict[str, Any]:
+    """The sampler's generator state after the last episode trained on: the state the first episode drawn ahead
+    by the input pipeline was drawn from (a resumed run draws that episode again)."""
+    ahead = stream.pending()
+    return ahead[0][0] if ahead else sampler.rng.bit_generator.state
+
+
 def meta_train(
     method: FewShotMethod,
     store: ImageStore,
@@ -422,7 +515,7 @@ def meta_train(
             {
                 "method": method.state_dict(),
                 "optimizer": opt.state_dict(),
-                "sampler": json.dumps(sampler.rng.bit_generator.state),
+                "sampler": json.dumps(_sampler_state(sampler, stream)),
                 "torch_rng": torch.get_rng_state(),
                 **host_rng_states(),
                 "step": step,
@@ -435,43 +528,45 @@ def meta_train(
 
     clip_groups = [[p for p in g if p.requires_grad] for g in method.clip_groups()] if e.grad_clip else []
     done = start  # optimiser steps finished
-    for step in range(start, e.steps if validator.stopped_at is None else start):
-        if e.lr_step:  # step schedule (Snell et al., Sung et al.): lr * gamma^(step // lr_step); resumes exactly
-            for group in opt.param_groups:
-                group["lr"] = e.lr * e.lr_gamma ** (step // e.lr_step)
-        opt.zero_grad(set_to_none=True)
-        for i in range(e.meta_batch):
-            episode = next(sampler)
-            t = mat(episode)
-            loss = method.loss(t.support_x, t.support_y, t.query_x, t.query_y)
-            (loss / e.meta_batch).backward()
-            # kept on the device; read and checked once per curve row (IntervalLog), not per episode
-            log.add(loss, probe.accuracy_tensor(t.query_y),
-                    f"{cfg.method} training loss at step {step + 1} of {e.steps} (training episode "
-                    f"{step * e.meta_batch + i + 1}, classes {', '.join(episode.classes)})")
-        reg = method.regularization()
-        if reg.requires_grad:
-            reg.backward()
-        method.clip_gradients()  # the method's own clipping (its source's), before the config's norm clip
-        for group in clip_groups:  # each group's norm clipped separately, as Sung et al. clip encoder and relation net
-            torch.nn.utils.clip_grad_norm_(group, e.grad_clip)
-        opt.step()
-        bar.update(1)
-        done = step + 1
-        stop = False
-        if validator.due(done):
-            stop = validator.validate(done, stage_curve.rows)
-            probe.forget()  # the validation's logits: the next step's probe reads its own
-        checkpoint = done % e.checkpoint_every == 0 or done == e.steps or stop
-        if log.row_due(done) or checkpoint:  # the loop's only host synchronisation (and never a NaN checkpoint)
-            mean = log.flush(done)
-            if mean is not None:
-                last = mean
-                bar.set_postfix(loss=f"{mean:.3f}")
-        if checkpoint:
-            save(done)
-        if stop:  # early stop (val_patience)
-            break
+    steps = range(start, e.steps if validator.stopped_at is None else start)
+    # the next episode is drawn here, in order, and gathered in a background thread while this one trains
+    with Prefetcher(_training_episodes(sampler, len(steps) * e.meta_batch), *_episode_stages(mat)) as stream:
+        for step in steps:
+            if e.lr_step:  # step schedule (Snell et al., Sung et al.): lr * gamma^(step // lr_step); resumes exactly
+                for group in opt.param_groups:
+                    group["lr"] = e.lr * e.lr_gamma ** (step // e.lr_step)
+            opt.zero_grad(set_to_none=True)
+            for i in range(e.meta_batch):
+                episode, t = next(stream)
+                loss = method.loss(t.support_x, t.support_y, t.query_x, t.query_y)
+                (loss / e.meta_batch).backward()
+                # kept on the device; read and checked once per curve row (IntervalLog), not per episode
+                log.add(loss, probe.accuracy_tensor(t.query_y),
+                        f"{cfg.method} training loss at step {step + 1} of {e.steps} (training episode "
+                        f"{step * e.meta_batch + i + 1}, classes {', '.join(episode.classes)})")
+            reg = method.regularization()
+            if reg.requires_grad:
+                reg.backward()
+            method.clip_gradients()  # the method's own clipping (its source's), before the config's norm clip
+            for group in clip_groups:  # each group's norm clipped separately, as Sung et al. clip encoder and relation net
+                torch.nn.utils.clip_grad_norm_(group, e.grad_clip)
+            opt.step()
+            bar.update(1)
+            done = step + 1
+            stop = False
+            if validator.due(done):
+                stop = validator.validate(done, stage_curve.rows)
+                probe.forget()  # the validation's logits: the next step's probe reads its own
+            checkpoint = done % e.checkpoint_every == 0 or done == e.steps or stop
+            if log.row_due(done) or checkpoint:  # the loop's only host synchronisation (and never a NaN checkpoint)
+                mean = log.flush(done)
+                if mean is not None:
+                    last = mean
+                    bar.set_postfix(loss=f"{mean:.3f}")
+            if checkpoint:
+                save(done)
+            if stop:  # early stop (val_patience)
+                break
     bar.close()
     probe.close()
     validation = validator.finish(done)  # loads the selected weights into `method` (val_select: best)

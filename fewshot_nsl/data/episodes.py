@@ -439,11 +439,34 @@ class EpisodeTensors:
     query_y: torch.Tensor
 
 
+@dataclass
+class StagedEpisode:
+    """An episode gathered on the host, ready to be copied to the device (:meth:`Materialiser.stage`).
+
+    Attributes:
+        images: ``(n_support + n_query, H, W, 3)`` uint8 store images, support first, in the episode's
+            presentation order; in pinned memory when the device is CUDA.
+        support_y: ``(n_support,)`` int64 labels in ``0..ways-1`` (pinned likewise).
+        query_y: ``(n_query,)`` int64 labels (pinned likewise).
+    """
+
+    images: torch.Tensor
+    support_y: torch.Tensor
+    query_y: torch.Tensor
+
+
 class Materialiser:
     """Turns episodes into normalised float tensors on a device.
 
     uint8 images are gathered from the store in one fancy-index, converted once on the
     target device, resized (antialiased) only if ``image_size`` differs from the store's.
+
+    The work is split in two stages, so an input pipeline can run the first one in a background
+    thread (:mod:`fewshot_nsl.data.prefetch`): :meth:`gather` / :meth:`stage` read the store into host
+    memory (pinned when the device is CUDA, so the copy can be asynchronous), :meth:`to_device` /
+    :meth:`load` copy with ``non_blocking=True`` and normalise on the device. :meth:`images` and
+    :meth:`__call__` run both. Neither stage draws random numbers, and :class:`Materialiser` holds no
+    state that changes after construction, so one instance may serve a worker thread and the caller.
 
     Args:
         store: the image store.
@@ -463,24 +486,35 @@ class Materialiser:
         self.image_size = image_size
         self.device = torch.device(device)
         self.channels_last = self.device.type == "cpu" if channels_last is None else channels_last
+        #: host buffers in page-locked memory (asynchronous host-to-device copies): CUDA devices only
+        self.pin_memory = self.device.type == "cuda"
         self.index = store.class_index()
         self.mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1) * 255.0
-        self._hwc: Dict[Tuple[int, int], Tuple[torch.Tensor, torch.Tensor]] = {}
+        # ``mean``/``std`` laid out as one ``(S, S, 3)`` image (S = image_size, the size of every output):
+        # normalising NHWC memory against them runs vectorised (broadcasting a size-3 innermost channel
+        # dimension does not). Built here, never later, so that concurrent calls share read-only state.
+        s = image_size
+        self._hwc = tuple(t.view(3).expand(s, s, 3).contiguous() for t in (self.mean, self.std))
 
-    def _hwc_stats(self, h: int, w: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``mean``/``std`` laid out as one ``(h, w, 3)`` image: normalising NHWC memory against them
-        runs vectorised (broadcasting a size-3 innermost channel dimension does not)."""
-        if (h, w) not in self._hwc:
-            self._hwc[(h, w)] = tuple(t.view(3).expand(h, w, 3).contiguous() for t in (self.mean, self.std))  # type: ignore[assignment]
-        return self._hwc[(h, w)]
+    def _host_tensor(self, array: np.ndarray) -> torch.Tensor:
+        """``array`` as a host tensor, copied into pinned memory when the device is CUDA."""
+        t = torch.from_numpy(array)
+        return t.pin_memory() if self.pin_memory else t
 
-    def images(self, idx: np.ndarray) -> torch.Tensor:
-        """Store indices ``(n,)`` -> normalised ``(n, 3, image_size, image_size)`` float32."""
+    def gather(self, idx: np.ndarray) -> torch.Tensor:
+        """Store indices ``(n,)`` -> their uint8 images ``(n, H, W, 3)`` on the host (pinned for a CUDA device)."""
         order = np.argsort(idx, kind="stable")  # sorted reads are kinder to memory maps
-        raw = np.empty((len(idx),) + self.store.image_shape, dtype=np.uint8)
-        raw[order] = self.store.images[idx[order]]
-        src = torch.from_numpy(raw).to(self.device, non_blocking=True)  # (n, H, W, 3) uint8
+        out = torch.empty((len(idx),) + tuple(self.store.image_shape), dtype=torch.uint8, pin_memory=self.pin_memory)
+        out.numpy()[order] = self.store.images[idx[order]]
+        return out
+
+    def to_device(self, raw: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(n, H, W, 3)`` host images -> normalised ``(n, 3, image_size, image_size)`` float32 on the device.
+
+        The copy is non-blocking (asynchronous from pinned memory): no host synchronisation.
+        """
+        src = raw.to(self.device, non_blocking=True)  # (n, H, W, 3) uint8
         # One pass converts to float in the wanted layout; normalise in place (same ops, same bits
         # as ``(x - mean) / std``): cheaper than normalising a strided view and then copying.
         if self.channels_last:
@@ -496,14 +530,18 @@ class Materialiser:
             fmt = torch.channels_last if self.channels_last else torch.contiguous_format
             x = x.contiguous(memory_format=fmt)
         if self.channels_last:
-            mean, std = self._hwc_stats(x.shape[2], x.shape[3])
+            mean, std = self._hwc
             x.permute(0, 2, 3, 1).sub_(mean).div_(std)  # the contiguous NHWC view, in place
             return x
         return x.sub_(self.mean).div_(self.std)
 
-    def __call__(self, episode: Episode) -> EpisodeTensors:
-        """Images and labels of ``episode`` in its presentation order (``episode.order``;
-        class-major for a hand-built episode without one)."""
+    def images(self, idx: np.ndarray) -> torch.Tensor:
+        """Store indices ``(n,)`` -> normalised ``(n, 3, image_size, image_size)`` float32 on the device."""
+        return self.to_device(self.gather(idx))
+
+    def stage(self, episode: Episode) -> StagedEpisode:
+        """The host stage of :meth:`__call__`: images and labels of ``episode`` in its presentation order
+        (``episode.order``; class-major for a hand-built episode without one), on the host."""
         cls = [self.index[n] for n in episode.classes]
         s_idx = np.concatenate([self.store.index_of(c, r) for c, r in zip(cls, episode.support)])
         q_idx = np.concatenate([self.store.index_of(c, r) for c, r in zip(cls, episode.query)])
@@ -512,10 +550,21 @@ class Materialiser:
         if episode.order is not None:
             s_perm, q_perm = np.asarray(episode.order.support), np.asarray(episode.order.query)
             s_idx, s_lab, q_idx, q_lab = s_idx[s_perm], s_lab[s_perm], q_idx[q_perm], q_lab[q_perm]
-        x = self.images(np.concatenate([s_idx, q_idx]))
+        return StagedEpisode(self.gather(np.concatenate([s_idx, q_idx])),
+                             self._host_tensor(s_lab.astype(np.int64)), self._host_tensor(q_lab.astype(np.int64)))
+
+    def load(self, staged: StagedEpisode) -> EpisodeTensors:
+        """The device stage of :meth:`__call__`: non-blocking copies and normalisation on the device."""
+        x = self.to_device(staged.images)
+        n_support = len(staged.support_y)
         return EpisodeTensors(
-            x[: len(s_idx)],
-            torch.from_numpy(s_lab.astype(np.int64)).to(self.device),
-            x[len(s_idx):],
-            torch.from_numpy(q_lab.astype(np.int64)).to(self.device),
+            x[:n_support],
+            staged.support_y.to(self.device, non_blocking=True),
+            x[n_support:],
+            staged.query_y.to(self.device, non_blocking=True),
         )
+
+    def __call__(self, episode: Episode) -> EpisodeTensors:
+        """Images and labels of ``episode`` in its presentation order (``episode.order``;
+        class-major for a hand-built episode without one), on the device."""
+        return self.load(self.stage(episode))
