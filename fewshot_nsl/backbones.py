@@ -19,6 +19,8 @@ from .registry import register_backbone
 ConvFactory = Callable[..., nn.Module]
 #: Largest input side :func:`min_input_size` searches (above :data:`fewshot_nsl.config.MAX_IMAGE_SIZE`).
 _MAX_SIDE = 4096
+#: Most parameters a backbone may have (4 GB in fp32; CNN-9 has 0.3 M): more is a typo in its widths.
+MAX_BACKBONE_PARAMS = 10**9
 
 
 class Backbone(nn.Module):
@@ -153,7 +155,8 @@ def min_input_size(module: nn.Module) -> int:
 
 def check_image_size(name: str, options: Dict[str, Any], image_size: int) -> None:
     """Refuse, in one line, an ``image_size`` too small for backbone ``name`` built with ``options``,
-    and options the backbone cannot be built with, before anything is trained.
+    options the backbone cannot be built with, and more than :data:`MAX_BACKBONE_PARAMS` parameters,
+    before anything is trained.
 
     The backbone is built with plain convs (a conv factory keeps every layer's kernel, stride and
     padding) on the ``meta`` device, so nothing is allocated. Its minimum comes from its layers
@@ -163,21 +166,30 @@ def check_image_size(name: str, options: Dict[str, Any], image_size: int) -> Non
     Raises:
         ConfigError: naming the backbone, its minimum and the fix; or why it cannot be built.
     """
-    from .registry import create_backbone
+    from .registry import BACKBONES, create_backbone
+
+    def cannot(exc: BaseException) -> ConfigError:
+        return ConfigError(f"backbone {name} cannot be built with backbone_options {options} ({one_line(exc)}); "
+                           f"fix backbone_options")
 
     try:
         with torch.device("meta"):
             net = create_backbone(name, **options)
     except FewShotError:
         raise
-    except Exception:  # noqa: BLE001 - a plugin that cannot be built on meta: build it for real
-        try:
+    except Exception as exc:  # noqa: BLE001
+        if getattr(BACKBONES.get(name), "__module__", None) == __name__:
+            raise cannot(exc) from None  # a built-in builds on meta unless its sizes overflow
+        try:  # a plugin backbone that cannot be built on meta (it loads weights, say): build it for real
             net = create_backbone(name, **options)
         except FewShotError:
             raise
-        except Exception as exc:  # noqa: BLE001
-            raise ConfigError(f"backbone {name} cannot be built with backbone_options {options} ({one_line(exc)}); "
-                              f"fix backbone_options") from None
+        except Exception as exc2:  # noqa: BLE001
+            raise cannot(exc2) from None
+    n_params = sum(p.numel() for p in net.parameters())
+    if n_params > MAX_BACKBONE_PARAMS:
+        raise ConfigError(f"backbone {name} with backbone_options {options} has {n_params:,} parameters, more than "
+                          f"{MAX_BACKBONE_PARAMS:,} ({4 * n_params / 2**30:,.0f} GiB in fp32); lower its widths")
     minimum = net.min_image_size() if isinstance(net, Backbone) else None
     if minimum is not None:
         if image_size < minimum:

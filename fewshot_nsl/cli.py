@@ -44,11 +44,17 @@ def _int_list(text: str) -> List[int]:
     return out
 
 
+def printable(text: str) -> str:
+    """``text`` with control and other unprintable characters escaped (a typed ``\r`` becomes ``\\r``), so
+    that an error line quoting what the user typed stays one line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad flag ends with one ``error:`` line (no usage dump), like other input errors."""
 
     def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+        self.exit(2, f"error: {printable(message)}; see {self.prog} --help\n")
 
 
 def check_not_empty(args: argparse.Namespace) -> None:
@@ -384,12 +390,12 @@ def _main(argv: Optional[List[str]] = None) -> int:
             console.emit_json(json.dumps(records, indent=1))
         if result.failed:
             names = "; ".join(f"{p.describe()}: {p.error}" for p in result.failed)
-            console.error(f"error: {len(result.failed)} cell(s) failed: {names}")
+            console.error(f"error: {len(result.failed)} cell(s) failed: {printable(names)}")
             return 1
         return 0
     except FewShotError as exc:
         failures = _plugin_failures(args.plugins) if isinstance(exc, RegistryError) else []
-        console.error(f"error: {'; '.join([str(exc), *failures])}")
+        console.error(f"error: {printable('; '.join([str(exc), *failures]))}")
         return 2
     except _out_of_memory():
         console.error("error: out of GPU memory; lower the meta-batch (episodic.meta_batch), the image size (--image-size), "

@@ -7,11 +7,15 @@ Precedence (lowest to highest): dataclass defaults < profile file
 < the dedicated command-line flags (``--shots``, ``--image-size``, ...).
 ``--set`` belongs to the command line: it overrides the ``--config`` file, and a dedicated flag
 given with it wins over it. Its key is dotted into the config (``episodic.steps``,
-``method_options.inner_lr``), its value is read as YAML (``10`` an int, ``0.05`` a float,
-``true`` a bool, ``null`` None, ``[1, 2]`` a list), it is repeatable, and an unknown key or a
-wrong type is refused with the same one line as in a file (see :func:`parse_set_options`).
+``method_options.inner_lr``), its value is read as YAML (``10`` an int, ``0.05`` and ``1e-4``
+floats, ``true`` a bool, ``null`` None, ``[1, 2]`` a list), it is repeatable, and an unknown key or
+a wrong type is refused with the same one line as in a file (see :func:`parse_set_options`).
 A YAML file may ``include:`` other files (paths relative to itself); the including file wins.
-Unknown keys and wrong types are refused with one line naming the key and the file.
+Unknown keys and wrong types are refused with one line naming the key and the file; a bool is
+not an int and a float is not rounded to one. Every config, profile, include, grid file and
+``--set`` value is parsed by :class:`ConfigLoader`, which reads ``1e-4`` and ``5e-1`` as floats
+(PyYAML's YAML 1.1 resolver reads them as strings). Option keys the harness passes itself
+(:data:`RESERVED_OPTIONS`) and an invalid ``conv`` section are refused by :meth:`RunConfig.validate`.
 The resolved config is saved with every run (``config.yaml``) and hashed into the run id.
 """
 from __future__ import annotations
@@ -64,7 +68,13 @@ class ConfigLoader(yaml.SafeLoader):
     """
 
 
-ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
+class ConfigDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper that quotes a string :class:`ConfigLoader` would read as a float (``'1e-4'``),
+    so that a run's saved ``config.yaml`` reads back as the run's config (:func:`save_config`)."""
+
+
+for _cls in (ConfigLoader, ConfigDumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
 
 
 def parse_yaml(text: str) -> Any:
@@ -519,4 +529,5 @@ def check_overrides(data: Dict[str, Any], where: str) -> None:
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write the resolved config as YAML (:class:`ConfigDumper`: it reads back as the same config)."""
+    Path(path).write_text(yaml.dump(cfg.to_dict(), Dumper=ConfigDumper, sort_keys=False))

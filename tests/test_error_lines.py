@@ -32,6 +32,8 @@ def run_cli(tmp_path: Path, capsys, args, base=FAST):
     threads = torch.get_num_threads()
     try:
         code = main(["--results-dir", str(results), *base, *args])
+    except SystemExit as exc:  # argparse's own errors (our one-line _Parser.error) exit
+        code = exc.code
     finally:
         torch.set_num_threads(threads)
     captured = capsys.readouterr()
@@ -81,6 +83,7 @@ def write(tmp_path: Path, name: str, text: str) -> str:
         (["--set", "backbone_options.pool=[true,true]"], ["pool", "4 values"]),
         (["--set", "backbone_options.pool=maybe"], ["cnn4", "pool", "maybe"]),
         (["--set", "backbone_options.bn_eps=0"], ["cnn4", "bn_eps", "positive"]),
+        (["--set", "backbone_options.filters=100000"], ["cnn4", "parameters", "lower its widths"]),  # 360 GB
         # image sizes too small for the backbone's layers
         (["--image-size", "12"], ["backbone cnn4", "at least 16 px", "image_size 12"]),
         (["--image-size", "32", "--set", "backbone_options.padding=0"], ["backbone cnn4", "at least 46 px", "32"]),
@@ -111,6 +114,9 @@ def write(tmp_path: Path, name: str, text: str) -> str:
         (["--episodes", ""], ["--episodes", "empty value"]),
         (["--method", ""], ["--method", "empty value"]),
         (["--results-dir", ""], ["--results-dir", "empty value"]),
+        # what a user typed is quoted on the one line, control characters escaped
+        (["\r"], ["unrecognized arguments", "\\r"]),
+        (["--config", "a\nb.yaml"], ["a\\nb.yaml", "does not exist"]),
     ],
 )
 def test_bad_cli_input_is_one_error_line_before_any_run_folder(tmp_path, capsys, args, fragments):
@@ -234,6 +240,14 @@ def test_exponent_numbers_in_set_and_config_files_are_floats(tmp_path):
     assert (cfg.pretrain.lr, cfg.pretrain.weight_decay, cfg.episodic.lr) == (0.5, 1e-3, 2e-4)
     with pytest.raises(ConfigError, match="episodic.steps must be int"):  # an int key is not rounded from a float
         parse_set_options(["episodic.steps=1e4"])
+    # the run's config.yaml reads back as the run's config: a string that looks like a float stays a string
+    from fewshot_nsl.config import save_config
+
+    cfg = resolve_config({"method": "protonet", "profile": "smoke", "method_options": {"tag": "1e-4"},
+                          "pretrain": {"lr": 1e-4}})
+    save_config(cfg, tmp_path / "config.yaml")
+    back = resolve_config({}, str(tmp_path / "config.yaml"))
+    assert back.to_dict() == cfg.to_dict() and back.hash() == cfg.hash()
 
 
 def test_repeated_shots_or_methods_are_one_cell(tmp_path, capsys):
