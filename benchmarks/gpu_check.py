@@ -9,9 +9,10 @@ and the next one runs; the limits add up to the 8-minute budget, ``--budget``):
 1. device and versions: torch, CUDA, cuDNN, GPU, memory, driver, Python, package version and git commit;
 2. the smoke cell of every registered method at 84 px on CUDA, through ``fewshot_nsl.benchmark``
    (profile ``smoke``, ``image_size=84``, a few fixed test episodes, ``compile="off"``): pass/fail, time;
-3. a pretraining killed with SIGKILL once its first ``.partial`` checkpoint is in the cache, run again
-   (the same ``python -m fewshot_nsl`` command, ``--deterministic``), and its cached weights compared
-   tensor by tensor with those of an uninterrupted run of the same command;
+3. a pretraining (finetune's plain CNN-4 and the dynamic NSN) killed with SIGKILL once its first
+   ``.partial`` checkpoint is in the cache, run again (the same ``python -m fewshot_nsl`` command,
+   ``--deterministic``), and its cached weights compared tensor by tensor with those of an uninterrupted
+   run of the same command;
 4. seconds per training step, steps per second and peak GPU memory
    (``torch.cuda.max_memory_allocated``) of every ``paper`` cell of ``configs/table6.yaml`` at 84 px
    (pretraining step, episodic step, test episode), timed as ``benchmarks/paper_cells.py`` times them
@@ -22,10 +23,10 @@ and the next one runs; the limits add up to the 8-minute budget, ``--budget``):
 6. ``compile`` on vs off and ``precision`` bf16 vs fp32 on the dynamic NSN (paper settings, budgets
    cut): accuracy on the same fixed test episodes (paired differences to fp32 eager) and the step time.
 
-``--cpu-dry-run`` runs every section on the CPU at 16 px with one torch thread, 1-2 steps and 2-4
-episodes, a subset of methods and cells (a pretraining and an episodic method; finetune's pretraining
-killed and resumed) and no compiled arm (compilation on the CPU takes minutes); its figures say
-nothing about a GPU. Data: the embedded ``glyphs`` dataset (``--dataset``/``--data-root`` for
+``--cpu-dry-run`` runs every section on the CPU at 16 px with one torch thread, a few steps and 2-3
+episodes, a subset of methods and cells (a pretraining and an episodic method; finetune's pretraining,
+narrowed, killed and resumed) and no compiled arm (compilation on the CPU takes minutes); its figures
+say nothing about a GPU. Data: the embedded ``glyphs`` dataset (``--dataset``/``--data-root`` for
 Mini-ImageNet). Everything a run writes goes to ``--work`` (default: a temporary folder, removed).
 """
 from __future__ import annotations
@@ -57,8 +58,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 DEFAULT_OUT = ROOT / "benchmarks" / "GPU_RESULTS.md"
 #: Sections in the order they run (the cheapest and most basic first, the compiled arms last).
 SECTIONS = ("data", "smoke", "resume", "steps", "precision")
-#: Base-class images of Mini-ImageNet (64 classes x 600): the pretraining budget's epochs are over these.
-MINI_BASE_IMAGES = 64 * 600
 PROGRESS, RESULT = "@progress ", "@result "
 
 
@@ -90,9 +89,10 @@ class Plan:
     arm_head_epochs: int = 25
     arm_warmup: int = 3
     arm_reps: int = 10
-    timeouts: Dict[str, float] = field(default_factory=lambda: {"data": 60, "smoke": 100, "resume": 80, "steps": 80,
-                                                                "precision": 160})
-    budget_s: float = 480.0
+    # seconds per section; on a GPU they add up to the budget, 10 s under 8 minutes (the versions and the report)
+    timeouts: Dict[str, float] = field(default_factory=lambda: {"data": 45, "smoke": 90, "resume": 100, "steps": 80,
+                                                                "precision": 155})
+    budget_s: float = 470.0
 
     @property
     def cache_dir(self) -> Path:
@@ -421,10 +421,10 @@ def child_resume(plan: Plan) -> None:
 
 # ----------------------------------------------------------------------------- child: step times
 def table6_cells() -> List[List[Any]]:
-    import yaml
+    """``[method, backbone, shots]`` of every row of ``configs/table6.yaml`` (benchmarks/paper_cells.py's cells)."""
+    from paper_cells import cells
 
-    rows = yaml.safe_load((ROOT / "configs" / "table6.yaml").read_text())["rows"]
-    return [[r["method"], r["backbone"], int(r["shots"])] for r in rows]
+    return [[r["method"], r["backbone"], int(r["shots"])] for r in cells()]
 
 
 def full_budget(cfg: Any) -> Dict[str, int]:
@@ -435,6 +435,8 @@ def full_budget(cfg: Any) -> Dict[str, int]:
     out = {"pretrain_steps": 0, "episodic_steps": 0, "val_episodes": 0, "test_episodes": cfg.eval.episodes}
     if "pretrain" in stages:
         p = cfg.pretrain
+        from paper_cells import MINI_BASE_IMAGES  # 64 x 600: the pretraining epochs are over these
+
         steps = p.epochs * math.ceil(MINI_BASE_IMAGES / p.batch_size)
         out["pretrain_steps"] = min(steps, p.max_steps) if p.max_steps else steps
         if p.val_every:
@@ -1041,7 +1043,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--sections", help=f"comma-separated subset of {','.join(SECTIONS)} (default all)")
     ap.add_argument("--dataset", default="glyphs", help="dataset of every run (default glyphs)")
     ap.add_argument("--data-root", help="its folder (miniimagenet, custom)")
-    ap.add_argument("--budget", type=float, help="seconds for all sections together (default 480 on a GPU)")
+    ap.add_argument("--budget", type=float, help="seconds for all sections together (default 470 on a GPU, 330 in a "
+                                                 "dry run); each section also has its own limit")
     ap.add_argument("--child", choices=SECTIONS, help=argparse.SUPPRESS)
     ap.add_argument("--plan", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
