@@ -249,7 +249,7 @@ class RunConfig:
         """Option dicts hold option names only, none that the harness passes itself (``dataset_options.
         image_size`` would reach the dataset twice), and the ``conv`` section is a valid (partial) conv
         spec (:func:`fewshot_nsl.nn.factory.check_conv_spec`; the method's default spec under it is
-        checked when the cell is planned, :func:`fewshot_nsl.grid.check_buildable`)."""
+        checked with the method, :func:`check_buildable`)."""
         for section in ("dataset_options", "method_options", "backbone_options", "conv"):
             for key in getattr(self, section):
                 if not isinstance(key, str) or not key.isidentifier():
@@ -455,7 +455,10 @@ def profile_overrides(profile: str, method: str, shots: Optional[int] = None) ->
 
 
 def resolve_config(cli: Dict[str, Any], config_file: Optional[str] = None) -> RunConfig:
-    """Build the run config from defaults, profile, ``--config`` file and CLI values (non-None).
+    """Build the run config from defaults, profile, ``--config`` file and CLI values (non-None),
+    validated (:meth:`RunConfig.validate`) and checked buildable (:func:`check_buildable`: the
+    method and its options are registered, the conv spec and backbone options are valid, the image
+    size is at least the backbone's minimum), so a bad config is one line before anything runs.
 
     Args:
         cli: flat or nested overrides from the command line, e.g. ``{"method": "protonet", "shots": 1}``.
@@ -476,7 +479,39 @@ def resolve_config(cli: Dict[str, Any], config_file: Optional[str] = None) -> Ru
     data["method"] = method
     cfg = _from_dict(RunConfig, data, config_file or "config")
     cfg.validate()
+    check_buildable(cfg)
     return cfg
+
+
+def check_buildable(cfg: RunConfig) -> None:
+    """Unknown backbone, method option or backbone option, an invalid conv spec, backbone options
+    the backbone cannot be built with, or an image size too small for the backbone: a one-line
+    error before anything is loaded, trained or written. Part of :func:`resolve_config`.
+
+    The conv spec checked is the one the run builds: the method's ``default_conv`` with the
+    config's ``conv`` over it (:func:`fewshot_nsl.inputs.conv_spec_of`); a ``plain`` one builds
+    ``nn.Conv2d`` and ignores the default's other options, as :func:`fewshot_nsl.inputs.build_method`.
+    """
+    from .backbones import check_image_size
+    from .inputs import conv_spec_of
+    from .nn.factory import check_conv_spec
+    from .registry import BACKBONES, check_kwargs, get_method_class, list_backbones
+
+    list_backbones()
+    method_cls = get_method_class(cfg.method)
+    check_kwargs(method_cls, cfg.method_options, f"method '{cfg.method}'")
+    check_kwargs(BACKBONES.get(cfg.backbone), cfg.backbone_options, f"backbone '{cfg.backbone}'")
+    spec = conv_spec_of(cfg)
+    if spec.get("kind", "plain") != "plain":
+        try:
+            check_conv_spec(spec)
+        except ConfigError as exc:
+            default = getattr(method_cls, "default_conv", None)
+            if not default:
+                raise
+            raise ConfigError(f"{exc} (the conv spec is method {cfg.method}'s default {default} with the config's "
+                              f"conv {cfg.conv} over it)") from None
+    check_image_size(cfg.backbone, cfg.backbone_options, cfg.image_size)
 
 
 #: Keys ``--set`` refuses: they choose which runs a command makes; their flags do that.

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 
-from .config import RunConfig, check_seed, load_yaml, resolve_config
+from .config import RunConfig, check_buildable, check_seed, load_yaml, resolve_config  # noqa: F401 (check_buildable: re-exported)
 from .data.episodes import EpisodeList
 from .data.store import ImageStore
 from .errors import ConfigError, FewShotError
@@ -224,37 +224,6 @@ def _not_registered(method: str) -> Optional[str]:
     return f"method '{method}' is not registered (yet); skipped"
 
 
-def check_buildable(cfg: RunConfig) -> None:
-    """Unknown backbone, method option or backbone option, an invalid conv spec, backbone options
-    the backbone cannot be built with, or an image size too small for the backbone: a one-line
-    error before anything is loaded, trained or written.
-
-    The conv spec checked is the one the run builds: the method's ``default_conv`` with the
-    config's ``conv`` over it (:func:`fewshot_nsl.inputs.conv_spec_of`); a ``plain`` one builds
-    ``nn.Conv2d`` and ignores the default's other options, as :func:`fewshot_nsl.inputs.build_method`.
-    """
-    from .backbones import check_image_size
-    from .inputs import conv_spec_of
-    from .nn.factory import check_conv_spec
-    from .registry import BACKBONES, check_kwargs, get_method_class, list_backbones
-
-    list_backbones()
-    method_cls = get_method_class(cfg.method)
-    check_kwargs(method_cls, cfg.method_options, f"method '{cfg.method}'")
-    check_kwargs(BACKBONES.get(cfg.backbone), cfg.backbone_options, f"backbone '{cfg.backbone}'")
-    spec = conv_spec_of(cfg)
-    if spec.get("kind", "plain") != "plain":
-        try:
-            check_conv_spec(spec)
-        except ConfigError as exc:
-            default = getattr(method_cls, "default_conv", None)
-            if not default:
-                raise
-            raise ConfigError(f"{exc} (the conv spec is method {cfg.method}'s default {default} with the config's "
-                              f"conv {cfg.conv} over it)") from None
-    check_image_size(cfg.backbone, cfg.backbone_options, cfg.image_size)
-
-
 def check_outputs(cfg: RunConfig, checked: set) -> None:
     """Before anything is loaded or trained: the results and cache folders take files and have
     room, and the results folder's ``leaderboard.csv`` (if any) is one this suite wrote."""
@@ -306,8 +275,7 @@ def plan(
             over["backbone"] = cell.backbone
         if cell.shots is not None:
             over["shots"] = cell.shots
-        base = resolve_config(over, config_file)
-        check_buildable(base)
+        base = resolve_config(over, config_file)  # checks the cell can be built (check_buildable)
         check_outputs(base, checked)
         cfgs = [dataclasses.replace(base, seed=int(s)) for s in seeds] if seeds else [base]
         pc = PlannedCell(cell, "run", cfgs=cfgs)

@@ -243,8 +243,8 @@ def test_exponent_numbers_in_set_and_config_files_are_floats(tmp_path):
     # the run's config.yaml reads back as the run's config: a string that looks like a float stays a string
     from fewshot_nsl.config import save_config
 
-    cfg = resolve_config({"method": "protonet", "profile": "smoke", "method_options": {"tag": "1e-4"},
-                          "pretrain": {"lr": 1e-4}})
+    cfg = resolve_config({"method": "protonet", "profile": "smoke", "data_root": "1e-4",  # a folder named 1e-4
+                          "dataset_options": {"version": "5e-1"}, "pretrain": {"lr": 1e-4}})
     save_config(cfg, tmp_path / "config.yaml")
     back = resolve_config({}, str(tmp_path / "config.yaml"))
     assert back.to_dict() == cfg.to_dict() and back.hash() == cfg.hash()
