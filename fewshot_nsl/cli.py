@@ -71,6 +71,34 @@ def check_not_empty(args: argparse.Namespace) -> None:
                 raise ConfigError(f"{flag} was given an empty value; give a value or leave {flag} out")
 
 
+#: Flags that name files or folders (checked by :func:`check_path_flags`).
+PATH_FLAGS = ("config", "grid", "episodes", "plugins", "data_root", "results_dir", "cache_dir", "log_file", "compare")
+#: Longest file name and path the file systems the suite runs on accept (Linux NAME_MAX / PATH_MAX).
+NAME_MAX, PATH_MAX = 255, 4096
+
+
+def check_path_flags(args: argparse.Namespace) -> None:
+    """Refuse a path no file system accepts (a name over 255 bytes, a path over 4096, a NUL byte) in
+    one line, before the ``OSError: File name too long`` it would raise deep inside a loader.
+
+    Raises:
+        ConfigError: naming the flag.
+    """
+    for dest in PATH_FLAGS:
+        value = getattr(args, dest, None)
+        for v in value if isinstance(value, list) else [value]:
+            if not isinstance(v, str):
+                continue
+            flag = f"--{dest.replace('_', '-')}"
+            longest = max((len(part.encode()) for part in v.split("/")), default=0)
+            why = ("it holds a NUL byte" if "\0" in v
+                   else f"a name in it is {longest} bytes long, more than {NAME_MAX}" if longest > NAME_MAX
+                   else f"it is {len(v.encode())} bytes long, more than {PATH_MAX}" if len(v.encode()) > PATH_MAX else "")
+            if why:
+                shown = printable(v if len(v) <= 60 else v[:57] + "...")
+                raise ConfigError(f"{flag} {shown} is not a usable path: {why}; check the value")
+
+
 def _plugin_failures(dirs: List[str]) -> List[str]:
     """One phrase per plugin file under ``dirs`` (or entry point) that failed to import."""
     from .registry import PLUGIN_ERRORS
@@ -312,6 +340,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
     progress = show_progress(args.progress, args.quiet)
     try:
         check_not_empty(args)
+        check_path_flags(args)
         console.open()
         if args.json and (args.compare or args.report or args.make_episodes or args.dry_run):
             raise ConfigError("--json prints the rows of a run or the --list; drop it for --compare, --report, "

@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, one_line
 from .resources import resource_dir
 
 #: ``configs/`` of a checkout, ``fewshot_nsl/configs`` of an installed copy.
@@ -374,7 +374,11 @@ def load_yaml(path: Path, _chain: Sequence[Path] = ()) -> Dict[str, Any]:
     includes itself, directly or not) and include chains deeper than 16 files are refused.
     """
     path = Path(path)
-    if not path.exists() and not path.is_symlink():
+    try:
+        missing = not path.exists() and not path.is_symlink()
+    except (OSError, ValueError) as exc:  # a name too long, a NUL byte
+        raise ConfigError(f"config file {str(path)[:60]}... cannot be read ({one_line(exc, 80)}); check the path") from None
+    if missing:
         raise ConfigError(f"config file {path} does not exist; check the path given to --config")
     real = path.resolve()
     if real in _chain:

@@ -117,6 +117,12 @@ def write(tmp_path: Path, name: str, text: str) -> str:
         # what a user typed is quoted on the one line, control characters escaped
         (["\r"], ["unrecognized arguments", "\\r"]),
         (["--config", "a\nb.yaml"], ["a\\nb.yaml", "does not exist"]),
+        # paths no file system takes (OSError: File name too long, deep in a loader, before)
+        (["--config", "c" * 300], ["--config", "300 bytes long, more than 255"]),
+        (["--grid", "g" * 300], ["--grid", "not a usable path"]),
+        (["--episodes", "e" * 300], ["--episodes", "not a usable path"]),
+        (["--plugins", "p" * 300], ["--plugins", "not a usable path"]),
+        (["--data-root", "/tmp/" + "d" * 300], ["--data-root", "not a usable path"]),
     ],
 )
 def test_bad_cli_input_is_one_error_line_before_any_run_folder(tmp_path, capsys, args, fragments):
@@ -196,6 +202,7 @@ def test_grid_file_error_in_a_real_process_has_no_traceback(tmp_path):
         ({"image_size": 12}, "at least 16 px"),
         ({"conv": {"kind": "bogus"}}, "bogus"),
         ({"dataset_options": {"image_size": 16}}, "dataset_options.image_size"),
+        ({"config": "c" * 300}, "cannot be read"),
     ],
 )
 def test_python_api_raises_the_suites_error_before_any_run_folder(tmp_path, kwargs, fragment):
