@@ -179,7 +179,8 @@ class _PendingRows:
         Args:
             logits: ``(n_query, ways)`` real floating point.
             query_y: ``(n_query,)`` int64 answers.
-            seconds: host time the episode took (on a GPU: to queue its work, until its batch is written).
+            seconds: wall time since the previous episode finished, its data time included (on a GPU, the time
+                to queue its work: the device may still be running it).
         """
         finite = torch.isfinite(logits).all()
         correct = (logits.argmax(1) == query_y.to(logits.device)).sum()
@@ -190,6 +191,7 @@ class _PendingRows:
         self.finite.append(finite)
 
     def due(self) -> bool:
+        """Whether the batch is to be written now (``ROWS_PER_FLUSH`` rows, or ``FSYNC_EVERY_S`` since the last write)."""
         return len(self.episodes) >= ROWS_PER_FLUSH or time.monotonic() - self.last_write >= FSYNC_EVERY_S
 
     def write(self, done: Dict[int, Dict[str, str]], fsync: bool = False) -> None:
