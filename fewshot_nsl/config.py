@@ -60,12 +60,32 @@ _FLOAT_12 = re.compile(r"""^(?:[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+
 
 
 class ConfigLoader(yaml.SafeLoader):
-    """PyYAML's safe loader that reads ``1e-4`` / ``5e-1`` as floats (YAML 1.2), not strings (YAML 1.1).
+    """PyYAML's safe loader that reads ``1e-4`` / ``5e-1`` as floats (YAML 1.2), not strings (YAML 1.1),
+    and refuses a key given twice in one mapping (PyYAML keeps the last silently: ``pretrain:``
+    written twice would drop the first one's settings).
 
     Every YAML read of a config goes through it: config and profile files, their includes, grid
     files (:func:`load_yaml`) and ``--set`` values (:func:`parse_yaml`). A subclass, so
     :class:`yaml.SafeLoader` itself is unchanged for everyone else.
     """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Dict[Any, Any]:
+        """The mapping of ``node``; a key written twice (not counting ``<<`` merges) is an error."""
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # unhashable: the base class says so
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"found duplicate key {key!r} (line {key_node.start_mark.line + 1}); write each key "
+                                f"once", key_node.start_mark)
+        return super().construct_mapping(node, deep)
 
 
 class ConfigDumper(yaml.SafeDumper):
@@ -547,8 +567,9 @@ def parse_set_options(items: Sequence[str], where: str = "--set") -> Dict[str, A
             raise ConfigError(f"{where} {item}: use {CELL_KEYS[parts[0]]} (it chooses the runs), not {where}")
         try:
             value = parse_yaml(text) if text.strip() else None
-        except yaml.YAMLError:
-            raise ConfigError(f"{where} {item}: the value is not valid YAML; quote it") from None
+        except yaml.YAMLError as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(f"{where} {item}: the value is not valid YAML ({first}); quote it") from None
         node = out
         for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})

@@ -140,6 +140,9 @@ def test_bad_cli_input_is_one_error_line_before_any_run_folder(tmp_path, capsys,
         ("conv: {kind: dynamic, hidden: 0}\n", ["conv", "hidden"]),
         ("methods: {protonet: {conv: {kind: static, structure: xyz}}}\n", ["conv", "structure", "xyz"]),
         ("method: [protonet, maml]\n", ["method", "protonet"]),
+        # a key written twice: PyYAML keeps the last one silently (here: the lr is lost)
+        ("pretrain: {lr: 0.1}\nepisodic: {steps: 1}\npretrain: {epochs: 2}\n",
+         ["duplicate key 'pretrain'", "line 3"]),
     ],
 )
 def test_bad_config_file_is_one_error_line(tmp_path, capsys, text, fragments):
@@ -174,6 +177,7 @@ def test_bad_config_file_is_one_error_line(tmp_path, capsys, text, fragments):
         ("grid: {method: [protonet], backbone: [[cnn4]]}\n", ["grid.backbone", "cnn4"]),
         ("grid: {method: {a: 1}}\n", ["grid.method"]),
         ("rows:\n  - {method: protonet, shots: 2}\nprofile: paper\n", ["profile", "--profile"]),
+        ("rows:\n  - {method: protonet, shots: 2, shots: 1}\n", ["duplicate key 'shots'"]),
     ],
 )
 def test_bad_grid_file_is_one_error_line(tmp_path, capsys, text, fragments):
