@@ -386,35 +386,37 @@ def read_yaml_document(path: Path, what: str) -> Any:
     return check_shape(obj, path, what)
 
 
-def load_yaml(path: Path, _chain: Sequence[Path] = ()) -> Dict[str, Any]:
+def load_yaml(path: Path, _chain: Sequence[Path] = (), what: str = "config file",
+              flag: str = "--config") -> Dict[str, Any]:
     """Read a YAML mapping, resolving ``include:`` (a path or list of paths, relative to the file).
 
     The file must be a regular file of at most 64 MiB, nested at most 64 levels and expanding to
     at most a million values (:mod:`fewshot_nsl.safe_io`); an ``include:`` cycle (a file that
     includes itself, directly or not) and include chains deeper than 16 files are refused.
+    ``what`` and ``flag`` name the file in messages (``grid file``, ``--grid``).
     """
     path = Path(path)
     try:
         missing = not path.exists() and not path.is_symlink()
     except (OSError, ValueError) as exc:  # a name too long, a NUL byte
-        raise ConfigError(f"config file {str(path)[:60]}... cannot be read ({one_line(exc, 80)}); check the path") from None
+        raise ConfigError(f"{what} {str(path)[:60]}... cannot be read ({one_line(exc, 80)}); check the path") from None
     if missing:
-        raise ConfigError(f"config file {path} does not exist; check the path given to --config")
+        raise ConfigError(f"{what} {path} does not exist; check the path given to {flag}")
     real = path.resolve()
     if real in _chain:
         cycle = " -> ".join(str(p) for p in (*_chain, real))
-        raise ConfigError(f"config file {path} includes itself ({cycle}); remove the include cycle")
+        raise ConfigError(f"{what} {path} includes itself ({cycle}); remove the include cycle")
     if len(_chain) >= 16:
-        raise ConfigError(f"config file {path}: includes nested more than 16 files deep; flatten them")
-    data = read_yaml_document(path, "config file") or {}
+        raise ConfigError(f"{what} {path}: includes nested more than 16 files deep; flatten them")
+    data = read_yaml_document(path, what) or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must contain a mapping of keys to values")
+        raise ConfigError(f"{what} {path} must contain a mapping of keys to values")
     includes = data.pop("include", [])
     if not isinstance(includes, (str, list)) or isinstance(includes, list) and not all(isinstance(i, str) for i in includes):
-        raise ConfigError(f"config file {path}: 'include' must be a file name or a list of file names")
+        raise ConfigError(f"{what} {path}: 'include' must be a file name or a list of file names")
     merged: Dict[str, Any] = {}
     for inc in [includes] if isinstance(includes, str) else includes:
-        merged = merge(merged, load_yaml(path.parent / inc, (*_chain, real)))
+        merged = merge(merged, load_yaml(path.parent / inc, (*_chain, real), what, flag))
     return merge(merged, data)
 
 

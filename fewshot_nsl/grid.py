@@ -145,7 +145,7 @@ def load_grid(path: Path) -> Tuple[str, List[Cell]]:
             integer (``1.9`` and ``true`` are refused, not rounded), or no cell at all.
     """
     path = Path(path)
-    data = load_yaml(path)
+    data = load_yaml(path, what="grid file", flag="--grid")
     unknown = sorted(str(k) for k in set(data) - set(GRID_FILE_KEYS))
     if unknown:
         raise ConfigError(f"grid file {path}: unknown key(s) {', '.join(unknown)}; a grid file holds rows: and grid: "
