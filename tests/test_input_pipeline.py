@@ -29,13 +29,13 @@ from fewshot_nsl.config import resolve_config
 from fewshot_nsl.data.episodes import Materialiser, episode_list_for_store
 from fewshot_nsl.data.prefetch import ENV_SWITCH, Prefetcher, stages
 from fewshot_nsl.evaluation import evaluate
-from fewshot_nsl.methods.base import FewShotMethod
 from fewshot_nsl.runner import build_method, conv_spec_of, load_store
 from fewshot_nsl.training import meta_train, pretrain, set_seed
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_host_syncs import SyncCounter, classify  # noqa: E402
+from sync_free_method import NearestMean as _NearestMean  # noqa: E402
 
 CPU = torch.device("cpu")
 COMPARE = ["episode", "accuracy", "correct", "total", "status"]
@@ -223,30 +223,6 @@ def test_meta_training_killed_after_a_checkpoint_resumes_with_the_episode_drawn_
 
 
 # ----------------------------------------------------------------------------- evaluation
-class _NearestMean(FewShotMethod):
-    """Nearest class mean of the raw pixels, with no host synchronisation of its own (``ways`` is given)."""
-
-    training_stages = ()
-
-    def __init__(self, ways: int = 5, delay: float = 0.0, interrupt_at: int = -1) -> None:
-        super().__init__(torch.nn.Identity(), 16)
-        self.ways, self.delay, self.interrupt_at, self.calls = ways, delay, interrupt_at, 0
-
-    def fit_support(self, support_x: torch.Tensor, support_y: torch.Tensor) -> None:
-        if self.calls == self.interrupt_at:
-            raise KeyboardInterrupt
-        self.calls += 1
-        x = support_x.flatten(1)  # (S, D)
-        sums = x.new_zeros(self.ways, x.shape[1]).index_add_(0, support_y, x)
-        counts = x.new_zeros(self.ways).index_add_(0, support_y, torch.ones_like(x[:, 0]))
-        self.protos = sums / counts[:, None]  # (ways, D)
-
-    def forward(self, query_x: torch.Tensor) -> torch.Tensor:
-        if self.delay:
-            time.sleep(self.delay)
-        return -torch.cdist(query_x.flatten(1), self.protos).pow(2)  # (n_query, ways)
-
-
 def _rows(path: Path) -> List[dict]:
     with open(path, newline="") as f:
         return [{k: r[k] for k in COMPARE} for r in csv.DictReader(f)]
@@ -289,16 +265,16 @@ from fewshot_nsl import evaluation
 from fewshot_nsl.data.episodes import episode_list_for_store
 from fewshot_nsl.registry import plugin_module
 sys.path.insert(0, {tests!r})
-from test_input_pipeline import _NearestMean
+from sync_free_method import NearestMean
 evaluation.FSYNC_EVERY_S = 1e9  # batches of ROWS_PER_FLUSH rows only
 store = plugin_module(Path({tests!r}) / "plugins" / "tiny_dataset.py").make_tiny_store()
 lst = episode_list_for_store(store, "test", 5, 2, 3, n=64, seed=0)
-evaluation.evaluate(_NearestMean(delay=float(sys.argv[2])), store, lst, 64, torch.device("cpu"), 16, Path(sys.argv[1]),
+evaluation.evaluate(NearestMean(delay=float(sys.argv[2])), store, lst, 64, torch.device("cpu"), 16, Path(sys.argv[1]),
                     progress=False)
 """
 
 
-def test_sigkill_during_evaluation_loses_at_most_the_unwritten_batch_and_resumes(tmp_path):
+def test_sigkill_during_evaluation_loses_at_most_the_unwritten_batch_and_resumes(tiny_store, tmp_path, monkeypatch):
     script = tmp_path / "run_eval.py"
     script.write_text(KILLED_RUN.format(tests=str(REPO / "tests")))
     env = dict(os.environ, OMP_NUM_THREADS="1", FEWSHOT_NSL_CACHE=str(tmp_path / "cache"))
@@ -318,7 +294,9 @@ def test_sigkill_during_evaluation_loses_at_most_the_unwritten_batch_and_resumes
         proc.wait()
         assert proc.returncode == -signal.SIGKILL, "the evaluation finished before it could be killed"
 
-    run(tmp_path / "ref.csv", 0.0)
+    monkeypatch.setattr(evaluation, "FSYNC_EVERY_S", 1e9)
+    evaluate(_NearestMean(), tiny_store, episode_list_for_store(tiny_store, "test", 5, 2, 3, n=64, seed=0), 64, CPU, 16,
+             tmp_path / "ref.csv", progress=False)  # the uninterrupted reference, in this process
     killed = tmp_path / "killed.csv"
     run(killed, 0.02, kill_at=16)
     written = len(_rows(killed))
