@@ -196,9 +196,9 @@ STRIDE_ONE = [(c, i) for c, i in zip(CONFIGS, CONFIG_IDS) if c[1] == 1]
 def test_taps_side_matches_reference_forward_and_backward(cfg, chunk_bytes, layout, monkeypatch):
     """side='taps' (DNS, stride 1): forward and all three gradients equal the unfold reference's,
     for one-position and whole-batch blocks, and the output keeps the input's memory format."""
-    import fewshot_nsl.nn.functional as functional
+    import fewshot_nsl.nn.taps as taps
 
-    monkeypatch.setattr(functional, "TAPS_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(taps, "TAPS_CHUNK_BYTES", chunk_bytes)
     conv, x = _conv(cfg, cin=3, cout=5), _x(3, 3, 10, 9)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -234,12 +234,12 @@ def test_taps_side_gradcheck_and_double_backward():
 
 
 def test_taps_side_is_auto_for_wide_dns_layers_and_refused_where_it_cannot_apply(monkeypatch):
-    import fewshot_nsl.nn.functional as functional
+    import fewshot_nsl.nn.ns_conv_ops as ns_conv_ops
 
     calls = []
-    real = functional._taps_conv
-    monkeypatch.setattr(functional, "_taps_conv", lambda *a: calls.append(a[0].shape[1]) or real(*a))
-    wide, narrow = functional.TAPS_MIN_CHANNELS, functional.TAPS_MIN_CHANNELS - 1
+    real = ns_conv_ops.taps_conv
+    monkeypatch.setattr(ns_conv_ops, "taps_conv", lambda *a: calls.append(a[0].shape[1]) or real(*a))
+    wide, narrow = ns_conv_ops.TAPS_MIN_CHANNELS, ns_conv_ops.TAPS_MIN_CHANNELS - 1
     for c_in in (wide, narrow):
         ns_conv2d(torch.randn(1, c_in, 20, 20), torch.randn(2, c_in, 3, 3), None, torch.ones(1, 400, 9), 1, 1)
     ns_conv2d(torch.randn(1, wide, 20, 20), torch.randn(2, wide, 3, 3), None, torch.ones(1, 100, 9), 2, 1)  # strided
@@ -247,9 +247,9 @@ def test_taps_side_is_auto_for_wide_dns_layers_and_refused_where_it_cannot_apply
     # 5x5 maps: 8 x 7 padded positions per 25 outputs, above TAPS_MAX_POSITION_RATIO
     ns_conv2d(torch.randn(1, wide, 5, 5), torch.randn(2, wide, 3, 3), None, torch.ones(1, 25, 9), 1, 1)
     assert calls == [wide]
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # traced: the block loop would unroll
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # traced: kept (one block, no graph break)
     ns_conv2d(torch.randn(1, wide, 20, 20), torch.randn(2, wide, 3, 3), None, torch.ones(1, 400, 9), 1, 1)
-    assert calls == [wide]
+    assert calls == [wide, wide]
     with pytest.raises(ConfigError, match="side='taps' needs a DNS similarity and stride 1"):
         ns_conv2d(torch.randn(1, 2, 5, 5), torch.randn(2, 2, 3, 3), None, torch.ones(1, 9, 9), 2, 1, side="taps")
     with pytest.raises(ConfigError, match="side='taps' needs structure='dns' and stride 1"):

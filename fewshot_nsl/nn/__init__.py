@@ -5,7 +5,9 @@
 * :func:`make_conv_factory`: conv factories for the backbones (``"plain"``, ``"static"``, ``"dynamic"``).
 * :func:`wrap_convs_static`, :func:`fold_all`, :func:`similarity_parameters`,
   :func:`similarity_regularization`: whole-model helpers.
-* :func:`ns_conv2d` (efficient), :func:`ns_conv_reference` (unfold), :func:`sphere_conv2d`: functional forms.
+* :func:`ns_conv2d` (efficient), :func:`ns_conv_reference` (unfold), :func:`sphere_conv2d`,
+  :func:`input_normalized_conv2d`: functional forms (modules ``ns_conv_ops``, ``sides``, ``taps``,
+  ``sphere_ops``; ``functional`` re-exports them). :class:`HeNormalConv2d`: the authors' conv init.
 """
 from .factory import (
     FACTORY_OPTIONS,
@@ -16,13 +18,16 @@ from .factory import (
     similarity_regularization,
     wrap_convs_static,
 )
-from .functional import conv_output_size, ns_conv2d, ns_conv_reference, resolve_padding, sphere_conv2d
+from .geometry import conv_output_size, resolve_padding
+from .ns_conv_ops import ns_conv2d, ns_conv_reference
 from .nsconv import NSConv2d
-from .sphere import PredictorCore, SimilarityPredictor, SphereConv2d
+from .sphere import HeNormalConv2d, PredictorCore, SimilarityPredictor, SphereConv2d
+from .sphere_ops import input_normalized_conv2d, sphere_conv2d
 
 __all__ = [
     "NSConv2d",
     "SphereConv2d",
+    "HeNormalConv2d",
     "PredictorCore",
     "SimilarityPredictor",
     "NSConvFactory",
@@ -35,6 +40,7 @@ __all__ = [
     "ns_conv2d",
     "ns_conv_reference",
     "sphere_conv2d",
+    "input_normalized_conv2d",
     "resolve_padding",
     "conv_output_size",
 ]

@@ -1,7 +1,7 @@
 """NSConv2d: convolution with a learned (static) or predicted (dynamic) neural similarity.
 
 ``f_M(W, X) = W^T diag(M_s, ..., M_s) X`` (paper, Eq. 2): one ``kk x kk`` block ``M_s`` shared by
-all kernels and all input channels of the layer. See :mod:`fewshot_nsl.nn.functional` for the
+all kernels and all input channels of the layer. See :mod:`fewshot_nsl.nn.ns_conv_ops` for the
 index conventions and the efficient dynamic application.
 """
 from __future__ import annotations
@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .functional import SIDES, IntPair, Padding, _pair, conv_output_size, ns_conv2d, resolve_padding
+from .geometry import IntPair, Padding, _pair, conv_output_size, resolve_padding
+from .ns_conv_ops import SIDES, ns_conv2d
 from .sphere import PREDICTOR_KINDS, PredictorCore, SimilarityPredictor
 
 __all__ = ["NSConv2d"]

@@ -50,7 +50,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .functional import IntPair, _pair, input_normalized_conv2d, sphere_conv2d
+from .geometry import IntPair, _pair
+from .sphere_ops import input_normalized_conv2d, sphere_conv2d
 
 __all__ = ["SphereConv2d", "HeNormalConv2d", "PredictorCore", "SimilarityPredictor"]
 
