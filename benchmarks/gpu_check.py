@@ -131,8 +131,13 @@ def load_plan(path: Path) -> Plan:
 # ----------------------------------------------------------------------------- child side: helpers
 def emit(kind: str, payload: Any) -> None:
     """One line to the parent: ``@progress text`` or ``@result {json}``."""
-    text = payload if kind == PROGRESS else json.dumps(payload, default=str)
+    text = payload if kind == PROGRESS else json.dumps(payload, default=_plain)
     print(kind + text, flush=True)
+
+
+def _plain(value: Any) -> Any:
+    """JSON form of what :mod:`json` cannot write: numpy scalars as numbers, anything else as text."""
+    return value.item() if hasattr(value, "item") and getattr(value, "ndim", 1) == 0 else str(value)
 
 
 def error_line(exc: BaseException) -> str:
@@ -724,7 +729,10 @@ def run_section(name: str, cmd: Sequence[str], timeout: float, env: Optional[Dic
             if line is None:
                 break
             if line.startswith(RESULT):
-                sec.items.append(json.loads(line[len(RESULT):]))
+                try:
+                    sec.items.append(json.loads(line[len(RESULT):]))
+                except ValueError:
+                    sec.items.append({"ok": False, "error": f"unreadable result line: {line[:200].strip()}"})
             elif line.startswith(PROGRESS):
                 say(f"  {line[len(PROGRESS):].rstrip()}")
         if timed_out:
@@ -886,11 +894,11 @@ def report(plan: Plan, info: Dict[str, Any], secs: Dict[str, Section]) -> str:
     px = f"{plan.image_size} px"
     lines = ["# GPU check of fewshot-nsl (`benchmarks/gpu_check.py`)", ""]
     if plan.dry_run:
-        lines += ["**CPU DRY RUN (`--cpu-dry-run`): not GPU figures.** Same code path on the CPU at "
-                  f"{px}, one torch thread, 1-2 steps, a few episodes and a subset of methods and cells; every "
-                  "time and memory figure below is from this CPU at these tiny sizes and says nothing about a "
-                  "GPU. Until `python benchmarks/gpu_check.py` has run on a GPU and its output is committed "
-                  "here, this dry run is all this file holds.", ""]
+        lines += ["**CPU DRY RUN (`--cpu-dry-run`): no GPU figures; this report is not from a GPU.** The same "
+                  f"code path on the CPU at {px} with one torch thread, a few steps, 2-3 episodes and a subset of "
+                  "methods and cells: every time and memory figure below is from this CPU at these tiny sizes and "
+                  "says nothing about a GPU. Run `python benchmarks/gpu_check.py` on a GPU and commit its output "
+                  "(`benchmarks/GPU_RESULTS.md`) in place of this one.", ""]
     else:
         lines += [f"Measured on CUDA at {px} with `python benchmarks/gpu_check.py`; rerun it on another GPU "
                   "and commit its output to compare.", ""]
