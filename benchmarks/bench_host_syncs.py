@@ -211,6 +211,14 @@ def report(title: str, unit: str, rates: Dict[Site, float], fixed: Counter) -> D
     print(f"   outside logging {totals['step']:6.2f} (harness {totals['step'] - method:.2f}, method {method:.2f})   "
           f"logging/flush {totals['logging']:5.3f}   host-only {totals['host-only']:5.2f}   "
           f"[per run, outside the {unit}s: {sum(fixed.values()):.0f}]")
+    harness = totals["step"] - method
+    try:
+        from common import emit, verdict
+
+        emit("27", f"host syncs per {unit} in the harness, {title.split(':')[0]}", {"median": harness, "min": harness,
+             "max": harness}, "0 outside logging", verdict(harness, 0.0, "<="), method=method, logging=totals["logging"])
+    except ImportError:
+        pass
     for site, v in sorted(rates.items(), key=lambda kv: (-kv[1], kv[0])):
         path, function, line, call, main, inner = site
         via = f" via {inner}" if inner != function else ""
