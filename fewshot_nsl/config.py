@@ -516,7 +516,9 @@ def check_buildable(cfg: RunConfig) -> None:
 
     The conv spec checked is the one the run builds: the method's ``default_conv`` with the
     config's ``conv`` over it (:func:`fewshot_nsl.inputs.conv_spec_of`); a ``plain`` one builds
-    ``nn.Conv2d`` and ignores the default's other options, as :func:`fewshot_nsl.inputs.build_method`.
+    ``nn.Conv2d`` and ignores the default's other options, as :func:`fewshot_nsl.inputs.build_method`,
+    but options the config itself sets for plain convs (``conv: {structure: uns}`` without a kind,
+    for a method with plain convs) are refused rather than ignored.
     """
     from .backbones import check_image_size
     from .inputs import conv_spec_of
@@ -528,6 +530,10 @@ def check_buildable(cfg: RunConfig) -> None:
     check_kwargs(method_cls, cfg.method_options, f"method '{cfg.method}'")
     check_kwargs(BACKBONES.get(cfg.backbone), cfg.backbone_options, f"backbone '{cfg.backbone}'")
     spec = conv_spec_of(cfg)
+    ignored = sorted(set(cfg.conv) - {"kind"})
+    if spec.get("kind", "plain") == "plain" and ignored:
+        raise ConfigError(f"conv sets {', '.join(ignored)}, but method {cfg.method} builds plain convs (conv kind "
+                          f"plain), which take no options; add conv.kind (static or dynamic) or drop conv.{ignored[0]}")
     if spec.get("kind", "plain") != "plain":
         try:
             check_conv_spec(spec)

@@ -105,6 +105,7 @@ def write(tmp_path: Path, name: str, text: str) -> str:
         (["--set", "conv.kind=dynamic", "--set", "conv.learn_shape=yes please"], ["conv", "learn_shape", "true or false"]),
         (["--set", "conv.kind=dynamic", "--set", "conv.structure=uns", "--set", "conv.side=taps"],
          ["conv", "taps", "dns"]),
+        (["--set", "conv.structure=uns"], ["conv sets structure", "plain", "conv.kind"]),  # was ignored silently
         # threads the OS cannot give
         (["--threads", str(10**20)], ["--threads", "at most"]),
         # an empty value (an unset shell variable) is not the default
