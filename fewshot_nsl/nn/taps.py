@@ -137,9 +137,12 @@ class _AccumulateTaps(torch.autograd.Function):
         wback = wtaps.transpose(1, 2).contiguous()  # (kk, C_out, C_in)
         gx = torch.zeros_like(xf) if want_x else None
         gw = torch.zeros_like(wtaps, dtype=_accumulator(wtaps.dtype)) if want_w else None
-        gm = maps.new_empty(maps.shape[::-1]) if want_m else None  # (kk, Q): each tap's row is contiguous
+        # Traced, the maps' gradient is made as (kk, Q), one contiguous row per tap: dynamo traces no `out=`
+        # into a column view. Eager it stays (Q, kk) (the reduction writing a column keeps its rounding).
+        by_tap = torch.compiler.is_compiling()
+        gm = maps.new_empty(maps.shape[::-1] if by_tap else maps.shape) if want_m else None
         if gm is not None:
-            gm[:, used:].zero_()
+            (gm[:, used:] if by_tap else gm[used:]).zero_()
         gz = u = prod = xf.new_empty((0,))
         for q0, q1 in _position_blocks(used, max(c_in, c_out), xf):
             g, rows = grad[q0:q1], q1 - q0
@@ -157,10 +160,10 @@ class _AccumulateTaps(torch.autograd.Function):
                     continue
                 torch.mm(g, wback[p], out=u)
                 if gm is not None:
-                    torch.sum(torch.mul(xs, u, out=prod), 1, out=gm[p, q0:q1])
+                    torch.sum(torch.mul(xs, u, out=prod), 1, out=gm[p, q0:q1] if by_tap else gm[q0:q1, p])
                 if gx is not None:
                     gx[q0 + off:q1 + off].addcmul_(u, mp)
-        return gx, gw, (None if gm is None else gm.t()), None, None
+        return gx, gw, (gm.t() if gm is not None and by_tap else gm), None, None
 
 
 def _accumulator(dtype: torch.dtype) -> torch.dtype:
