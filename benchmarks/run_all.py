@@ -45,6 +45,8 @@ BENCHMARKS: Dict[str, Tuple[str, List[str], List[str]]] = {
                    ["--size", "16", "--inner-steps", "1", "--meta-batch", "1", "--reps", "1"]),
     "harness": ("bench_harness.py", [], ["--quick"]),
     "scale": ("bench_scale.py", [], ["--quick"]),
+    "host_syncs": ("bench_host_syncs.py", [], ["--quick"]),
+    "input_pipeline": ("bench_input_pipeline.py", [], ["--quick"]),
 }
 
 

@@ -27,6 +27,8 @@ EXPECT = {
     "dynamic_targets": ["dynamic DNS eager / plain eager", "target <= 2.0x", "dynamic / plain", "target <= 1.5x"],
     "harness": ["harness throughput / bare throughput"],
     "scale": ["evaluation wall time", "quick-profile wall time"],
+    "host_syncs": ["synchronising calls per step", "synchronising calls per episode", "outside logging"],
+    "input_pipeline": ["data time / step time with prefetch", "prefetch off", "prefetch on"],
 }
 
 

@@ -76,3 +76,29 @@ def test_resumed_pretraining_equals_an_uninterrupted_one(tmp_path, monkeypatch):
     training.pretrain(resumed, load_store(cfg), cfg, CPU, {}, tmp_path / "cache", progress=False)
     for (k, a), b in zip(full.pretrain_module().state_dict().items(), resumed.pretrain_module().state_dict().values()):
         torch.testing.assert_close(a, b, msg=k)
+
+
+@pytest.mark.parametrize("method", ["protonet", "maml"])
+def test_no_host_synchronisation_to_count_an_episodes_ways(method, tiny_store, monkeypatch):
+    """``num_ways`` reads the class count the Materialiser attached from the host copy of the labels, not
+    ``support_y.max().item()`` on the device (one synchronisation per episode, twice in MAML)."""
+    from fewshot_nsl.data.episodes import Materialiser, episode_list_for_store
+    from fewshot_nsl.registry import create_backbone, create_method
+
+    ep = episode_list_for_store(tiny_store, "test", 5, 2, 3, n=1, seed=0).episodes[0]
+    t = Materialiser(tiny_store, 16, CPU)(ep)
+    m = create_method(method, backbone=create_backbone("cnn4", filters=4), image_size=16).eval()
+    calls = []
+    real = torch.Tensor.item
+
+    def counting(self):
+        calls.append(1)
+        return real(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", counting)
+    assert m.num_ways(t.support_y) == 5
+    with torch.no_grad():
+        m.fit_support(t.support_x, t.support_y)
+        m(t.query_x)
+    assert calls == []
+    assert m.num_ways(t.support_y.clone()) == 5 and len(calls) == 1  # any other tensor is read on the device

@@ -557,12 +557,12 @@ class Materialiser:
         """The device stage of :meth:`__call__`: non-blocking copies and normalisation on the device."""
         x = self.to_device(staged.images)
         n_support = len(staged.support_y)
-        return EpisodeTensors(
-            x[:n_support],
-            staged.support_y.to(self.device, non_blocking=True),
-            x[n_support:],
-            staged.query_y.to(self.device, non_blocking=True),
-        )
+        support_y = staged.support_y.to(self.device, non_blocking=True)
+        query_y = staged.query_y.to(self.device, non_blocking=True)
+        # the class count read on the host copy, so FewShotMethod.num_ways needs no device synchronisation
+        ways = int(staged.support_y.max()) + 1 if n_support else 0
+        support_y.episode_ways = query_y.episode_ways = ways
+        return EpisodeTensors(x[:n_support], support_y, x[n_support:], query_y)
 
     def __call__(self, episode: Episode) -> EpisodeTensors:
         """Images and labels of ``episode`` in its presentation order (``episode.order``;

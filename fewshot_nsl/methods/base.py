@@ -159,7 +159,15 @@ class FewShotMethod(nn.Module):
     # ------------------------------------------------------------------ helpers for subclasses
     @staticmethod
     def num_ways(support_y: torch.Tensor) -> int:
-        """Classes of an episode: ``max(support_y) + 1`` (labels are ``0..ways-1``)."""
+        """Classes of an episode: ``max(support_y) + 1`` (labels are ``0..ways-1``).
+
+        The harness's label tensors carry the count (attribute ``episode_ways``, set by
+        :class:`~fewshot_nsl.data.episodes.Materialiser` from the host copy), so reading it costs no device
+        synchronisation; any other tensor is read on the device.
+        """
+        ways = getattr(support_y, "episode_ways", None)
+        if ways is not None:
+            return int(ways)
         return int(support_y.max().item()) + 1
 
     @staticmethod
