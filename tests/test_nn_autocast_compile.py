@@ -490,3 +490,17 @@ def test_compile_auto_on_cuda_only_for_networks_checked_for_graph_breaks(monkeyp
     assert not ok and "\n" not in why
     assert "stays eager" in why and "_Custom" in why and "Flatten" in why and "compile: on" in why
     assert compiling.resolve("on", cuda, unchecked)[0] is True  # `on` compiles it anyway
+
+
+def test_measure_sides_script_runs_and_reports_the_auto_choice(capsys):
+    """``benchmarks/measure_sides.py`` (the measurement the GPU rule of ``choose_side`` still needs) at tiny sizes."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "measure_sides.py"
+    spec = importlib.util.spec_from_file_location("measure_sides", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--device", "cpu", "--batch", "1", "--sizes", "6", "6", "--reps", "1", "--channels", "16"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "fastest  auto" in lines[1] and len(lines) == 2 + 2 * 2
+    assert lines[3].split()[:2] == ["dns", "16->16"] and lines[3].split()[-1] in ("input", "output", "taps")

@@ -63,8 +63,9 @@ def choose_side(
       kernels, which ``torch.compile`` fuses into one); the side whose ``kk``-fold tensor is smaller
       (``C_in * L`` for ``"input"``, whose single GEMM has the largest inner dimension, ``kk * C_in``;
       ``C_out * Hu * Wu`` for ``"output"``), ``"input"`` on ties and for strided layers. This rule
-      follows kernel counts and GEMM shapes and is **not yet measured on a GPU**; ``side: taps`` stays
-      available there explicitly (it never builds a ``kk``-fold tensor, so it saves memory).
+      follows kernel counts and GEMM shapes and is **not yet measured on a GPU**
+      (``python benchmarks/measure_sides.py [--compile]`` measures it); ``side: taps`` stays available
+      there explicitly (it never builds a ``kk``-fold tensor, so it saves memory).
 
     Args:
         kind: ``"dns"`` or ``"uns"`` (dynamic).
