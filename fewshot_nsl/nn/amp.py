@@ -24,8 +24,9 @@ code that must run in fp32 without a Function uses :func:`in_float32`.
 Why not ``torch.amp.custom_fwd`` directly: it binds one ``device_type`` when the decorator is applied
 (``custom_fwd(device_type="cuda")`` looks only at CUDA autocast and is a no-op under CPU autocast, and
 the reverse), while these Functions run on whatever device their inputs are on. The decorators here
-apply ``torch.amp.custom_fwd`` / ``custom_bwd`` at each call with the device type of the first tensor
-argument, so a CPU call follows ``torch.autocast("cpu")`` and a CUDA call ``torch.autocast("cuda")``.
+hold one ``torch.amp.custom_fwd`` / ``custom_bwd`` wrapper per device type (and autocast dtype) and pick,
+at each call, the one of the first tensor argument's device type, so a CPU call follows
+``torch.autocast("cpu")`` and a CUDA call ``torch.autocast("cuda")``.
 """
 from __future__ import annotations
 
