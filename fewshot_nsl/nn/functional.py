@@ -15,8 +15,8 @@ the names below are the same objects, so patching them here changes nothing.
 """
 from __future__ import annotations
 
-from .geometry import IntPair, Padding, _pair, _tap_slices, conv_output_size, resolve_padding
-from .ns_conv_ops import (
+from .geometry import IntPair, Padding, _pair, _tap_slices, conv_output_size, resolve_padding  # noqa: F401
+from .ns_conv_ops import (  # noqa: F401
     SIDES,
     TAPS_MAX_POSITION_RATIO,
     TAPS_MIN_CHANNELS,
@@ -26,7 +26,7 @@ from .ns_conv_ops import (
     ns_conv2d,
     ns_conv_reference,
 )
-from .sphere_ops import (
+from .sphere_ops import (  # noqa: F401
     _patch_normalized_conv,
     _sphere_conv_ops,
     _squared_patch_norms,
@@ -36,7 +36,7 @@ from .sphere_ops import (
     input_normalized_conv2d,
     sphere_conv2d,
 )
-from .taps import TAPS_CHUNK_BYTES, TAPS_MAX_CHUNK_BYTES, taps_conv as _taps_conv
+from .taps import TAPS_CHUNK_BYTES, TAPS_MAX_CHUNK_BYTES, taps_conv as _taps_conv  # noqa: F401
 
 __all__ = [
     "ns_conv2d",
