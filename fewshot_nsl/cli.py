@@ -287,8 +287,10 @@ def _executor(args: argparse.Namespace):
             raise ConfigError(f"--ray-num-cpus must be at least 1, got {args.ray_num_cpus}")
         return RayExecutor(address=args.ray_address, num_cpus=args.ray_num_cpus, threads=args.threads,
                            shard_size=args.shard_size, plugin_dirs=args.plugins)
-    if args.ray_address or args.ray_num_cpus is not None:
-        raise ConfigError("--ray-address and --ray-num-cpus need --executor ray")
+    if args.ray_address:
+        raise ConfigError("--ray-address needs --executor ray")
+    if args.ray_num_cpus is not None:
+        raise ConfigError("--ray-num-cpus needs --executor ray (the local executor runs in this process)")
     return LocalExecutor(threads=args.threads)
 
 

@@ -181,8 +181,10 @@ def cells_from_args(methods: Sequence[str], backbones: Optional[Sequence[str]], 
         ConfigError: a shot count that is not a positive integer (``1.9`` and ``True`` are refused, not rounded).
     """
     for s in shots or []:
-        if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+        if isinstance(s, bool) or not isinstance(s, int):
             raise ConfigError(f"shots must be positive integers (--shots 1,5 or shots=[1, 5]), got {s!r}")
+        if s < 1:
+            raise ConfigError(f"--shots must be at least 1, got {s}")
     if list(methods) == ["all"]:
         methods = list_methods()
     cells = [Cell(m, b, s) for m, b, s in itertools.product(methods, backbones or [None], shots or [None])]
