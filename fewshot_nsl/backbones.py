@@ -276,6 +276,8 @@ class CNN4(Backbone):
         padding: zero padding of each block's 3x3 conv (one value, or four).
     """
 
+    shrink_options = ("padding", "pool")
+
     def __init__(
         self,
         filters: int = 32,
@@ -296,8 +298,6 @@ class CNN4(Backbone):
               for i in range(4)]
         )  # fmt: skip
         self.out_channels = filters
-
-    shrink_options = ("padding", "pool")
 
     def forward_map(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x)
@@ -327,6 +327,8 @@ class CNN9(Backbone):
         ceil_pool: max-pool keeps the last odd row/column, as TF's 'SAME' pooling in the authors' code.
     """
 
+    shrink_options = ("ceil_pool",)
+
     def __init__(
         self,
         stem: int = 32,
@@ -355,8 +357,6 @@ class CNN9(Backbone):
         self.blocks = nn.Sequential(*layers)
         self.global_pool = global_pool
         self.out_channels = cin
-
-    shrink_options = ("ceil_pool",)
 
     def min_image_size(self) -> int:
         """1 px with 'SAME' (ceil) pooling (a 1-pixel map pools to 1 pixel), 8 px with floor pooling."""

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 
-from .config import RunConfig, check_buildable, check_seed, load_yaml, resolve_config  # noqa: F401 (check_buildable: re-exported)
+from .config import check_buildable  # noqa: F401 (re-exported: the planning check lives with the config)
+from .config import RunConfig, check_seed, load_yaml, resolve_config
 from .data.episodes import EpisodeList
 from .data.store import ImageStore
 from .errors import ConfigError, FewShotError
@@ -105,14 +106,14 @@ def _rows(path: Path, rows: Any) -> List[Cell]:
             raise ConfigError(f"grid file {path}: {where} must be a mapping with at least a 'method'")
         unknown = sorted(str(k) for k in set(r) - set(ROW_KEYS))
         if unknown:
-            raise ConfigError(f"grid file {path}: {where} sets {', '.join(unknown)}, which a grid row cannot set; a row "
-                              f"takes {', '.join(ROW_KEYS)} (ways, dataset, profile and the rest come from the command "
-                              f"line: --ways, --dataset, --profile, --set, --config)")
+            raise ConfigError(f"grid file {path}: {where} sets {', '.join(unknown)}, which a grid row cannot set; "
+                              f"a row takes {', '.join(ROW_KEYS)} (ways, dataset, profile and the rest come from the "
+                              f"command line: --ways, --dataset, --profile, --set, --config)")
         for key in ("label", "paper", "paper_ci"):
             value = r.get(key)
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if value is not None and not (number if key != "label" else number or isinstance(value, str)):
-                want = "a text" if key == "label" else "a number (or null)"
+                want = "a text (or null)" if key == "label" else "a number (or null)"
                 raise ConfigError(f"grid file {path}: {where}.{key} must be {want}, got {value!r}")
         m, b, s = (_cell_value(path, where, k, r.get(k)) for k in CELL_KEYS)
         cells.append(Cell(m, b, s, str(r.get("label") or "")))
