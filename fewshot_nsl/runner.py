@@ -259,7 +259,7 @@ def train(ctx: RunContext, progress: bool = True, log=print) -> Dict[str, Any]:
     compiled, why = resolve_compile(cfg.compile, device, method)
     if compiled:
         log(why)
-    elif cfg.compile == "on":
+    elif cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):  # why it stays eager
         log(f"warning: {why}")
     info: Dict[str, Any] = {}
     curve: List[Dict[str, Any]] = []  # training-curve rows of every stage (fewshot_nsl.curves)
@@ -281,7 +281,7 @@ def train(ctx: RunContext, progress: bool = True, log=print) -> Dict[str, Any]:
         method.after_pretrain()
         method.to(device)
     if compiled:
-        compile_in_place(method.backbone)  # episodic training and evaluation; state dict names unchanged
+        compile_in_place(method.backbone, warn=log)  # episodic training and evaluation; state dict names unchanged
     record_path = ctx.run_dir / "train.json"
     fresh = not trained.is_file()
     record = None if fresh else _read_json(record_path)
