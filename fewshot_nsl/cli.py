@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deterministic", action="store_true", default=None, help="deterministic kernels (slower on GPU)")
     p.add_argument("--compile", choices=("auto", "on", "off"), help="torch.compile the networks: auto (default: on CUDA "
                    "with Triton, eager on CPU), on, off; methods that adapt through higher always run eager")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                   help="autocast precision of training, validation and evaluation (default fp32); part of the "
+                        "run's identity and of its row's key; fp16 adds loss scaling on CUDA")
     p.add_argument("--results-dir", help="where leaderboard.csv, table6.md and runs/ go (default results)")
     p.add_argument("--cache-dir", help="dataset/pretraining cache (default $FEWSHOT_NSL_CACHE or ~/.cache/fewshot_nsl)")
     p.add_argument("--plugins", action="append", default=[], metavar="DIR", help="extra folder of method plugins")
@@ -189,7 +192,8 @@ def cli_overrides(args: argparse.Namespace, method: Optional[str]) -> Dict[str, 
         "ways": args.ways, "shots": args.shots[0] if args.shots and len(args.shots) == 1 else None,
         "episodes_file": args.episodes, "image_size": args.image_size,
         "profile": args.profile, "seed": args.seed, "device": args.device, "deterministic": args.deterministic,
-        "compile": args.compile, "results_dir": args.results_dir, "cache_dir": args.cache_dir,
+        "compile": args.compile, "precision": args.precision, "results_dir": args.results_dir,
+        "cache_dir": args.cache_dir,
     }
     ev = {k: v for k, v in {"queries": args.queries, "episodes": args.n_episodes}.items() if v is not None}
     if ev:

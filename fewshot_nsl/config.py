@@ -197,6 +197,7 @@ class RunConfig:
     device: str = "auto"
     deterministic: bool = False
     compile: str = "auto"  # torch.compile: auto (CUDA only), on, off (fewshot_nsl.compiling)
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of training, validation and evaluation (fewshot_nsl.precision)
     episodes_file: Optional[str] = None
     results_dir: str = "results"
     cache_dir: Optional[str] = None
@@ -306,6 +307,10 @@ class RunConfig:
             raise ConfigError(f"unknown profile '{self.profile}'; use one of {', '.join(PROFILES)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"unknown device '{self.device}'; use auto, cpu or cuda")
+        from .precision import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision '{self.precision}'; use one of {', '.join(PRECISIONS)}")
         from .compiling import normalise_setting
 
         self.compile = normalise_setting(self.compile)

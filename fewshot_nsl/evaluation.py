@@ -36,6 +36,7 @@ from .data.prefetch import Prefetcher, stages
 from .data.store import ImageStore
 from .errors import FewShotError, MethodError
 from .methods.base import FewShotMethod
+from .precision import autocast
 
 FIELDS = ["episode", "accuracy", "correct", "total", "seconds", "status"]
 #: Seconds between fsyncs of the results CSV (an fsync costs milliseconds: per episode, a visible share of a small-image episode).
@@ -224,8 +225,11 @@ def evaluate(
     progress: bool = True,
     indices: Optional[List[int]] = None,
     error_dir: Optional[Path] = None,
+    precision: str = "fp32",
 ) -> List[float]:
     """Evaluate ``method`` on the first ``n_episodes`` of ``episodes`` (or on ``indices``).
+
+    With ``precision`` ``bf16`` / ``fp16`` the method runs under autocast (:func:`fewshot_nsl.precision.autocast`).
 
     Each episode: ``fit_support`` then ``forward`` under ``torch.no_grad()`` with the method
     in eval mode (:func:`run_episode`: logits must be real floating point ``(n_query, ways)``),
@@ -266,9 +270,10 @@ def evaluate(
                 t0 = time.perf_counter()
                 for i, t in zip(missing, tensors):  # an episode's seconds: from the previous one's end (data time included)
                     seed_torch(episode_seed(seed, i), mat.device)
-                    logits = run_episode(method, t.support_x, t.support_y, t.query_x, i,
-                                         error_dir=error_dir or out_csv.parent, split=episodes.split,
-                                         ways=len(episodes.episodes[i].classes))
+                    with autocast(precision, mat.device):
+                        logits = run_episode(method, t.support_x, t.support_y, t.query_x, i,
+                                             error_dir=error_dir or out_csv.parent, split=episodes.split,
+                                             ways=len(episodes.episodes[i].classes))
                     rows.add(i, logits, t.query_y, time.perf_counter() - t0)
                     t0 = time.perf_counter()
                     bar.update(1)

@@ -42,22 +42,23 @@ from .safe_io import atomic_write, locked, remove_stale_tmp
 from .stats import summarize
 
 KEY = ["dataset", "dataset_fingerprint", "split", "episode_hash", "image_size", "method", "backbone", "ways", "shots",
-       "profile"]
+       "profile", "precision"]
 #: The key of leaderboards written before the split and identity columns existed (read, upgraded).
 LEGACY_KEY = ["dataset", "method", "backbone", "ways", "shots", "profile"]
 #: Rows of one rendered table: the same data, split, ways, profile and image size.
-GROUP = ["dataset", "dataset_fingerprint", "split", "ways", "profile", "image_size"]
+GROUP = ["dataset", "dataset_fingerprint", "split", "ways", "profile", "image_size", "precision"]
 COLUMNS = LEGACY_KEY + ["split"] + [
     "accuracy", "ci95", "ci95_t", "std", "seed_std", "n_seeds", "episodes", "episodes_failed",
     *PAIRED, "paper_value", "paper_ci", "paper_comparable",
     "image_size", "synthetic", "episode_list", "episode_hash", "dataset_fingerprint", "config_hash", "code_hash",
     "seeds", "params", "train_time_s", "eval_time_s", "wall_time_s", "peak_memory_mb", "device", "device_name",
-    "threads", "executor", "pretrain_world_size", "resumed", "torch_version", "python_version",
+    "threads", "executor", "pretrain_world_size", "resumed", "precision", "fast_mode", "torch_version", "python_version",
     "version", "git_commit", "git_dirty", "run_id", "finished_at",
 ]
 #: Columns read as text (hex hashes such as ``12e4...`` would otherwise parse as numbers).
 TEXT_COLUMNS = ["episode_hash", "dataset_fingerprint", "config_hash", "code_hash", "seeds", "version", "git_commit", "run_id",
-                "ref_method", "ref_backbone", "episode_list", "profile", "method", "backbone", "dataset", "split"]
+                "ref_method", "ref_backbone", "episode_list", "profile", "method", "backbone", "dataset", "split",
+                "precision", "fast_mode"]
 #: Columns a leaderboard of this or an earlier version may have; any other header is refused.
 KNOWN_COLUMNS = set(COLUMNS) | {"version"}
 
@@ -156,6 +157,8 @@ def read_leaderboard(path: Path) -> pd.DataFrame:
             df[c] = df[c].map(unescape_cell)
     if "split" not in df.columns:
         df["split"] = "test"
+    if "precision" not in df.columns:  # rows written before the precision option ran in fp32
+        df["precision"] = "fp32"
     for c in KEY:
         if c not in df.columns:
             df[c] = None
@@ -296,7 +299,8 @@ def refresh_paired(path: Path, reference: Optional[str] = None) -> pd.DataFrame:
 #: Per-run fields that are the same for every seed of a cell (taken from the first).
 _SHARED = ("dataset", "method", "backbone", "ways", "shots", "split", "profile", "paper_value", "paper_ci", "paper_comparable", "image_size",
            "synthetic", "episode_list", "episode_hash", "dataset_fingerprint", "config_hash", "code_hash", "params", "device",
-           "device_name", "threads", "executor", "pretrain_world_size", "torch_version", "python_version")
+           "device_name", "threads", "executor", "pretrain_world_size", "precision", "fast_mode", "torch_version",
+           "python_version")
 
 
 #: Summary fields that make two runs seeds of one experiment (with the identity's world size).
@@ -386,6 +390,7 @@ def aggregate(summaries: Sequence[Dict[str, Any]], results_dir: Path, other_seed
     ep = summarize(per_episode)
     seed_means = mat.mean(axis=1)
     row: Dict[str, Any] = {k: summaries[0].get(k) for k in _SHARED}
+    row["precision"] = row.get("precision") or "fp32"  # summaries written before the option ran in fp32
 
     def total(key: str) -> Optional[float]:
         vals = [s.get(key) for s in summaries]

@@ -183,11 +183,12 @@ def _groups(df: pd.DataFrame):
 def _group_title(key: Tuple, markdown: bool = True) -> str:
     """``glyphs (data 1a2b3c4d), test split, 5-way, profile `quick`, 84 px``: Markdown (every value
     escaped), or plain text (``markdown=False``: invisible characters shown, no backticks)."""
-    dataset, fingerprint, split, ways, profile, image_size = key
+    dataset, fingerprint, split, ways, profile, image_size, precision = key
     text, code = (md_cell, md_code) if markdown else (visible, visible)
     px = f", {text(image_size)} px" if image_size else ""
+    prec = f", {text(precision)}" if precision and str(precision) not in ("fp32", "nan", "None") else ""
     return (f"{text(dataset)} (data {text(str(fingerprint)[:8])}), {text(split)} split, {text(ways)}-way, "
-            f"profile {code(profile)}{px}")
+            f"profile {code(profile)}{px}{prec}")
 
 
 def _is_true(v: Any) -> bool:
@@ -219,7 +220,7 @@ def table6_markdown(df: pd.DataFrame) -> str:
     )
     out.append("")
     for key, g in _groups(df):
-        dataset, _, split, ways, profile, image_size = key
+        dataset, _, split, ways, profile, image_size, _precision = key
         synthetic = _synthetic(g)
         comparable, why = paper_comparable(dataset, profile, image_size, split)
         ref = _ref_name(g)
@@ -386,7 +387,7 @@ def _plot_leaderboard(df: pd.DataFrame, path: Path) -> Path:
     groups = list(_groups(df))
     fig, axes = plt.subplots(len(groups), 1, figsize=(8, 0.45 * len(df) + 1.6 * len(groups)), squeeze=False)
     for ax, (key, g) in zip(axes[:, 0], groups):
-        dataset, _, split, ways, profile, image_size = key
+        dataset, _, split, ways, profile, image_size, _precision = key
         comparable, _ = paper_comparable(dataset, profile, image_size, split)
         g = g.assign(shots=g["shots"].astype(int)).sort_values(["shots", "accuracy"])
         labels = [visible(f"{r.method} ({r.backbone}, {int(r.shots)}-shot"

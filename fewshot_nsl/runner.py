@@ -68,6 +68,7 @@ from .inputs import (  # noqa: F401  (re-exported)
 )
 from .leaderboard import aggregate, paper_comparable, paper_value, upsert_row
 from .methods.base import FewShotMethod
+from .precision import configure_backends, fast_mode_text
 from .provenance import (  # noqa: F401
     _display_path,
     _read_json,
@@ -255,7 +256,10 @@ def train(ctx: RunContext, progress: bool = True, log=print) -> Dict[str, Any]:
     # Seeded right before the model is built, so the initial weights do not depend on whether the
     # dataset was generated or loaded from its cache in this process.
     set_seed(cfg.seed, cfg.deterministic)
+    fast = configure_backends(device, cfg.deterministic)  # CUDA fast mode unless --deterministic
     method = build_method(cfg).to(device)
+    if fast["channels_last"]:
+        method.to(memory_format=torch.channels_last)
     compiled, why = resolve_compile(cfg.compile, device, method)
     if compiled:
         log(why)
@@ -302,6 +306,7 @@ def train(ctx: RunContext, progress: bool = True, log=print) -> Dict[str, Any]:
             "pretrain_world_size": int(info.get("pretrain", {}).get("world_size", 1)),
             "resumed": resumed,
             "compiled": compiled,
+            "fast_mode": fast_mode_text(fast),
             "training": info,
         }
         atomic_write_json(record_path, record)
@@ -321,7 +326,8 @@ def evaluate_run(
         raise RuntimeError("evaluate_run needs a trained method: call train(ctx) first")
     return evaluate(ctx.method, ctx.store, ctx.episodes, ctx.n_episodes, ctx.device, ctx.cfg.image_size,
                     Path(out_csv or ctx.episodes_csv), seed=ctx.cfg.seed, progress=progress,
-                    indices=list(indices) if indices is not None else None, error_dir=ctx.run_dir)
+                    indices=list(indices) if indices is not None else None, error_dir=ctx.run_dir,
+                    precision=ctx.cfg.precision)
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -377,7 +383,8 @@ def finish(ctx: RunContext, executor: str = "local", eval_peak_mb: Optional[floa
         "peak_memory_mb": round(max(peaks), 1) if peaks else None,
         "device": str(ctx.device), "device_name": device_name(ctx.device),
         "threads": threads or torch.get_num_threads(), "executor": executor,
-        "compiled": bool(record.get("compiled", False)),
+        "compiled": bool(record.get("compiled", False)), "precision": cfg.precision,
+        "fast_mode": record.get("fast_mode", "off"),
         "pretrain_world_size": record.get("pretrain_world_size", 1), "resumed": bool(record.get("resumed", False)) or resumed,
         "torch_version": torch.__version__, "python_version": platform.python_version(), **git_info(),
         "run_id": ctx.run_dir.name, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -32,6 +32,7 @@ from .config import RunConfig
 from .curves import LogitsProbe, StageCurve
 from .methods.base import FewShotMethod
 from .evaluation import run_episode
+from .precision import autocast, grad_scaler
 from .validation import StageValidator, ValidationSettings, prototype_logits
 from .training_state import (  # noqa: F401  (re-exported: callers import them from training)
     cached_world_size,
@@ -297,7 +298,8 @@ class IntervalLog:
 
 
 def restore_pretraining(partial: Path, module: nn.Module, head: nn.Module, opt: torch.optim.Optimizer, sched: Any,
-                        gen: torch.Generator, validator: StageValidator) -> Tuple[int, List[Dict[str, Any]]]:
+                        gen: torch.Generator, validator: StageValidator,
+                        scaler: Optional[torch.amp.GradScaler] = None) -> Tuple[int, List[Dict[str, Any]]]:
     """Restore a pretraining from its ``.partial`` checkpoint (the state after its last finished epoch).
 
     The file is read on the CPU whatever the training device: the generator's and torch's RNG states must be CPU
@@ -312,6 +314,8 @@ def restore_pretraining(partial: Path, module: nn.Module, head: nn.Module, opt: 
     head.load_state_dict(ckpt["head"])
     opt.load_state_dict(ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
     gen.set_state(ckpt["generator"])
     torch.set_rng_state(ckpt["torch_rng"])
     validator.load_state_dict(ckpt.get("validation"))
@@ -355,6 +359,7 @@ def _pretrain(method, module, store, cfg, device, path, progress, distributed, c
     if p.max_steps is not None:
         total = min(total, p.max_steps)
     opt, sched = pretrain_optimizer(params, p, total)
+    scaler = grad_scaler(cfg.precision, device)
     validator = StageValidator("pretrain", ValidationSettings.of(p), cfg, store, device,
                                lambda t, i: prototype_logits(module, t), module)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -364,7 +369,7 @@ def _pretrain(method, module, store, cfg, device, path, progress, distributed, c
     # resumes from its last finished epoch with the same weights an uninterrupted run would reach.
     partial = path.with_name(path.name + ".partial") if world == 1 else None
     if partial is not None and partial.is_file():
-        step, curve_rows = restore_pretraining(partial, module, head, opt, sched, gen, validator)
+        step, curve_rows = restore_pretraining(partial, module, head, opt, sched, gen, validator, scaler)
     stage_curve = StageCurve("pretrain", total, curve_rows)
     log = IntervalLog(stage_curve)
     bar = tqdm(total=total, initial=step, desc=f"pretrain {cfg.backbone}", disable=not progress or rank > 0, unit="step")
@@ -390,15 +395,17 @@ def _pretrain(method, module, store, cfg, device, path, progress, distributed, c
         with Prefetcher(epoch, prepare, finish) as batches:  # one epoch: `gen` is the checkpoint's at its end
             for b in batches:
                 y = b.y
-                logits = net(b.x)
-                if world > 1:  # DDP averages gradients over processes: scale so the result is the full-batch mean
-                    ce = F.cross_entropy(logits, y, reduction="sum") * (world / b.n_global)
-                else:
-                    ce = F.cross_entropy(logits, y)
-                loss = ce + method.regularization()
+                with autocast(cfg.precision, device):  # forward and loss (fp32: no autocast)
+                    logits = net(b.x)
+                    if world > 1:  # DDP averages gradients over processes: scale so the result is the full-batch mean
+                        ce = F.cross_entropy(logits, y, reduction="sum") * (world / b.n_global)
+                    else:
+                        ce = F.cross_entropy(logits, y)
+                    loss = ce + method.regularization()
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                scaler.scale(loss).backward()  # fp16 on CUDA: loss scaling; otherwise a pass-through
+                scaler.step(opt)
+                scaler.update()
                 sched.step()
                 batch_correct = (logits.detach().argmax(1) == y).sum()
                 correct += batch_correct
@@ -414,6 +421,7 @@ def _pretrain(method, module, store, cfg, device, path, progress, distributed, c
         log.flush(step)  # before the checkpoint: never save weights past a non-finite loss
         if partial is not None and step < total and validator.stopped_at is None:
             atomic_torch_save({"module": module.state_dict(), "head": head.state_dict(), "optimizer": opt.state_dict(),
+                               "scaler": scaler.state_dict(),
                                "scheduler": sched.state_dict(), "generator": gen.get_state(),
                                "torch_rng": torch.get_rng_state(), "step": step, "curve": stage_curve.rows,
                                "validation": validator.state_dict()}, partial)
@@ -489,6 +497,7 @@ def meta_train(
     mat = Materialiser(store, cfg.image_size, device)
     params = [p for p in method.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=e.lr)
+    scaler = grad_scaler(cfg.precision, device)
     validator = StageValidator("episodic", ValidationSettings.of(e), cfg, store, device,
                                lambda t, i: run_episode(method, t.support_x, t.support_y, t.query_x, i), method)
     start, last = 0, float("nan")
@@ -498,6 +507,8 @@ def meta_train(
         ckpt = load_checkpoint(checkpoint_path, torch.device("cpu"))
         method.load_state_dict(ckpt["method"])
         opt.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         sampler.rng.bit_generator.state = json.loads(ckpt["sampler"])
         torch.set_rng_state(ckpt["torch_rng"].cpu())
         set_host_rng_states(ckpt)
@@ -515,6 +526,7 @@ def meta_train(
             {
                 "method": method.state_dict(),
                 "optimizer": opt.state_dict(),
+                "scaler": scaler.state_dict(),
                 "sampler": json.dumps(_sampler_state(sampler, stream)),
                 "torch_rng": torch.get_rng_state(),
                 **host_rng_states(),
@@ -538,19 +550,22 @@ def meta_train(
             opt.zero_grad(set_to_none=True)
             for i in range(e.meta_batch):
                 episode, t = next(stream)
-                loss = method.loss(t.support_x, t.support_y, t.query_x, t.query_y)
-                (loss / e.meta_batch).backward()
+                with autocast(cfg.precision, device):  # the method's forward passes and loss (fp32: no autocast)
+                    loss = method.loss(t.support_x, t.support_y, t.query_x, t.query_y)
+                scaler.scale(loss / e.meta_batch).backward()
                 # kept on the device; read and checked once per curve row (IntervalLog), not per episode
                 log.add(loss, probe.accuracy_tensor(t.query_y),
                         f"{cfg.method} training loss at step {step + 1} of {e.steps} (training episode "
                         f"{step * e.meta_batch + i + 1}, classes {', '.join(episode.classes)})")
             reg = method.regularization()
             if reg.requires_grad:
-                reg.backward()
+                scaler.scale(reg).backward()
+            scaler.unscale_(opt)  # clipping sees the true gradients (fp16 loss scaling)
             method.clip_gradients()  # the method's own clipping (its source's), before the config's norm clip
             for group in clip_groups:  # each group's norm clipped separately, as Sung et al. clip encoder and relation net
                 torch.nn.utils.clip_grad_norm_(group, e.grad_clip)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             bar.update(1)
             done = step + 1
             stop = False

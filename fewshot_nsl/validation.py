@@ -35,6 +35,7 @@ from .config import RunConfig
 from .data.episodes import EpisodeList, EpisodeTensors, Materialiser, default_episode_path, episode_list_for_store
 from .data.store import ImageStore, check_min_images
 from .errors import ConfigError
+from .precision import autocast
 
 #: ``val_metric`` choices and whether higher is better.
 METRICS = {"accuracy": True, "loss": False}
@@ -150,6 +151,7 @@ class StageValidator:
     def __init__(self, stage: str, settings: ValidationSettings, cfg: RunConfig, store: ImageStore,
                  device: torch.device, logits_of: Callable[[EpisodeTensors, int], torch.Tensor], model: nn.Module) -> None:
         self.stage, self.s, self.seed, self.device = stage, settings, cfg.seed, device
+        self.precision = cfg.precision
         self.logits_of, self.model = logits_of, model
         self.episodes: Optional[EpisodeList] = None
         if settings.enabled:
@@ -183,7 +185,8 @@ class StageValidator:
                 for i in range(self.s.episodes):
                     seed_torch(episode_seed(self.seed, i), self.device)
                     t = self.mat(self.episodes.episodes[i])
-                    logits = self.logits_of(t, i).float()
+                    with autocast(self.precision, self.device):
+                        logits = self.logits_of(t, i).float()
                     if torch.isfinite(logits).all():
                         losses.append(F.cross_entropy(logits, t.query_y, reduction="sum"))
                         accs.append((logits.argmax(1) == t.query_y).sum())

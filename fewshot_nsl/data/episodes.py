@@ -448,11 +448,13 @@ class StagedEpisode:
             presentation order; in pinned memory when the device is CUDA.
         support_y: ``(n_support,)`` int64 labels in ``0..ways-1`` (pinned likewise).
         query_y: ``(n_query,)`` int64 labels (pinned likewise).
+        ways: classes of the episode (read from the labels before they became tensors).
     """
 
     images: torch.Tensor
     support_y: torch.Tensor
     query_y: torch.Tensor
+    ways: int = 0
 
 
 class Materialiser:
@@ -551,7 +553,8 @@ class Materialiser:
             s_perm, q_perm = np.asarray(episode.order.support), np.asarray(episode.order.query)
             s_idx, s_lab, q_idx, q_lab = s_idx[s_perm], s_lab[s_perm], q_idx[q_perm], q_lab[q_perm]
         return StagedEpisode(self.gather(np.concatenate([s_idx, q_idx])),
-                             self._host_tensor(s_lab.astype(np.int64)), self._host_tensor(q_lab.astype(np.int64)))
+                             self._host_tensor(s_lab.astype(np.int64)), self._host_tensor(q_lab.astype(np.int64)),
+                             int(s_lab.max()) + 1 if len(s_lab) else 0)
 
     def load(self, staged: StagedEpisode) -> EpisodeTensors:
         """The device stage of :meth:`__call__`: non-blocking copies and normalisation on the device."""
@@ -559,9 +562,8 @@ class Materialiser:
         n_support = len(staged.support_y)
         support_y = staged.support_y.to(self.device, non_blocking=True)
         query_y = staged.query_y.to(self.device, non_blocking=True)
-        # the class count read on the host copy, so FewShotMethod.num_ways needs no device synchronisation
-        ways = int(staged.support_y.max()) + 1 if n_support else 0
-        support_y.episode_ways = query_y.episode_ways = ways
+        # the class count known on the host, so FewShotMethod.num_ways needs no device synchronisation
+        support_y.episode_ways = query_y.episode_ways = staged.ways
         return EpisodeTensors(x[:n_support], support_y, x[n_support:], query_y)
 
     def __call__(self, episode: Episode) -> EpisodeTensors:
