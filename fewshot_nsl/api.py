@@ -48,6 +48,7 @@ def benchmark(
     progress: bool = False,
     log: Optional[Callable[[str], None]] = None,
     rerun: bool = False,
+    replace_row: bool = False,
     **overrides: Any,
 ) -> pd.DataFrame:
     """Run (or resume, or reuse) benchmark cells and return their leaderboard rows.
@@ -65,6 +66,8 @@ def benchmark(
         progress: show progress bars.
         log: where info lines go (default: nowhere).
         rerun: recompute the cells deliberately, as ``--rerun``.
+        replace_row: write each cell's row even over a leaderboard row measured on more episodes or seeds, as
+            ``--replace-row`` (by default that row is kept and ``log`` says so in one line).
         **overrides: config keys over the config file, like ``--set``: top-level keys
             (``ways=5``, ``profile="smoke"``, ``image_size=32``, ``results_dir="results"``,
             ``cache_dir=...``, ``data_root=...``) and sections as dicts
@@ -81,6 +84,7 @@ def benchmark(
     """
     from .config import check_overrides
     from .executors import LocalExecutor
+    from .cli import MAX_THREADS
     from .grid import cells_from_args, run_grid
     from .plugins import load_plugins, refresh_plugins
 
@@ -98,7 +102,12 @@ def benchmark(
     load_plugins([Path(p) for p in plugins])
     methods = _as_list(method) or ["protonet"]
     backbones = _as_list(backbone)
-    shot_list = [int(s) for s in _as_list(shots)] if shots is not None else None
+    # a digit string is a shot count; anything else (1.9, True, "five") is left for the grid's one-line refusal
+    shot_list = ([int(s) if isinstance(s, str) and s.strip().isdigit() else s for s in _as_list(shots)]
+                 if shots is not None else None)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or not 1 <= threads <= MAX_THREADS):
+        raise ConfigError(f"benchmark(threads={threads!r}): threads must be an integer in 1..{MAX_THREADS}")
     if backbones and len(backbones) == 1:
         cli["backbone"] = backbones[0]
     if shot_list and len(shot_list) == 1:
@@ -106,7 +115,8 @@ def benchmark(
     cells = cells_from_args(methods, backbones, shot_list)
     result = run_grid(cells, cli, str(config) if config else None, seeds=seeds,
                       executor=LocalExecutor(threads=threads), reference=reference, skip_unregistered=False,
-                      progress=progress, log=log or (lambda line: None), fail_fast=False, rerun=rerun)
+                      progress=progress, log=log or (lambda line: None), fail_fast=False, rerun=rerun,
+                      replace_row=replace_row)
     if result.failed:
         from .errors import FewShotError
 

@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rerun", action="store_true", help="recompute the selected cells: delete their finished runs "
                                                         "(trained method, episode results) and run them again; the "
                                                         "shared pretraining cache is kept")
+    g.add_argument("--replace-row", action="store_true",
+                   help="write each cell's leaderboard row even over one measured on more episodes or seeds "
+                        "(by default that row is kept, said in one line, and the new run stays in runs/)")
     p.add_argument("--list", action="store_true", help="list methods, backbones and datasets, then exit")
     p.add_argument("--report", action="store_true",
                    help="re-render table6.md, summary.md/.html and the plot from the CSVs, then exit")
@@ -409,7 +412,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
             cells, overrides_of(args), args.config, seeds=args.seeds, executor=_executor(args),
             reference=args.reference, skip_unregistered=bool(args.grid), grid_name=grid_name,
             progress=progress, log=log, fail_fast=not args.grid and len(cells) == 1, dry_run=args.dry_run,
-            rerun=args.rerun,
+            rerun=args.rerun, replace_row=args.replace_row,
         )
         if args.dry_run:
             return 0

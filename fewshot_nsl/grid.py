@@ -35,7 +35,7 @@ from .data.store import ImageStore
 from .errors import ConfigError, FewShotError
 from .registry import METHODS, PLUGIN_ERRORS, list_methods
 from .comparisons import key_text
-from .leaderboard import KEY, check_leaderboard, paper_comparable, read_leaderboard, upsert_row
+from .leaderboard import KEY, cell_summaries, check_leaderboard, paper_comparable, read_leaderboard, upsert_row
 from .reporting import n_seeds_of, render_reports
 from .runner import (
     aggregate,
@@ -303,7 +303,7 @@ def plan(
             if board is None or results_dir != cfg.results_dir:
                 results_dir = cfg.results_dir
                 board = read_leaderboard(Path(results_dir) / "leaderboard.csv")
-            expected = ";".join(pc.summaries[c.seed]["run_id"] for c in sorted(cfgs, key=lambda c: c.seed))
+            expected = ";".join(s["run_id"] for s in cell_summaries(list(pc.summaries.values()), cfg.results_dir))
             row = _board_row(board, pc.summaries[cfgs[0].seed])
             if row is not None and str(row.get("run_id")) == expected and \
                     str(row.get("episode_hash")) == episodes.sha256 and str(row.get("config_hash")) == pc.summaries[cfgs[0].seed]["config_hash"]:
@@ -386,6 +386,7 @@ def run_grid(
     fail_fast: bool = False,
     dry_run: bool = False,
     rerun: bool = False,
+    replace_row: bool = False,
 ) -> GridResult:
     """Plan the cells, run what is missing with ``executor`` (default: local), aggregate the seeds
     of every finished cell into its leaderboard row, and re-render the reports.
@@ -395,6 +396,8 @@ def run_grid(
         dry_run: plan and print what would run, then stop.
         rerun: recompute the cells deliberately: their finished runs (trained method, episode
             results, summaries) are deleted and run again; the shared pretraining cache is kept.
+        replace_row: write each cell's row even over a leaderboard row measured on more episodes
+            or seeds (by default that row is kept, and the log says so in one line).
     """
     from .executors import LocalExecutor
 
@@ -426,9 +429,9 @@ def run_grid(
 
     def finish_cell(p: PlannedCell) -> None:
         row = aggregate(list(p.summaries.values()), results_dir)
-        upsert_row(results_dir / "leaderboard.csv", row, reference=reference)
         p.row = row
         log(result_line(row))
+        upsert_row(results_dir / "leaderboard.csv", row, reference=reference, replace=replace_row, log=log)
 
     for p in planned:
         if p.status == "aggregate":

@@ -320,3 +320,20 @@ def test_minimum_holds_with_neural_similarity_convs_and_without_a_layer_walk(mon
     check_image_size("cnn4", {"padding": 0}, 46)
     with pytest.raises(ConfigError, match="too small for backbone cnn4"):
         check_image_size("cnn4", {"padding": 0}, 45)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"shots": 1.9}, "shots must be positive integers"),
+    ({"shots": True}, "shots must be positive integers"),
+    ({"shots": "1,x"}, "shots must be positive integers"),
+    ({"threads": 0}, r"benchmark\(threads=0\)"),
+    ({"threads": 10**20}, "threads must be an integer in 1..1024"),
+])
+def test_api_refuses_bad_shots_and_threads_in_one_line(tmp_path, kwargs, match):
+    """benchmark(shots=1.9) used to round to 1 and threads=10**20 to overflow (issue 25, part 8)."""
+    import fewshot_nsl
+    from fewshot_nsl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        fewshot_nsl.benchmark(method="protonet", profile="smoke", results_dir=str(tmp_path / "r"), **kwargs)
+    assert not (tmp_path / "r" / "runs").exists()
