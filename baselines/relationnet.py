@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot_nsl.backbones import dry_run
+from fewshot_nsl.errors import ConfigError
 from fewshot_nsl.methods import FewShotMethod
 from fewshot_nsl.registry import register_method
 
@@ -147,10 +148,21 @@ class RelationNet(FewShotMethod):
             RelationBlock(2 * c, width, relation_padding, relation_ceil),
             RelationBlock(width, width, relation_padding, relation_ceil),
         )
+        for name, value, low in (("hidden", hidden, 1), ("relation_channels", relation_channels, 1),
+                                 ("relation_padding", relation_padding, 0)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise ConfigError(f"relationnet: {name} must be an integer of at least {low}, got {value!r}")
         side = self._map_side(backbone, image_size)
         with torch.no_grad():  # size of the relation blocks' output map, by a dry run in eval mode
             self.blocks.eval()
-            flat = self.blocks(torch.zeros(1, 2 * c, side, side)).numel()
+            try:
+                flat = self.blocks(torch.zeros(1, 2 * c, side, side)).numel()
+            except RuntimeError:  # an unpadded 3x3 conv on a map smaller than 3x3
+                raise ConfigError(
+                    f"relationnet: the backbone's {side}x{side} feature map at {image_size} px is too small for two "
+                    f"3x3 relation convs with padding {relation_padding}; use a larger --image-size or "
+                    f"method_options.relation_padding: 1"
+                ) from None
             self.blocks.train()
         self.fc = nn.Sequential(nn.Linear(flat, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1))
         self.blocks.apply(sung_init)

@@ -43,9 +43,9 @@ MINI_BASE_IMAGES = 64 * 600
 
 
 def cells():
-    import yaml
+    from fewshot_nsl.config import parse_yaml
 
-    return yaml.safe_load((ROOT / "configs" / "table6.yaml").read_text())["rows"]
+    return parse_yaml((ROOT / "configs" / "table6.yaml").read_text())["rows"]
 
 
 def measure_cell(index: int, reps: int) -> dict:

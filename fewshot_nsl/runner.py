@@ -186,6 +186,22 @@ def claim_run_dir(rdir: Path, identity: RunIdentity) -> None:
     atomic_write_json(record, identity.to_dict())
 
 
+def check_method_builds(cfg: RunConfig) -> None:
+    """Build the method once on the ``meta`` device (no memory, no initialisation cost), so that an option its
+    constructor refuses (a :class:`~fewshot_nsl.errors.FewShotError`, e.g. a feature map too small for
+    RelationNet's unpadded relation convs) is one line before any run folder exists. Any other exception is left
+    to the real build, which reports it with the run's context."""
+    from .errors import FewShotError
+
+    try:
+        with torch.device("meta"):
+            build_method(cfg)
+    except FewShotError:
+        raise
+    except Exception:  # noqa: BLE001 - a constructor that cannot run on meta tensors: checked by the real build
+        pass
+
+
 def cell_config_hash(cfg: RunConfig) -> str:
     """Hash of the resolved config with the seed set to 0: the same for every seed of a cell
     (the seeds are recorded apart); equal to :func:`config_hash` for seed 0."""
@@ -232,6 +248,7 @@ def prepare(
     episodes = episodes if episodes is not None else load_episodes(cfg, store)
     check_episode_count(cfg, episodes)
     identity = run_identity(cfg, store, episodes)
+    check_method_builds(cfg)
     rdir = run_dir_of(cfg, identity)
     claim_run_dir(rdir, identity)
     remove_stale_tmp(rdir)  # left by a process killed mid-write

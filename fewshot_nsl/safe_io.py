@@ -128,21 +128,6 @@ def load_json(path: Path, what: str, error: Type[FewShotError] = ConfigError) ->
     return check_shape(obj, path, what, error)
 
 
-def load_yaml_document(path: Path, what: str, error: Type[FewShotError] = ConfigError) -> Any:
-    """Parse one YAML document (``yaml.safe_load``) with the checks above."""
-    import yaml
-
-    text = read_document(path, what, error)
-    try:
-        obj = yaml.safe_load(text)
-    except RecursionError:
-        raise error(f"{what} {path} is nested too deeply to read; simplify it") from None
-    except yaml.YAMLError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise error(f"{what} {path} is not valid YAML ({first}); fix its syntax") from None
-    return check_shape(obj, path, what, error)
-
-
 # ----------------------------------------------------------------------------- output folders
 #: Free space below which a results or cache folder counts as full (bytes).
 MIN_FREE_BYTES = 64 * 2**20

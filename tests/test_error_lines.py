@@ -8,6 +8,7 @@ fails the test quickly (and leaves its run folder behind, which the test also ch
 """
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -336,4 +337,21 @@ def test_api_refuses_bad_shots_and_threads_in_one_line(tmp_path, kwargs, match):
 
     with pytest.raises(ConfigError, match=match):
         fewshot_nsl.benchmark(method="protonet", profile="smoke", results_dir=str(tmp_path / "r"), **kwargs)
+    assert not (tmp_path / "r" / "runs").exists()
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"relation_padding": 0}, "too small for two 3x3 relation convs"),
+    ({"hidden": 0}, "hidden must be an integer of at least 1"),
+])
+def test_relationnet_impossible_options_are_one_line_before_any_run_folder(tmp_path, capsys, options, match):
+    from fewshot_nsl.cli import main
+
+    argv = ["--method", "relationnet", "--profile", "smoke", "--image-size", "32", "--n-episodes", "2",
+            "--results-dir", str(tmp_path / "r")]
+    for k, v in options.items():
+        argv += ["--set", f"method_options.{k}={v}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and re.search(match, err[0]), err
     assert not (tmp_path / "r" / "runs").exists()
