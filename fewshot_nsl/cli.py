@@ -344,7 +344,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console(quiet=args.quiet, json_mode=args.json, log_file=Path(args.log_file) if args.log_file else None)
+    console = Console(quiet=args.quiet, json_mode=args.json, log_file=Path(args.log_file) if args.log_file else None,
+                      results_dir=Path(args.results_dir) if args.results_dir else None,
+                      cache_dir=Path(args.cache_dir) if args.cache_dir else None)
     log = console.info
     progress = show_progress(args.progress, args.quiet)
     try:
@@ -354,6 +356,9 @@ def _main(argv: Optional[List[str]] = None) -> int:
         if args.json and (args.compare or args.report or args.make_episodes or args.dry_run):
             raise ConfigError("--json prints the rows of a run or the --list; drop it for --compare, --report, "
                               "--make-episodes and --dry-run")
+        from .data.formats import ImageModeWarning
+
+        warnings.simplefilter("ignore", ImageModeWarning)  # runner.prepare says it as one info line instead
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             from .registry import load_plugins
@@ -388,6 +393,15 @@ def _main(argv: Optional[List[str]] = None) -> int:
 
         methods = args.method.split(",") if args.method else None
         backbones = args.backbone.split(",") if args.backbone else None
+        if console.log_file is not None and args.config:  # a config file may move the results, cache and data
+            from .config import resolve_config
+            from .safe_io import check_log_file
+
+            first = (methods or [config_method(args.config)])[0]
+            cfg = resolve_config(overrides_of(args, None if first == "all" else first), args.config)
+            check_log_file(Path(console.log_file), Path(cfg.results_dir),
+                           Path(cfg.cache_dir) if cfg.cache_dir else None,
+                           inputs=[Path(p) for p in (cfg.data_root, args.config) if p])
         grid_name = None
         if args.grid:
             grid_name, cells = load_grid(grid_path(args.grid))

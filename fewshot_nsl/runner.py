@@ -244,6 +244,9 @@ def prepare(
     if unknown_stage:
         raise ConfigError(f"method {cfg.method} declares unknown training stage(s) {sorted(unknown_stage)}")
     store = store if store is not None else load_store(cfg)
+    if getattr(store, "decode_note", None) and not getattr(store, "decode_note_said", False):
+        log(f"note: {store.decode_note}")  # which image modes were converted, once per store
+        store.decode_note_said = True
     validate_against_store(cfg, store)
     episodes = episodes if episodes is not None else load_episodes(cfg, store)
     check_episode_count(cfg, episodes)

@@ -329,3 +329,26 @@ def test_sub_folder_in_a_class_folder_is_refused_not_silently_skipped(tmp_path):
     (root / "train" / "a" / "again").unlink()
     (root / "train" / "a" / ".ipynb_checkpoints").mkdir()  # hidden folders are not part of the class
     assert len(load_custom(str(root), cache_dir=str(tmp_path / "cache"), image_size=8).images) == 5
+
+
+def test_cli_says_once_which_image_modes_were_converted(tmp_path, capsys):
+    """A run on 16-bit images prints one ``note:`` line naming the conversion (not a Python warning)."""
+    from fewshot_nsl.cli import main
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data16"
+    for split, n_classes in (("train", 3), ("val", 2), ("test", 2)):
+        for c in range(n_classes):
+            d = root / split / f"{split}{c}"
+            d.mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 65535, size=(16, 16), dtype=np.uint16)).save(d / f"{i}.png")
+    argv = ["--dataset", "custom", "--data-root", str(root), "--method", "nearest_neighbor", "--profile", "smoke",
+            "--ways", "2", "--shots", "1", "--queries", "1", "--n-episodes", "2", "--image-size", "16",
+            "--results-dir", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c")]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    lines = (out.out + out.err).splitlines()
+    notes = [line for line in lines if line.startswith("note:") and "I;16" in line]
+    assert len(notes) == 1, lines
+    assert not any("ImageModeWarning" in line or "warnings.warn" in line for line in lines)

@@ -388,3 +388,17 @@ def test_console_refuses_the_leaderboard_as_log_file(tmp_path, folders, monkeypa
     console.info("hello")
     console.close()
     assert log.read_text().endswith("hello\n")
+
+
+def test_log_file_inside_a_results_folder_set_by_a_config_file_is_refused(tmp_path, capsys):
+    """The results folder a --config file sets is the suite's too: a --log-file inside it is one error line."""
+    from fewshot_nsl.cli import main
+
+    results = tmp_path / "elsewhere"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"results_dir: {results}\nprofile: smoke\n")
+    code = main(["--config", str(cfg), "--method", "protonet", "--log-file", str(results / "leaderboard.csv"),
+                 "--n-episodes", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and "log" in err[0], err
+    assert not (results / "runs").exists()
