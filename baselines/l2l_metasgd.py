@@ -63,6 +63,7 @@ class L2LMetaSGD(GradientAdaptedMethod):
     """
 
     training_stages = ("episodic",)
+    transductive = True  # BN with batch statistics at test, as MAML
 
     def __init__(
         self,

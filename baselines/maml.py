@@ -50,6 +50,7 @@ class MAML(GradientAdaptedMethod):
     """
 
     training_stages = ("episodic",)
+    transductive = True  # BN normalises the query batch with its own statistics (Finn et al.'s batch norm)
 
     def __init__(
         self,

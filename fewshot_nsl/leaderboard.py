@@ -51,7 +51,8 @@ COLUMNS = LEGACY_KEY + ["split"] + [
     *PAIRED, "paper_value", "paper_ci", "paper_comparable",
     "image_size", "synthetic", "episode_list", "episode_hash", "dataset_fingerprint", "config_hash", "code_hash",
     "seeds", "params", "train_time_s", "eval_time_s", "wall_time_s", "peak_memory_mb", "device", "device_name",
-    "threads", "executor", "pretrain_world_size", "resumed", "precision", "fast_mode", "torch_version", "python_version",
+    "threads", "executor", "pretrain_world_size", "resumed", "precision", "fast_mode", "transductive", "torch_version",
+    "python_version",
     "version", "git_commit", "git_dirty", "run_id", "finished_at",
 ]
 #: Columns read as text (hex hashes such as ``12e4...`` would otherwise parse as numbers).
@@ -300,8 +301,8 @@ def refresh_paired(path: Path, reference: Optional[str] = None) -> pd.DataFrame:
 #: Per-run fields that are the same for every seed of a cell (taken from the first).
 _SHARED = ("dataset", "method", "backbone", "ways", "shots", "split", "profile", "paper_value", "paper_ci", "paper_comparable", "image_size",
            "synthetic", "episode_list", "episode_hash", "dataset_fingerprint", "config_hash", "code_hash", "params", "device",
-           "device_name", "threads", "executor", "pretrain_world_size", "precision", "fast_mode", "torch_version",
-           "python_version")
+           "device_name", "threads", "executor", "pretrain_world_size", "precision", "fast_mode", "transductive",
+           "torch_version", "python_version")
 
 
 #: Summary fields that make two runs seeds of one experiment (with the identity's world size).

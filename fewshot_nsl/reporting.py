@@ -166,6 +166,8 @@ def episodes_note(r: Any) -> str:
 
 def _acc_cell(r: pd.Series) -> str:
     cell = f"{_fmt(r['accuracy'], r['ci95'])} {episodes_note(r)}"
+    if _is_true(r.get("transductive")):
+        cell += " †"  # transductive: explained under the table
     ss = r.get("seed_std")
     if ss is not None and pd.notna(ss) and n_seeds_of(r) > 1:
         cell += f" (seed sd {float(ss):.2f})"
@@ -216,7 +218,10 @@ def table6_markdown(df: pd.DataFrame) -> str:
         "(5-way 5-shot; the paper reports no 1-shot values), shown as a column only for Mini-ImageNet test "
         "rows of the `paper` profile at 84 px; elsewhere it is marked *for orientation*. "
         "`(n ep, k failed)` after each value: the episodes that row was measured on (`episodes`) and, where "
-        "any, how many of its episodes failed (`episodes_failed`: the method raised or gave non-finite logits)."
+        "any, how many of its episodes failed (`episodes_failed`: the method raised or gave non-finite logits). "
+        "`†`: a transductive row (`transductive`): a query's prediction depends on the other queries of its "
+        "episode (BN normalising the query batch with its own statistics at test, as Finn et al.'s MAML and "
+        "Sung et al.'s RelationNet test scripts do), an advantage inductive rows do not have."
     )
     out.append("")
     for key, g in _groups(df):

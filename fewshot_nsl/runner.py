@@ -404,6 +404,7 @@ def finish(ctx: RunContext, executor: str = "local", eval_peak_mb: Optional[floa
         "device": str(ctx.device), "device_name": device_name(ctx.device),
         "threads": threads or torch.get_num_threads(), "executor": executor,
         "compiled": bool(record.get("compiled", False)), "precision": cfg.precision,
+        "transductive": get_method_class(cfg.method).is_transductive(cfg.method_options),
         "fast_mode": record.get("fast_mode", "off"),
         "pretrain_world_size": record.get("pretrain_world_size", 1), "resumed": bool(record.get("resumed", False)) or resumed,
         "torch_version": torch.__version__, "python_version": platform.python_version(), **git_info(),

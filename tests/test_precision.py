@@ -103,3 +103,20 @@ def test_fast_mode_on_cuda_only_and_off_when_deterministic():
 def test_row_records_precision_and_fast_mode(tmp_path):
     row = _cells(tmp_path, "nearest_neighbor", "bf16").iloc[0]
     assert row["precision"] == "bf16" and row["fast_mode"] == "off"  # a CPU run: no CUDA fast mode
+
+
+def test_transductive_rows_are_recorded_and_marked(tmp_path):
+    """MAML (BN with the query batch's statistics) and RelationNet with test_bn: batch are transductive rows,
+    marked in table6.md; ProtoNet and RelationNet with running statistics are not."""
+    rows = _cells(tmp_path, ["maml", "protonet"], "fp32", episodic={"steps": 1, "queries": 2})
+    by = dict(zip(rows["method"], rows["transductive"]))
+    assert by == {"maml": True, "protonet": False}
+    from fewshot_nsl.registry import get_method_class
+
+    rn = get_method_class("relationnet")
+    assert rn.is_transductive({"test_bn": "batch"}) and not rn.is_transductive({})
+    ms = get_method_class("meta_static_nsn")
+    assert ms.is_transductive({}) and not ms.is_transductive({"batch_norm": "running"})
+    table = (tmp_path / "results" / "table6.md").read_text()
+    maml_line = next(line for line in table.splitlines() if "maml" in line.lower() and "±" in line)
+    assert "†" in maml_line and "transductive" in table

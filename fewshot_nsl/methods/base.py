@@ -48,11 +48,20 @@ class FewShotMethod(nn.Module):
     training_stages: ClassVar[Tuple[str, ...]] = ("episodic",)
     default_conv: ClassVar[Dict[str, Any]] = {}
     compilable: ClassVar[bool] = True
+    #: Whether a query's prediction depends on the other queries of its episode (e.g. BN normalising the query
+    #: batch with its own statistics at test): such rows are marked transductive in every table. A method whose
+    #: options decide it overrides :meth:`is_transductive` (and may set the attribute on the instance).
+    transductive: ClassVar[bool] = False
 
     def __init__(self, backbone: Backbone, image_size: int = 84) -> None:
         super().__init__()
         self.backbone = backbone
         self.image_size = image_size
+
+    @classmethod
+    def is_transductive(cls, options: Mapping[str, Any]) -> bool:
+        """Whether a run with these ``method_options`` is transductive (the class's :attr:`transductive`)."""
+        return bool(cls.transductive)
 
     @classmethod
     def stages(cls, options: Mapping[str, Any]) -> Tuple[str, ...]:

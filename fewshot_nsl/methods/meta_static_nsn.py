@@ -109,6 +109,11 @@ class MetaStaticNSN(GradientAdaptedMethod):
 
     training_stages = ("pretrain", "episodic")
 
+    @classmethod
+    def is_transductive(cls, options) -> bool:
+        """``batch_norm: batch`` (the default) normalises the query batch with its own statistics at test."""
+        return options.get("batch_norm", "batch") == "batch"
+
     def __init__(
         self,
         backbone,
