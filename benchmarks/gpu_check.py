@@ -195,16 +195,25 @@ def timed(fn: Callable[[], None], device: Any, warmup: int, reps: int) -> Dict[s
     return {"s": statistics.median(times), "warmup_s": warm, "peak_mb": peak_memory_mb(device)}
 
 
-def autocast(precision: str, device: Any) -> Any:
-    """``torch.autocast`` for ``bf16``/``fp16`` (what the run's ``precision`` setting does over forward and
-    loss), a no-op context for ``fp32``."""
-    import contextlib
+def prepare_method(cfg: Any) -> Tuple[Any, Any, Dict[str, bool]]:
+    """The method of ``cfg`` on its device, built as a run builds it (:func:`fewshot_nsl.runner.train`): seeded,
+    the CUDA fast mode on unless ``deterministic`` (cuDNN autotuner, TF32, channels-last weights).
 
+    Returns:
+        ``(method, device, fast-mode switches)``.
+    """
     import torch
 
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+    from fewshot_nsl.precision import configure_backends
+    from fewshot_nsl.runner import build_method, resolve_device, set_seed
+
+    device = resolve_device(cfg.device)
+    set_seed(cfg.seed, cfg.deterministic)
+    fast = configure_backends(device, cfg.deterministic)
+    method = build_method(cfg).to(device)
+    if fast["channels_last"]:
+        method.to(memory_format=torch.channels_last)
+    return method, device, fast
 
 
 # ----------------------------------------------------------------------------- child: data, smoke
@@ -245,7 +254,8 @@ def child_smoke(plan: Plan) -> None:
                                          **api_overrides(cli))
             row = rows.iloc[0].to_dict()
             item.update({k: row.get(k) for k in ("accuracy", "ci95", "episodes", "episodes_failed", "train_time_s",
-                                                  "eval_time_s", "peak_memory_mb", "device", "device_name")})
+                                                  "eval_time_s", "peak_memory_mb", "device", "device_name",
+                                                  "fast_mode")})
             good = int(row["episodes"]) == plan.smoke_episodes and int(row["episodes_failed"]) == 0
             item["ok"] = bool(good and math.isfinite(float(row["accuracy"])))
             if not item["ok"]:
@@ -454,15 +464,16 @@ def full_budget(cfg: Any) -> Dict[str, int]:
     return out
 
 
-def pretrain_step_fn(method: Any, cfg: Any, store: Any, device: Any, precision: str = "fp32",
-                     compiled: bool = False) -> Callable[[], None]:
+def pretrain_step_fn(method: Any, cfg: Any, store: Any, device: Any, compiled: bool = False) -> Callable[[], None]:
     """One base-class pretraining step as :func:`fewshot_nsl.training.pretrain` takes it (network + linear head,
-    cross-entropy + the method's regulariser, the profile's optimiser), on a batch of real images."""
+    cross-entropy + the method's regulariser under the run's ``precision`` autocast, loss scaling for fp16, the
+    profile's optimiser), on a batch of real images."""
     import torch
     import torch.nn.functional as F
     from torch import nn
 
     from fewshot_nsl.data.episodes import Materialiser
+    from fewshot_nsl.precision import autocast, grad_scaler
     from fewshot_nsl.training import pretrain_optimizer
 
     module = method.pretrain_module().to(device).train()
@@ -481,12 +492,15 @@ def pretrain_step_fn(method: Any, cfg: Any, store: Any, device: Any, precision: 
     x = Materialiser(store, cfg.image_size, device).images(index)
     y = torch.randint(0, len(classes), (len(index),), device=device)
 
+    scaler = grad_scaler(cfg.precision, device)
+
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        with autocast(precision, device):
+        with autocast(cfg.precision, device):
             loss = F.cross_entropy(net(x), y) + method.regularization()
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         sched.step()
 
     return step
@@ -537,18 +551,18 @@ def measure_cell(plan: Plan, method_name: str, backbone: str, shots: int, store:
     import torch
 
     from fewshot_nsl.config import resolve_config
+    from fewshot_nsl.precision import fast_mode_text
     from fewshot_nsl.registry import get_method_class
-    from fewshot_nsl.runner import build_method, conv_spec_of, resolve_device, set_seed, stages_of
+    from fewshot_nsl.runner import conv_spec_of, stages_of
     from fewshot_nsl.training_state import pretrain_key
 
     cfg = resolve_config(base_cli(plan, method=method_name, backbone=backbone, shots=shots, profile="paper",
                                   results_dir=str(Path(plan.work) / "steps")))
-    device = resolve_device(cfg.device)
     stages = stages_of(cfg)
-    set_seed(cfg.seed, cfg.deterministic)
-    method = build_method(cfg).to(device)
+    method, device, fast = prepare_method(cfg)
     out: Dict[str, Any] = {"method": method_name, "backbone": backbone, "shots": shots, "stages": list(stages),
-                           "params": int(sum(p.numel() for p in method.parameters())), **full_budget(cfg)}
+                           "params": int(sum(p.numel() for p in method.parameters())), "fast_mode": fast_mode_text(fast),
+                           **full_budget(cfg)}
     if "pretrain" in stages:
         out["pretrain_key"] = pretrain_key(cfg, store, conv_spec_of(cfg), get_method_class(method_name))
         out["pretrain"] = timed(pretrain_step_fn(method, cfg, store, device), device, plan.step_warmup, plan.step_reps)
@@ -587,19 +601,11 @@ def child_steps(plan: Plan) -> None:
 
 # ----------------------------------------------------------------------------- child: compile and precision
 def arm_cli(plan: Plan, precision: str, compile_setting: str) -> Dict[str, Any]:
-    """The dynamic NSN cell of one arm: paper settings at the check's image size, budgets cut.
-
-    ``precision`` is passed only when it is not the default ``fp32``, so the fp32 arms run on any version
-    of the suite; a suite without the ``precision`` key refuses the bf16 arms in one line (reported).
-    """
-    name = f"{precision}_{compile_setting}"
-    cli = base_cli(plan, method="dynamic_nsn", shots=5, profile="paper", compile=compile_setting,
-                   pretrain=dict(plan.arm_pretrain), eval={"episodes": plan.arm_episodes},
-                   method_options={"epochs": plan.arm_head_epochs},
-                   results_dir=str(Path(plan.work) / "precision" / name))
-    if precision != "fp32":
-        cli["precision"] = precision
-    return cli
+    """The dynamic NSN cell of one arm: paper settings at the check's image size, budgets cut."""
+    return base_cli(plan, method="dynamic_nsn", shots=5, profile="paper", precision=precision,
+                    compile=compile_setting, pretrain=dict(plan.arm_pretrain), eval={"episodes": plan.arm_episodes},
+                    method_options={"epochs": plan.arm_head_epochs},
+                    results_dir=str(Path(plan.work) / "precision" / f"{precision}_{compile_setting}"))
 
 
 def arm_accuracy(plan: Plan, cli: Dict[str, Any]) -> Dict[str, Any]:
@@ -618,25 +624,23 @@ def arm_accuracy(plan: Plan, cli: Dict[str, Any]) -> Dict[str, Any]:
                                  **api_overrides(cli))
     row = rows.iloc[0].to_dict()
     out = {k: row.get(k) for k in ("accuracy", "ci95", "episodes", "episodes_failed", "train_time_s", "eval_time_s",
-                                    "peak_memory_mb", "run_id")}
+                                    "peak_memory_mb", "run_id", "precision", "fast_mode")}
     summary = json.loads((Path(cli["results_dir"]) / "runs" / str(row["run_id"]) / "summary.json").read_text())
     out["compiled"] = bool(summary.get("compiled"))
     return out
 
 
-def arm_step(plan: Plan, cli: Dict[str, Any], precision: str) -> Dict[str, Any]:
+def arm_step(plan: Plan, cli: Dict[str, Any]) -> Dict[str, Any]:
     """Seconds per pretraining step of the arm's network (a batch of the paper's 64 images), warm-up included
     separately (compilation), peak memory."""
     from fewshot_nsl.compiling import resolve as resolve_compile
     from fewshot_nsl.config import resolve_config
-    from fewshot_nsl.runner import build_method, load_store, resolve_device, set_seed
+    from fewshot_nsl.runner import load_store
 
-    cfg = resolve_config({k: v for k, v in cli.items() if k != "precision"})
-    device = resolve_device(cfg.device)
-    set_seed(cfg.seed, cfg.deterministic)
-    method = build_method(cfg).to(device)
+    cfg = resolve_config(cli)
+    method, device, _ = prepare_method(cfg)
     compiled, _ = resolve_compile(cfg.compile, device, method)
-    step = pretrain_step_fn(method, cfg, load_store(cfg), device, precision=precision, compiled=compiled)
+    step = pretrain_step_fn(method, cfg, load_store(cfg), device, compiled=compiled)
     out = timed(step, device, plan.arm_warmup, plan.arm_reps)
     out["compiled"] = compiled
     return out
@@ -673,7 +677,7 @@ def child_precision(plan: Plan) -> None:
         except Exception as exc:  # reported, the next arm runs
             item["error"] = error_line(exc)
         try:
-            item["step"] = arm_step(plan, cli, precision)
+            item["step"] = arm_step(plan, cli)
         except Exception as exc:
             item["ok"] = False
             item["step_error"] = error_line(exc)
@@ -966,8 +970,10 @@ def _per_s(d: Optional[Dict[str, Any]]) -> str:
 
 def _steps_report(plan: Plan, sec: Section, dev: str, px: str) -> List[str]:
     mem = "peak MiB (`max_memory_allocated`)" if dev == "CUDA" else "peak RSS MiB (process)"
+    modes = ", ".join(sorted({str(i["fast_mode"]) for i in sec.items if i.get("fast_mode")})) or "-"
     out = ["", f"## 4. Training step speed and memory of every `paper` cell ({px}, {dev})", "",
-           f"Paper profile settings of each cell at {px}, fp32, eager, the fast (non-deterministic) mode; median of "
+           f"Paper profile settings of each cell at {px}, fp32, eager, built as a run without `--deterministic` "
+           f"builds it (fast mode: {modes}); median of "
            f"{plan.step_reps} after {plan.step_warmup} warm-up, synchronised. Pretraining step: a batch of real "
            "images, network + base-class head, the profile's optimiser; episodic step: `meta_batch` training "
            "episodes of the cell's ways/shots/queries, Adam; test episode: `fit_support` + `forward` under "

@@ -7,7 +7,6 @@ time limit (its subprocesses too) and reported with what it finished, a failing 
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -18,15 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fewshot_nsl.config import RunConfig
-
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPT = BENCH / "gpu_check.py"
 sys.path.insert(0, str(BENCH))
 import gpu_check  # noqa: E402
-
-#: The ``precision`` config key (issue 27, item 2); until it exists the bf16 arm is refused in one line.
-HAS_PRECISION = "precision" in {f.name for f in dataclasses.fields(RunConfig)}
 
 
 def _env() -> dict:
@@ -54,9 +48,9 @@ def test_dry_run_reports_every_section(dry_run):
     assert info["torch"] == torch.__version__ and info["fewshot_nsl"] and "git_commit" in info and info["python"]
     secs = raw["sections"]
     assert list(secs) == list(gpu_check.SECTIONS)
-    for name in ("data", "smoke", "resume", "steps"):
+    for name in gpu_check.SECTIONS:
         assert secs[name]["status"] == "ok", (name, secs[name])
-    assert proc.returncode == (0 if HAS_PRECISION else 1), proc.stdout[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:]
 
 
 def test_dry_run_smoke_cells_cover_a_pretraining_and_an_episodic_method(dry_run):
@@ -93,10 +87,8 @@ def test_dry_run_precision_arms(dry_run):
     ref = arms["fp32_off"]
     assert ref["ok"] and ref["episodes"] == 3 and ref["step"]["s"] > 0, ref
     bf16 = arms["bf16_off"]
-    if HAS_PRECISION:
-        assert bf16["ok"] and "paired" in bf16 and bf16["step"]["s"] > 0, bf16
-    else:  # the arm is in place and refused in one line until the precision key lands
-        assert not bf16["ok"] and "unknown config key(s) precision" in bf16["error"]
+    assert bf16["ok"] and bf16["precision"] == "bf16" and bf16["step"]["s"] > 0, bf16
+    assert bf16["paired"]["same_episodes"] <= 3 and abs(bf16["paired"]["diff"]) <= 100
     assert dry_run[2].count("skipped: not in the CPU dry run") == 2  # the compiled arms
 
 
