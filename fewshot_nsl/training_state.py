@@ -81,7 +81,7 @@ def check_finite(value: torch.Tensor, what: str) -> None:
 def pretrain_key(cfg: RunConfig, store: ImageStore, conv_spec: Dict[str, Any],
                  method_cls: Optional[type] = None) -> str:
     """Hash of everything that determines the pretrained weights: dataset content, image size,
-    backbone and conv config, pretraining settings, seed, and the code of whatever builds the
+    backbone and conv config, pretraining settings, precision, seed, and the code of whatever builds the
     pretrained module (:func:`fewshot_nsl.identity.pretraining_code_hash`).
 
     The code rule: the built-in methods share one pretraining per (data, backbone, conv, settings,
@@ -112,6 +112,7 @@ def pretrain_key(cfg: RunConfig, store: ImageStore, conv_spec: Dict[str, Any],
         "backbone_options": cfg.backbone_options,
         "conv": conv_spec,
         "pretrain": cfg.pretrain.__dict__,
+        "precision": cfg.precision,  # pretraining runs under its autocast
         "seed": cfg.seed,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

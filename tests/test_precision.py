@@ -120,3 +120,14 @@ def test_transductive_rows_are_recorded_and_marked(tmp_path):
     table = (tmp_path / "results" / "table6.md").read_text()
     maml_line = next(line for line in table.splitlines() if "maml" in line.lower() and "±" in line)
     assert "†" in maml_line and "transductive" in table
+
+
+def test_pretraining_cache_is_keyed_by_precision(tiny_store):
+    """A bf16 cell never reuses an fp32 pretraining (the pretraining runs under the run's autocast)."""
+    from fewshot_nsl.training_state import pretrain_key
+    from fewshot_nsl.registry import get_method_class
+
+    base = {"method": "finetune", "profile": "smoke", "dataset": "tiny", "image_size": 16}
+    cls = get_method_class("finetune")
+    keys = {p: pretrain_key(resolve_config({**base, "precision": p}), tiny_store, {}, cls) for p in ("fp32", "bf16")}
+    assert keys["fp32"] != keys["bf16"]
