@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
+import json
 import platform
 import time
 from dataclasses import dataclass
@@ -69,6 +71,7 @@ from .inputs import (  # noqa: F401  (re-exported)
 from .leaderboard import aggregate, paper_comparable, paper_value, upsert_row
 from .methods.base import FewShotMethod
 from .precision import configure_backends, fast_mode_text
+from .validation import validation_list_hash
 from .provenance import (  # noqa: F401
     _display_path,
     _read_json,
@@ -114,7 +117,12 @@ def run_identity(cfg: RunConfig, store: Optional[ImageStore] = None, episodes: O
         cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         world = cached_world_size(pretrain_cache_path(cfg, store, conv_spec_of(cfg), method_cls, cache))
     backbone_factory = BACKBONES.get(cfg.backbone) if cfg.backbone in BACKBONES else None  # a plugin backbone's code counts
-    return RunIdentity(config_hash=config_hash(cfg), dataset_fingerprint=store.fingerprint(),
+    cfg_hash = config_hash(cfg)
+    val = {s: validation_list_hash(cfg, store, s) for s in stages_of(cfg) if s in TRAINING_STAGES}
+    val = {s: h for s, h in val.items() if h}
+    if val:  # the validation lists a stage selects or stops on are part of what determines the numbers
+        cfg_hash = hashlib.sha256(json.dumps([cfg_hash, val], sort_keys=True).encode()).hexdigest()[:16]
+    return RunIdentity(config_hash=cfg_hash, dataset_fingerprint=store.fingerprint(),
                        episode_hash=episodes.sha256, split=episodes.split,
                        code_hash=run_code_hash(method_cls, backbone_factory), world_size=world)
 

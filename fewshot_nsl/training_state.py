@@ -101,6 +101,7 @@ def pretrain_key(cfg: RunConfig, store: ImageStore, conv_spec: Dict[str, Any],
         RegistryError: a code file behind the key changed on disk since it was imported.
     """
     from .identity import pretraining_code_hash
+    from .validation import validation_list_hash
     from .registry import BACKBONES
 
     factory = BACKBONES.get(cfg.backbone) if cfg.backbone in BACKBONES else None
@@ -113,6 +114,8 @@ def pretrain_key(cfg: RunConfig, store: ImageStore, conv_spec: Dict[str, Any],
         "conv": conv_spec,
         "pretrain": cfg.pretrain.__dict__,
         "precision": cfg.precision,  # pretraining runs under its autocast
+        **({"validation_list": validation_list_hash(cfg, store, "pretrain")}
+           if cfg.pretrain.val_every is not None else {}),  # the list its selection / early stop reads
         "seed": cfg.seed,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -120,6 +120,15 @@ def validation_list(cfg: RunConfig, store: ImageStore) -> EpisodeList:
     return lst
 
 
+def validation_list_hash(cfg: RunConfig, store: ImageStore, stage: str) -> Optional[str]:
+    """Content hash of the validation list stage ``stage`` (``pretrain`` / ``episodic``) reads, or None when the
+    stage does not validate. With validation the selected weights (and an early stop) depend on that list, so it is
+    part of the run's identity and of the pretraining cache key, like the test list."""
+    if not ValidationSettings.of(getattr(cfg, stage)).enabled:
+        return None
+    return validation_list(cfg, store).sha256
+
+
 def prototype_logits(features: nn.Module, t: EpisodeTensors) -> torch.Tensor:
     """Nearest-class-mean logits of an episode on ``features`` (``(B, 3, H, W)`` -> ``(B, ...)``).
 

@@ -144,3 +144,24 @@ def test_too_many_validation_episodes_is_refused(tmp_path):
 def test_paper_profile_selects_as_each_source(method, stage, expected):
     section = getattr(resolve_config({"method": method, "profile": "paper"}), stage)
     assert {k: getattr(section, k) for k in expected} == expected
+
+
+def test_the_validation_list_is_part_of_the_identity_and_of_the_pretraining_key(tmp_path, tiny_store):
+    """Selection and early stopping read the validation list: another list (same settings) is another run."""
+    from fewshot_nsl.data.episodes import episode_list_for_store
+    from fewshot_nsl.registry import get_method_class
+    from fewshot_nsl.runner import run_identity
+    from fewshot_nsl.training_state import pretrain_key
+    from fewshot_nsl.validation import validation_list, validation_list_hash
+
+    cfg = _cfg(tmp_path, "protonet", episodic={"val_every": 2, "val_episodes": 2},
+               pretrain={"val_every": 2, "val_episodes": 2})
+    (tmp_path / "off").mkdir()
+    assert validation_list_hash(_cfg(tmp_path / "off"), tiny_store, "episodic") is None
+    lst = validation_list(cfg, tiny_store)
+    before = (run_identity(cfg, tiny_store), pretrain_key(cfg, tiny_store, {}, get_method_class("finetune")))
+    other = episode_list_for_store(tiny_store, "val", cfg.ways, cfg.shots, cfg.eval.queries, 600, 1)
+    other.save(lst.path)  # the same file name, other episodes
+    after = (run_identity(cfg, tiny_store), pretrain_key(cfg, tiny_store, {}, get_method_class("finetune")))
+    assert before[0].config_hash != after[0].config_hash and before[0].digest() != after[0].digest()
+    assert before[1] != after[1]
