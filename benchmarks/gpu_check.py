@@ -806,13 +806,11 @@ def nvidia_smi() -> Dict[str, str]:
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    import torch
+
+    from fewshot_nsl.provenance import device_name
+
+    return device_name(torch.device("cpu"))
 
 
 def versions() -> Dict[str, Any]:
