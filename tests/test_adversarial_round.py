@@ -29,6 +29,7 @@ and what they got are written up in ``docs/robustness.md`` ("Issue 25: adversari
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -311,7 +312,21 @@ grid_docs = st.fixed_dictionaries({}, optional={
                                                          "shots": grid_values, "ways": grid_values}), grid_values),
     "paper_only": grid_values, "ways": grid_values, "profile": grid_scalars, "include": grid_scalars,
 })
+#: Grids of the right shape (names, null backbones, shot counts), so that accepted grids are generated too.
+_cell_names = st.sampled_from(["protonet", "maml", "dynamic_nsn", "all", "not_registered_yet"])
+plausible_grid_docs = st.fixed_dictionaries({}, optional={
+    "rows": st.lists(st.fixed_dictionaries(
+        {"method": _cell_names},
+        optional={"backbone": st.sampled_from(["cnn4", "cnn9", None]), "shots": st.one_of(st.none(), st.integers(1, 10)),
+                  "label": odd_text, "paper": st.one_of(st.none(), st.floats(0, 100)), "paper_ci": st.floats(0, 5)}),
+        min_size=1, max_size=3),
+    "grid": st.fixed_dictionaries({"method": st.one_of(_cell_names, st.lists(_cell_names, min_size=1, max_size=3))},
+                                  optional={"backbone": st.lists(st.sampled_from(["cnn4", "cnn9", None]), max_size=2),
+                                            "shots": st.one_of(st.integers(1, 5), st.lists(st.integers(1, 5), max_size=3))}),
+    "ways": st.integers(2, 20),
+})
 grid_texts = st.one_of(
+    plausible_grid_docs.map(lambda d: yaml.safe_dump(d, allow_unicode=True)),
     grid_docs.map(lambda d: yaml.safe_dump(d, allow_unicode=True)),
     grid_docs.map(lambda d: json.dumps(d)),
     st.text(alphabet=st.one_of(ODD, st.sampled_from("\t\n :-[]{}*&!#'\"\\")), max_size=40),  # not YAML, tabs, tags
@@ -369,8 +384,11 @@ def _mutations():
 
 
 def _apply(doc: Dict[str, Any], edits) -> Dict[str, Any]:
-    doc = json.loads(json.dumps(doc))
+    """A copy of ``doc`` with ``edits`` applied (each value copied: a generated list may be placed twice)."""
+    doc = copy.deepcopy(doc)
     for kind, *rest in edits:
+        *where, value = rest
+        rest = [*where, copy.deepcopy(value)]
         if kind == "rank":
             (e, c, part, r), value = rest
             try:
@@ -525,7 +543,7 @@ argv_tokens = st.one_of(
 )
 
 
-@settings(ROUND, max_examples=15)
+@settings(ROUND, max_examples=_EXPLORE or 15)
 @given(argv=st.lists(argv_tokens, max_size=6))
 @example(argv=["--shots", "1.5"])
 @example(argv=["--set", "seed=1e400"])
