@@ -358,8 +358,9 @@ def test_generated_grid_files_give_cells_or_one_config_error(text, tmp_path_fact
 
 # ============================================================================ episode lists
 @pytest.fixture(scope="module")
-def committed_style_list(tmp_path_factory):
-    """A valid 5-way 1-shot 2-query list of the ``tiny`` test dataset, saved as the suite saves lists."""
+def saved_list(tmp_path_factory):
+    """A valid 5-way 1-shot 2-query list of the ``tiny`` test dataset, saved as the suite saves the committed
+    lists (``EpisodeList.save``: header, order scheme, hash), and the store it was drawn from."""
     from fewshot_nsl.registry import plugin_module
 
     store = plugin_module(Path(PLUGINS) / "tiny_dataset.py").make_tiny_store()
@@ -420,11 +421,11 @@ def _apply(doc: Dict[str, Any], edits) -> Dict[str, Any]:
 @example(edits=[("class", (0, 1), "class00")], rehash=True)
 @example(edits=[("sha256", "<delete>")], rehash=False)
 @example(edits=[("rank", (0, 0, 1, 0), 1)], rehash=False)
-def test_generated_episode_lists_load_or_give_one_data_error(committed_style_list, edits, rehash, tmp_path_factory):
+def test_generated_episode_lists_load_or_give_one_data_error(saved_list, edits, rehash, tmp_path_factory):
     """A mutated list is refused in one ``DataError`` line (by :meth:`EpisodeList.load` or, for class
     names and ranks the store does not have, by the store check), or it is a valid list: ``rehash``
     recomputes the recorded hash as a user regenerating the file would."""
-    store, doc = committed_style_list
+    store, doc = saved_list
     doc = _apply(doc, edits)
     if rehash:
         try:
