@@ -82,27 +82,41 @@ def import_ray():
 _STORES: Dict[str, Any] = {}
 
 
-def _worker_context(cfg, plugin_dirs: Sequence[str], threads: int):
+def _worker_context(cfg, plugin_dirs: Sequence[str], threads: int, expect: Optional[str] = None):
+    """The run's context in a worker, on the worker's cached store.
+
+    ``expect`` is the run folder name the driver prepared (its identity digest covers the dataset content): a
+    store this worker decoded before the data changed on disk gives another identity, so it is dropped and the
+    data read again; if the identity still differs, the task refuses in one line rather than evaluating other
+    pixels under the driver's run.
+    """
+    from .errors import DataError
     from .registry import load_plugins
-    from .runner import load_store, prepare, store_key
+    from .runner import load_store, prepare, run_dir_of, run_identity, store_key
 
     load_plugins([Path(d) for d in plugin_dirs])
     torch.set_num_threads(threads)
     key = store_key(cfg)
+    if key in _STORES and expect is not None and run_dir_of(cfg, run_identity(cfg, _STORES[key])).name != expect:
+        del _STORES[key]  # decoded before the data changed: read it again
     if key not in _STORES:
         if len(_STORES) >= 2:
             _STORES.clear()
         _STORES[key] = load_store(cfg)
-    return prepare(cfg, _STORES[key], log=_silent)
+    ctx = prepare(cfg, _STORES[key], log=_silent)
+    if expect is not None and ctx.run_dir.name != expect:
+        raise DataError(f"a worker sees run {ctx.run_dir.name} where the driver prepared {expect}: the data or code "
+                        f"changed while the run was in flight; run the command again")
+    return ctx
 
 
-def pretrain_task(cfg, plugin_dirs: Sequence[str], threads: int) -> Dict[str, Any]:
+def pretrain_task(cfg, plugin_dirs: Sequence[str], threads: int, expect: Optional[str] = None) -> Dict[str, Any]:
     """Ray task: base-class pretraining into the shared cache (no-op when cached)."""
     from .data.store import default_cache_dir
     from .runner import build_method, conv_spec_of
     from .training import pretrain, set_seed
 
-    ctx = _worker_context(cfg, plugin_dirs, threads)
+    ctx = _worker_context(cfg, plugin_dirs, threads, expect)
     t0 = time.perf_counter()
     set_seed(cfg.seed, cfg.deterministic)
     method = build_method(cfg).to(ctx.device)
@@ -112,7 +126,7 @@ def pretrain_task(cfg, plugin_dirs: Sequence[str], threads: int) -> Dict[str, An
 
 
 def train_task(cfg, plugin_dirs: Sequence[str], threads: int, after: Any = None,
-               owns_pretrain: bool = False) -> Dict[str, Any]:
+               owns_pretrain: bool = False, expect: Optional[str] = None) -> Dict[str, Any]:
     """Ray task: train (or load) the run's method; returns its ``train.json`` record.
 
     ``after`` is the result of the pretrain task this run waited for; the first run of those
@@ -123,7 +137,7 @@ def train_task(cfg, plugin_dirs: Sequence[str], threads: int, after: Any = None,
     from .runner import train
     from .safe_io import atomic_write_json
 
-    ctx = _worker_context(cfg, plugin_dirs, threads)
+    ctx = _worker_context(cfg, plugin_dirs, threads, expect)
     fresh = not (ctx.run_dir / "method.pt").is_file()
     record = train(ctx, progress=False, log=_silent)
     if fresh and owns_pretrain and isinstance(after, dict) and not after.get("cached"):
@@ -133,7 +147,8 @@ def train_task(cfg, plugin_dirs: Sequence[str], threads: int, after: Any = None,
     return record
 
 
-def eval_task(cfg, indices: List[int], plugin_dirs: Sequence[str], threads: int, after: Any = None) -> Dict[str, Any]:
+def eval_task(cfg, indices: List[int], plugin_dirs: Sequence[str], threads: int, after: Any = None,
+              expect: Optional[str] = None) -> Dict[str, Any]:
     """Ray task: evaluate episodes ``indices`` of a trained run into its own shard CSV.
 
     Returns:
@@ -142,7 +157,7 @@ def eval_task(cfg, indices: List[int], plugin_dirs: Sequence[str], threads: int,
     from .evaluation import read_episode_results
     from .runner import evaluate_run, peak_memory_mb, reset_peak_memory, train
 
-    ctx = _worker_context(cfg, plugin_dirs, threads)
+    ctx = _worker_context(cfg, plugin_dirs, threads, expect)
     train(ctx, progress=False, log=_silent)  # loads method.pt (and the cached pretraining)
     reset_peak_memory(ctx.device)
     shard = ctx.run_dir / "shards" / f"{indices[0]:06d}-{indices[-1]:06d}.csv"
@@ -256,14 +271,15 @@ class RayExecutor:
                         if not pre_path.is_file():
                             owns = key not in pre_refs
                             if owns:
-                                pre_refs[key] = r_pre.remote(cfg, self.plugin_dirs, self.threads)
+                                pre_refs[key] = r_pre.remote(cfg, self.plugin_dirs, self.threads, ctx.run_dir.name)
                             dep = pre_refs[key]
-                    dep = r_train.remote(cfg, self.plugin_dirs, self.threads, dep, owns)
+                    dep = r_train.remote(cfg, self.plugin_dirs, self.threads, dep, owns, ctx.run_dir.name)
                     if not missing:
                         st["pending"].add(dep)
                         ref_owner[dep] = k
                 for i in range(0, len(missing), self.shard_size):
-                    ref = r_eval.remote(cfg, missing[i: i + self.shard_size], self.plugin_dirs, self.threads, dep)
+                    ref = r_eval.remote(cfg, missing[i: i + self.shard_size], self.plugin_dirs, self.threads, dep,
+                                        ctx.run_dir.name)
                     st["pending"].add(ref)
                     ref_owner[ref] = k
                 if not st["pending"]:

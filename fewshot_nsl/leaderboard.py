@@ -153,7 +153,8 @@ def read_leaderboard(path: Path) -> pd.DataFrame:
     if not path.is_file() or path.stat().st_size == 0:
         return pd.DataFrame(columns=COLUMNS)
     header = pd.read_csv(path, nrows=0).columns
-    df = pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS if c in header}, keep_default_na=True)
+    # only an empty cell is missing: a method or dataset named NA, NULL, nan or None is a name, not a gap
+    df = pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS if c in header}, keep_default_na=False, na_values=[""])
     for c in df.columns:
         if not pd.api.types.is_numeric_dtype(df[c]):
             df[c] = df[c].map(unescape_cell)

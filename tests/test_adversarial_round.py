@@ -486,7 +486,6 @@ def _table_rows(markdown: str) -> List[List[str]]:
 @example(name="1e5", kind="backbone")
 def test_generated_names_are_refused_or_render_safely(name, kind, tmp_path_factory):
     hypothesis.assume(name not in ("protonet", "cnn4", "tiny", "plain_name"))  # the rows' other names
-    hypothesis.assume(name not in PANDAS_NA)  # read back as NaN today: test_a_name_pandas_reads_as_missing_... (xfail)
     reg = Registry(kind)
     try:
         reg.register(name)(type("Plugin", (), {}))
@@ -515,10 +514,6 @@ def _board_with(folder: Path, kind: str, name: str):
     return read_leaderboard(board)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: read_leaderboard (fewshot_nsl/leaderboard.py) reads a text cell 'NA', "
-                                       "'NULL', 'NaN', 'nan', 'null' or 'None' as NaN (pandas' default na_values), yet "
-                                       "these are valid registered names: the row loses its name and every run of the "
-                                       "cell appends another row instead of replacing it")
 @pytest.mark.parametrize("kind", ["method", "backbone", "dataset"])
 def test_a_name_pandas_reads_as_missing_keeps_its_name_and_its_one_row(kind, tmp_path):
     assert all(is_valid_name(n) for n in PANDAS_NA)

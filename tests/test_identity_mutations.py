@@ -643,20 +643,11 @@ def test_every_config_key_changes_the_identity_or_cannot_change_the_number(basel
 
 
 # ----------------------------------------------------------------------------- Ray workers
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a Ray worker keeps decoded stores in executors._STORES keyed by store_key(cfg) (dataset, data root "
-    "path, image size, cache folder, options), not by the files' content: after the data changed in place, a "
-    "worker of the same driver (run_grid with a RayExecutor on an already initialised Ray, e.g. a notebook "
-    "calling it twice) builds its RunContext from the old store, so train_task/eval_task use the old identity's "
-    "run folder (its method.pt) and old pixels, and the driver merges those episode rows into the new identity's "
-    "episodes.csv. Fix (fewshot_nsl/executors.py, _worker_context): key the cache by the store's listing "
-    "(ImageStore.source_files states / the cache key load_store computes) or check the cached store's "
-    "fingerprint against a fresh listing, and have the driver pass its dataset fingerprint so a worker refuses "
-    "a store that differs"))
 def test_a_ray_worker_never_evaluates_a_store_decoded_before_the_data_changed(baseline, tmp_path):
     from fewshot_nsl import executors
     from fewshot_nsl.config import resolve_config
-    from fewshot_nsl.runner import load_store
+    from fewshot_nsl.errors import DataError
+    from fewshot_nsl.runner import load_store, run_dir_of, run_identity
 
     b = baseline
     data = copied(b.pristine, tmp_path / "data")
@@ -668,11 +659,17 @@ def test_a_ray_worker_never_evaluates_a_store_decoded_before_the_data_changed(ba
     try:
         first = executors._worker_context(cfg, [str(b.plugins)], 1)
         edit_pixel(data / "test/test_class0/0.png")
-        on_disk = load_store(cfg).fingerprint()
+        fresh = load_store(cfg)
+        on_disk = fresh.fingerprint()
         assert on_disk != first.store.fingerprint()
-        second = executors._worker_context(cfg, [str(b.plugins)], 1)
+        # the driver prepared the run on the data as it is now and passes its run folder to every task
+        expect = run_dir_of(cfg, run_identity(cfg, fresh)).name
+        second = executors._worker_context(cfg, [str(b.plugins)], 1, expect)
         assert second.store.fingerprint() == on_disk, "the worker evaluates the pixels decoded before the edit"
-        assert second.identity.dataset_fingerprint == on_disk
+        assert second.identity.dataset_fingerprint == on_disk and second.run_dir.name == expect
+        # a task for a run the worker cannot reproduce (data changed again after the driver prepared it) refuses
+        with pytest.raises(DataError, match="changed while the run was in flight"):
+            executors._worker_context(cfg, [str(b.plugins)], 1, first.run_dir.name)
     finally:
         executors._STORES.clear()
         torch.set_num_threads(threads)
