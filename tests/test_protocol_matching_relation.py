@@ -270,8 +270,9 @@ def test_sung_weights_init_is_applied_to_the_encoder_too():
 def test_paper_profile_runs_sungs_relationnet_transductively():
     cfg = resolve_config({"method": "relationnet", "profile": "paper", "shots": 5})
     assert cfg.method_options["test_bn"] == "batch" and cfg.method_options["encoder_init"] == "sung"
+    # quick follows the source here too: +1.45 +- 0.27 points over running statistics, measured (docs/protocols.md)
     quick = resolve_config({"method": "relationnet", "profile": "quick", "shots": 5})
-    assert quick.method_options.get("test_bn", "running") == "running"
+    assert quick.method_options["test_bn"] == "batch"
 
 
 @pytest.mark.parametrize("options, match", [
