@@ -45,7 +45,7 @@ CHECKS = [
 ]
 
 #: committed reference runs usable as arms (quick profile, seed 0)
-REFERENCE = ROOT / "results" / "reference" / "glyphs_quick" / "runs"
+REFERENCE = ROOT / "results" / "reference" / "glyphs_quick_2026-12-04" / "runs"  # the runs the ablation compared
 COMMITTED = {
     "meta5_m_and_head_ref": "glyphs_meta_static_nsn_cnn4_5w5s_quick_seed0_1d54b695",
     "meta1_m_and_head_ref": "glyphs_meta_static_nsn_cnn4_5w1s_quick_seed0_1cea207f",
