@@ -17,7 +17,8 @@ Each cell runs in a fresh subprocess with one torch thread:
 3. the peak RSS of each timed phase above the RSS before it (``clear_refs`` / ``VmHWM``).
 
 Projection of the full budget on this CPU: pretraining steps = ``epochs * ceil(38400 / batch_size)``
-(the 38400 Mini-ImageNet base images), episodic steps = ``episodic.steps``, 600 test episodes.
+(the 38400 Mini-ImageNet base images), episodic steps = ``episodic.steps``, 600 test episodes, plus the validation
+episodes of the stages that validate (``steps // val_every * val_episodes``, each costing about a test episode).
 
     .venv/bin/python benchmarks/paper_cells.py [--out benchmarks/paper_cells.json] [--cells 0,3]
 """
@@ -143,9 +144,15 @@ def measure_cell(index: int, reps: int) -> dict:
     out["peak_mb"] = peaks
     out["cpu_s"] = cpu_times  # process CPU time (one thread): the work, unaffected by waiting for a core
     out["eval_episodes_full"] = full.eval.episodes
+    # validation episodes of the full budget (fewshot_nsl.validation), each costing about one test episode
+    val = 0
+    for section, steps in ((full.pretrain, out.get("pretrain_steps_full", 0)), (full.episodic, out.get("episodic_steps_full", 0))):
+        if section.val_every:
+            val += (steps // section.val_every) * section.val_episodes
+    out["validation_episodes_full"] = val
 
     def projection(pre, epi, ev):
-        return (ev * full.eval.episodes + (pre or 0.0) * out.get("pretrain_steps_full", 0)
+        return (ev * (full.eval.episodes + val) + (pre or 0.0) * out.get("pretrain_steps_full", 0)
                 + (epi or 0.0) * out.get("episodic_steps_full", 0)) / 3600
 
     out["projected_full_h"] = projection(out.get("pretrain_step_s"), out.get("episodic_step_s"), out["eval_episode_s"])

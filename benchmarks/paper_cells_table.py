@@ -23,6 +23,8 @@ for c in cells:
         steps.append(f"{c['pretrain_steps_full']} pre")
     if "episodic_steps_full" in c:
         steps.append(f"{c['episodic_steps_full']} epi (ways {c['episodic_ways']}, q {c['episodic_queries']}, mb {c['meta_batch']})")
+    if c.get("validation_episodes_full"):
+        steps.append(f"{c['validation_episodes_full']} val")
     steps.append(f"{c['eval_episodes_full']} test")
     peak = max(c["peak_mb"].values())
     ok = "ok" if c.get("end_to_end_ok") else "FAILED"
