@@ -37,6 +37,7 @@ from .validation import StageValidator, ValidationSettings, prototype_logits
 from .training_state import (  # noqa: F401  (re-exported: callers import them from training)
     cached_world_size,
     check_finite,
+    nonfinite_error,
     host_rng_states,
     load_checkpoint,
     pretrain_cache_path,
@@ -288,9 +289,9 @@ class IntervalLog:
         have_acc = all(a is not None for a in self.accs)
         values = torch.stack(self.losses + ([a for a in self.accs] if have_acc else [])).tolist()  # one sync
         losses, accs = values[: len(self.losses)], values[len(self.losses):]
-        for v, where in zip(losses, self.where):
-            if not math.isfinite(v):
-                check_finite(torch.tensor(v), where)
+        bad = next((where for v, where in zip(losses, self.where) if not math.isfinite(v)), None)
+        if bad is not None:
+            raise nonfinite_error(bad)
         mean = sum(losses) / len(losses)
         self.curve.update(step, mean, sum(accs) / len(accs) if have_acc else None)
         self.losses, self.accs, self.where = [], [], []

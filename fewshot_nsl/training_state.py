@@ -72,9 +72,14 @@ def load_checkpoint(path: Path, device: torch.device) -> Any:
         ) from None
 
 
+def nonfinite_error(what: str) -> NumericalError:
+    """The one-line error for a NaN/Inf ``what`` (a loss, named with its step)."""
+    return NumericalError(f"{what} is NaN or Inf; lower the learning rate or check the data (results written so far are kept)")
+
+
 def check_finite(value: torch.Tensor, what: str) -> None:
     if not torch.isfinite(value).all():
-        raise NumericalError(f"{what} is NaN or Inf; lower the learning rate or check the data (results written so far are kept)")
+        raise nonfinite_error(what)
 
 
 # ----------------------------------------------------------------------------- pretraining cache

@@ -138,15 +138,12 @@ def test_paper_profile_pretrains_the_ravi_rows_with_adam(method):
     assert resolve_config({"method": "static_nsn", "profile": "paper"}).pretrain.optimizer == "sgd"
 
 
-def test_adam_pretraining_runs_and_resumes_identically(tmp_path):
+def test_adam_pretraining_runs_and_resumes_identically(tmp_path, monkeypatch):
     """An Adam/constant pretraining killed after its first epoch resumes to the same weights."""
     from fewshot_nsl import training
+    from test_gpu_readiness import _killed_after_first_epoch, _pretrain_cfg
 
-    f = tmp_path / "p.yaml"
-    f.write_text(yaml.safe_dump({"pretrain": {"optimizer": "adam", "schedule": "constant", "lr": 1e-3, "epochs": 2,
-                                              "batch_size": 32, "augment": False, "max_steps": None}}))
-    cfg = resolve_config({"method": "finetune", "profile": "smoke", "dataset": "tiny", "image_size": 16,
-                          "backbone_options": {"filters": 4}, "device": "cpu"}, str(f))
+    cfg = _pretrain_cfg(tmp_path, optimizer="adam", schedule="constant", lr=1e-3, augment=False)
     store = load_store(cfg)
 
     def run(cache):
@@ -156,22 +153,7 @@ def test_adam_pretraining_runs_and_resumes_identically(tmp_path):
         return m.pretrain_module().state_dict()
 
     full = run(tmp_path / "a")
-    real = training.atomic_torch_save
-    calls = []
-
-    def kill_after_first_epoch(obj, path):
-        real(obj, path)
-        if str(path).endswith(".partial"):
-            calls.append(path)
-            raise KeyboardInterrupt
-
-    training.atomic_torch_save = kill_after_first_epoch
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run(tmp_path / "b")
-    finally:
-        training.atomic_torch_save = real
-    assert calls
-    resumed = run(tmp_path / "b")
+    assert _killed_after_first_epoch(tmp_path, cfg, monkeypatch)
+    resumed = run(tmp_path / "cache")
     for k in full:
         torch.testing.assert_close(full[k], resumed[k])
