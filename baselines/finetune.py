@@ -20,6 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot_nsl.methods import FewShotMethod, fit_linear_head, make_optimizer, train_on_support
+from fewshot_nsl.methods.batched import (
+    episode_features,
+    fit_linear_heads,
+    linear_init,
+    linear_logits,
+    replay_draws,
+    support_orders,
+)
 from fewshot_nsl.registry import register_method
 
 
@@ -97,3 +105,31 @@ class Finetune(FewShotMethod):
             raise RuntimeError("finetune: call fit_support before forward")
         backbone, head = self._episode
         return head(backbone(query_x))
+
+    # ------------------------------------------------------------------ batched evaluation
+    def supports_batched_evaluation(self) -> bool:
+        """Batched with a frozen backbone (Chen et al.'s protocol: a new head per episode)."""
+        return not self.finetune_backbone
+
+    def episode_bytes(self, support: int, queries: int, image_size: int) -> int:
+        """Features of the episode's images and its head's training tensors (the backbone runs in fixed chunks)."""
+        return 8 * (support + queries) * self.feature_dim * 4
+
+    def evaluate_episodes(self, support_x, support_y, query_x, seeds, ways) -> torch.Tensor:
+        """``E`` episodes: frozen features of all their images, then ``E`` heads trained side by side
+        (:func:`~fewshot_nsl.methods.batched.fit_linear_heads`), each from the initial weights and support
+        orders its episode's seed gives ``fit_support``. ``(E, S, 3, H, W)``, ``(E, S)``, ``(E, Q, 3, H, W)`` ->
+        ``(E, Q, ways)``."""
+        device, dtype, n = support_x.device, support_x.dtype, support_x.shape[1]
+
+        def draw():
+            weight, bias = linear_init(self.feature_dim, ways, device, dtype)
+            return weight, bias, support_orders(n, self.epochs, self.batch_size, device, shuffle_full_batch=True)
+
+        weight, bias, orders = replay_draws(seeds, device, draw)
+        support = episode_features(self.backbone, support_x)  # (E, S, D)
+        weight, bias = fit_linear_heads(
+            weight, bias, support, support_y, orders, batch_size=self.batch_size, lr=self.lr,
+            momentum=self.momentum, dampening=self.dampening, weight_decay=self.weight_decay,
+        )  # fmt: skip
+        return linear_logits(weight, bias, episode_features(self.backbone, query_x))

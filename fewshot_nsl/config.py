@@ -175,6 +175,9 @@ class EvalConfig:
     episodes: int = 600  # the first N of the fixed list
     queries: int = 15
     split: str = "test"
+    #: episodes per call for a method with batched evaluation (fewshot_nsl.evaluation): "auto" (by memory) or a
+    #: number (1: one episode at a time). How the evaluation runs, not what it computes: not in the config hash.
+    batch_episodes: Any = "auto"
 
 
 @dataclass
@@ -218,6 +221,7 @@ class RunConfig:
         d = self.to_dict()
         for k in ("device", "compile", "results_dir", "cache_dir", "data_root", "episodes_file", *omit):
             d.pop(k)
+        d["eval"].pop("batch_episodes", None)  # how the evaluation is run, not what it computes
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def _validate_numbers(self) -> None:
@@ -265,6 +269,10 @@ class RunConfig:
         at_least("eval.queries", ev.queries)
         if ev.split not in ("train", "val", "test"):
             raise ConfigError(f"eval.split must be train, val or test, got '{ev.split}'")
+        if ev.batch_episodes != "auto" and (isinstance(ev.batch_episodes, bool) or not isinstance(ev.batch_episodes, int)
+                                            or ev.batch_episodes < 1):
+            raise ConfigError(f"eval.batch_episodes must be auto or a whole number of at least 1 (1: one episode at a "
+                              f"time), got {ev.batch_episodes!r}")
 
     def _validate_options(self) -> None:
         """Option dicts hold option names only, none that the harness passes itself (``dataset_options.
@@ -318,6 +326,8 @@ class RunConfig:
 
 # ----------------------------------------------------------------------------- loading
 def _check_type(value: Any, tp: Any, where: str) -> Any:
+    if tp is Any:  # a setting of several forms (e.g. eval.batch_episodes: auto or a number), checked by validate
+        return value
     origin = typing.get_origin(tp)
     if origin is typing.Union:  # Optional[X]
         args = [a for a in typing.get_args(tp) if a is not type(None)]

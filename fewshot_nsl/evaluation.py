@@ -26,16 +26,17 @@ import os
 import time
 import traceback
 from pathlib import Path
-from typing import IO, Dict, List, Optional
+from typing import IO, Dict, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
 
-from .data.episodes import EpisodeList, Materialiser
+from .data.episodes import EpisodeList, Materialiser, StagedEpisode
 from .data.prefetch import Prefetcher, stages
 from .data.store import ImageStore
 from .errors import FewShotError, MethodError
 from .methods.base import FewShotMethod
+from .methods.batched import auto_batch_episodes, episode_seed, seed_torch
 from .precision import autocast
 
 FIELDS = ["episode", "accuracy", "correct", "total", "seconds", "status"]
@@ -69,23 +70,6 @@ def _repair(path: Path) -> None:
             path.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
-def episode_seed(seed: int, episode: int) -> int:
-    return (seed * 1_000_003 + episode) % (2**63 - 1)
-
-
-def seed_torch(seed: int, device: torch.device) -> None:
-    """``torch.manual_seed(seed)``, without its cost where CUDA is not in use.
-
-    ``torch.manual_seed`` also queues a lazy seeding of CUDA, which records a stack trace
-    (~2 ms, a tenth of a 32x32 ProtoNet episode on a 2-core CPU); on a CPU device with CUDA
-    not initialised, seeding the CPU generator is the same thing for the method.
-    """
-    if device.type == "cpu" and not torch.cuda.is_initialized():
-        torch.default_generator.manual_seed(seed)
-    else:
-        torch.manual_seed(seed)
-
-
 def _method_name(method: FewShotMethod) -> str:
     return getattr(type(method), "registered_name", type(method).__name__)
 
@@ -94,6 +78,21 @@ def episode_accuracy(row: Dict[str, str]) -> float:
     """Accuracy (%) of one finished ``episodes.csv`` row: 0 for a ``nonfinite`` episode (counted
     as wrong; older versions wrote ``nan`` there), else its ``accuracy``."""
     return 0.0 if row.get("status") == "nonfinite" else float(row["accuracy"])
+
+
+def _method_error(method: FewShotMethod, exc: BaseException, call: str, where: str, error_dir: Optional[Path]) -> str:
+    """One line for a method's own exception (the traceback goes to ``error_dir/error.txt`` when given)."""
+    kept = ""
+    if error_dir is not None:
+        try:
+            error_dir.mkdir(parents=True, exist_ok=True)
+            (error_dir / "error.txt").write_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+            kept = f"; traceback in {error_dir / 'error.txt'}"
+        except OSError:
+            pass
+    msg = " ".join(str(exc).split())[:200]
+    return (f"method {_method_name(method)} raised {type(exc).__name__} in {call} on {where}: {msg}{kept}; "
+            f"fix the method (finished episodes are kept)")
 
 
 def run_episode(
@@ -138,23 +137,92 @@ def run_episode(
     except (KeyboardInterrupt, torch.OutOfMemoryError, FewShotError):
         raise
     except Exception as exc:  # a method's own bug: one line, the traceback kept in a file
-        where = ""
-        if error_dir is not None:
-            try:
-                error_dir.mkdir(parents=True, exist_ok=True)
-                (error_dir / "error.txt").write_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
-                where = f"; traceback in {error_dir / 'error.txt'}"
-            except OSError:
-                pass
-        msg = " ".join(str(exc).split())[:200]
-        raise MethodError(f"method {_method_name(method)} raised {type(exc).__name__} in {call} on {split} episode "
-                          f"{episode}: {msg}{where}; fix the method (finished episodes are kept)") from None
+        raise MethodError(_method_error(method, exc, call, f"{split} episode {episode}", error_dir)) from None
     problem = FewShotMethod.logits_problem(logits, len(query_x), int(support_y.max()) + 1 if ways is None else ways)
     if problem:
         got, expected = problem
         raise MethodError(f"method {_method_name(method)} returned {got} from forward on {split} episode {episode}; "
                           f"{expected}; fix the method")
     return logits
+
+
+class EpisodeBatch(NamedTuple):
+    """``E`` materialised episodes of one shape, stacked.
+
+    Attributes:
+        support_x: ``(E, S, 3, H, W)``; support_y: ``(E, S)`` int64; query_x: ``(E, Q, 3, H, W)``;
+        query_y: ``(E, Q)`` int64; ways: classes per episode.
+    """
+
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    query_x: torch.Tensor
+    query_y: torch.Tensor
+    ways: int
+
+
+def load_batch(mat: Materialiser, staged: Sequence[StagedEpisode]) -> Optional[EpisodeBatch]:
+    """Stack staged episodes into one :class:`EpisodeBatch` on the device (one host-to-device copy of all
+    their images, support images first); None when they differ in support size, query size or ways."""
+    if len({(len(t.support_y), len(t.query_y), t.ways) for t in staged}) != 1:
+        return None
+    e, n_s, n_q, ways = len(staged), len(staged[0].support_y), len(staged[0].query_y), staged[0].ways
+    raw = torch.cat([t.images[:n_s] for t in staged] + [t.images[n_s:] for t in staged])
+    x = mat.to_device(raw.pin_memory() if mat.pin_memory else raw)  # (E*(S+Q), 3, H, W)
+    labels = torch.stack([torch.cat([t.support_y, t.query_y]) for t in staged]).to(mat.device, non_blocking=True)
+    support_x = x[: e * n_s].unflatten(0, (e, n_s))
+    query_x = x[e * n_s:].unflatten(0, (e, n_q))
+    return EpisodeBatch(support_x, labels[:, :n_s], query_x, labels[:, n_s:], ways)
+
+
+def run_episodes(
+    method: FewShotMethod,
+    batch: EpisodeBatch,
+    episodes: Sequence[int],
+    seeds: Sequence[int],
+    error_dir: Optional[Path] = None,
+    split: str = "test",
+) -> torch.Tensor:
+    """:meth:`FewShotMethod.evaluate_episodes` on one batch under ``torch.no_grad()`` (the batched twin of
+    :func:`run_episode`: the method is given the support images, support labels and query images only).
+
+    Returns:
+        Logits ``(E, n_query, ways)`` of a real floating-point dtype.
+
+    Raises:
+        MethodError: the method raised (one line naming the episodes; the traceback goes to
+            ``error_dir/error.txt``) or returned logits of another shape or dtype.
+    """
+    where = f"{split} episodes {episodes[0]}-{episodes[-1]}"
+    try:
+        with torch.no_grad():
+            logits = method.evaluate_episodes(batch.support_x, batch.support_y, batch.query_x, seeds, batch.ways)
+    except (KeyboardInterrupt, torch.OutOfMemoryError, FewShotError):
+        raise
+    except Exception as exc:
+        raise MethodError(_method_error(method, exc, "evaluate_episodes", where, error_dir)) from None
+    e, n_q = batch.query_x.shape[:2]
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or len(logits) != e:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise MethodError(f"method {_method_name(method)} returned logits of shape {got} from evaluate_episodes on "
+                          f"{where}; expected (episodes, n_query, ways) = ({e}, {n_q}, {batch.ways}); fix the method")
+    problem = FewShotMethod.logits_problem(logits[0], n_q, batch.ways)
+    if problem:
+        got, expected = problem
+        raise MethodError(f"method {_method_name(method)} returned {got} per episode from evaluate_episodes on "
+                          f"{where}; {expected}; fix the method")
+    return logits
+
+
+def resolve_batch_episodes(method: FewShotMethod, setting: Union[str, int], device: torch.device, n_episodes: int,
+                           support: int, queries: int, image_size: int) -> int:
+    """Episodes per call: 1 (the per-episode path) for a method without :meth:`FewShotMethod.supports_batched_evaluation`;
+    else ``setting``, or for ``"auto"`` as many as fit the memory budget (:func:`~fewshot_nsl.methods.batched.auto_batch_episodes`)."""
+    if not method.supports_batched_evaluation():
+        return 1
+    if setting == "auto":
+        return auto_batch_episodes(method.episode_bytes(support, queries, image_size), device, n_episodes)
+    return max(1, min(int(setting), max(1, n_episodes)))
 
 
 class _PendingRows:
@@ -226,6 +294,8 @@ def evaluate(
     indices: Optional[List[int]] = None,
     error_dir: Optional[Path] = None,
     precision: str = "fp32",
+    batch_episodes: Union[str, int] = "auto",
+    info: Optional[Dict[str, object]] = None,
 ) -> List[float]:
     """Evaluate ``method`` on the first ``n_episodes`` of ``episodes`` (or on ``indices``).
 
@@ -237,7 +307,13 @@ def evaluate(
     the episode ``nonfinite`` and counts it as wrong (accuracy 0): a method cannot raise its
     mean by abstaining on hard episodes.
 
-    The next episode is materialised in a background thread while the method runs on the current
+    A method that declares :meth:`~FewShotMethod.supports_batched_evaluation` is evaluated ``batch_episodes``
+    episodes per call instead (:meth:`~FewShotMethod.evaluate_episodes`, :func:`run_episodes`): the same
+    per-episode logits up to floating-point rounding, each episode with its own seed; its rows are written
+    after every batch, so a killed evaluation loses at most the batch in flight. An episode's ``seconds`` is
+    then its batch's time divided by the batch's episodes.
+
+    The next episode (or batch) is materialised in a background thread while the method runs on the current
     one (:class:`~fewshot_nsl.data.prefetch.Prefetcher`); scores stay on the device and rows are
     written in batches (:data:`ROWS_PER_FLUSH`, :data:`FSYNC_EVERY_S`), so the harness itself
     synchronises with the device once per batch. Finished episodes are written before an exception
@@ -245,6 +321,9 @@ def evaluate(
 
     Args:
         error_dir: where a method's traceback goes (``error.txt``); default: beside ``out_csv``.
+        batch_episodes: episodes per call for a method with batched evaluation: ``"auto"`` (by memory,
+            :func:`resolve_batch_episodes`) or a number (1: the per-episode path).
+        info: filled with ``batch_episodes`` (what ran: 1 for the per-episode path).
 
     Returns:
         Per-episode accuracies in percent, in episode order (0 for ``nonfinite`` episodes).
@@ -258,7 +337,13 @@ def evaluate(
     method.to(device).eval()
     new_file = not out_csv.is_file() or out_csv.stat().st_size == 0
     missing = [i for i in todo if i not in done]
-    prepare, finish = stages(mat.device, lambda i: mat.stage(episodes.episode(i)), mat.load)
+    first = episodes.episodes[missing[0]] if missing else None
+    n_support = sum(len(r) for r in first.support) if first is not None else 0
+    n_query = sum(len(r) for r in first.query) if first is not None else 0
+    per_call = resolve_batch_episodes(method, batch_episodes, mat.device, len(missing), n_support, n_query, image_size)
+    if info is not None:
+        info["batch_episodes"] = per_call
+    error_dir = error_dir or out_csv.parent
     with out_csv.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         if new_file:
@@ -266,19 +351,10 @@ def evaluate(
         rows = _PendingRows(f, writer)
         bar = tqdm(total=len(todo), initial=len(todo) - len(missing), desc="evaluate", disable=not progress, unit="ep")
         try:
-            with Prefetcher(missing, prepare, finish) as tensors:
-                t0 = time.perf_counter()
-                for i, t in zip(missing, tensors):  # an episode's seconds: from the previous one's end (data time included)
-                    seed_torch(episode_seed(seed, i), mat.device)
-                    with autocast(precision, mat.device):
-                        logits = run_episode(method, t.support_x, t.support_y, t.query_x, i,
-                                             error_dir=error_dir or out_csv.parent, split=episodes.split,
-                                             ways=len(episodes.episodes[i].classes))
-                    rows.add(i, logits, t.query_y, time.perf_counter() - t0)
-                    t0 = time.perf_counter()
-                    bar.update(1)
-                    if rows.due():
-                        rows.write(done)
+            if per_call > 1:
+                _evaluate_batched(method, mat, episodes, missing, per_call, seed, precision, error_dir, rows, done, bar)
+            else:
+                _evaluate_each(method, mat, episodes, missing, seed, precision, error_dir, rows, done, bar)
         except BaseException:
             try:  # keep the episodes that finished before the error or the interrupt
                 rows.write(done, fsync=True)
@@ -289,3 +365,53 @@ def evaluate(
             bar.close()
         rows.write(done, fsync=True)
     return [episode_accuracy(done[i]) for i in todo]
+
+
+def _evaluate_each(method: FewShotMethod, mat: Materialiser, episodes: EpisodeList, missing: List[int], seed: int,
+                   precision: str, error_dir: Path, rows: _PendingRows, done: Dict[int, Dict[str, str]], bar) -> None:
+    """The per-episode path of :func:`evaluate`: ``fit_support`` / ``forward`` per episode."""
+    prepare, finish = stages(mat.device, lambda i: mat.stage(episodes.episode(i)), mat.load)
+    with Prefetcher(missing, prepare, finish) as tensors:
+        t0 = time.perf_counter()
+        for i, t in zip(missing, tensors):  # an episode's seconds: from the previous one's end (data time included)
+            seed_torch(episode_seed(seed, i), mat.device)
+            with autocast(precision, mat.device):
+                logits = run_episode(method, t.support_x, t.support_y, t.query_x, i, error_dir=error_dir,
+                                     split=episodes.split, ways=len(episodes.episodes[i].classes))
+            rows.add(i, logits, t.query_y, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            bar.update(1)
+            if rows.due():
+                rows.write(done)
+
+
+def _evaluate_batched(method: FewShotMethod, mat: Materialiser, episodes: EpisodeList, missing: List[int],
+                      per_call: int, seed: int, precision: str, error_dir: Path, rows: _PendingRows,
+                      done: Dict[int, Dict[str, str]], bar) -> None:
+    """The batched path of :func:`evaluate`: ``per_call`` episodes per :meth:`FewShotMethod.evaluate_episodes`;
+    rows written after every batch. A batch whose episodes differ in shape runs episode by episode."""
+    chunks = [missing[k:k + per_call] for k in range(0, len(missing), per_call)]
+    prepare, finish = stages(mat.device, lambda chunk: [mat.stage(episodes.episode(i)) for i in chunk],
+                             lambda staged: (staged, load_batch(mat, staged)))
+    with Prefetcher(chunks, prepare, finish) as batches:
+        t0 = time.perf_counter()
+        for chunk, (staged, batch) in zip(chunks, batches):
+            if batch is None:  # episodes of different shapes: one at a time
+                for i, st in zip(chunk, staged):
+                    t = mat.load(st)
+                    seed_torch(episode_seed(seed, i), mat.device)
+                    with autocast(precision, mat.device):
+                        logits = run_episode(method, t.support_x, t.support_y, t.query_x, i, error_dir=error_dir,
+                                             split=episodes.split, ways=st.ways)
+                    rows.add(i, logits, t.query_y, time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+            else:
+                with autocast(precision, mat.device):
+                    logits = run_episodes(method, batch, chunk, [episode_seed(seed, i) for i in chunk],
+                                          error_dir=error_dir, split=episodes.split)
+                seconds = (time.perf_counter() - t0) / len(chunk)
+                for e, i in enumerate(chunk):
+                    rows.add(i, logits[e], batch.query_y[e], seconds)
+                t0 = time.perf_counter()
+            bar.update(len(chunk))
+            rows.write(done)

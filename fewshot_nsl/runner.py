@@ -352,10 +352,14 @@ def evaluate_run(
     ``out_csv`` (default ``episodes.csv``), resuming from what is already there."""
     if ctx.method is None:
         raise RuntimeError("evaluate_run needs a trained method: call train(ctx) first")
-    return evaluate(ctx.method, ctx.store, ctx.episodes, ctx.n_episodes, ctx.device, ctx.cfg.image_size,
+    info: Dict[str, Any] = {}
+    accs = evaluate(ctx.method, ctx.store, ctx.episodes, ctx.n_episodes, ctx.device, ctx.cfg.image_size,
                     Path(out_csv or ctx.episodes_csv), seed=ctx.cfg.seed, progress=progress,
                     indices=list(indices) if indices is not None else None, error_dir=ctx.run_dir,
-                    precision=ctx.cfg.precision)
+                    precision=ctx.cfg.precision, batch_episodes=ctx.cfg.eval.batch_episodes, info=info)
+    if out_csv is None and indices is None:  # how the run's own evaluation ran (summary.json: eval_batch_episodes)
+        atomic_write_json(ctx.run_dir / "evaluation.json", info)
+    return accs
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -414,6 +418,7 @@ def finish(ctx: RunContext, executor: str = "local", eval_peak_mb: Optional[floa
         "compiled": bool(record.get("compiled", False)), "precision": cfg.precision,
         "transductive": get_method_class(cfg.method).is_transductive(cfg.method_options),
         "fast_mode": record.get("fast_mode", "off"),
+        "eval_batch_episodes": (_read_json(ctx.run_dir / "evaluation.json") or {}).get("batch_episodes"),
         "pretrain_world_size": record.get("pretrain_world_size", 1), "resumed": bool(record.get("resumed", False)) or resumed,
         "torch_version": torch.__version__, "python_version": platform.python_version(), **git_info(),
         "run_id": ctx.run_dir.name, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -84,6 +84,61 @@ class FewShotMethod(nn.Module):
         """Classify queries: ``(Q, 3, H, W)`` -> logits ``(Q, ways)``."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ batched evaluation (optional)
+    def supports_batched_evaluation(self) -> bool:
+        """Whether the harness may evaluate this instance many episodes at a time through
+        :meth:`evaluate_episodes` (``False`` by default: ``fit_support`` / ``forward`` per episode, the path
+        every plugin keeps). A method whose options decide it overrides this."""
+        return False
+
+    def evaluate_episodes(
+        self,
+        support_x: torch.Tensor,
+        support_y: torch.Tensor,
+        query_x: torch.Tensor,
+        seeds: Sequence[int],
+        ways: int,
+    ) -> torch.Tensor:
+        """Logits of ``E`` episodes at once, under ``torch.no_grad()`` in eval mode (a method that trains something
+        per episode opens ``torch.enable_grad()`` itself).
+
+        The contract: ``result[e]`` equals, up to floating-point rounding, the logits ``forward(query_x[e])``
+        returns after ``fit_support(support_x[e], support_y[e])`` with the torch RNG seeded by ``seeds[e]``
+        (:func:`~fewshot_nsl.methods.batched.seed_torch`): each episode keeps its own random stream
+        (:func:`~fewshot_nsl.methods.batched.replay_draws`). This default runs exactly that, one episode after
+        another; a method that declares :meth:`supports_batched_evaluation` overrides it with one batched
+        computation (:mod:`fewshot_nsl.methods.batched`).
+
+        Args:
+            support_x: ``(E, S, 3, H, W)`` support images of the episodes, each in its episode's shuffled order.
+            support_y: ``(E, S)`` int64 labels in ``0..ways-1``.
+            query_x: ``(E, Q, 3, H, W)`` query images.
+            seeds: the ``E`` episodes' seeds.
+            ways: classes per episode (the same for every episode of the batch).
+
+        Returns:
+            ``(E, Q, ways)`` logits of a real floating-point dtype.
+        """
+        from .batched import seed_torch
+
+        out = []
+        for e, seed in enumerate(seeds):
+            seed_torch(int(seed), support_x.device)
+            labels = support_y[e]
+            labels.episode_ways = ways  # type: ignore[attr-defined]
+            self.fit_support(support_x[e], labels)
+            out.append(self(query_x[e]))
+        return torch.stack(out)
+
+    def episode_bytes(self, support: int, queries: int, image_size: int) -> int:
+        """Memory (bytes) one episode of :meth:`evaluate_episodes` holds at its peak, for the automatic
+        ``eval.batch_episodes``. Default: every layer's activations of all the episode's images, three times
+        (values, gradients, optimiser state: a method that trains the network per episode); a method that
+        keeps only features overrides it with less."""
+        from .batched import activation_bytes_per_image
+
+        return 3 * (support + queries) * activation_bytes_per_image(self.backbone, image_size)
+
     # ------------------------------------------------------------------ training hooks
     def loss(
         self,

@@ -34,6 +34,7 @@ from ..errors import ConfigError
 from ..nn import NSConv2d
 from ..registry import register_method
 from .base import FewShotMethod
+from .batched import episode_features, fit_linear_heads, linear_init, linear_logits, replay_draws, support_orders
 from .head_training import OPTIMIZERS, fit_linear_head
 
 
@@ -100,3 +101,32 @@ class DynamicNSN(FewShotMethod):
             raise RuntimeError("dynamic_nsn: call fit_support before forward")
         (head,) = self._episode
         return head(self.backbone(query_x))
+
+    # ------------------------------------------------------------------ batched evaluation
+    def supports_batched_evaluation(self) -> bool:
+        """Always: the network is frozen at test, only the heads are trained per episode."""
+        return True
+
+    def episode_bytes(self, support: int, queries: int, image_size: int) -> int:
+        """Features of the episode's images and its head's training tensors (the backbone runs in fixed chunks)."""
+        return 8 * (support + queries) * self.feature_dim * 4
+
+    def evaluate_episodes(self, support_x, support_y, query_x, seeds, ways) -> torch.Tensor:
+        """``E`` episodes: the frozen dynamic NSN's features of all their images (in chunks), then ``E`` heads
+        trained side by side (:func:`~fewshot_nsl.methods.batched.fit_linear_heads`) from the initial weights and
+        support orders each episode's seed gives ``fit_support``. ``(E, S, 3, H, W)``, ``(E, S)``,
+        ``(E, Q, 3, H, W)`` -> ``(E, Q, ways)``."""
+        device, n = support_x.device, support_x.shape[1]
+        support = episode_features(self.backbone, support_x)  # (E, S, D)
+
+        def draw():
+            weight, bias = linear_init(self.feature_dim, ways, device, support.dtype)
+            return weight, bias, support_orders(n, self.epochs, self.batch_size, device)
+
+        weight, bias, orders = replay_draws(seeds, device, draw)
+        weight, bias = fit_linear_heads(
+            weight, bias, support, support_y, orders, batch_size=self.batch_size, lr=self.lr,
+            momentum=self.momentum, dampening=self.dampening, weight_decay=self.weight_decay,
+            optimizer=self.optimizer,
+        )  # fmt: skip
+        return linear_logits(weight, bias, episode_features(self.backbone, query_x))
