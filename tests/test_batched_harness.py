@@ -1,0 +1,152 @@
+"""The harness's batched evaluation path (:func:`fewshot_nsl.evaluation.evaluate` with ``batch_episodes``):
+the same rows as the per-episode path, resume after an interruption mid-batch, one-line errors, the setting."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import List
+
+import pytest
+import torch
+
+from fewshot_nsl import evaluation
+from fewshot_nsl.config import RunConfig, resolve_config
+from fewshot_nsl.data.episodes import Materialiser, episode_list_for_store
+from fewshot_nsl.errors import ConfigError, MethodError
+from fewshot_nsl.evaluation import evaluate, load_batch, resolve_batch_episodes
+from fewshot_nsl.methods import batched
+
+from batched_equivalence import build
+from sync_free_method import NearestMean  # noqa: E402
+
+CPU = torch.device("cpu")
+COMPARE = ["episode", "accuracy", "correct", "total", "status"]
+
+
+def _rows(path: Path) -> List[dict]:
+    with open(path, newline="") as f:
+        return [{k: r[k] for k in COMPARE} for r in csv.DictReader(f)]
+
+
+class BatchedNearestMean(NearestMean):
+    """:class:`NearestMean` with a batched path; ``fail_call`` / ``interrupt_call``: the ``evaluate_episodes`` call
+    (0-based) that raises a ValueError / KeyboardInterrupt; ``bad_shape``: return logits of a wrong shape."""
+
+    def __init__(self, fail_call: int = -1, interrupt_call: int = -1, bad_shape: bool = False) -> None:
+        super().__init__()
+        self.batch_calls, self.sizes = 0, []
+        self.fail_call, self.interrupt_call, self.bad_shape = fail_call, interrupt_call, bad_shape
+
+    def supports_batched_evaluation(self) -> bool:
+        return True
+
+    def evaluate_episodes(self, support_x, support_y, query_x, seeds, ways):
+        call, self.batch_calls = self.batch_calls, self.batch_calls + 1
+        self.sizes.append(len(seeds))
+        if call == self.fail_call:
+            raise ValueError("broken batch")
+        if call == self.interrupt_call:
+            raise KeyboardInterrupt
+        x = support_x.flatten(2)  # (E, S, D)
+        onehot = torch.nn.functional.one_hot(support_y, ways).to(x.dtype)  # (E, S, ways)
+        protos = onehot.transpose(1, 2) @ x / onehot.sum(1).unsqueeze(-1)  # (E, ways, D)
+        logits = -torch.cdist(query_x.flatten(2), protos).pow(2)  # (E, Q, ways)
+        return logits[:, :, :2] if self.bad_shape else logits
+
+
+def test_batched_rows_equal_the_per_episode_rows_and_batches_are_as_asked(tiny_store, tmp_path):
+    lst = episode_list_for_store(tiny_store, "test", 5, 2, 3, n=20, seed=0)
+    evaluate(NearestMean(), tiny_store, lst, 20, CPU, 16, tmp_path / "each.csv", progress=False)
+    method, info = BatchedNearestMean(), {}
+    evaluate(method, tiny_store, lst, 20, CPU, 16, tmp_path / "batched.csv", progress=False, batch_episodes=7, info=info)
+    assert method.sizes == [7, 7, 6] and info == {"batch_episodes": 7}
+    assert _rows(tmp_path / "each.csv") == _rows(tmp_path / "batched.csv")
+
+
+@pytest.mark.parametrize("name", ["dynamic_nsn", "finetune"])
+def test_a_built_in_method_scores_the_same_episodes_either_way(tiny_store, tmp_path, name):
+    lst = episode_list_for_store(tiny_store, "test", 5, 2, 3, n=12, seed=0)
+    method = build(name, "quick", method_options={"epochs": 5}).float()
+    for per_call in (1, 5):
+        info = {}
+        evaluate(method, tiny_store, lst, 12, CPU, 16, tmp_path / f"{per_call}.csv", progress=False,
+                 batch_episodes=per_call, info=info)
+        assert info["batch_episodes"] == per_call
+    assert _rows(tmp_path / "1.csv") == _rows(tmp_path / "5.csv")
+
+
+def test_an_interrupted_batch_loses_only_itself_and_the_run_resumes_to_the_same_rows(tiny_store, tmp_path):
+    lst = episode_list_for_store(tiny_store, "test", 5, 2, 3, n=20, seed=0)
+    out = tmp_path / "e.csv"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(BatchedNearestMean(interrupt_call=2), tiny_store, lst, 20, CPU, 16, out, progress=False,
+                 batch_episodes=6)
+    assert [r["episode"] for r in _rows(out)] == [str(i) for i in range(12)]  # two batches written
+    resumed = BatchedNearestMean()
+    evaluate(resumed, tiny_store, lst, 20, CPU, 16, out, progress=False, batch_episodes=6)
+    assert resumed.sizes == [6, 2]
+    evaluate(NearestMean(), tiny_store, lst, 20, CPU, 16, tmp_path / "ref.csv", progress=False)
+    assert _rows(out) == _rows(tmp_path / "ref.csv")
+
+
+def test_a_method_error_in_a_batch_is_one_line_naming_the_episodes_and_keeps_finished_rows(tiny_store, tmp_path):
+    lst = episode_list_for_store(tiny_store, "test", 5, 2, 3, n=12, seed=0)
+    out = tmp_path / "e.csv"
+    with pytest.raises(MethodError) as err:
+        evaluate(BatchedNearestMean(fail_call=1), tiny_store, lst, 12, CPU, 16, out, progress=False, batch_episodes=4)
+    msg = str(err.value)
+    assert "\n" not in msg and "evaluate_episodes" in msg and "test episodes 4-7" in msg and "broken batch" in msg
+    assert (tmp_path / "error.txt").is_file()
+    assert [r["episode"] for r in _rows(out)] == [str(i) for i in range(4)]
+
+
+def test_logits_of_the_wrong_shape_from_a_batch_are_refused(tiny_store, tmp_path):
+    lst = episode_list_for_store(tiny_store, "test", 5, 2, 3, n=4, seed=0)
+    with pytest.raises(MethodError, match=r"expected \(n_query, ways\) = \(15, 5\)"):
+        evaluate(BatchedNearestMean(bad_shape=True), tiny_store, lst, 4, CPU, 16, tmp_path / "e.csv", progress=False,
+                 batch_episodes=4)
+
+
+def test_a_method_without_batched_support_runs_per_episode_whatever_the_setting(tiny_store, tmp_path):
+    lst = episode_list_for_store(tiny_store, "test", 5, 2, 3, n=3, seed=0)
+    info = {}
+    evaluate(NearestMean(), tiny_store, lst, 3, CPU, 16, tmp_path / "e.csv", progress=False, batch_episodes=50,
+             info=info)
+    assert info == {"batch_episodes": 1}
+
+
+def test_auto_batch_size_follows_the_memory_budget(monkeypatch):
+    method = BatchedNearestMean()
+    monkeypatch.setattr(method, "episode_bytes", lambda s, q, size: 10_000_000)
+    monkeypatch.setattr(batched, "CPU_EVAL_BUDGET_BYTES", 35_000_000)
+    assert resolve_batch_episodes(method, "auto", CPU, 600, 10, 15, 16) == 3
+    monkeypatch.setattr(batched, "CPU_EVAL_BUDGET_BYTES", 10**15)
+    assert resolve_batch_episodes(method, "auto", CPU, 600, 10, 15, 16) == batched.MAX_BATCH_EPISODES
+    assert resolve_batch_episodes(method, "auto", CPU, 7, 10, 15, 16) == 7
+    assert resolve_batch_episodes(method, 1, CPU, 600, 10, 15, 16) == 1
+
+
+def test_load_batch_stacks_support_first_and_refuses_mixed_shapes(tiny_store):
+    mat = Materialiser(tiny_store, 16, CPU)
+    lst = episode_list_for_store(tiny_store, "test", 5, 2, 3, n=3, seed=0)
+    staged = [mat.stage(lst.episode(i)) for i in range(3)]
+    batch = load_batch(mat, staged)
+    assert batch.support_x.shape == (3, 10, 3, 16, 16) and batch.query_x.shape == (3, 15, 3, 16, 16)
+    for e in range(3):
+        one = mat.load(staged[e])
+        assert torch.equal(batch.support_x[e], one.support_x) and torch.equal(batch.query_x[e], one.query_x)
+        assert torch.equal(batch.support_y[e], one.support_y) and torch.equal(batch.query_y[e], one.query_y)
+    other = episode_list_for_store(tiny_store, "test", 5, 1, 3, n=1, seed=0)
+    assert load_batch(mat, staged[:1] + [mat.stage(other.episode(0))]) is None
+
+
+@pytest.mark.parametrize("value", [0, -3, "many", True, 2.5])
+def test_bad_batch_episodes_settings_are_one_line(value):
+    with pytest.raises(ConfigError, match="eval.batch_episodes must be auto or a whole number"):
+        resolve_config({"method": "protonet", "profile": "smoke", "dataset": "tiny", "eval": {"batch_episodes": value}})
+
+
+def test_batch_episodes_is_not_part_of_the_config_hash():
+    a, b = RunConfig(), RunConfig()
+    b.eval.batch_episodes = 1
+    assert a.hash() == b.hash()
