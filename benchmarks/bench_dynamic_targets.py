@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,12 +42,15 @@ from fewshot_nsl.nn import make_conv_factory  # noqa: E402
 QUICK_PRETRAIN_STEPS = 1920  # quick profile: 24 epochs x ceil(5120 / 64) batches of the 64 glyphs base classes
 
 
-def make_step(kind: str, size: int, batch: int, compiled: bool):
-    """A closure running one training step of CNN-4 (``kind`` plain or dynamic DNS) on a fixed batch."""
+def make_step(kind: str, size: int, batch: int, compiled: bool, conv_options: Optional[Dict[str, object]] = None):
+    """A closure running one training step of CNN-4 (``kind`` plain or dynamic) on a fixed batch.
+
+    ``conv_options``: options of the dynamic conv factory (default ``{"structure": "dns"}``); ignored for plain.
+    """
     torch.manual_seed(0)
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 64, (batch,))
-    conv = make_conv_factory("plain") if kind == "plain" else make_conv_factory("dynamic", structure="dns")
+    conv = make_conv_factory("plain") if kind == "plain" else make_conv_factory("dynamic", **(conv_options or {"structure": "dns"}))
     net = CNN4(filters=32, conv_layer=conv)
     model = nn.Sequential(net, nn.Linear(net.feature_dim(size), 64)).train()
     if compiled:
