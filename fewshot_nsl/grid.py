@@ -387,6 +387,8 @@ def run_grid(
     dry_run: bool = False,
     rerun: bool = False,
     replace_row: bool = False,
+    progress_every: Optional[float] = None,
+    tracking: Optional[str] = None,
 ) -> GridResult:
     """Plan the cells, run what is missing with ``executor`` (default: local), aggregate the seeds
     of every finished cell into its leaderboard row, and re-render the reports.
@@ -398,6 +400,9 @@ def run_grid(
             results, summaries) are deleted and run again; the shared pretraining cache is kept.
         replace_row: write each cell's row even over a leaderboard row measured on more episodes
             or seeds (by default that row is kept, and the log says so in one line).
+        progress_every: print a timestamped progress line every this many seconds while a run trains
+            or evaluates (for output that is not a terminal; None or 0: none).
+        tracking: ``"mlflow"`` logs every finished run to MLflow (:mod:`fewshot_nsl.tracking`); None: no tracker.
     """
     from .executors import LocalExecutor
 
