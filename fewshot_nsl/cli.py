@@ -176,6 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     bars.add_argument("--progress", action="store_true", default=None,
                       help="progress bars on stderr (default: only when stderr is a terminal)")
     bars.add_argument("--no-progress", action="store_false", dest="progress", help="no progress bars")
+    o.add_argument("--progress-every", type=float, default=60.0, metavar="SECONDS",
+                   help="when the output is not a terminal (piped to a log), print a timestamped progress line "
+                        "(stage, step/total, loss, validation accuracy, ETA) every SECONDS (default 60; 0: never)")
+    o.add_argument("--tracking", choices=("none", "mlflow"), default="none",
+                   help="also log every finished run to a tracker: mlflow (params, curves, final row, run folder "
+                        "as artifacts; a local file store under the results folder unless MLFLOW_TRACKING_URI "
+                        "is set; needs pip install 'fewshot-nsl[tracking]')")
     o.add_argument("--quiet", "-q", action="store_true", help="no info lines and no progress bars (errors still on stderr)")
     o.add_argument("--log-file", metavar="FILE", help="append every line (info, also with --quiet, and errors) to FILE")
     o.add_argument("--json", action="store_true",
@@ -427,6 +434,8 @@ def _main(argv: Optional[List[str]] = None) -> int:
             reference=args.reference, skip_unregistered=bool(args.grid), grid_name=grid_name,
             progress=progress, log=log, fail_fast=not args.grid and len(cells) == 1, dry_run=args.dry_run,
             rerun=args.rerun, replace_row=args.replace_row,
+            progress_every=None if progress or args.quiet else args.progress_every,
+            tracking=None if args.tracking == "none" else args.tracking,
         )
         if args.dry_run:
             return 0
