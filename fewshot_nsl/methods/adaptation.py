@@ -14,15 +14,22 @@ query loss after a differentiable inner loop. A subclass names what it adapts
 optionally the head for ``meta_static_nsn``), or replaces the inner loop
 (:meth:`GradientAdaptedMethod.adapted_network`: learn2learn's Meta-SGD); frozen parameters are
 carried through unchanged.
+
+At evaluation the same inner loop also runs on many episodes at once (:func:`batched_sgd_adaptation`, through
+``torch.func``: the network is called with per-episode fast weights under ``vmap`` over the episode dimension,
+a conv with batched weights becoming a grouped conv), for the methods that keep the standard inner loop
+(:meth:`GradientAdaptedMethod.supports_batched_evaluation`); a subclass that replaces it stays on the
+per-episode path.
 """
 from __future__ import annotations
 
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import higher
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, vmap
 
 from ..errors import ConfigError
 from .base import FewShotMethod
@@ -94,6 +101,89 @@ def sgd_inner_loop(
     elif first_order:
         fast = [p + (f - p).detach() for p, f in zip(net.parameters(), fast)]
     return fnet, fast
+
+
+def episodes_network(net: nn.Module, batched: Sequence[str]
+                     ) -> Callable[[Dict[str, torch.Tensor], torch.Tensor], torch.Tensor]:
+    """``net`` run on ``E`` episodes at once with per-episode copies of some of its parameters.
+
+    The parameters named in ``batched`` are given per episode (a leading dimension ``E``); every other parameter
+    and buffer is ``net``'s own, shared by the episodes (detached: nothing flows back to ``net``). Each episode
+    runs as ``net`` runs one batch (``torch.func.vmap`` over the episodes, so a BatchNorm normalising with batch
+    statistics uses each episode's own batch, and a conv with per-episode weights becomes a grouped conv).
+    ``net`` must not update buffers in place (BN in eval mode, or without running statistics).
+
+    Args:
+        net: the module.
+        batched: names (as in ``net.named_parameters()``) of the per-episode parameters.
+
+    Returns:
+        ``run(fast, x)``: ``fast`` maps each name of ``batched`` to an ``(E, *shape)`` tensor, ``x`` is
+        ``(E, B, *in)``; returns ``(E, B, *out)``.
+    """
+    names = set(batched)
+    shared = {n: t.detach() for n, t in list(net.named_parameters()) + list(net.named_buffers()) if n not in names}
+
+    def one(fast: Dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return functional_call(net, {**shared, **fast}, (x,))
+
+    return vmap(one)
+
+
+def episodes_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, shots: int, reduction: str = "mean"
+                           ) -> torch.Tensor:
+    """Sum over ``E`` episodes of :func:`episode_cross_entropy` of each: ``(E, B, ways)``, ``(E, B)`` -> scalar
+    (so each episode's own parameters get exactly their episode's gradient)."""
+    e, b, ways = logits.shape
+    total = F.cross_entropy(logits.reshape(e * b, ways), labels.reshape(e * b), reduction="sum")
+    return total / shots if reduction == "per_shot" else total / b
+
+
+def batched_sgd_adaptation(
+    net: nn.Module,
+    adapted: Sequence[str],
+    lr: float,
+    steps: int,
+    support_x: torch.Tensor,
+    support_y: torch.Tensor,
+    query_x: torch.Tensor,
+    ways: int,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """The test-time inner loop of :func:`sgd_inner_loop` (not differentiable) on ``E`` episodes side by side.
+
+    Every episode starts from ``net``'s weights and takes ``steps`` plain SGD steps of ``lr`` on its support
+    loss (:func:`episode_cross_entropy` of the logits sliced to ``ways``) over the parameters named in
+    ``adapted`` (the others stay ``net``'s); then its queries are classified with its fast weights. ``net`` is
+    not modified. Gradients are enabled inside, so this works under ``torch.no_grad()``.
+
+    Args:
+        net: the network, ``(B, 3, H, W) -> (B, >= ways)``.
+        adapted: names (as in ``net.named_parameters()``) of the parameters the steps update.
+        lr: SGD step size.
+        steps: number of SGD steps.
+        support_x: ``(E, S, 3, H, W)``.
+        support_y: ``(E, S)`` int64 labels in ``0..ways-1``.
+        query_x: ``(E, Q, 3, H, W)``.
+        ways: classes per episode.
+        reduction: ``"mean"`` or ``"per_shot"`` (:func:`episode_cross_entropy`).
+
+    Returns:
+        ``(E, Q, ways)`` query logits with each episode's fast weights (no graph).
+    """
+    e, s = support_y.shape
+    shots = max(1, s // ways)
+    params = dict(net.named_parameters())
+    fast = {n: params[n].detach().unsqueeze(0).expand(e, *params[n].shape).clone() for n in adapted}
+    run = episodes_network(net, list(fast))
+    with torch.enable_grad():
+        for _ in range(steps):
+            fast = {n: t.requires_grad_(True) for n, t in fast.items()}
+            loss = episodes_cross_entropy(run(fast, support_x)[..., :ways], support_y, shots, reduction)
+            grads = torch.autograd.grad(loss, list(fast.values()), allow_unused=True)
+            fast = {n: t.detach() if g is None else (t - lr * g).detach() for (n, t), g in zip(fast.items(), grads)}
+    with torch.no_grad():
+        return run(fast, query_x)[..., :ways]
 
 
 class AdaptedNetwork(NamedTuple):
@@ -215,6 +305,9 @@ class GradientAdaptedMethod(FewShotMethod):
         """The parameters the inner loop updates (all of :meth:`network` by default)."""
         return list(self.network().parameters())
 
+    def check_ready(self) -> None:
+        """Refuse to adapt before the method is set up (a subclass with a setup step overrides it; no-op here)."""
+
     # ------------------------------------------------------------------ inner loop
     def adapt(
         self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int, track_higher_grads: bool
@@ -233,6 +326,7 @@ class GradientAdaptedMethod(FewShotMethod):
             The patched network and its fast weights, in ``network().parameters()`` order;
             ``fnet(x, params=fast)`` -> ``(B, self.ways)``.
         """
+        self.check_ready()
         ways = check_head_ways(self.display_name(), self.ways, self.num_ways(support_y))
         shots = max(1, len(support_y) // ways)
         return sgd_inner_loop(
@@ -269,6 +363,39 @@ class GradientAdaptedMethod(FewShotMethod):
         adapted = self.adapted_network(support_x, support_y, self.inner_steps, differentiable=True)
         shots = max(1, len(support_y) // adapted.ways)
         return episode_cross_entropy(adapted.logits(query_x), query_y, shots, self.loss_reduction)
+
+    # ------------------------------------------------------------------ batched evaluation
+    def supports_batched_evaluation(self) -> bool:
+        """Whether the batched test-time adaptation (:meth:`evaluate_episodes`) computes what ``fit_support`` /
+        ``forward`` do: only while the class keeps this class's inner loop and episode calls (a subclass that
+        replaces :meth:`adapted_network`, :meth:`adapt`, ``fit_support`` or ``forward``, such as learn2learn's
+        Meta-SGD, stays on the per-episode path) and steps with ``inner_lr``."""
+        cls = type(self)
+        own = all(getattr(cls, name) is getattr(GradientAdaptedMethod, name)
+                  for name in ("adapted_network", "adapt", "fit_support", "forward"))
+        return own and self.inner_lr is not None
+
+    def episode_bytes(self, support: int, queries: int, image_size: int) -> int:
+        """The default (3x the activations of the episode's images) plus three copies of the adapted weights
+        (fast weights, their gradients, the next step's)."""
+        adapted = sum(p.numel() * p.element_size() for p in self.adapted_parameters())
+        return super().episode_bytes(support, queries, image_size) + 3 * adapted
+
+    def evaluate_episodes(self, support_x, support_y, query_x, seeds, ways) -> torch.Tensor:
+        """``E`` episodes' test-time adaptations side by side (:func:`batched_sgd_adaptation`): from the initial
+        weights, ``inner_steps_test`` SGD steps of ``inner_lr`` on each support loss over
+        :meth:`adapted_parameters`, then the queries with each episode's fast weights. No random draws (the
+        seeds are not used). ``(E, S, 3, H, W)``, ``(E, S)``, ``(E, Q, 3, H, W)`` -> ``(E, Q, ways)``.
+        Falls back to the per-episode loop where :meth:`supports_batched_evaluation` is ``False``."""
+        if not self.supports_batched_evaluation():
+            return super().evaluate_episodes(support_x, support_y, query_x, seeds, ways)
+        self.check_ready()
+        check_head_ways(self.display_name(), self.ways, ways)
+        net = self.network()
+        ids = {id(p) for p in self.adapted_parameters()}
+        adapted = [n for n, p in net.named_parameters() if id(p) in ids]
+        return batched_sgd_adaptation(net, adapted, self.inner_lr, self.inner_steps_test, support_x, support_y,
+                                      query_x, ways, self.loss_reduction)
 
     def clip_gradients(self) -> None:
         """Clip every meta-gradient element to ``[-grad_clip_value, grad_clip_value]`` (cbfinn/maml ``maml.py``:

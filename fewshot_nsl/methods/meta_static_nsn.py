@@ -24,7 +24,7 @@ not require grad and are not in the inner optimiser: they are carried through un
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -184,14 +184,10 @@ class MetaStaticNSN(GradientAdaptedMethod):
         return similarity_regularization(self.backbone, l2=self.similarity_l2, centered=self.similarity_l2_centered)
 
     # ------------------------------------------------------------------ what the inner loop adapts
-    def adapt(
-        self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int, track_higher_grads: bool
-    ) -> Tuple[nn.Module, List[torch.Tensor]]:
-        """Inner loop: ``steps`` SGD steps of the support cross-entropy over ``M_s`` (and the head with
-        ``adapt_head``); see :meth:`GradientAdaptedMethod.adapt`. Refused before :meth:`after_pretrain`."""
+    def check_ready(self) -> None:
+        """Refuse to adapt before :meth:`after_pretrain` (the harness calls it) has wrapped the convs."""
         if not self.wrapped:
             raise RuntimeError("meta_static_nsn: call after_pretrain() (the harness does) before adapting")
-        return super().adapt(support_x, support_y, steps, track_higher_grads)
 
     def adapted_parameters(self) -> List[nn.Parameter]:
         """The parameters the inner loop updates: every ``M_s``, plus the head's with ``adapt_head``."""
