@@ -36,6 +36,7 @@ from torch import nn
 
 from fewshot_nsl.errors import ConfigError
 from fewshot_nsl.methods import FewShotMethod
+from fewshot_nsl.methods.batched import episode_features
 from fewshot_nsl.registry import register_method
 
 SCORINGS = ("attention", "summed_cosine")
@@ -126,31 +127,42 @@ class MatchingNet(FewShotMethod):
 
     # ------------------------------------------------------------------ full-context embeddings
     def embed_support(self, z: torch.Tensor) -> torch.Tensor:
-        """``g``: ``(S, D)`` backbone features -> ``(S, D)`` context embeddings."""
+        """``g``: ``(S, D)`` backbone features -> ``(S, D)`` context embeddings; ``(E, S, D)`` -> ``(E, S, D)`` for
+        ``E`` episodes at once (each its own sequence of the bidirectional LSTM's batch)."""
         if not self.fce:
             return z
-        out, _ = self.support_lstm(z.unsqueeze(0))  # (1, S, 2D): forward and backward halves
-        fwd, bwd = out[0].chunk(2, dim=-1)
+        episodes = z if z.dim() == 3 else z.unsqueeze(0)  # (E, S, D)
+        out, _ = self.support_lstm(episodes)  # (E, S, 2D): forward and backward halves
+        fwd, bwd = out.chunk(2, dim=-1)
         if self.fce_lstms == "ravi":  # item i gets the backward LSTM's i-th step (FCE-embedding.lua biLSTM)
-            bwd = bwd.flip(0)
-        return z + fwd + bwd
+            bwd = bwd.flip(-2)
+        g = episodes + fwd + bwd
+        return g if z.dim() == 3 else g[0]
 
     def embed_query(self, z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """``f``: ``(Q, D)`` features and ``(S, D)`` support embeddings -> ``(Q, D)``."""
+        """``f``: ``(Q, D)`` features and ``(S, D)`` support embeddings -> ``(Q, D)``; or ``(E, Q, D)`` and
+        ``(E, S, D)`` -> ``(E, Q, D)`` for ``E`` episodes at once (the attention cell runs on their ``E * Q`` rows,
+        each query reads its own episode's support set)."""
         if not self.fce:
             return z
         h = torch.zeros_like(z)
-        c = torch.zeros_like(z)
+        c = torch.zeros_like(z).flatten(0, -2)  # the cell's state, (rows, D)
+        g_t = g.transpose(-1, -2)
+
+        def cell(x: torch.Tensor, hidden: torch.Tensor, c: torch.Tensor):
+            h_hat, c = self.query_cell(x.flatten(0, -2), (hidden.flatten(0, -2), c))
+            return h_hat.view_as(z), c
+
         if self.fce_lstms == "ravi":
-            r = g.mean(0).expand_as(z)  # r_1: the mean support embedding
+            r = g.mean(-2, keepdim=True).expand_as(z)  # r_1: the mean support embedding
             for _ in range(self.processing_steps):
-                h_hat, c = self.query_cell(torch.cat([z, r], dim=1), (h, c))
+                h_hat, c = cell(torch.cat([z, r], dim=-1), h, c)
                 h = h_hat + z
-                r = torch.softmax(h @ g.T, dim=1) @ g  # (Q, D) read-out with the new state
+                r = torch.softmax(h @ g_t, dim=-1) @ g  # (Q, D) read-out with the new state
             return h
         for _ in range(self.processing_steps):
-            r = torch.softmax(h @ g.T, dim=1) @ g  # (Q, D) read-out
-            h_hat, c = self.query_cell(z, (h + r, c))
+            r = torch.softmax(h @ g_t, dim=-1) @ g  # (Q, D) read-out
+            h_hat, c = cell(z, h + r, c)
             h = h_hat + z
         return h
 
@@ -163,10 +175,33 @@ class MatchingNet(FewShotMethod):
         """``(Q, 3, H, W)`` -> ``(Q, ways)`` logits: the log attention mass per class (``attention``) or the
         summed cosines per class (``summed_cosine``)."""
         f = self.embed_query(self.backbone(query_x), self.support)
-        cos = self.attention_scale * self.cosine_similarities(f, self.support)  # (Q, S)
+        return self.class_scores(f, self.support, self.support_onehot)
+
+    def class_scores(self, f: torch.Tensor, g: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        """Logits from query and support embeddings: ``(Q, D)``, ``(S, D)``, one-hot labels ``(S, ways)`` ->
+        ``(Q, ways)``; or with a leading episode dimension ``E`` on all three -> ``(E, Q, ways)``."""
+        cos = self.attention_scale * (F.normalize(f, dim=-1) @ F.normalize(g, dim=-1).transpose(-1, -2))  # (Q, S)
         if self.scoring == "summed_cosine":
-            return cos @ self.support_onehot
-        return (torch.softmax(cos, dim=1) @ self.support_onehot).clamp_min(1e-8).log()
+            return cos @ onehot
+        return (torch.softmax(cos, dim=-1) @ onehot).clamp_min(1e-8).log()
+
+    # ------------------------------------------------------------------ batched evaluation
+    def supports_batched_evaluation(self) -> bool:
+        """Always: nothing is trained per episode (the LSTMs run with the episodes as their batch)."""
+        return True
+
+    def episode_bytes(self, support: int, queries: int, image_size: int) -> int:
+        """The episode's images, features, embeddings and LSTM states (float32); the backbone runs in fixed chunks."""
+        dim = self.backbone.feature_dim(image_size)
+        return 4 * ((support + queries) * (3 * image_size**2 + 16 * dim) + 4 * queries * support)
+
+    def evaluate_episodes(self, support_x, support_y, query_x, seeds, ways) -> torch.Tensor:
+        """``E`` episodes at once: features of all their images (in chunks), the full-context embeddings of every
+        episode side by side, then the class scores. ``(E, S, 3, H, W)``, ``(E, S)``, ``(E, Q, 3, H, W)`` ->
+        ``(E, Q, ways)``. Nothing is drawn from the RNG (dropout is off in eval mode; ``seeds`` unused)."""
+        g = self.embed_support(episode_features(self.backbone, support_x))  # (E, S, D)
+        f = self.embed_query(episode_features(self.backbone, query_x), g)  # (E, Q, D)
+        return self.class_scores(f, g, F.one_hot(support_y, ways).to(g.dtype))
 
     # ------------------------------------------------------------------ training hooks
     def attention_lstm_parameters(self) -> List[nn.Parameter]:

@@ -6,8 +6,10 @@ takes the label of its nearest support feature (cosine similarity by default).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from fewshot_nsl.methods import FewShotMethod
+from fewshot_nsl.methods.batched import episode_features
 from fewshot_nsl.registry import register_method
 
 
@@ -40,3 +42,26 @@ class NearestNeighbor(FewShotMethod):
         logits = sim.new_full((sim.shape[0], ways), float("-inf"))
         index = self.support_y.expand_as(sim)
         return logits.scatter_reduce(1, index, sim, reduce="amax")
+
+    # ------------------------------------------------------------------ batched evaluation
+    def supports_batched_evaluation(self) -> bool:
+        """Always: nothing is trained per episode."""
+        return True
+
+    def episode_bytes(self, support: int, queries: int, image_size: int) -> int:
+        """The episode's images, features and similarities (float32); the backbone runs in fixed chunks."""
+        return 4 * ((support + queries) * (3 * image_size**2 + 2 * self.backbone.feature_dim(image_size))
+                    + 2 * queries * support)
+
+    def evaluate_episodes(self, support_x, support_y, query_x, seeds, ways) -> torch.Tensor:
+        """``E`` episodes at once: features of all their images (in chunks), every episode's ``(Q, S)``
+        similarities, then the best per class. ``(E, S, 3, H, W)``, ``(E, S)``, ``(E, Q, 3, H, W)`` ->
+        ``(E, Q, ways)``. Nothing is drawn from the RNG (``seeds`` unused)."""
+        s = episode_features(self.backbone, support_x)  # (E, S, D)
+        q = episode_features(self.backbone, query_x)  # (E, Q, D)
+        if self.metric == "cosine":
+            sim = F.normalize(q, dim=-1).bmm(F.normalize(s, dim=-1).transpose(1, 2))  # (E, Q, S)
+        else:
+            sim = -torch.cdist(q, s).pow(2)
+        logits = sim.new_full((*sim.shape[:2], ways), float("-inf"))
+        return logits.scatter_reduce(2, support_y.unsqueeze(1).expand_as(sim), sim, reduce="amax")
