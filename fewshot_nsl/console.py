@@ -8,14 +8,19 @@
   or device (:func:`fewshot_nsl.safe_io.check_log_file`).
 * Progress bars (tqdm, on stderr) are shown when stderr is a terminal, or with ``--progress``;
   ``--no-progress`` and ``--quiet`` turn them off.
+* Without bars (output piped to a log), a run prints a timestamped progress line every
+  ``--progress-every`` seconds (:class:`RunStatus`, :class:`Heartbeat`): stage, step/total, loss,
+  validation accuracy where there is one, ETA.
 """
 from __future__ import annotations
 
 import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Optional
+from typing import IO, Callable, Optional, Tuple
 
 from .errors import ConfigError
 from .safe_io import check_log_file
@@ -118,3 +123,126 @@ class Console:
     def emit_json(self, text: str) -> None:
         """The JSON document: the only thing on stdout in JSON mode."""
         print(text, file=sys.stdout, flush=True)
+
+
+# ----------------------------------------------------------------------------- progress lines for logs
+class ProgressMode:
+    """The ``progress`` value handed through the executors to a run: true when tqdm bars are drawn (a terminal,
+    or ``--progress``), and, when they are not, how often a run prints a timestamped progress line
+    (``--progress-every``). Falsy where there are no bars, so it stands for the ``progress`` bool everywhere.
+
+    Args:
+        bars: draw tqdm bars.
+        every: seconds between progress lines (None or 0: no lines).
+    """
+
+    def __init__(self, bars: bool, every: Optional[float] = None) -> None:
+        self.bars, self.every = bool(bars), every
+
+    def __bool__(self) -> bool:
+        return self.bars
+
+    def __repr__(self) -> str:
+        return f"ProgressMode(bars={self.bars}, every={self.every})"
+
+
+def progress_every_of(progress: object) -> Optional[float]:
+    """The progress-line interval carried by a ``progress`` value (a :class:`ProgressMode`), else None."""
+    every = getattr(progress, "every", None)
+    return float(every) if every else None
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(max(seconds, 0.0)))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class RunStatus:
+    """Where one run stands: its stage, step of total, last loss and validation accuracy, read by the progress
+    line (:class:`Heartbeat`). The training loops set plain Python numbers they already hold on the host (the
+    step counter, the loss of the last curve row, the last validation's accuracy): a progress line never makes
+    the device synchronise.
+
+    Args:
+        label: names the run in every line (``protonet cnn4 5w5s seed 0``).
+        log: where :meth:`note` lines go (the console's info line).
+    """
+
+    def __init__(self, label: str, log: Callable[[str], None] = print) -> None:
+        self.label, self.log = label, log
+        self.stage: Optional[str] = None
+        self.step, self.total, self.unit = 0, 0, "step"
+        self.loss: Optional[float] = None
+        self.val_accuracy: Optional[float] = None
+        self.poll: Optional[Callable[[], Tuple[int, Optional[float]]]] = None
+        self._t0, self._step0 = time.monotonic(), 0
+
+    def begin(self, stage: str, total: int, done: int = 0, unit: str = "step",
+              poll: Optional[Callable[[], Tuple[int, Optional[float]]]] = None) -> None:
+        """A stage starts (or resumes) at ``done`` of ``total``; ``poll`` (optional) returns ``(done, accuracy)``
+        when the line is due (the evaluation counts the rows of its CSV)."""
+        self.stage, self.total, self.step, self.unit, self.poll = stage, int(total), int(done), unit, poll
+        self.loss = self.val_accuracy = None
+        self._t0, self._step0 = time.monotonic(), int(done)
+
+    def note(self, text: str) -> None:
+        """A one-off line (e.g. where a resumed run goes on from)."""
+        self.log(text)
+
+    def line(self) -> str:
+        """``[2026-12-06 12:40:01] protonet cnn4 5w5s seed 0: episodic step 120/1000 (12%), loss 1.234, ...``."""
+        stamp = datetime.now().isoformat(sep=" ", timespec="seconds")
+        if self.stage is None:
+            return f"[{stamp}] {self.label}: setting up (building the method, loading data)"
+        step, acc_name, acc = self.step, "val acc", self.val_accuracy
+        if self.poll is not None:
+            step, acc = self.poll()
+            acc_name = "mean acc so far"
+        parts = [f"{self.stage} {self.unit} {step}/{self.total}" + (f" ({100 * step / self.total:.0f}%)" if self.total else "")]
+        if self.loss is not None:
+            parts.append(f"loss {self.loss:.4f}")
+        if acc is not None:
+            parts.append(f"{acc_name} {100 * acc if self.poll is None else acc:.2f}%")
+        elapsed, done = time.monotonic() - self._t0, step - self._step0
+        if step >= self.total:
+            parts.append("stage done")
+        elif done > 0 and elapsed > 0:
+            parts.append(f"ETA {_clock((self.total - step) * elapsed / done)} (this stage)")
+        else:
+            parts.append("ETA unknown yet")
+        return f"[{stamp}] {self.label}: " + ", ".join(parts)
+
+
+class Heartbeat:
+    """A background thread printing :meth:`RunStatus.line` every ``every`` seconds while the ``with`` block
+    runs (long runs piped to a log, where tqdm bars are off). A failing line is dropped, never the run.
+
+    Args:
+        status: the run's status.
+        every: seconds between lines (None or 0: the thread is not started).
+        log: where the lines go.
+    """
+
+    def __init__(self, status: RunStatus, every: Optional[float], log: Callable[[str], None] = print) -> None:
+        self.status, self.every, self.log = status, every, log
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def _run(self) -> None:
+        assert self.every
+        while not self._stop.wait(self.every):
+            try:
+                self.log(self.status.line())
+            except Exception:  # noqa: BLE001 - a progress line must never end a run
+                pass
+
+    def __enter__(self) -> "Heartbeat":
+        if self.every and self.every > 0:
+            self._thread = threading.Thread(target=self._run, name="fewshot-nsl-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)

@@ -10,7 +10,8 @@ cache file (a run that reuses the cached pretraining still shows its curve). The
 * ``training_curve.csv``: ``stage,step,loss,accuracy`` (accuracy on the batch or the episode's
   queries; empty where the method's loss does not go through its logits);
 * ``training_curves.png``: loss and accuracy against steps, one line per stage (matplotlib, Agg);
-* ``tensorboard/``: TensorBoard events (``<stage>/loss``, ``<stage>/accuracy``) when the optional
+* ``tensorboard/``: TensorBoard events (``<stage>/loss``, ``<stage>/accuracy``; after the evaluation
+  ``evaluate/accuracy``, ``evaluate/ci95`` and the resolved config as hparams) when the optional
   ``tensorboard`` package is installed (``pip install fewshot-nsl[tensorboard]``); skipped otherwise.
 """
 from __future__ import annotations
@@ -200,3 +201,34 @@ def read_curve(path: Path) -> List[Dict[str, Any]]:
     with open(path, newline="") as f:
         return [{"stage": r["stage"], "step": int(r["step"]), "loss": float(r["loss"]),
                  "accuracy": float(r["accuracy"]) if r["accuracy"] else None} for r in csv.DictReader(f)]
+
+
+def hparams_of(cfg: Any) -> Dict[str, Any]:
+    """The resolved config as TensorBoard hparams: dotted keys, values int/float/str/bool (others as text)."""
+    from .tracking import flatten
+
+    data = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    out = {}
+    for k, v in flatten(data).items():
+        out[k] = v if isinstance(v, (bool, int, float, str)) else str(v)
+    return out
+
+
+def write_tensorboard_summary(run_dir: Path, cfg: Any, summary: Dict[str, Any]) -> Optional[Path]:
+    """Add the evaluation to the run's TensorBoard events (``evaluate/accuracy``, ``evaluate/ci95``) and the
+    hyperparameters (the resolved config, with the accuracy and CI as the hparams metrics), if ``tensorboard``
+    is installed; else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    out = Path(run_dir) / "tensorboard"
+    acc, ci = float(summary["accuracy"]), float(summary["ci95"])
+    writer = SummaryWriter(log_dir=str(out))
+    try:
+        writer.add_scalar("evaluate/accuracy", acc, 0)
+        writer.add_scalar("evaluate/ci95", ci, 0)
+        writer.add_hparams(hparams_of(cfg), {"hparam/accuracy": acc, "hparam/ci95": ci}, run_name=".")
+    finally:
+        writer.close()
+    return out

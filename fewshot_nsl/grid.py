@@ -372,6 +372,112 @@ def check_seeds(seeds: Any) -> Optional[List[int]]:
     return list(dict.fromkeys(check_seed(s, "each of --seeds (seeds=)") for s in seeds))
 
 
+# ----------------------------------------------------------------------------- --dry-run: config and cost
+def config_diff(cfg: RunConfig, cell: Cell, config_file: Optional[str]) -> str:
+    """What the resolved config of ``cell`` changes against the cell run with nothing but its profile (or, with
+    ``config_file``, the file): ``episodic.steps 10 (profile quick: 2000), ...``, or ``as profile quick``."""
+    from .tracking import flatten
+
+    over: Dict[str, Any] = {"method": cell.method, "profile": cfg.profile}
+    if cell.backbone is not None:
+        over["backbone"] = cell.backbone
+    if cell.shots is not None:
+        over["shots"] = cell.shots
+    what = f"config file {Path(config_file).name}" if config_file else f"profile {cfg.profile}"
+    try:
+        base = flatten(resolve_config(over, config_file).to_dict())
+    except FewShotError as exc:
+        return f"(no difference shown: the {what} alone does not resolve: {exc})"
+    mine = flatten(cfg.to_dict())
+    diff = [f"{k} {mine.get(k)!r} ({base.get(k)!r})" for k in sorted(set(mine) | set(base)) if mine.get(k) != base.get(k)]
+    return f"as {what}" if not diff else f"differs from {what} (its value in brackets): " + ", ".join(diff)
+
+
+#: The measured cost tables of a git checkout (not in the wheel).
+PAPER_COSTS = Path("benchmarks") / "paper_cells.json"
+QUICK_COSTS = Path("results") / "reference" / "glyphs_quick" / "leaderboard.csv"
+#: Image size the paper cost table was measured at.
+PAPER_COSTS_IMAGE_SIZE = 84
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def cost_estimate(cfg: RunConfig, store: ImageStore, n_seeds: int = 1) -> str:
+    """A cell's cost from the measured cost tables of the checkout, naming the table, or ``no estimate (why)``.
+
+    * paper profile: ``benchmarks/paper_cells.json`` (per-step and per-episode costs of each paper cell at 84 px
+      on the CPU it was measured on) times this config's pretraining steps, episodic steps (scaled by the
+      meta-batch) and test plus validation episodes; a cached pretraining costs nothing;
+    * quick profile on glyphs: the reference leaderboard ``results/reference/glyphs_quick/leaderboard.csv``
+      (training time plus evaluation time per episode, measured with 2 CPU threads).
+    """
+    import json
+    import math
+
+    from .resources import checkout_root
+
+    root = checkout_root()
+    if root is None:
+        return "no estimate (the measured cost tables ship with the git checkout, not the installed package)"
+    runs = f" x {n_seeds} seeds to run" if n_seeds > 1 else ""
+    if cfg.profile == "paper":
+        table = root / PAPER_COSTS
+        cells = json.loads(table.read_text()) if table.is_file() else {}
+        hit = next((c for c in cells.values() if (c.get("method"), c.get("backbone"), c.get("shots")) ==
+                    (cfg.method, cfg.backbone, cfg.shots)), None)
+        if hit is None:
+            return f"no estimate ({PAPER_COSTS} has no cell {cfg.method} {cfg.backbone} {cfg.shots}-shot)"
+        if cfg.image_size != PAPER_COSTS_IMAGE_SIZE:
+            return f"no estimate ({PAPER_COSTS} was measured at {PAPER_COSTS_IMAGE_SIZE} px, this cell runs at {cfg.image_size})"
+        from .inputs import conv_spec_of
+        from .registry import get_method_class
+        from .training import pretrain_cache_path
+        from .data.store import default_cache_dir
+
+        stages = get_method_class(cfg.method).stages(cfg.method_options)
+        pre = epi = 0.0
+        notes = []
+        if "pretrain" in stages:
+            cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+            if pretrain_cache_path(cfg, store, conv_spec_of(cfg), get_method_class(cfg.method), cache).is_file():
+                notes.append("pretraining cached")
+            elif hit.get("pretrain_step_s"):
+                n = sum(len(store.class_members(c)) for c in store.classes_in_split("train"))
+                steps = math.ceil(n / cfg.pretrain.batch_size) * cfg.pretrain.epochs
+                steps = min(steps, cfg.pretrain.max_steps) if cfg.pretrain.max_steps is not None else steps
+                pre = steps * float(hit["pretrain_step_s"])
+                notes.append(f"pretraining {_hours(pre)}")
+        if "episodic" in stages and hit.get("episodic_step_s"):
+            epi = cfg.episodic.steps * float(hit["episodic_step_s"]) * cfg.episodic.meta_batch / max(int(hit.get("meta_batch") or 1), 1)
+            notes.append(f"episodic {_hours(epi)}")
+        episodes = cfg.eval.episodes + int(hit.get("validation_episodes_full") or 0)
+        ev = episodes * float(hit["eval_episode_s"])
+        notes.append(f"evaluation and validation {_hours(ev)}")
+        return (f"about {_hours(pre + epi + ev)} per seed{runs} ({', '.join(notes)}; from {PAPER_COSTS}, per-step "
+                f"costs measured on its CPU)")
+    if cfg.profile == "quick":
+        table = root / QUICK_COSTS
+        if not table.is_file():
+            return f"no estimate ({QUICK_COSTS} is missing)"
+        import pandas as pd
+
+        board = pd.read_csv(table)
+        hit = board[(board["method"] == cfg.method) & (board["backbone"] == cfg.backbone) & (board["shots"] == cfg.shots)
+                    & (board["ways"] == cfg.ways) & (board["dataset"] == store.name)]
+        if hit.empty:
+            return f"no estimate ({QUICK_COSTS} has no row {store.name} {cfg.method} {cfg.backbone} {cfg.ways}-way {cfg.shots}-shot)"
+        r = hit.iloc[0]
+        if int(r["image_size"]) != cfg.image_size:
+            return f"no estimate ({QUICK_COSTS} was measured at {int(r['image_size'])} px, this cell runs at {cfg.image_size})"
+        train_s = float(r["train_time_s"]) if r["train_time_s"] == r["train_time_s"] else 0.0
+        ev = float(r["eval_time_s"]) * cfg.eval.episodes / max(int(r["episodes"]), 1)
+        return (f"about {_hours(train_s + ev)} per seed{runs} (training {_hours(train_s)}, evaluation {_hours(ev)}; from "
+                f"{QUICK_COSTS}, measured with {r['threads']} threads on {r['device_name']})")
+    return f"no estimate (no measured cost table for profile {cfg.profile})"
+
+
 def run_grid(
     cells: Sequence[Cell],
     cli: Dict[str, Any],
@@ -406,8 +512,15 @@ def run_grid(
     """
     from .executors import LocalExecutor
 
+    from .console import ProgressMode
+    from .tracking import check_tracking, make_tracker
+
     executor = executor or LocalExecutor()
     seeds = check_seeds(seeds)
+    if progress_every is not None and (isinstance(progress_every, bool) or not isinstance(progress_every, (int, float))
+                                       or not 0 <= progress_every < float("inf")):
+        raise ConfigError(f"--progress-every (progress_every=) must be a number of seconds, 0 or more, got {progress_every!r}")
+    check_tracking(tracking)  # a missing package is one line before anything runs
     planned = plan(cells, cli, config_file, seeds, skip_unregistered, rerun)
     runnable = [p for p in planned if p.cfgs]
     results_dir = Path(runnable[0].cfgs[0].results_dir if runnable else cli.get("results_dir") or "results")
@@ -422,9 +535,14 @@ def run_grid(
             log(f"  {p.status:>14}: {p.describe()}: {p.reason}")
         else:
             log(f"  {'run':>14}: {p.describe()}: {p.reason}")
+        if dry_run and p.cfgs:
+            log(f"{'':18}config: {config_diff(p.cfgs[0], p.cell, config_file)}")
+            if p.status == "run":
+                log(f"{'':18}cost: {cost_estimate(p.cfgs[0], p.jobs[0].store, len(p.jobs))}")
 
     if dry_run:
         return GridResult(planned)
+    tracker = make_tracker(tracking, results_dir, log)
     if rerun:
         for job in (j for p in planned if p.status == "run" for j in p.jobs):
             d = run_dir_of(job.cfg, run_identity(job.cfg, job.store, job.episodes))
@@ -448,6 +566,8 @@ def run_grid(
         def on_done(job: RunJob, summary: Dict[str, Any]) -> None:
             p = job.cell
             p.summaries[job.cfg.seed] = summary
+            if tracker is not None:
+                tracker.log_run(summary, Path(job.cfg.results_dir) / "runs" / str(summary["run_id"]))
             if p.status == "run" and len(p.summaries) == len(p.cfgs):
                 finish_cell(p)
                 p.status = "ran"
@@ -470,7 +590,8 @@ def run_grid(
                     except OSError:
                         pass
 
-        executor.run(jobs, on_done, on_error, progress=progress, log=log)
+        executor.run(jobs, on_done, on_error, progress=ProgressMode(bool(progress), progress_every) if progress_every
+                     else progress, log=log)
 
     if runnable or (results_dir / "leaderboard.csv").is_file():
         grid = (grid_name, [{"method": p.cell.method, "backbone": p.cfgs[0].backbone, "shots": p.cfgs[0].shots}

@@ -16,7 +16,11 @@ world size), so a run is resumed or reused only under the same identity:
 * ``episodes.csv``: one row per evaluated episode, appended and fsync'ed as it finishes;
 * ``shards/``: per-task episode CSVs while a Ray evaluation is in flight (merged, then removed);
 * ``summary.json``: the run's result and provenance (written last, atomically: its presence
-  with the same identity means "complete").
+  with the same identity means "complete");
+* ``parts.json``: one record per invocation that worked on the run (its training seconds, whether
+  it finished training, how it ended), so a resumed run's ``train_time_s`` and ``wall_time_s`` add
+  up its parts, and its row says it was resumed. A part killed with SIGKILL is not recorded
+  (Ctrl-C and SIGTERM are).
 
 The stages are separate functions so executors can place them: :func:`prepare`,
 :func:`train`, :func:`evaluate_run` (optionally on a subset of episodes) and :func:`finish`.
@@ -42,7 +46,8 @@ import torch
 from .compiling import compile_in_place
 from .compiling import resolve as resolve_compile
 from .config import RunConfig, save_config
-from .curves import write_curves
+from .console import Heartbeat, RunStatus, progress_every_of
+from .curves import write_curves, write_tensorboard_summary
 from .data.episodes import (
     EpisodeList,
 )
@@ -86,6 +91,7 @@ from .safe_io import atomic_write_json, remove_stale_tmp
 from .stats import summarize
 from .training import (
     atomic_torch_save,
+    base_features,
     cached_world_size,
     load_checkpoint,
     meta_train,
@@ -228,6 +234,7 @@ class RunContext:
     run_dir: Path
     identity: RunIdentity
     method: Optional[FewShotMethod] = None
+    status: Optional[RunStatus] = None  # progress lines and resume notes (None: nothing said)
 
     @property
     def n_episodes(self) -> int:
@@ -299,7 +306,8 @@ def train(ctx: RunContext, progress: bool = True, log=print) -> Dict[str, Any]:
     stages = stages_of(cfg)
     if "pretrain" in stages:
         cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-        pre = pretrain(method, ctx.store, cfg, device, conv_spec_of(cfg), cache, progress, curve=curve, compiled=compiled)
+        pre = pretrain(method, ctx.store, cfg, device, conv_spec_of(cfg), cache, progress, curve=curve, compiled=compiled,
+                       status=ctx.status)
         # recorded relative to the cache dir: train.json/summary.json hold no machine-specific paths
         cache_file = Path(pre.pop("cache_path")).relative_to(cache).as_posix()
         info["pretrain"] = {"cache_file": cache_file, **pre}
@@ -310,6 +318,9 @@ def train(ctx: RunContext, progress: bool = True, log=print) -> Dict[str, Any]:
             )
         log(f"pretraining: {'reused cache' if info['pretrain']['cached'] else 'trained'} "
             f"(base-class train accuracy {100 * info['pretrain']['train_accuracy']:.1f}%)")
+        if type(method).fit_base is not FewShotMethod.fit_base:  # a method that uses the base classes
+            features, labels = base_features(method.pretrain_module(), ctx.store, cfg, device, cache / cache_file)
+            method.fit_base(features, labels)
         method.after_pretrain()
         method.to(device)
     if compiled:
@@ -320,15 +331,18 @@ def train(ctx: RunContext, progress: bool = True, log=print) -> Dict[str, Any]:
     if fresh:
         if "episodic" in stages:
             info["episodic"] = meta_train(method, ctx.store, cfg, device, ctx.run_dir / "checkpoint.pt", progress,
-                                          curve=curve)
+                                          curve=curve, status=ctx.status)
         write_curves(ctx.run_dir, curve, title=ctx.run_dir.name)  # training_curve.csv, training_curves.png
         atomic_torch_save(method.state_dict(), trained)
     else:
         method.load_state_dict(load_checkpoint(trained, device))
-    if record is None:  # trained now (or killed between method.pt and train.json: time unknown)
-        resumed = bool(info.get("episodic", {}).get("resumed_from", 0))
+    if record is None:  # trained now (or killed between method.pt and train.json)
+        # the training seconds of earlier parts that did not finish training (parts.json) add to this one's
+        earlier = [p for p in read_parts(ctx.run_dir) if not p.get("trained")]
+        before = sum(float(p.get("train_s") or 0.0) for p in earlier)
+        resumed = bool(info.get("episodic", {}).get("resumed_from", 0)) or bool(earlier)
         record = {
-            "train_time_s": round(time.perf_counter() - t0, 2) if fresh else None,
+            "train_time_s": round(before + (time.perf_counter() - t0 if fresh else 0.0), 2) if fresh or earlier else None,
             "params": int(sum(p.numel() for p in method.parameters())),
             "peak_memory_mb": round(peak_memory_mb(device), 1),
             "pretrain_world_size": int(info.get("pretrain", {}).get("world_size", 1)),
@@ -360,6 +374,41 @@ def evaluate_run(
     if out_csv is None and indices is None:  # how the run's own evaluation ran (summary.json: eval_batch_episodes)
         atomic_write_json(ctx.run_dir / "evaluation.json", info)
     return accs
+
+
+# ----------------------------------------------------------------------------- parts of a resumed run
+PARTS_NAME = "parts.json"
+
+
+def read_parts(run_dir: Path) -> List[Dict[str, Any]]:
+    """The records of the earlier invocations that worked on the run (``parts.json``; [] when none)."""
+    data = _read_json(Path(run_dir) / PARTS_NAME)
+    parts = data.get("parts") if isinstance(data, dict) else None
+    return [p for p in parts if isinstance(p, dict)] if isinstance(parts, list) else []
+
+
+def add_part(run_dir: Path, part: Dict[str, Any]) -> None:
+    """Append one invocation's record to ``parts.json`` (atomically)."""
+    atomic_write_json(Path(run_dir) / PARTS_NAME, {"parts": read_parts(run_dir) + [part]})
+
+
+def resume_line(ctx: RunContext, earlier: Sequence[Dict[str, Any]], episodes_done: int) -> Optional[str]:
+    """``resuming run <id> (part 2): ...`` saying where a run that was started before goes on from, or None
+    for a run that starts afresh."""
+    trained = (ctx.run_dir / "method.pt").is_file()
+    checkpoint = (ctx.run_dir / "checkpoint.pt").is_file()
+    if not (earlier or trained or checkpoint or episodes_done):
+        return None
+    if trained:
+        where = "training finished (method.pt)"
+    elif checkpoint:
+        where = "episodic training goes on from its checkpoint"
+    elif "pretrain" in stages_of(ctx.cfg):
+        where = "training starts again (pretraining goes on from its last finished epoch where one was saved)"
+    else:
+        where = "training starts again (no checkpoint was saved)"
+    return (f"resuming run {ctx.run_dir.name} (part {len(earlier) + 1}): {where}; {episodes_done} of "
+            f"{ctx.n_episodes} test episodes already done")
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -397,6 +446,7 @@ def finish(ctx: RunContext, executor: str = "local", eval_peak_mb: Optional[floa
     s = summarize(accs)
     record = _read_json(ctx.run_dir / "train.json") or {}
     train_time = record.get("train_time_s")
+    parts = read_parts(ctx.run_dir)
     peaks = [v for v in (record.get("peak_memory_mb"), eval_peak_mb) if v is not None]
     episode_list = _display_path(Path(episodes.path), Path(cfg.results_dir))  # type: ignore[attr-defined]
     pv, pc = paper_value(cfg.method, cfg.backbone, cfg.ways, cfg.shots)
@@ -419,12 +469,14 @@ def finish(ctx: RunContext, executor: str = "local", eval_peak_mb: Optional[floa
         "transductive": get_method_class(cfg.method).is_transductive(cfg.method_options),
         "fast_mode": record.get("fast_mode", "off"),
         "eval_batch_episodes": (_read_json(ctx.run_dir / "evaluation.json") or {}).get("batch_episodes"),
-        "pretrain_world_size": record.get("pretrain_world_size", 1), "resumed": bool(record.get("resumed", False)) or resumed,
+        "pretrain_world_size": record.get("pretrain_world_size", 1), "resumed": bool(record.get("resumed", False)) or resumed or len(parts) > 1,
+        "parts": max(len(parts), 1),
         "torch_version": torch.__version__, "python_version": platform.python_version(), **git_info(),
         "run_id": ctx.run_dir.name, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "training": record.get("training", {}),
     }
     atomic_write_json(ctx.run_dir / "summary.json", summary)
+    write_tensorboard_summary(ctx.run_dir, cfg, summary)  # the evaluation accuracy and the hparams (optional extra)
     return summary
 
 
@@ -439,11 +491,42 @@ def execute(cfg: RunConfig, store: Optional[ImageStore] = None, episodes: Option
     log(f"run {ctx.run_dir.name} on {ctx.device} ({ctx.store.name}{', synthetic' if ctx.store.synthetic else ''}; "
         f"{ctx.n_episodes} episodes of {Path(ctx.episodes.path).name}, hash {ctx.episodes.sha256})")  # type: ignore[attr-defined]
     salvage_shards(ctx)
-    resumed = len(missing_episodes(ctx)) < ctx.n_episodes
-    train(ctx, progress, log)
-    reset_peak_memory(ctx.device)
-    evaluate_run(ctx, progress=progress)
+    done = ctx.n_episodes - len(missing_episodes(ctx))
+    earlier = read_parts(ctx.run_dir)
+    line = resume_line(ctx, earlier, done)
+    if line:
+        log(line)
+    resumed = line is not None
+    ctx.status = RunStatus(f"{cfg.method} {cfg.backbone} {cfg.ways}w{cfg.shots}s seed {cfg.seed}", log)
+    part: Dict[str, Any] = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "train_s": 0.0,
+                            "trained": False, "outcome": "interrupted"}
+    with Heartbeat(ctx.status, progress_every_of(progress), log):
+        try:
+            t0 = time.perf_counter()
+            try:
+                train(ctx, progress, log)
+                part["trained"] = True
+            finally:
+                part["train_s"] = round(time.perf_counter() - t0, 2)
+            reset_peak_memory(ctx.device)
+            ctx.status.begin("evaluate", ctx.n_episodes, done, unit="episode", poll=lambda: _evaluated(ctx))
+            evaluate_run(ctx, progress=progress)
+            part["outcome"] = "finished"
+        except Exception:
+            part["outcome"] = "failed"
+            raise
+        finally:
+            add_part(ctx.run_dir, part)
     return finish(ctx, "local", eval_peak_mb=peak_memory_mb(ctx.device), threads=threads, resumed=resumed)
+
+
+def _evaluated(ctx: RunContext) -> tuple:
+    """``(episodes finished, their mean accuracy in %)`` from the run's ``episodes.csv`` (progress lines)."""
+    from .evaluation import read_episode_results
+
+    rows = [r for i, r in read_episode_results(ctx.episodes_csv).items() if i < ctx.n_episodes]
+    accs = [episode_accuracy(r) for r in rows]
+    return len(rows), (sum(accs) / len(accs) if accs else None)
 
 
 def publish(rows: Sequence[Dict[str, Any]], results_dir: Path, reference: Optional[str] = None,

@@ -29,6 +29,7 @@ from .data.prefetch import Prefetcher, stages
 from .data.store import ImageStore, default_cache_dir
 from .errors import ConfigError
 from .config import RunConfig
+from .console import RunStatus
 from .curves import LogitsProbe, StageCurve
 from .methods.base import FewShotMethod
 from .evaluation import run_episode
@@ -170,6 +171,7 @@ def pretrain(
     distributed: bool = False,
     curve: Optional[List[Dict[str, Any]]] = None,
     compiled: bool = False,
+    status: Optional[RunStatus] = None,
 ) -> Dict[str, Any]:
     """Train (or load from cache) ``method.pretrain_module()`` on all base classes.
 
@@ -187,6 +189,8 @@ def pretrain(
             kept in the cache file, so a cache hit gives them too) are appended to it.
         compiled: train the network compiled with ``torch.compile`` (:mod:`fewshot_nsl.compiling`);
             the cache key does not depend on it.
+        status: the run's :class:`~fewshot_nsl.console.RunStatus` (progress lines, where a resumed
+            pretraining goes on from); None: nothing said.
 
     Returns:
         ``{"cache_path": str, "cached": bool, "train_accuracy": float, "world_size": int}``.
@@ -209,7 +213,7 @@ def pretrain(
     if distributed:  # every process must enter the training loop together: no lock
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(cfg.seed)
-            return _pretrain(method, module, store, cfg, device, path, progress, distributed, curve, compiled)
+            return _pretrain(method, module, store, cfg, device, path, progress, distributed, curve, compiled, status)
     from .safe_io import locked
 
     # One process trains a given pretraining; others asking for it meanwhile (parallel grid runs, Ray
@@ -219,7 +223,7 @@ def pretrain(
             return from_cache()
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(cfg.seed)
-            return _pretrain(method, module, store, cfg, device, path, progress, distributed, curve, compiled)
+            return _pretrain(method, module, store, cfg, device, path, progress, distributed, curve, compiled, status)
 
 
 def pretrain_optimizer(params: List[nn.Parameter], p: Any, total: int) -> Tuple[torch.optim.Optimizer, Any]:
@@ -323,7 +327,8 @@ def restore_pretraining(partial: Path, module: nn.Module, head: nn.Module, opt: 
     return int(ckpt["step"]), list(ckpt.get("curve", []))
 
 
-def _pretrain(method, module, store, cfg, device, path, progress, distributed, curve=None, compiled=False) -> Dict[str, Any]:
+def _pretrain(method, module, store, cfg, device, path, progress, distributed, curve=None, compiled=False,
+              status=None) -> Dict[str, Any]:
     """The pretraining loop of :func:`pretrain` (cache miss)."""
     rank, world = 0, 1
     if distributed:
@@ -371,6 +376,11 @@ def _pretrain(method, module, store, cfg, device, path, progress, distributed, c
     partial = path.with_name(path.name + ".partial") if world == 1 else None
     if partial is not None and partial.is_file():
         step, curve_rows = restore_pretraining(partial, module, head, opt, sched, gen, validator, scaler)
+        if status is not None:
+            status.note(f"resuming pretraining from its last finished epoch: step {step} of {total} "
+                        f"(epoch {step // steps_per_epoch} of {math.ceil(total / steps_per_epoch)})")
+    if status is not None and rank == 0:
+        status.begin("pretrain", total, step)
     stage_curve = StageCurve("pretrain", total, curve_rows)
     log = IntervalLog(stage_curve)
     bar = tqdm(total=total, initial=step, desc=f"pretrain {cfg.backbone}", disable=not progress or rank > 0, unit="step")
@@ -417,8 +427,16 @@ def _pretrain(method, module, store, cfg, device, path, progress, distributed, c
                 if log.row_due(step):  # the only host synchronisation of the loop, every curve row
                     mean = log.flush(step)
                     bar.set_postfix(loss=f"{mean:.3f}")
-                if validator.due(step) and validator.validate(step, stage_curve.rows):
-                    break  # early stop (val_patience)
+                    if status is not None:
+                        status.loss = mean
+                if status is not None:
+                    status.step = step  # a Python int: the progress line reads only host values
+                if validator.due(step):
+                    stop = validator.validate(step, stage_curve.rows)
+                    if status is not None:
+                        status.val_accuracy = validator.history[-1]["accuracy"]
+                    if stop:
+                        break  # early stop (val_patience)
         log.flush(step)  # before the checkpoint: never save weights past a non-finite loss
         if partial is not None and step < total and validator.stopped_at is None:
             atomic_torch_save({"module": module.state_dict(), "head": head.state_dict(), "optimizer": opt.state_dict(),
@@ -446,6 +464,54 @@ def _pretrain(method, module, store, cfg, device, path, progress, distributed, c
         curve.extend(stage_curve.rows)
     return {"cache_path": str(path), "cached": False, "train_accuracy": acc, "world_size": world,
             **({"validation": validation} if validation else {})}
+
+
+# ----------------------------------------------------------------------------- base-class features (plugins' fit_base)
+#: Images per forward pass when the base-class features are computed.
+FEATURE_BATCH = 256
+
+
+def base_features(
+    module: nn.Module, store: ImageStore, cfg: RunConfig, device: torch.device, pretrain_path: Path,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The pretrained ``module``'s features of every base-class (``train`` split) training image, with their labels,
+    for :meth:`FewShotMethod.fit_base <fewshot_nsl.methods.base.FewShotMethod.fit_base>`.
+
+    Computed once per pretraining, in eval mode, in float32, without augmentation, and cached next to the
+    pretraining as ``<pretraining key>.base_features.pt``: they are a function of the pretrained weights, hence of
+    the pretraining key (dataset content, image size, backbone and conv config, pretraining settings, seed,
+    precision), all of which the run's identity covers.
+
+    Args:
+        module: the pretrained module (``method.pretrain_module()``): ``(B, 3, H, W)`` -> ``(B, D)``.
+        pretrain_path: the pretraining's cache file (:func:`pretrain_cache_path`).
+
+    Returns:
+        ``(features (N, D) float32, labels (N,) int64 in 0..n_base_classes-1)`` on ``device``, in store order.
+    """
+    path = Path(pretrain_path).with_name(Path(pretrain_path).stem + ".base_features.pt")
+    if path.is_file():
+        ckpt = load_checkpoint(path, device)
+        return ckpt["features"], ckpt["labels"]
+    classes = store.classes_in_split("train")
+    index = np.concatenate([store.class_members(c) for c in classes])
+    remap = np.full(store.num_classes, -1, dtype=np.int64)
+    remap[classes] = np.arange(len(classes))
+    labels = torch.from_numpy(remap[store.labels[index]]).to(device)
+    mat = Materialiser(store, cfg.image_size, device)
+    was_training = module.training
+    module.eval()
+    chunks = []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(index), FEATURE_BATCH):
+                x = mat.to_device(mat.gather(index[start : start + FEATURE_BATCH]))
+                chunks.append(module(x).float().flatten(1))
+    finally:
+        module.train(was_training)
+    features = torch.cat(chunks)
+    atomic_torch_save({"features": features.cpu(), "labels": labels.cpu()}, path)
+    return features, labels
 
 
 # ----------------------------------------------------------------------------- episodic
@@ -476,6 +542,7 @@ def meta_train(
     checkpoint_path: Path,
     progress: bool = True,
     curve: Optional[List[Dict[str, Any]]] = None,
+    status: Optional[RunStatus] = None,
 ) -> Dict[str, Any]:
     """Episodic training with Adam over ``method``'s trainable parameters.
 
@@ -487,6 +554,8 @@ def meta_train(
     ``checkpoint_every`` steps and at the end; an existing one is resumed from.
     When ``curve`` is given, the stage's training-curve rows (:mod:`fewshot_nsl.curves`: loss,
     and query accuracy where the loss goes through the method's logits) are appended to it.
+    ``status`` (a :class:`~fewshot_nsl.console.RunStatus`) gets the step, the loss of each curve row and
+    each validation's accuracy (host values only), and a line saying where a resumed stage goes on from.
 
     Returns:
         ``{"steps": int, "final_loss": float, "resumed_from": int}``.
@@ -516,6 +585,11 @@ def meta_train(
         start, last = int(ckpt["step"]), float(ckpt["loss"])
         curve_rows = ckpt.get("curve", [])
         validator.load_state_dict(ckpt.get("validation"))
+        if status is not None:
+            status.note(f"resuming episodic training from its checkpoint: step {start} of {e.steps}")
+    if status is not None:
+        status.begin("episodic", e.steps, start)
+        status.loss = None if math.isnan(last) else last
     stage_curve = StageCurve("episodic", e.steps, curve_rows)
     log = IntervalLog(stage_curve)
     probe = LogitsProbe(method)
@@ -569,16 +643,22 @@ def meta_train(
             scaler.update()
             bar.update(1)
             done = step + 1
+            if status is not None:
+                status.step = done  # a Python int: the progress line reads only host values
             stop = False
             if validator.due(done):
                 stop = validator.validate(done, stage_curve.rows)
                 probe.forget()  # the validation's logits: the next step's probe reads its own
+                if status is not None:
+                    status.val_accuracy = validator.history[-1]["accuracy"]
             checkpoint = done % e.checkpoint_every == 0 or done == e.steps or stop
             if log.row_due(done) or checkpoint:  # the loop's only host synchronisation (and never a NaN checkpoint)
                 mean = log.flush(done)
                 if mean is not None:
                     last = mean
                     bar.set_postfix(loss=f"{mean:.3f}")
+                    if status is not None:
+                        status.loss = mean
             if checkpoint:
                 save(done)
             if stop:  # early stop (val_patience)

@@ -176,6 +176,20 @@ class FewShotMethod(nn.Module):
     def after_pretrain(self) -> None:
         """Called once the pretrained weights are loaded (e.g. to wrap convs as NSConv2d)."""
 
+    def fit_base(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Use the base classes (no-op by default). Called by the harness for a method whose stages include
+        ``pretrain``, after the pretrained weights are trained or loaded (before :meth:`after_pretrain`), on every
+        run and resume, only where a method overrides it: SimpleShot centres on the base-class mean, Baseline++
+        could initialise from base-class statistics (``examples/simpleshot/`` is a plugin that uses it).
+
+        Args:
+            features: ``(N, D)`` float32 features of every base-class (``train`` split) training image from the
+                pretrained ``pretrain_module()`` in eval mode, without augmentation (cached with the pretraining).
+            labels: ``(N,)`` int64 base-class labels in ``0..n_base_classes-1``.
+
+        State kept here should be a buffer or parameter, so that it travels in ``method.pt``.
+        """
+
     def regularization(self) -> torch.Tensor:
         """Extra loss term added during training (0 by default)."""
         p = next(self.parameters())
