@@ -20,13 +20,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot_nsl.methods import FewShotMethod, fit_linear_head, make_optimizer, train_on_support
+from fewshot_nsl.methods.adaptation import episodes_network
 from fewshot_nsl.methods.batched import (
+    BatchedSGD,
+    episode_cross_entropy_sum,
     episode_features,
     fit_linear_heads,
     linear_init,
     linear_logits,
     replay_draws,
     support_orders,
+    take,
+    train_batched,
 )
 from fewshot_nsl.registry import register_method
 
@@ -108,18 +113,27 @@ class Finetune(FewShotMethod):
 
     # ------------------------------------------------------------------ batched evaluation
     def supports_batched_evaluation(self) -> bool:
-        """Batched with a frozen backbone (Chen et al.'s protocol: a new head per episode)."""
-        return not self.finetune_backbone
+        """Batched with a frozen backbone (Chen et al.'s protocol: a new head per episode) and with the whole
+        network fine-tuned (Ravi & Larochelle's protocol: per-episode copies of every backbone weight)."""
+        return True
 
     def episode_bytes(self, support: int, queries: int, image_size: int) -> int:
-        """Features of the episode's images and its head's training tensors (the backbone runs in fixed chunks)."""
+        """Frozen backbone: features of the episode's images and its head's training tensors (the backbone runs
+        in fixed chunks). Whole network: 3x the activations of the episode's images (the default) plus four
+        copies of the backbone's weights (the episode's copy, its gradient, the momentum buffer, the step)."""
+        if self.finetune_backbone:
+            weights = sum(p.numel() * p.element_size() for p in self.backbone.parameters())
+            return super().episode_bytes(support, queries, image_size) + 4 * weights
         return 8 * (support + queries) * self.feature_dim * 4
 
     def evaluate_episodes(self, support_x, support_y, query_x, seeds, ways) -> torch.Tensor:
-        """``E`` episodes: frozen features of all their images, then ``E`` heads trained side by side
-        (:func:`~fewshot_nsl.methods.batched.fit_linear_heads`), each from the initial weights and support
-        orders its episode's seed gives ``fit_support``. ``(E, S, 3, H, W)``, ``(E, S)``, ``(E, Q, 3, H, W)`` ->
-        ``(E, Q, ways)``."""
+        """``E`` episodes side by side, each from the initial head weights and support orders its episode's seed
+        gives ``fit_support``. Frozen backbone: features of all their images, then ``E`` heads trained together
+        (:func:`~fewshot_nsl.methods.batched.fit_linear_heads`). Whole network: ``E`` copies of the backbone's
+        weights and ``E`` heads trained together (:meth:`_finetune_episodes`). ``(E, S, 3, H, W)``, ``(E, S)``,
+        ``(E, Q, 3, H, W)`` -> ``(E, Q, ways)``."""
+        if self.finetune_backbone and self.backbone.training:  # BN would update running statistics: per episode
+            return super().evaluate_episodes(support_x, support_y, query_x, seeds, ways)
         device, dtype, n = support_x.device, support_x.dtype, support_x.shape[1]
 
         def draw():
@@ -127,9 +141,42 @@ class Finetune(FewShotMethod):
             return weight, bias, support_orders(n, self.epochs, self.batch_size, device, shuffle_full_batch=True)
 
         weight, bias, orders = replay_draws(seeds, device, draw)
+        if self.finetune_backbone:
+            return self._finetune_episodes(weight, bias, orders, support_x, support_y, query_x)
         support = episode_features(self.backbone, support_x)  # (E, S, D)
         weight, bias = fit_linear_heads(
             weight, bias, support, support_y, orders, batch_size=self.batch_size, lr=self.lr,
             momentum=self.momentum, dampening=self.dampening, weight_decay=self.weight_decay,
         )  # fmt: skip
         return linear_logits(weight, bias, episode_features(self.backbone, query_x))
+
+    def _finetune_episodes(self, weight: torch.Tensor, bias: torch.Tensor, orders: torch.Tensor,
+                           support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:
+        """``fit_support``'s whole-network branch on ``E`` episodes at once: per-episode copies of every backbone
+        weight (run under ``vmap``, :func:`~fewshot_nsl.methods.adaptation.episodes_network`) and heads, SGD as
+        :func:`~fewshot_nsl.methods.head_training.make_optimizer` builds it (weight decay on the head only).
+
+        Args:
+            weight: ``(E, ways, D)`` and ``bias`` ``(E, ways)``: the episodes' initial heads.
+            orders: ``(E, epochs, S)`` support orders.
+            support_x: ``(E, S, 3, H, W)``; ``support_y`` ``(E, S)``; ``query_x`` ``(E, Q, 3, H, W)``.
+
+        Returns:
+            ``(E, Q, ways)`` query logits.
+        """
+        e = support_x.shape[0]
+        fast = {n: p.detach().unsqueeze(0).expand(e, *p.shape).clone().requires_grad_(True)
+                for n, p in self.backbone.named_parameters()}
+        run = episodes_network(self.backbone, list(fast))
+        w = weight.detach().clone().requires_grad_(True)
+        b = bias.detach().clone().requires_grad_(True)
+        opt = BatchedSGD([{"params": [w, b], "weight_decay": self.weight_decay},
+                          {"params": list(fast.values()), "weight_decay": 0.0}],
+                         self.lr, self.momentum, self.dampening)  # fmt: skip
+        train_batched(
+            lambda idx: episode_cross_entropy_sum(linear_logits(w, b, run(fast, take(support_x, idx))),
+                                                  take(support_y, idx)),
+            opt, orders, self.batch_size,
+        )  # fmt: skip
+        with torch.no_grad():
+            return linear_logits(w, b, run(fast, query_x))

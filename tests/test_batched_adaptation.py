@@ -64,3 +64,14 @@ def test_a_subclass_that_replaces_the_inner_loop_is_not_batched():
 
     method.__class__ = Replaced
     assert method.supports_batched_evaluation() is False
+
+
+@pytest.mark.parametrize("options", [
+    {"epochs": 3},  # the paper profile: Ravi & Larochelle's whole-network SGD, full batch, momentum 0
+    {"epochs": 2, "momentum": 0.9, "dampening": 0.5, "weight_decay": 1e-3, "batch_size": 4},
+])
+def test_finetune_backbone_batched_equals_per_episode(options):
+    method = build("finetune", "paper", method_options=options)
+    assert method.finetune_backbone
+    ref, got = both_paths(method, shots=3)
+    assert_same_logits(ref, got)
