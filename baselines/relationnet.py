@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,7 @@ from torch import nn
 from fewshot_nsl.backbones import dry_run
 from fewshot_nsl.errors import ConfigError
 from fewshot_nsl.methods import FewShotMethod
+from fewshot_nsl.methods.batched import FEATURE_CHUNK_IMAGES
 from fewshot_nsl.registry import register_method
 
 
@@ -75,6 +76,46 @@ def batch_statistics(module: nn.Module) -> Iterator[None]:
     finally:
         for bn, mean, var in saved:
             bn.running_mean, bn.running_var = mean, var
+
+
+def group_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, group: int) -> torch.Tensor:
+    """``bn`` applied to ``x`` ``(G * group, C, *spatial)`` with every consecutive ``group`` rows normalised by
+    their own batch statistics, as ``F.batch_norm`` in training mode normalises a batch of ``group`` rows (mean
+    and biased variance over the rows and the spatial dims, then ``bn``'s affine); nothing is updated.
+
+    Raises:
+        ValueError: the batch is not a whole number of groups.
+    """
+    if x.shape[0] % group:
+        raise ValueError(f"group_batch_norm: a batch of {x.shape[0]} rows is not a multiple of groups of {group}")
+    xg = x.reshape(x.shape[0] // group, group, *x.shape[1:])  # (G, group, C, *spatial)
+    xg = xg.float() if xg.dtype in (torch.float16, torch.bfloat16) else xg  # statistics in float32 under autocast
+    dims = (1, *range(3, xg.dim()))
+    mean = xg.mean(dims, keepdim=True)
+    var = xg.var(dims, unbiased=False, keepdim=True)
+    y = (xg - mean) * torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        shape = (1, 1, -1) + (1,) * (xg.dim() - 3)
+        y = y * bn.weight.view(shape).to(y.dtype) + bn.bias.view(shape).to(y.dtype)
+    return y.reshape(x.shape).to(x.dtype)
+
+
+@contextmanager
+def group_batch_statistics(module: nn.Module, group: int) -> Iterator[None]:
+    """Every BatchNorm layer of ``module`` normalises each consecutive ``group`` rows of its batch with their own
+    statistics (:func:`group_batch_norm`; forward hooks replace the layer's output and are removed afterwards):
+    ``G`` episodes stacked episode-major get, episode by episode, what :func:`batch_statistics` gives one episode's
+    batch of ``group`` rows. Nothing is updated (the layers stay in eval mode)."""
+    def hook(bn: nn.Module, inputs, _output) -> torch.Tensor:
+        return group_batch_norm(bn, inputs[0], group)
+
+    handles = [bn.register_forward_hook(hook) for bn in module.modules()
+               if isinstance(bn, nn.modules.batchnorm._BatchNorm)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class RelationBlock(nn.Module):
@@ -182,10 +223,11 @@ class RelationNet(FewShotMethod):
         return options.get("test_bn", "running") == "batch"
 
     @contextmanager
-    def _test_statistics(self) -> Iterator[None]:
-        """At test (eval mode) with ``test_bn: batch``, BN uses the current batch's statistics; else nothing."""
+    def _test_statistics(self, group: Optional[int] = None) -> Iterator[None]:
+        """At test (eval mode) with ``test_bn: batch``, BN uses the current batch's statistics (with ``group``: those
+        of each consecutive ``group`` rows, one episode's batch, :func:`group_batch_statistics`); else nothing."""
         if self.test_bn == "batch" and not self.training:
-            with batch_statistics(self):
+            with batch_statistics(self) if group is None else group_batch_statistics(self, group):
                 yield
         else:
             yield
@@ -214,6 +256,63 @@ class RelationNet(FewShotMethod):
             ).flatten(0, 1)  # (Q * ways, 2C, h, w)
             scores = torch.sigmoid(self.fc(self.blocks(pairs).flatten(1)))
         return scores.view(n_q, ways)
+
+    # ------------------------------------------------------------------ batched evaluation
+    def supports_batched_evaluation(self) -> bool:
+        """Always (with ``test_bn: batch`` each episode's BN batches keep their own statistics)."""
+        return True
+
+    def episode_bytes(self, support: int, queries: int, image_size: int) -> int:
+        """The episode's images, feature maps and class maps (float32); the backbone and the relation module run in
+        chunks of whole episodes of bounded size."""
+        map_numel = int(dry_run(self.backbone, self.backbone.forward_map, image_size)[0].numel())
+        return 4 * ((support + queries) * 3 * image_size**2 + (2 * support + queries) * map_numel + 2 * queries * support)
+
+    def evaluate_episodes(self, support_x, support_y, query_x, seeds, ways) -> torch.Tensor:
+        """``E`` episodes at once: feature maps of all their images, every episode's class maps, then the relation
+        module on every (query, class) pair. Each network runs on chunks of whole episodes; with ``test_bn: batch``
+        each episode's support set, query set and pairs are normalised with their own statistics, as in the
+        per-episode path. ``(E, S, 3, H, W)``, ``(E, S)``, ``(E, Q, 3, H, W)`` -> ``(E, Q, ways)``. Nothing is drawn
+        from the RNG (``seeds`` unused)."""
+        e, n_s, n_q = support_x.shape[0], support_x.shape[1], query_x.shape[1]
+        image_numel = support_x[0, 0].numel()
+        maps = self._by_episodes(lambda sl: self.backbone.forward_map(support_x[sl].flatten(0, 1)), e, n_s,
+                                 image_numel)  # (E, S, C, h, w)
+        labels = support_y + ways * torch.arange(e, device=support_y.device).unsqueeze(1)  # (E, S): class of E*ways
+        prototypes = self.class_sums(maps.flatten(0, 1), labels.flatten(), e * ways).view(e, ways, *maps.shape[2:])
+        q = self._by_episodes(lambda sl: self.backbone.forward_map(query_x[sl].flatten(0, 1)), e, n_q,
+                              image_numel)  # (E, Q, C, h, w)
+
+        def relation(sl: slice) -> torch.Tensor:
+            qs, ps = q[sl], prototypes[sl]  # (e', Q, C, h, w), (e', ways, C, h, w)
+            pairs = torch.cat([qs.unsqueeze(2).expand(-1, -1, ways, -1, -1, -1),
+                               ps.unsqueeze(1).expand(-1, n_q, -1, -1, -1, -1)], dim=3)  # (e', Q, ways, 2C, h, w)
+            return torch.sigmoid(self.fc(self.blocks(pairs.flatten(0, 2)).flatten(1)))  # (e' * Q * ways, 1)
+
+        scores = self._by_episodes(relation, e, n_q * ways, 2 * q[0, 0].numel())
+        return scores.view(e, n_q, ways)
+
+    def _by_episodes(self, fn: Callable[[slice], torch.Tensor], episodes: int, rows: int, row_numel: int
+                     ) -> torch.Tensor:
+        """``fn`` over chunks of whole episodes, each chunk's BN statistics per episode (``test_bn: batch``).
+
+        Args:
+            fn: maps a slice of the episodes (``e'`` of them) to ``(e' * rows, *F)``, episode-major.
+            episodes: ``E``.
+            rows: rows per episode (one BN batch of the per-episode path).
+            row_numel: elements of one input row, to bound a chunk's input like
+                :data:`~fewshot_nsl.methods.batched.FEATURE_CHUNK_IMAGES` images bound the backbone's.
+
+        Returns:
+            ``(E, rows, *F)``.
+        """
+        per_chunk = max(1, FEATURE_CHUNK_IMAGES * 3 * self.image_size**2 // max(1, rows * row_numel))
+        out = []
+        for start in range(0, episodes, per_chunk):
+            with self._test_statistics(group=rows):
+                y = fn(slice(start, start + per_chunk))
+            out.append(y.view(-1, rows, *y.shape[1:]))
+        return torch.cat(out)
 
     def loss(self, support_x, support_y, query_x, query_y) -> torch.Tensor:
         """Mean squared error between relation scores and one-hot query labels."""
