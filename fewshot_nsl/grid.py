@@ -373,9 +373,14 @@ def check_seeds(seeds: Any) -> Optional[List[int]]:
 
 
 # ----------------------------------------------------------------------------- --dry-run: config and cost
+#: Where results and caches go: not part of a run's identity, left out of the --dry-run difference.
+LOCATION_KEYS = ("results_dir", "cache_dir")
+
+
 def config_diff(cfg: RunConfig, cell: Cell, config_file: Optional[str]) -> str:
     """What the resolved config of ``cell`` changes against the cell run with nothing but its profile (or, with
-    ``config_file``, the file): ``episodic.steps 10 (profile quick: 2000), ...``, or ``as profile quick``."""
+    ``config_file``, the file): ``episodic.steps 10 (2000), ...``, or ``as profile quick`` (the results and cache
+    folders are not shown)."""
     from .tracking import flatten
 
     over: Dict[str, Any] = {"method": cell.method, "profile": cfg.profile}
@@ -389,7 +394,8 @@ def config_diff(cfg: RunConfig, cell: Cell, config_file: Optional[str]) -> str:
     except FewShotError as exc:
         return f"(no difference shown: the {what} alone does not resolve: {exc})"
     mine = flatten(cfg.to_dict())
-    diff = [f"{k} {mine.get(k)!r} ({base.get(k)!r})" for k in sorted(set(mine) | set(base)) if mine.get(k) != base.get(k)]
+    diff = [f"{k} {mine.get(k)!r} ({base.get(k)!r})" for k in sorted(set(mine) | set(base))
+            if mine.get(k) != base.get(k) and k not in LOCATION_KEYS]
     return f"as {what}" if not diff else f"differs from {what} (its value in brackets): " + ", ".join(diff)
 
 
