@@ -19,6 +19,9 @@ from . import __version__
 from .console import Console, command_name, show_progress
 from .errors import ConfigError, FewShotError, RegistryError
 
+#: Report formats (:data:`fewshot_nsl.reporting.FORMATS`, kept here so that ``--help`` imports no pandas).
+FORMATS = ("markdown", "latex")
+
 EPILOG = """examples:
   {cmd}                                  # protonet, 5-way 5-shot, glyphs, quick profile
   {cmd} --method dynamic_nsn --shots 1,5
@@ -30,6 +33,9 @@ EPILOG = """examples:
   {cmd} --dataset miniimagenet --data-root ~/data/mini --profile paper --device cuda
   {cmd} --list
   {cmd} --report                         # re-render table6.md, summaries and the plot from the CSVs
+  {cmd} --report --profile quick --method protonet,maml --format latex   # a filtered report, + table6.tex
+  {cmd} --forget RUN_ID                  # remove a leaderboard row (--delete-runs: its run folders too)
+  {cmd} --list --method maml             # a method's options, defaults and docs
   torchrun --nproc_per_node 2 -m fewshot_nsl.distributed pretrain --method static_nsn   # data-parallel pretraining
 """
 
@@ -122,13 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", help="backbone name(s), comma-separated (cnn4, cnn9); with --grid: a filter")
     p.add_argument("--dataset", help="glyphs (embedded, default), miniimagenet, custom")
     p.add_argument("--data-root", help="folder holding the dataset (miniimagenet, custom)")
+    p.add_argument("--dataset-name", metavar="NAME", help="name of a --dataset custom in tables, run folders and "
+                   "--report filters (default custom)")
     p.add_argument("--ways", type=int)
     p.add_argument("--shots", type=_int_list, help="shots, comma-separated (e.g. 1,5); with --grid: a filter")
     p.add_argument("--queries", type=int, help="queries per class at test (default 15)")
     p.add_argument("--episodes", help="fixed episode list (JSON) to evaluate on")
     p.add_argument("--n-episodes", type=int, help="evaluate the first N episodes of the list")
     p.add_argument("--image-size", type=int)
-    p.add_argument("--profile", choices=["smoke", "quick", "paper"], help="training/eval budget (default quick)")
+    p.add_argument("--profile", choices=["smoke", "quick", "paper"], help="training/eval budget (default quick); "
+                   "with --report/--forget: a filter")
     p.add_argument("--config", help="YAML config file (overrides the profile; --set and the flags override it)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set_options",
                    help="override one config key (dotted, e.g. episodic.steps=10, method_options.inner_lr=0.05; "
@@ -167,9 +176,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--replace-row", action="store_true",
                    help="write each cell's leaderboard row even over one measured on more episodes or seeds "
                         "(by default that row is kept, said in one line, and the new run stays in runs/)")
-    p.add_argument("--list", action="store_true", help="list methods, backbones and datasets, then exit")
-    p.add_argument("--report", action="store_true",
-                   help="re-render table6.md, summary.md/.html and the plot from the CSVs, then exit")
+    p.add_argument("--list", action="store_true", help="list methods, backbones and datasets, then exit; with "
+                   "--method NAME: that method's options, defaults and docs")
+    r = p.add_argument_group("reports and the leaderboard")
+    r.add_argument("--report", action="store_true",
+                   help="re-render table6.md, summary.md/.html and the plot from the CSVs, then exit; --profile, "
+                        "--dataset (--dataset-name), --method, --backbone, --ways and --shots select the rows shown")
+    r.add_argument("--include-smoke", action="store_true",
+                   help="show smoke-profile rows (meaningless numbers) in table6.md and the plot; by default they "
+                        "are left out when other rows exist")
+    r.add_argument("--format", choices=FORMATS,
+                   help="report format: markdown (table6.md, default) or latex (table6.tex, booktabs, beside table6.md)")
+    r.add_argument("--forget", nargs="?", const=True, metavar="RUN_ID[,RUN_ID]",
+                   help="remove leaderboard rows naming these runs, or (no value) the rows matching --profile, "
+                        "--dataset, --method, --backbone, --ways, --shots; run folders are kept unless --delete-runs")
+    r.add_argument("--delete-runs", action="store_true", help="with --forget: also delete the removed rows' run folders")
     p.add_argument("--make-episodes", action="store_true", help="(re)generate the committed episode lists, then exit")
     o = p.add_argument_group("output")
     bars = o.add_mutually_exclusive_group()
@@ -204,6 +225,7 @@ def cli_overrides(args: argparse.Namespace, method: Optional[str]) -> Dict[str, 
         "profile": args.profile, "seed": args.seed, "device": args.device, "deterministic": args.deterministic,
         "compile": args.compile, "precision": args.precision, "results_dir": args.results_dir,
         "cache_dir": args.cache_dir,
+        "dataset_options": {"label": args.dataset_name} if args.dataset_name else None,
     }
     ev = {k: v for k, v in {"queries": args.queries, "episodes": args.n_episodes}.items() if v is not None}
     if ev:
@@ -235,6 +257,20 @@ def _list(log) -> None:
         log(f"  (plugin {where} not loaded: {why})")
     log("backbones: " + ", ".join(list_backbones()))
     log("datasets:  " + ", ".join(list_datasets()))
+
+
+def _list_method(name: str, log) -> None:
+    """``--list --method NAME``: the method's options with defaults and one-line docs."""
+    from .api import method_options
+
+    options = method_options(name)
+    log(f"method {name}: options (--set method_options.NAME=VALUE, or method_options: in a --config file)")
+    if not options:
+        log("  (none)")
+    width = max((len(o["name"]) for o in options), default=0)
+    for o in options:
+        default = "(required)" if o["required"] else f"= {o['default']!r}"
+        log(f"  {o['name']:{width}s} {default:14s} {o['doc']}".rstrip())
 
 
 def _list_json() -> str:
@@ -291,6 +327,121 @@ def config_method(config_file: Optional[str]) -> str:
         raise ConfigError(f"config file {config_file}: method must be one method name (several: --method a,b), "
                           f"got {method!r}")
     return method
+
+
+def results_dir_of(args: argparse.Namespace) -> Path:
+    """Where this command's results go: ``--results-dir``, else ``--set results_dir=``, else the
+    ``--config`` file's ``results_dir:``, else ``results`` (the one answer used for the run, its
+    closing line, ``--report``, ``--forget`` and ``--compare``).
+
+    Raises:
+        ConfigError: the config file's ``results_dir`` is not a folder name.
+    """
+    if args.results_dir:
+        return Path(args.results_dir)
+    from .config import load_yaml, parse_set_options
+
+    over = parse_set_options(args.set_options).get("results_dir")
+    value = over if over is not None else (load_yaml(Path(args.config)).get("results_dir") if args.config else None)
+    if value is None:
+        return Path("results")
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"results_dir must be a folder name, got {value!r}")
+    return Path(value)
+
+
+def results_dir_of_result(result: Any, default: Path) -> Path:
+    """The results folder the cells of a :class:`~fewshot_nsl.grid.GridResult` were run into (their
+    resolved configs' ``results_dir``), else ``default``."""
+    for p in result.cells:
+        if p.cfgs:
+            return Path(p.cfgs[0].results_dir)
+    return default
+
+
+def _filters(args: argparse.Namespace) -> Dict[str, Any]:
+    """The row filters of ``--report`` / ``--forget``: column -> accepted values (None: any)."""
+    def split(text: Optional[str]) -> Optional[List[str]]:
+        return [t for t in text.split(",") if t] if text else None
+
+    return {"profile": [args.profile] if args.profile else None,
+            "dataset": [args.dataset_name] if args.dataset_name else split(args.dataset),
+            "method": split(args.method), "backbone": split(args.backbone),
+            "ways": [args.ways] if args.ways is not None else None, "shots": args.shots}
+
+
+def _forget(args: argparse.Namespace, results_dir: Path, log) -> None:
+    """``--forget``: remove leaderboard rows (by run ids or filters), say what went in one line,
+    delete their run folders with ``--delete-runs``, and re-render the reports."""
+    import shutil
+
+    from .leaderboard import forget_rows
+    from .reporting import render_reports, run_dirs_of
+
+    ids = None
+    if isinstance(args.forget, str):
+        ids = [Path(t.strip()).name for t in args.forget.split(",") if t.strip()]
+        if not ids:
+            raise ConfigError("--forget was given no run id; pass RUN_ID[,RUN_ID] or use filters")
+    where = {} if ids is not None else _filters(args)
+    lb = results_dir / "leaderboard.csv"
+    if not lb.is_file():
+        raise ConfigError(f"no leaderboard at {lb}; nothing to forget (pass --results-dir or --config)")
+    removed = forget_rows(lb, where, ids)
+    if removed.empty:
+        asked = f"run(s) {', '.join(ids)}" if ids else "; ".join(
+            f"{k} {','.join(map(str, v))}" for k, v in where.items() if v is not None)
+        raise ConfigError(f"no leaderboard row in {lb} matches {asked}; nothing removed")
+    names = [f"{r.method} {r.backbone} {r.ways}-way {r.shots}-shot on {r.dataset} ({r.profile})"
+             for r in removed.itertuples()]
+    dirs = [d for run_ids in removed["run_id"] for d in run_dirs_of(results_dir, run_ids)]
+    if args.delete_runs:
+        runs = (results_dir / "runs").resolve()
+        gone = []
+        for d in dirs:
+            if d.is_dir() and d.resolve().parent == runs:
+                shutil.rmtree(d)
+                gone.append(d.name)
+        what = f"deleted {len(gone)} run folder(s) in {results_dir / 'runs'}"
+    else:
+        what = f"kept their {len(dirs)} run folder(s) in {results_dir / 'runs'} (--delete-runs removes them)"
+    log(f"forgot {len(removed)} leaderboard row(s) of {lb}: {printable('; '.join(names))}; {what}")
+    render_reports(results_dir, reference=args.reference, include_smoke=args.include_smoke or None,
+                   formats=(args.format or "markdown",))
+
+
+def check_report_flags(args: argparse.Namespace) -> None:
+    """Flags that only mean something with ``--report`` / ``--forget`` are refused elsewhere, not ignored.
+
+    Raises:
+        ConfigError: naming the flag.
+    """
+    if args.delete_runs and not args.forget:
+        raise ConfigError("--delete-runs deletes the run folders of the rows --forget removes; add --forget")
+    if not (args.report or args.forget):
+        for flag, given in (("--include-smoke", args.include_smoke), ("--format", args.format)):
+            if given:
+                raise ConfigError(f"{flag} applies to --report (and --forget's re-rendered reports); add --report")
+    if args.forget and (args.report or args.compare or args.grid or args.dry_run):
+        raise ConfigError("--forget edits the leaderboard and re-renders the reports; run it on its own (with "
+                          "filters or run ids)")
+    if args.dataset_name and args.dataset not in (None, "custom"):
+        raise ConfigError(f"--dataset-name names a --dataset custom; --dataset {args.dataset} has its own name")
+
+
+def suite_warning_lines(log, previous: Any) -> Any:
+    """A ``warnings.showwarning`` that shows the suite's own warnings
+    (:class:`~fewshot_nsl.inputs.SuiteWarning`: a test split too small for its episodes) as one
+    ``warning: ...`` line each through ``log``, and any other warning with ``previous``."""
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        from .inputs import SuiteWarning
+
+        if issubclass(category, SuiteWarning):
+            log(f"warning: {message}")
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    return show
 
 
 def _executor(args: argparse.Namespace):
@@ -356,13 +507,16 @@ def _main(argv: Optional[List[str]] = None) -> int:
                       cache_dir=Path(args.cache_dir) if args.cache_dir else None)
     log = console.info
     progress = show_progress(args.progress, args.quiet)
+    shower = warnings.showwarning
     try:
+        warnings.showwarning = suite_warning_lines(log, shower)
         check_not_empty(args)
         check_path_flags(args)
         console.open()
-        if args.json and (args.compare or args.report or args.make_episodes or args.dry_run):
+        if args.json and (args.compare or args.report or args.make_episodes or args.dry_run or args.forget):
             raise ConfigError("--json prints the rows of a run or the --list; drop it for --compare, --report, "
-                              "--make-episodes and --dry-run")
+                              "--forget, --make-episodes and --dry-run")
+        check_report_flags(args)
         from .data.formats import ImageModeWarning
 
         warnings.simplefilter("ignore", ImageModeWarning)  # runner.prepare says it as one info line instead
@@ -372,7 +526,17 @@ def _main(argv: Optional[List[str]] = None) -> int:
 
             load_plugins([Path(d) for d in args.plugins])
         if args.list:
-            if args.json:
+            if args.method and args.json:
+                import json
+
+                from .api import method_options
+
+                console.emit_json(json.dumps({m: method_options(m) for m in args.method.split(",")}, indent=1,
+                                             default=repr))
+            elif args.method:
+                for m in args.method.split(","):
+                    _list_method(m, log)
+            elif args.json:
                 console.emit_json(_list_json())
             else:
                 _list(log)
@@ -390,7 +554,18 @@ def _main(argv: Optional[List[str]] = None) -> int:
             for path in make_committed_lists():
                 log(f"wrote {path}")
             return 0
-        results_dir = Path(args.results_dir or "results")
+        results_dir = results_dir_of(args)
+        if args.forget:
+            _forget(args, results_dir, log)
+            return 0
+        if args.report and not args.grid:
+            from .reporting import render_reports
+
+            for kind, path in render_reports(results_dir, reference=args.reference, where=_filters(args),
+                                             include_smoke=args.include_smoke or None,
+                                             formats=(args.format or "markdown",)).items():
+                log(f"{kind}: {path}")
+            return 0
         if args.compare:
             from .reporting import compare_runs
 
@@ -422,7 +597,9 @@ def _main(argv: Optional[List[str]] = None) -> int:
             if grid_name:
                 grid = (grid_name, [{"method": c.method, "backbone": c.backbone, "shots": c.shots} for c in cells
                                     if c.backbone is not None and c.shots is not None])
-            for kind, path in render_reports(results_dir, reference=args.reference, grid=grid).items():
+            for kind, path in render_reports(results_dir, reference=args.reference, grid=grid, where=_filters(args),
+                                             include_smoke=args.include_smoke or None,
+                                             formats=(args.format or "markdown",)).items():
                 log(f"{kind}: {path}")
             return 0
         if args.seeds and args.seed is not None:
@@ -439,6 +616,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
         )
         if args.dry_run:
             return 0
+        results_dir = results_dir_of_result(result, results_dir)
         log(f"leaderboard: {results_dir / 'leaderboard.csv'}, table: {results_dir / 'table6.md'}, "
             f"summary: {results_dir / 'summary.md'}, plot: {results_dir / 'leaderboard.png'}")
         if args.json:
@@ -467,6 +645,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
         console.error(INTERRUPTED)
         return 130
     finally:
+        warnings.showwarning = shower
         console.close()
 
 

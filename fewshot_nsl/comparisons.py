@@ -84,7 +84,8 @@ def add_paired_columns(df: pd.DataFrame, results_dir: Path, reference: Optional[
 
     The reference is the ``reference`` method's row with the same dataset (name and content), split,
     image size, ways, shots, profile and episode hash, preferably with the same backbone. Rows whose runs' CSVs are gone keep the
-    values they had. ``reference`` None: the leaderboard's current one, else ``protonet``.
+    values they had. ``reference`` None: :data:`DEFAULT_REFERENCE` (``protonet``), as ``--help`` says: a
+    ``--reference`` given to one command does not carry over to later commands that did not pass it.
     """
     from .stats import paired_compare
 
@@ -93,9 +94,7 @@ def add_paired_columns(df: pd.DataFrame, results_dir: Path, reference: Optional[
         if c not in df.columns:
             df[c] = None
     df[PAIRED] = df[PAIRED].astype(object)
-    if reference is None:
-        current = df["ref_method"].dropna().astype(str)
-        reference = current.mode().iloc[0] if len(current) else DEFAULT_REFERENCE
+    reference = reference or DEFAULT_REFERENCE
     cache: Dict[str, Optional[np.ndarray]] = {}
 
     def vector(i: Any) -> Optional[np.ndarray]:
@@ -200,9 +199,15 @@ def _side(name: str, mean: float, ci: float, n: int, failed: int) -> str:
     return f"{name}: {mean:.2f} +- {ci:.2f} ({note})"
 
 
-def compare_runs(a: str, b: str, results_dir: Path) -> str:
-    """Paired comparison of two finished runs on their common episodes, as printable text; any
-    warning (:func:`check_comparable`) comes first, as ``warning: ...`` lines.
+def compare_stats(a: str, b: str, results_dir: Path) -> Dict[str, Any]:
+    """Paired statistics of two finished runs on their common episodes.
+
+    Returns:
+        ``run_a``, ``run_b``, ``method_a``, ``method_b``, ``backbone_a``, ``backbone_b``, ``seed_a``,
+        ``seed_b``, ``episode_hash``, ``dataset``, ``ways``, ``shots``, ``n_paired``, ``accuracy_a``,
+        ``ci95_a``, ``failed_a``, ``accuracy_b``, ``ci95_b``, ``failed_b``, ``diff`` (A - B, accuracy
+        points), ``diff_ci95``, ``t_stat``, ``p_value`` (paired t-test), ``p_wilcoxon``, ``episodes_a``,
+        ``episodes_b``, ``n_a``, ``n_b`` (episodes summarised) and ``warnings`` (a list of ``warning: ...`` lines, :func:`check_comparable`).
 
     Raises:
         ConfigError: a run is missing or unfinished, the two used different episode lists, or
@@ -217,23 +222,42 @@ def compare_runs(a: str, b: str, results_dir: Path) -> str:
             f"runs {da.name} and {db.name} were evaluated on different episode lists "
             f"({ma.get('episode_hash')} vs {mb.get('episode_hash')}); a paired comparison needs the same episodes"
         )
-    lines = check_comparable(da, ma, db, mb)
+    warnings = check_comparable(da, ma, db, mb)
     va, vb = episode_vector([da]), episode_vector([db])
     n = min(len(va), len(vb))
     if len(va) != len(vb):
-        lines.append(f"warning: A has {len(va)} episodes and B {len(vb)}; only the first {n} are paired")
+        warnings.append(f"warning: A has {len(va)} episodes and B {len(vb)}; only the first {n} are paired")
     pc = paired_compare(va[:n], vb[:n])
     sa, sb = summarize(va[:n]), summarize(vb[:n])
-    fa, fb = int(np.isnan(va[:n]).sum()), int(np.isnan(vb[:n]).sum())
-    sig = "significant" if pc.p_value < 0.05 else "not significant"
-    lines += [
-        f"A: {da.name}  ({ma['method']} {ma['backbone']}, seed {ma.get('seed')})",
-        f"B: {db.name}  ({mb['method']} {mb['backbone']}, seed {mb.get('seed')})",
-        f"episodes: {pc.n} paired (episode list {ma['episode_hash']}, {ma['ways']}-way {ma['shots']}-shot, {ma['dataset']})",
-        f"{_side('A', sa.mean, sa.ci95, sa.n, fa)}   {_side('B', sb.mean, sb.ci95, sb.n, fb)}   "
-        f"(mean accuracy %, 95% CI)",
-        f"A - B: {pc.mean_diff:+.2f} +- {pc.ci95:.2f} points (95% CI of the paired difference)",
-        f"paired t-test: t = {pc.t_stat:.3f}, p = {pc.p_value:.4g}; Wilcoxon signed-rank p = {pc.wilcoxon_p:.4g} "
+    return {
+        "run_a": da.name, "run_b": db.name, "method_a": ma.get("method"), "method_b": mb.get("method"),
+        "backbone_a": ma.get("backbone"), "backbone_b": mb.get("backbone"), "seed_a": ma.get("seed"),
+        "seed_b": mb.get("seed"), "episode_hash": ma.get("episode_hash"), "dataset": ma.get("dataset"),
+        "ways": ma.get("ways"), "shots": ma.get("shots"), "n_paired": pc.n,
+        "accuracy_a": sa.mean, "ci95_a": sa.ci95, "failed_a": int(np.isnan(va[:n]).sum()), "n_a": sa.n,
+        "accuracy_b": sb.mean, "ci95_b": sb.ci95, "failed_b": int(np.isnan(vb[:n]).sum()), "n_b": sb.n,
+        "diff": pc.mean_diff, "diff_ci95": pc.ci95, "t_stat": pc.t_stat, "p_value": pc.p_value,
+        "p_wilcoxon": pc.wilcoxon_p, "episodes_a": len(va), "episodes_b": len(vb), "warnings": warnings,
+    }
+
+
+def compare_runs(a: str, b: str, results_dir: Path) -> str:
+    """Paired comparison of two finished runs on their common episodes (:func:`compare_stats`), as
+    printable text; any warning (:func:`check_comparable`) comes first, as ``warning: ...`` lines.
+
+    Raises:
+        ConfigError: as :func:`compare_stats`.
+    """
+    s = compare_stats(a, b, results_dir)
+    sig = "significant" if s["p_value"] < 0.05 else "not significant"
+    return "\n".join(list(s["warnings"]) + [
+        f"A: {s['run_a']}  ({s['method_a']} {s['backbone_a']}, seed {s['seed_a']})",
+        f"B: {s['run_b']}  ({s['method_b']} {s['backbone_b']}, seed {s['seed_b']})",
+        f"episodes: {s['n_paired']} paired (episode list {s['episode_hash']}, {s['ways']}-way {s['shots']}-shot, "
+        f"{s['dataset']})",
+        f"{_side('A', s['accuracy_a'], s['ci95_a'], s['n_a'], s['failed_a'])}   "
+        f"{_side('B', s['accuracy_b'], s['ci95_b'], s['n_b'], s['failed_b'])}   (mean accuracy %, 95% CI)",
+        f"A - B: {s['diff']:+.2f} +- {s['diff_ci95']:.2f} points (95% CI of the paired difference)",
+        f"paired t-test: t = {s['t_stat']:.3f}, p = {s['p_value']:.4g}; Wilcoxon signed-rank p = {s['p_wilcoxon']:.4g} "
         f"({sig} at 0.05)",
-    ]
-    return "\n".join(lines)
+    ])

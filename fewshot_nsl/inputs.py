@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import unicodedata
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
 
 from .config import RunConfig
 from .data.episodes import (
@@ -20,6 +23,18 @@ from .methods.base import FewShotMethod
 from .registry import check_kwargs, create_backbone, create_dataset, get_method_class
 
 TRAINING_STAGES = ("pretrain", "episodic")
+#: Draws of test images per distinct image above which the episodes of a run are said to reuse their
+#: images heavily: Mini-ImageNet's 600 5-way 5-shot 15-query episodes draw 60,000 of 12,000 images (5x),
+#: glyphs' 60,000 of 1,600 (38x); 600 episodes from 6 classes x 20 images draw 60,000 of 120 (500x).
+MAX_DRAWS_PER_IMAGE = 100
+
+
+class SuiteWarning(UserWarning):
+    """A warning of the suite meant for the user verbatim (the command line shows it as one ``warning:`` line)."""
+
+
+class SmallSplitWarning(SuiteWarning):
+    """The evaluated split holds far fewer distinct images than the episodes draw."""
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -145,3 +160,23 @@ def validate_against_store(cfg: RunConfig, store: ImageStore) -> None:
         if ways > n_train:
             raise ConfigError(f"training ways {ways} exceed the {n_train} base classes of {store.name}; lower --ways")
         check_min_images(store, "train", (cfg.episodic.shots or cfg.shots) + cfg.episodic.queries)
+    warn_small_split(cfg, store)
+
+
+def warn_small_split(cfg: RunConfig, store: ImageStore) -> None:
+    """Warn (:class:`SmallSplitWarning`, once per message) when the evaluated episodes draw each
+    image of the split more than :data:`MAX_DRAWS_PER_IMAGE` times on average (e.g. 600 5-way
+    5-shot 15-query episodes from 6 classes x 20 images: 60,000 draws of 120 images): the episodes
+    then overlap so much that they are far from independent, and the CI, which assumes independent
+    episodes, is too narrow."""
+    split = cfg.eval.split
+    classes = store.classes_in_split(split)
+    distinct = int(np.isin(store.labels, classes).sum())
+    draws = int(cfg.eval.episodes) * int(cfg.ways) * (int(cfg.shots) + int(cfg.eval.queries))
+    if distinct and draws > MAX_DRAWS_PER_IMAGE * distinct:
+        warnings.warn(
+            f"the {split} split of {store.name} has {distinct} distinct images ({len(classes)} classes) but "
+            f"{cfg.eval.episodes} episodes of {cfg.ways}-way {cfg.shots}-shot {cfg.eval.queries}-query draw {draws:,} "
+            f"(each image about {draws / distinct:.0f} times): the episodes overlap heavily, so the 95% CI (which "
+            f"assumes independent episodes) is too narrow; add {split} images or classes, or evaluate fewer episodes "
+            f"(--n-episodes)", SmallSplitWarning, stacklevel=2)

@@ -298,6 +298,52 @@ def refresh_paired(path: Path, reference: Optional[str] = None) -> pd.DataFrame:
             _write_atomic_csv(df, path)
     return df
 
+def select_rows(df: pd.DataFrame, where: Optional[Dict[str, Sequence[Any]]] = None,
+                run_ids: Optional[Sequence[str]] = None) -> pd.Series:
+    """A boolean mask of the rows of ``df`` that match every filter of ``where`` (column -> accepted
+    values, compared as text: ``{"method": ["protonet"], "shots": [5]}``) and, when ``run_ids`` is
+    given, name one of those runs in their ``run_id`` cell (``;``-separated for several seeds)."""
+    mask = pd.Series(True, index=df.index)
+    for column, values in (where or {}).items():
+        if values is None:
+            continue
+        wanted = {key_text(v) for v in values}
+        cells = df[column].map(key_text) if column in df.columns else pd.Series("", index=df.index)
+        mask &= cells.isin(wanted)
+    if run_ids is not None:
+        ids = {str(r) for r in run_ids}
+        cells = df["run_id"].map(key_text) if "run_id" in df.columns else pd.Series("", index=df.index)
+        mask &= cells.map(lambda c: bool(ids & set(c.split(";"))))
+    return mask
+
+
+def forget_rows(path: Path, where: Optional[Dict[str, Sequence[Any]]] = None,
+                run_ids: Optional[Sequence[str]] = None) -> pd.DataFrame:
+    """Remove the leaderboard rows that match (:func:`select_rows`) under the lock, refresh the
+    paired columns of the rows left (a removed reference row clears its partners' columns), and
+    return the removed rows. Run folders are not touched.
+
+    Raises:
+        ConfigError: neither a filter nor run ids (that would remove every row).
+    """
+    if not run_ids and not any(v is not None for v in (where or {}).values()):
+        raise ConfigError("--forget needs run ids (--forget RUN_ID[,RUN_ID]) or a filter (--method, --dataset, "
+                          "--profile, --backbone, --shots); it never removes every row")
+    path = Path(path)
+    with locked(path):
+        df = read_leaderboard(path)
+        if df.empty:
+            return df
+        mask = select_rows(df, where, run_ids)
+        removed = df[mask]
+        if len(removed):
+            kept = df[~mask]
+            if len(kept):
+                kept = _ordered(add_paired_columns(kept.astype(object), path.parent))
+            _write_atomic_csv(kept if len(kept) else pd.DataFrame(columns=list(df.columns)), path)
+    return removed
+
+
 # ----------------------------------------------------------------------------- rows from runs
 #: Per-run fields that are the same for every seed of a cell (taken from the first).
 _SHARED = ("dataset", "method", "backbone", "ways", "shots", "split", "profile", "paper_value", "paper_ci", "paper_comparable", "image_size",

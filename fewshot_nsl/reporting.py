@@ -202,14 +202,20 @@ def _ref_name(g: pd.DataFrame) -> str:
     return refs.mode().iloc[0] if len(refs) else DEFAULT_REFERENCE
 
 
-def table6_markdown(df: pd.DataFrame) -> str:
+def table6_markdown(df: pd.DataFrame, notes: Sequence[str] = ()) -> str:
     """Table-6-style markdown: one table per (dataset and its content, split, ways, profile, image
     size), shots as columns, with the paired difference to the reference method per shot. The
     paper's value is a column only where the table is comparable with it (:func:`paper_comparable`);
-    elsewhere it is given for orientation, with the reason."""
+    elsewhere it is given for orientation, with the reason.
+
+    Args:
+        notes: lines (Markdown) said under the title, e.g. which rows a filtered report left out.
+    """
     if df.empty:
-        return "# Results\n\nNo results yet.\n"
+        return "# Results\n\n" + "".join(f"{n}\n\n" for n in notes) + "No results yet.\n"
     out = ["# Few-shot results (Table-6 style)", ""]
+    for note in notes:
+        out += [note, ""]
     out.append(
         "Mean accuracy (%) ± 95% CI (1.96·std/√n over the fixed test episodes; with several training "
         "seeds, over the seed-averaged episodes, and `seed sd` is the std of the per-seed means). "
@@ -373,10 +379,39 @@ def summary_html(df: pd.DataFrame, title: str = "Benchmark summary", plot: Optio
 
 
 # ----------------------------------------------------------------------------- plot
+#: Method families of the built-in methods (one plot colour each); a plugin may name its own with a
+#: ``family`` class attribute, else it is ``other``.
+FAMILIES = {
+    "static_nsn": "NSL", "dynamic_nsn": "NSL", "meta_static_nsn": "NSL",
+    "protonet": "metric", "matchingnet": "metric", "relationnet": "metric", "nearest_neighbor": "metric",
+    "maml": "gradient-based", "meta_sgd": "gradient-based",
+    "finetune": "fine-tuning",
+}
+#: One colour per family (colour-blind-safe tableau hues).
+FAMILY_COLOURS = {"NSL": "#c44e52", "metric": "#4c72b0", "gradient-based": "#55a868", "fine-tuning": "#8172b2",
+                  "other": "#937860"}
+
+
+def method_family(method: Any) -> str:
+    """The family of a method name (:data:`FAMILIES`, a registered class's ``family`` attribute, else ``other``)."""
+    name = str(method)
+    if name in FAMILIES:
+        return FAMILIES[name]
+    try:
+        from .registry import METHODS
+
+        cls = METHODS.get(name) if name in METHODS else None
+    except Exception:  # noqa: BLE001 - a report renders from the CSV alone
+        cls = None
+    family = getattr(cls, "family", None)
+    return str(family) if isinstance(family, str) and family in FAMILY_COLOURS else "other"
+
+
 def plot_leaderboard(df: pd.DataFrame, path: Path) -> Optional[Path]:
-    """Horizontal bars of accuracy with 95% CI whiskers per (method, backbone, shots); paper value
-    marked; a row with failed episodes says how many in its label. Text is drawn verbatim
-    (:data:`PLAIN_TEXT_RC`: a ``$`` in a name is a dollar sign, not mathtext)."""
+    """Horizontal bars of accuracy with 95% CI error bars, one bar per (method, backbone, shots), one
+    panel per table (:func:`_groups`), each panel as tall as its rows; one colour per method family
+    (:func:`method_family`); paper value marked; a row with failed episodes says how many in its label.
+    Text is drawn verbatim (:data:`PLAIN_TEXT_RC`: a ``$`` in a name is a dollar sign, not mathtext)."""
     if df.empty:
         return None
     import matplotlib
@@ -388,9 +423,12 @@ def plot_leaderboard(df: pd.DataFrame, path: Path) -> Optional[Path]:
 
 def _plot_leaderboard(df: pd.DataFrame, path: Path) -> Path:
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     groups = list(_groups(df))
-    fig, axes = plt.subplots(len(groups), 1, figsize=(8, 0.45 * len(df) + 1.6 * len(groups)), squeeze=False)
+    heights = [0.32 * len(g) + 1.3 for _, g in groups]  # inches: every bar row as tall in every panel
+    fig, axes = plt.subplots(len(groups), 1, figsize=(9, sum(heights) + 0.4), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
     for ax, (key, g) in zip(axes[:, 0], groups):
         dataset, _, split, ways, profile, image_size, _precision = key
         comparable, _ = paper_comparable(dataset, profile, image_size, split)
@@ -399,55 +437,160 @@ def _plot_leaderboard(df: pd.DataFrame, path: Path) -> Path:
                           + (f", {_count(r.episodes_failed)} failed" if _count(getattr(r, "episodes_failed", None))
                              else "") + ")") for r in g.itertuples()]
         y = list(range(len(g)))
-        ax.barh(y, g["accuracy"].astype(float), xerr=g["ci95"].astype(float), color="#4c72b0", ecolor="black", capsize=3,
-                label="accuracy ± 95% CI")
-        marked = False
+        families = [method_family(m) for m in g["method"]]
+        ax.barh(y, g["accuracy"].astype(float), height=0.7, color=[FAMILY_COLOURS[f] for f in families])
+        ax.errorbar(g["accuracy"].astype(float), y, xerr=g["ci95"].astype(float), fmt="none", ecolor="black",
+                    elinewidth=1, capsize=3)
+        handles = [Patch(color=FAMILY_COLOURS[f], label=f) for f in dict.fromkeys(families)]
+        handles.append(plt.Line2D([], [], color="black", marker="|", linestyle="-", label="95% CI"))
         for yi, r in zip(y, g.itertuples()):
             pv, _ = paper_value(r.method, r.backbone, int(r.ways), int(r.shots))
             if pv is not None:
                 ax.plot([pv], [yi], marker="D" if comparable else "d", color="#dd8452" if comparable else "#bbbbbb",
-                        linestyle="none", label=None if marked else
-                        ("paper (Mini-ImageNet)" if comparable else "paper (Mini-ImageNet, for orientation)"))
-                marked = True
+                        markeredgecolor="black", linestyle="none")
+        if any(paper_value(r.method, r.backbone, int(r.ways), int(r.shots))[0] is not None for r in g.itertuples()):
+            handles.append(plt.Line2D([], [], marker="D" if comparable else "d", linestyle="none",
+                                      color="#dd8452" if comparable else "#bbbbbb", markeredgecolor="black",
+                                      label="paper (Mini-ImageNet)" if comparable
+                                      else "paper (Mini-ImageNet, for orientation)"))
         ax.set_yticks(y)
         ax.set_yticklabels(labels, fontsize=8)
-        ax.axvline(100.0 / int(ways), color="grey", linestyle=":", label="chance")
+        ax.set_ylim(-0.6, len(g) - 0.4)
+        ax.axvline(100.0 / int(ways), color="grey", linestyle=":")
+        handles.append(plt.Line2D([], [], color="grey", linestyle=":", label="chance"))
         ax.set_xlim(0, 100)
+        ax.grid(axis="x", alpha=0.3)
         ax.set_xlabel("accuracy (%) with 95% CI")
         syn = " (synthetic)" if _synthetic(g) else ""
-        ax.set_title(f"{_group_title(key, markdown=False)}{syn}", fontsize=10)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.set_title(f"{_group_title(key, markdown=False)}{syn}", fontsize=9)
+        ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
     try:
-        atomic_write(Path(path), lambda f: fig.savefig(f, dpi=110, format="png"), binary=True)
+        atomic_write(Path(path), lambda f: fig.savefig(f, dpi=110, format="png", bbox_inches="tight"), binary=True)
     finally:
         plt.close(fig)
     return Path(path)
+
+
+# ----------------------------------------------------------------------------- LaTeX
+_LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  "<": r"\textless{}", ">": r"\textgreater{}", "|": r"\textbar{}"}
+
+
+def latex_escape(value: Any) -> str:
+    """``value`` as LaTeX text that typesets as itself (``static_nsn`` -> ``static\\_nsn``, ``$`` -> ``\\$``;
+    invisible characters shown as escapes, :func:`visible`)."""
+    return "".join(_LATEX_ESCAPES.get(ch, ch) for ch in visible(value))
+
+
+def _latex_acc(r: pd.Series) -> str:
+    if r.get("accuracy") is None or pd.isna(r.get("accuracy")):
+        return "--"
+    cell = f"${float(r['accuracy']):.2f} \\pm {float(r['ci95']):.2f}$"
+    return cell + ("$^\\dagger$" if _is_true(r.get("transductive")) else "")
+
+
+def table6_latex(df: pd.DataFrame) -> str:
+    """The tables of :func:`table6_markdown` as LaTeX ``booktabs`` tables (``\\usepackage{booktabs}``):
+    one ``table`` per (dataset, split, ways, profile, image size), methods as rows, shots as columns,
+    mean accuracy (%) ± 95% CI, and the paper's 5-shot value where it has one. Every name is escaped
+    (:func:`latex_escape`)."""
+    out = ["% fewshot-nsl Table-6-style results; needs \\usepackage{booktabs}", ""]
+    if df.empty:
+        return "\n".join(out + ["% no results yet", ""])
+    for key, g in _groups(df):
+        dataset, _, split, ways, profile, image_size, _precision = key
+        comparable, _ = paper_comparable(dataset, profile, image_size, split)
+        shots = sorted(int(s) for s in g["shots"].unique())
+        note = "" if comparable else " The paper column is for orientation only (not the paper's protocol)."
+        if _synthetic(g):
+            note += " Synthetic data: not comparable with Mini-ImageNet."
+        out += ["\\begin{table}[t]", "\\centering",
+                f"\\caption{{{latex_escape(_group_title(key, markdown=False))}: mean accuracy (\\%) $\\pm$ 95\\% CI "
+                f"over the fixed test episodes.{note}}}",
+                "\\begin{tabular}{ll" + "r" * (len(shots) + 1) + "}", "\\toprule",
+                " & ".join(["Method", "Backbone"] + [f"{s}-shot" for s in shots] + ["Paper (5-shot)"]) + " \\\\",
+                "\\midrule"]
+        for (method, backbone), m in g.groupby(["method", "backbone"], sort=False):
+            cells = [latex_escape(method), latex_escape(backbone)]
+            for s in shots:
+                r = m[m["shots"].astype(int) == s]
+                cells.append("; ".join(_latex_acc(x) for _, x in r.iterrows()) if len(r) else "--")
+            pv, pc = paper_value(str(method), str(backbone), int(ways), 5)
+            cells.append("--" if pv is None else f"${float(pv):.2f} \\pm {float(pc):.2f}$")
+            out.append(" & ".join(cells) + " \\\\")
+        out += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
+    if "transductive" in df and df["transductive"].map(_is_true).any():
+        out += ["% $^\\dagger$: transductive (the query batch's own BN statistics at test)", ""]
+    return "\n".join(out)
 
 
 def _write_text(path: Path, text: str) -> Path:
     return atomic_write_text(path, text)
 
 
+#: Report formats (``--format``): the Markdown tables always, LaTeX beside them when asked.
+FORMATS = ("markdown", "latex")
+
+
+def report_rows(df: pd.DataFrame, where: Optional[Dict[str, Sequence[Any]]] = None,
+                include_smoke: Optional[bool] = None) -> Tuple[pd.DataFrame, pd.DataFrame, List[str]]:
+    """The rows a report shows: those matching ``where`` (column -> accepted values, e.g.
+    ``{"profile": ["quick"], "method": ["protonet"]}``, :func:`~fewshot_nsl.leaderboard.select_rows`).
+
+    Returns:
+        ``(selected, tables, notes)``: the matching rows (for the summaries), the rows of
+        ``table6.md`` and the plot (the selected rows without the smoke-profile ones, whose numbers
+        are meaningless, unless ``include_smoke``, the ``profile`` filter names smoke, or every
+        selected row is a smoke row), and Markdown lines saying what was left out.
+    """
+    from .leaderboard import select_rows
+
+    notes: List[str] = []
+    selected = df[select_rows(df, where)] if len(df) and where else df
+    if len(df) and where:
+        shown = "; ".join(f"{k} {', '.join(map(str, v))}" for k, v in where.items() if v is not None)
+        notes.append(f"*Filtered report ({md_cell(shown)}): {len(selected)} of {len(df)} leaderboard rows.*")
+    asked = include_smoke or "smoke" in [str(p) for p in (where or {}).get("profile") or []]
+    smoke = selected["profile"].map(key_text) == "smoke" if len(selected) else pd.Series(dtype=bool)
+    if asked or not len(selected) or bool(smoke.all()) or not smoke.any():
+        return selected, selected, notes
+    notes.append(f"*{int(smoke.sum())} smoke-profile row(s) left out: their numbers are meaningless (the smoke "
+                 "profile only checks that everything runs); `--report --include-smoke` or `--report --profile smoke` "
+                 "shows them.*")
+    return selected, selected[~smoke], notes
+
+
 def render_reports(results_dir: Path, reference: Optional[str] = None,
-                   grid: Optional[Tuple[str, Sequence[Dict[str, Any]]]] = None) -> Dict[str, Path]:
-    """Regenerate ``table6.md``, ``leaderboard.png``, ``summary.md`` and ``summary.html`` from
-    ``leaderboard.csv`` (refreshing its paired columns when ``reference`` is given).
+                   grid: Optional[Tuple[str, Sequence[Dict[str, Any]]]] = None,
+                   where: Optional[Dict[str, Sequence[Any]]] = None, include_smoke: Optional[bool] = None,
+                   formats: Sequence[str] = ("markdown",)) -> Dict[str, Path]:
+    """Regenerate ``table6.md``, ``leaderboard.png``, ``summary.md`` and ``summary.html`` (and
+    ``table6.tex`` with ``"latex"`` in ``formats``) from ``leaderboard.csv``, refreshing its paired
+    columns against ``reference`` (default ``protonet``, whatever an earlier command passed).
 
     Args:
         grid: ``(name, cells)`` to also write ``grids/<name>.md`` and ``.html`` for that grid.
+        where: filters of the rows shown (:func:`report_rows`); the CSV keeps every row.
+        include_smoke: show smoke-profile rows in ``table6.md`` and the plot (see :func:`report_rows`).
+        formats: ``markdown`` (always written) and ``latex`` (:func:`table6_latex`).
     """
     results_dir = Path(results_dir)
     lb = results_dir / "leaderboard.csv"
-    df = refresh_paired(lb, reference) if reference is not None else read_leaderboard(lb)
+    df = refresh_paired(lb, reference) if lb.is_file() else read_leaderboard(lb)
+    selected, tables, notes = report_rows(df, where, include_smoke)
     results_dir.mkdir(parents=True, exist_ok=True)
-    out = {"markdown": _write_text(results_dir / "table6.md", table6_markdown(df))}
-    png = plot_leaderboard(df, results_dir / "leaderboard.png")
+    out = {"markdown": _write_text(results_dir / "table6.md", table6_markdown(tables, notes))}
+    if "latex" in formats:
+        out["latex"] = _write_text(results_dir / "table6.tex", table6_latex(tables))
+    png = plot_leaderboard(tables, results_dir / "leaderboard.png")
     if png:
         out["plot"] = png
-    out["summary"] = _write_text(results_dir / "summary.md", summary_markdown(df))
+    out["summary"] = _write_text(results_dir / "summary.md", summary_markdown(selected))
     out["summary_html"] = _write_text(results_dir / "summary.html",
-                                      summary_html(df, plot="leaderboard.png" if png else None))
+                                      summary_html(selected, plot="leaderboard.png" if png else None))
+    df = selected
     if grid is not None:
         name, cells = grid
         gdir = results_dir / "grids"

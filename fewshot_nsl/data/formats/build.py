@@ -236,19 +236,43 @@ def load_miniimagenet(
 
 @register_dataset("custom")
 def load_custom(
-    data_root: Optional[str] = None, cache_dir: Optional[str] = None, image_size: int = 84
+    data_root: Optional[str] = None, cache_dir: Optional[str] = None, image_size: int = 84,
+    label: Optional[str] = None,
 ) -> ImageStore:
     """The user's own dataset: ``images/`` + ``train.csv``/``test.csv`` (``val.csv`` optional,
     any class names in the ``label`` column) or ``train/<class>/``, ``test/<class>/``
     (``val/`` optional) folders of ``.jpg``/``.png`` images.
 
+    Every image is resized to ``image_size x image_size`` when the store is built (the store's
+    ``decode_note`` says so, for the console); the content fingerprint is taken from the stored
+    (resized) pixels, so it changes with the image size.
+
     Args:
         data_root: the folder.
         cache_dir: cache folder; default ``default_cache_dir() / "stores"``.
         image_size: side ``S`` of the stored images ``(N, S, S, 3)``.
+        label: the dataset's name in tables, run folders and episode lists (``--dataset-name``);
+            default ``custom``.
 
     Returns:
-        Store named ``"custom"``; splits as in the files, classes ordered train, val, test
-        (within a split, in the order of the source).
+        Store named ``label`` (default ``"custom"``); splits as in the files, classes ordered train,
+        val, test (within a split, in the order of the source).
+
+    Raises:
+        ConfigError: a ``label`` that is not a folder-safe name or is a registered dataset's name.
     """
-    return build_store(data_root, dataset="custom", cache_dir=cache_dir, image_size=image_size)
+    name = "custom"
+    if label is not None:
+        from ...inputs import path_name
+        from ...registry import DATASETS
+
+        name = path_name(label, "--dataset-name (dataset_options.label)")
+        if name in DATASETS and name != "custom":
+            raise ConfigError(f"--dataset-name {name} is the name of the built-in dataset {name}; "
+                              f"choose another name for your data")
+    store = build_store(data_root, dataset="custom", cache_dir=cache_dir, image_size=image_size)
+    store.name = name
+    resized = (f"{name} at {data_root}: images resized to {image_size}x{image_size} px (--image-size) where they "
+               f"are not; the content fingerprint is taken after resizing")
+    store.decode_note = "; ".join(n for n in (resized, store.decode_note) if n)
+    return store
