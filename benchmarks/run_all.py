@@ -47,6 +47,8 @@ BENCHMARKS: Dict[str, Tuple[str, List[str], List[str]]] = {
     "scale": ("bench_scale.py", [], ["--quick"]),
     "host_syncs": ("bench_host_syncs.py", [], ["--quick"]),
     "input_pipeline": ("bench_input_pipeline.py", [], ["--quick"]),
+    "batched_eval": ("bench_batched_eval.py", ["--threads", "1,2", "--memory"], ["--quick", "--memory"]),
+    "dynamic_flops": ("bench_dynamic_flops.py", [], ["--quick"]),
 }
 
 
@@ -73,6 +75,8 @@ def run_one(name: str, quick: bool, env: Dict[str, str], timeout: float) -> Tupl
 
 def measured(r: dict) -> str:
     v = r["value"]
+    if v is None:  # nothing measured (e.g. a method without the path a target is about): the reason instead
+        return f"n/a ({r.get('reason', 'not measured')})"
     fmt = (lambda x: f"{100 * x:.2f}%") if "share" in r["name"] else (lambda x: f"{x:.3g}")
     return f"{fmt(v['median'])} [{fmt(v['min'])}-{fmt(v['max'])}]"
 

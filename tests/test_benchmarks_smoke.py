@@ -29,6 +29,8 @@ EXPECT = {
     "scale": ["evaluation wall time", "quick-profile wall time"],
     "host_syncs": ["synchronising calls per step", "synchronising calls per episode", "outside logging"],
     "input_pipeline": ["data time / step time with prefetch", "prefetch off", "prefetch on"],
+    "batched_eval": ["batched / per-episode", "episodes differing", "peak RSS", "target < 4096 MiB"],
+    "dynamic_flops": ["FLOP ratio", "time / FLOP ratio", "counter check on the DNS taps", "DNS authors w64"],
 }
 
 
