@@ -24,6 +24,12 @@ The support-set training (:func:`~fewshot_nsl.methods.head_training.make_optimiz
 :func:`~fewshot_nsl.methods.head_training.fit_linear_head`) is :mod:`fewshot_nsl.methods.head_training`,
 shared with ``dynamic_nsn`` and the ``finetune`` baseline; ``make_optimizer``, ``train_on_support`` and
 ``OPTIMIZERS`` can still be imported from here.
+
+Many episodes at once (:meth:`StaticNSN.evaluate_episodes`, issue 29): every episode's ``M_s`` stacked ``(E, ...)``
+per layer and its head ``(E, ways, D)``, trained side by side through one network forward with per-episode
+similarities (:mod:`fewshot_nsl.methods.batched_convnet`: the frozen ``W`` and BN shared, ``M_s`` applied per
+episode), each episode's random draws replayed (:func:`~fewshot_nsl.methods.batched.replay_draws`). CNN-4 and
+CNN-9 with plain convs; any other backbone, and evaluation under autocast, take the per-episode path.
 """
 from __future__ import annotations
 
@@ -38,6 +44,19 @@ from ..errors import ConfigError
 from ..nn import NSConv2d, fold_all, similarity_parameters, similarity_regularization, wrap_convs_static
 from ..registry import register_method
 from .base import FewShotMethod
+from .batched import (
+    episode_cross_entropy_sum,
+    fit_linear_heads,
+    linear_init,
+    linear_logits,
+    make_batched_optimizer,
+    memory_budget,
+    replay_draws,
+    support_orders,
+    take,
+    train_batched,
+)
+from .batched_convnet import activation_elements, conv_steps, episode_forward, plan_backbone
 from .head_training import OPTIMIZERS, fit_linear_head, make_optimizer, train_on_support
 
 STRUCTURES = ("dns", "uns")
@@ -178,3 +197,111 @@ class StaticNSN(FewShotMethod):
             raise RuntimeError("static_nsn: call fit_support before forward")
         net, head = self._episode
         return head(net(query_x))
+
+    # ------------------------------------------------------------------ many episodes at once
+    def supports_batched_evaluation(self) -> bool:
+        """True for a plain CNN-4 / CNN-9 backbone (:func:`~fewshot_nsl.methods.batched_convnet.plan_backbone`)."""
+        return plan_backbone(self.backbone) is not None
+
+    def episode_bytes(self, support: int, queries: int, image_size: int) -> int:
+        """An episode's images and features, twice (the training working set is bounded per chunk of episodes,
+        :meth:`_chunk_episodes`, within half the memory budget)."""
+        image = 3 * image_size * image_size * 4
+        return 2 * (support + queries) * (image + 4 * self.feature_dim)
+
+    def _chunk_episodes(self, steps, images_per_episode: int, image_size: int, device: torch.device) -> int:
+        """Episodes per training chunk: a step over ``images_per_episode`` images of each keeps its activations (and
+        what autograd saves, about three times the layer outputs) within half of
+        :func:`~fewshot_nsl.methods.batched.memory_budget`."""
+        per_image = 3 * 8 * activation_elements(steps, image_size)
+        return max(1, int(memory_budget(device) // 2 // max(1, per_image * images_per_episode)))
+
+    def _replay_wrap_draws(self) -> None:
+        """The draws of :func:`~fewshot_nsl.nn.wrap_convs_static` on a copy of the backbone: each wrapped conv's
+        :class:`~fewshot_nsl.nn.NSConv2d` is built (initialising a weight it then drops), in wrapping order."""
+        for conv in self.backbone.modules():
+            if isinstance(conv, nn.Conv2d):
+                NSConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,  # type: ignore[arg-type]
+                         conv.bias is not None, conv.dilation, structure=self.structure)  # type: ignore[arg-type]
+
+    def _identity_sims(self, steps, episodes: int, like: torch.Tensor) -> List[torch.Tensor]:
+        """``M_s = I`` of every conv for ``episodes`` episodes: ``(E, kk)`` (DNS) or ``(E, kk, kk)`` (UNS)."""
+        out = []
+        for st in conv_steps(steps):
+            eye = like.new_ones(st.kk) if self.structure == "dns" else torch.eye(st.kk, dtype=like.dtype, device=like.device)
+            out.append(eye.expand(episodes, *eye.shape).clone())
+        return out
+
+    def _similarity_penalty(self, sims: List[torch.Tensor]) -> torch.Tensor:
+        """Sum over episodes of ``similarity_regularization`` (L2, centred or not) of each episode's ``M_s``."""
+        total = sims[0].new_zeros(())
+        for m in sims:
+            target = m
+            if self.similarity_l2_centered:
+                eye = m.new_ones(m.shape[1:]) if m.dim() == 2 else torch.eye(m.shape[1], dtype=m.dtype, device=m.device)
+                target = m - eye
+            total = total + 0.5 * target.pow(2).sum()
+        return self.similarity_l2 * total
+
+    def evaluate_episodes(self, support_x, support_y, query_x, seeds, ways) -> torch.Tensor:
+        """``E`` episodes side by side: each episode's draws replayed (the wrapped convs' initialisation, the head,
+        the warm-up and joint support orders), the optional head warm-up on the ``M_s = I`` features of all
+        episodes (:func:`~fewshot_nsl.methods.batched.fit_linear_heads`), then the joint ``M_s`` + head steps
+        (:class:`~fewshot_nsl.methods.batched.BatchedSGD` / ``BatchedAdam``, two parameter groups as
+        ``fit_support``) in chunks of episodes, and the queries through each episode's network (folding does not
+        change the logits). ``(E, S, 3, H, W)``, ``(E, S)``, ``(E, Q, 3, H, W)`` -> ``(E, Q, ways)``."""
+        steps = plan_backbone(self.backbone)
+        device = support_x.device
+        if steps is None or torch.is_autocast_enabled(device.type):
+            return super().evaluate_episodes(support_x, support_y, query_x, seeds, ways)
+        n_ep, n = support_y.shape
+        dtype = support_x.dtype
+
+        def draw():
+            self._replay_wrap_draws()
+            weight, bias = linear_init(self.feature_dim, ways, device, dtype)
+            warm = support_orders(n, self.head_warmup_epochs, self.batch_size, device)
+            return weight, bias, warm, support_orders(n, self.epochs, self.batch_size, device)
+
+        weight, bias, warm_orders, orders = replay_draws(seeds, device, draw)
+        step_images = n if not self.batch_size or self.batch_size <= 0 else min(self.batch_size, n)
+        size = support_x.shape[-1]
+        chunk = self._chunk_episodes(steps, step_images, size, device)
+        frozen = 2 * self._chunk_episodes(steps, max(n, query_x.shape[1]), size, device)
+
+        def features(x: torch.Tensor, sims: List[torch.Tensor], lo: int, hi: int) -> torch.Tensor:
+            return episode_forward(steps, x[lo:hi], [m[lo:hi] for m in sims])
+
+        if self.head_warmup_epochs > 0:
+            ident = self._identity_sims(steps, n_ep, support_x)
+            feats = torch.cat([features(support_x, ident, lo, lo + frozen) for lo in range(0, n_ep, frozen)])
+            weight, bias = fit_linear_heads(
+                weight, bias, feats, support_y, warm_orders, batch_size=self.batch_size, lr=self.lr,
+                momentum=self.momentum, dampening=self.dampening, weight_decay=self.weight_decay,
+                optimizer=self.optimizer,
+            )  # fmt: skip
+
+        logits = []
+        for lo in range(0, n_ep, chunk):
+            hi = min(n_ep, lo + chunk)
+            sims = [m.requires_grad_(True) for m in self._identity_sims(steps, hi - lo, support_x)]
+            w = weight[lo:hi].clone().requires_grad_(True)
+            b = bias[lo:hi].clone().requires_grad_(True)
+            opt = make_batched_optimizer(
+                self.optimizer,
+                [{"params": sims, "lr": self.similarity_lr, "weight_decay": 0.0},
+                 {"params": [w, b], "lr": self.lr, "weight_decay": self.weight_decay}],
+                self.lr, self.momentum, self.dampening,
+            )  # fmt: skip
+            sx, sy = support_x[lo:hi], support_y[lo:hi]
+
+            def loss_fn(idx: torch.Tensor) -> torch.Tensor:
+                loss = episode_cross_entropy_sum(linear_logits(w, b, episode_forward(steps, take(sx, idx), sims)),
+                                                 take(sy, idx))
+                return loss + self._similarity_penalty(sims) if self.similarity_l2 else loss
+
+            train_batched(loss_fn, opt, orders[lo:hi], self.batch_size)
+            with torch.no_grad():
+                final = [m.detach() for m in sims]
+                logits.append(linear_logits(w.detach(), b.detach(), episode_forward(steps, query_x[lo:hi], final)))
+        return torch.cat(logits)

@@ -1,0 +1,280 @@
+"""A plain CNN run on many episodes at once with a per-episode static similarity ``M_s`` in every conv.
+
+The batched evaluation path of ``static_nsn`` (:mod:`fewshot_nsl.methods.batched`): ``E`` episodes share the
+frozen conv weights ``W`` and BN statistics of the pretrained backbone and differ only by their ``M_s``. A conv with
+similarity applies ``W^T M_s X`` (:class:`~fewshot_nsl.nn.NSConv2d`); here ``M_s`` goes on the input side: the
+channels-last patches of the input (``(.., C_in, kk)``, read as a strided view of the padded input) are scaled
+(DNS: ``m[e, p] * x[c, p]``) or mixed (UNS: ``sum_q M[e, p, q] x[c, q]``) per episode while they are copied into
+the GEMM operand, and one GEMM with the shared ``W`` (BN's eval-mode scale folded in, its shift as the bias) serves
+every image of every episode. The backward pass then needs no weight-gradient GEMM (``W`` is frozen; the gradient
+of ``M_s`` is an element-wise reduction over the patches): two GEMMs per conv instead of a convolution's three,
+and a first layer without input gradient.
+
+Only backbones whose feature map is a sequence of supported layers are planned (:func:`plan_backbone`): CNN-4 and
+CNN-9 (:mod:`fewshot_nsl.backbones`) built with plain ``nn.Conv2d``; anything else returns ``None`` and the
+method keeps its per-episode path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbones import CNN4, CNN9, Backbone
+
+
+@dataclass
+class ConvStep:
+    """A conv (zero padding, groups 1), with the eval-mode BN that follows it folded in when there is one.
+
+    Attributes:
+        weight: ``(kh * kw * C_in, C_out)``: ``W[o, c, i, j]`` at row ``(i * kw + j) * C_in + c``, times BN's scale.
+        bias: ``(C_out,)`` or ``None``: conv bias and BN shift.
+        kernel, stride, padding, dilation: ``(h, w)`` pairs of the conv.
+        in_channels, out_channels: ``C_in``, ``C_out``.
+    """
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    kernel: Tuple[int, int]
+    stride: Tuple[int, int]
+    padding: Tuple[int, int]
+    dilation: Tuple[int, int]
+    in_channels: int
+    out_channels: int
+
+    @property
+    def kk(self) -> int:
+        return self.kernel[0] * self.kernel[1]
+
+    @property
+    def taps(self) -> torch.Tensor:
+        """``(kk, C_in, C_out)``: the weight of each kernel tap (a view of :attr:`weight`)."""
+        return self.weight.view(self.kk, self.in_channels, self.out_channels)
+
+
+@dataclass
+class PoolStep:
+    """A 2-D max-pool (``nn.MaxPool2d``'s settings)."""
+
+    kernel: Union[int, Tuple[int, int]]
+    stride: Union[int, Tuple[int, int]]
+    padding: Union[int, Tuple[int, int]]
+    dilation: Union[int, Tuple[int, int]]
+    ceil_mode: bool
+
+
+#: Input channels from which a DNS conv runs tap by tap (:class:`_DNSTaps`); below (the RGB input layer) the
+#: patches are copied scaled into one GEMM operand, cheaper than nine GEMMs with ``C_in`` columns.
+TAPS_MIN_CHANNELS = 8
+
+Step = Union[ConvStep, PoolStep, str]  # str: "relu", "global_mean"
+
+
+def _fold_bn(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]) -> ConvStep:
+    """The GEMM operand of ``conv`` followed by ``bn`` in eval mode (running statistics, affine)."""
+    w = conv.weight.detach()
+    c_out = w.shape[0]
+    bias = conv.bias.detach() if conv.bias is not None else None
+    if bn is not None:
+        assert bn.running_mean is not None and bn.running_var is not None
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.detach()
+        shift = -bn.running_mean * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.detach()
+        w = w * scale.view(-1, 1, 1, 1)
+        bias = shift if bias is None else bias * scale + shift
+    pad = conv.padding
+    return ConvStep(
+        weight=w.permute(0, 2, 3, 1).reshape(c_out, -1).t().contiguous(),
+        bias=None if bias is None else bias.contiguous(),
+        kernel=tuple(conv.kernel_size), stride=tuple(conv.stride), padding=tuple(pad),  # type: ignore[arg-type]
+        dilation=tuple(conv.dilation), in_channels=conv.in_channels, out_channels=c_out,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def plan_backbone(backbone: nn.Module) -> Optional[List[Step]]:
+    """The feature map of ``backbone`` as a list of steps, or ``None`` where it is not a plain CNN-4 / CNN-9.
+
+    Supported: ``nn.Conv2d`` (int padding, zero padding mode, groups 1, dilation 1), ``nn.BatchNorm2d`` with running
+    statistics (applied as in eval mode), ``nn.ReLU``, ``nn.MaxPool2d``, and CNN-9's ``global_pool``.
+    The convs are listed in the order :func:`~fewshot_nsl.nn.wrap_convs_static` wraps them.
+    """
+    cls = type(backbone)
+    if getattr(cls, "forward_map", None) not in (CNN4.forward_map, CNN9.forward_map) or cls.forward is not Backbone.forward:
+        return None
+    leaves = [m for m in backbone.blocks.modules() if not list(m.children())]
+    steps: List[Step] = []
+    i = 0
+    while i < len(leaves):
+        m = leaves[i]
+        if isinstance(m, nn.Conv2d):
+            if (type(m) is not nn.Conv2d or m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str)
+                    or tuple(m.dilation) != (1, 1)):
+                return None
+            bn = leaves[i + 1] if i + 1 < len(leaves) and isinstance(leaves[i + 1], nn.BatchNorm2d) else None
+            if bn is not None and (bn.running_mean is None or type(bn) is not nn.BatchNorm2d):
+                return None
+            steps.append(_fold_bn(m, bn))
+            i += 2 if bn is not None else 1
+        elif isinstance(m, nn.ReLU):
+            steps.append("relu")
+            i += 1
+        elif type(m) is nn.MaxPool2d and not m.return_indices:
+            steps.append(PoolStep(m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode))  # type: ignore[arg-type]
+            i += 1
+        else:
+            return None
+    if isinstance(backbone, CNN9) and backbone.global_pool:
+        steps.append("global_mean")
+    return steps
+
+
+def conv_steps(steps: Sequence[Step]) -> List[ConvStep]:
+    """The conv steps of a plan, in order (one ``M_s`` each)."""
+    return [s for s in steps if isinstance(s, ConvStep)]
+
+
+class _DNSTaps(torch.autograd.Function):
+    """A stride-1 conv with per-episode DNS ``M_s`` applied tap by tap on the flattened padded input (no patches).
+
+    The padded channels-last input is flattened over ``(image, row, col)`` to ``xf`` ``(N * Hp * Wp + extra, C_in)``;
+    output position ``q`` of the ``(N, Hp, Wp)`` grid reads row ``q + off_p`` of ``xf`` for tap ``p``
+    (``off_p = i * Wp + j``), so each tap's input is one contiguous block, and episode ``e``'s positions are one
+    contiguous block of ``b * Hp * Wp`` rows. Forward: ``out_e += x_{e,p} @ (m[e, p] W_p)`` for every tap, one
+    ``baddbmm`` over the episodes. Backward: ``G_p = grad @ W_p^T`` (one GEMM over every episode with the shared
+    ``W_p``), ``dm[e, p] = <G_p, x_p>_e`` and ``dx[q + off_p] += m[e, p] G_p[q]``. Grid positions past ``Ho`` /
+    ``Wo`` are computed and dropped (their gradient is zero).
+    """
+
+    @staticmethod
+    def forward(ctx, x, m, taps, bias, kernel, padding, episodes):  # type: ignore[override]
+        """``x`` ``(N, H, W, C_in)``, ``m`` ``(E, kk)``, ``taps`` ``(kk, C_in, C_out)``, ``bias`` ``(C_out,)`` or None
+        -> ``(N, Ho, Wo, C_out)``."""
+        (kh, kw), (ph, pw) = kernel, padding
+        n, h, w, c = x.shape
+        hp, wp = h + 2 * ph, w + 2 * pw
+        ho, wo = hp - kh + 1, wp - kw + 1
+        grid = n * hp * wp
+        extra = (kh - 1) * wp + kw - 1
+        xf = x.new_zeros(grid + extra, c)
+        xf[:grid].view(n, hp, wp, c)[:, ph:ph + h, pw:pw + w] = x
+        rows = grid // episodes
+        c_out = taps.shape[2]
+        out = x.new_empty(grid, c_out)
+        if bias is not None:
+            out.copy_(bias.expand(grid, c_out))
+        else:
+            out.zero_()
+        ov = out.view(episodes, rows, c_out)
+        for p in range(kh * kw):
+            off = (p // kw) * wp + p % kw
+            ov.baddbmm_(xf[off:off + grid].view(episodes, rows, c), m[:, p].view(-1, 1, 1) * taps[p])
+        ctx.save_for_backward(xf, m, taps)
+        ctx.geometry = (n, h, w, c, hp, wp, ho, wo, kh, kw, ph, pw, episodes)
+        ctx.has_bias = bias is not None
+        return out.view(n, hp, wp, c_out)[:, :ho, :wo]
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        xf, m, taps = ctx.saved_tensors
+        n, h, w, c, hp, wp, ho, wo, kh, kw, ph, pw, episodes = ctx.geometry
+        grid, rows, c_out = n * hp * wp, n * hp * wp // episodes, taps.shape[2]
+        gfull = grad.new_zeros(n, hp, wp, c_out)
+        gfull[:, :ho, :wo] = grad
+        gf = gfull.view(grid, c_out)
+        need_x = ctx.needs_input_grad[0]
+        gxf = xf.new_zeros(xf.shape) if need_x else None
+        gm = m.new_empty(m.shape)
+        for p in range(kh * kw):
+            off = (p // kw) * wp + p % kw
+            g_p = gf @ taps[p].t()  # (grid, C_in)
+            x_p = xf[off:off + grid]
+            gm[:, p] = torch.bmm(g_p.view(episodes, 1, rows * c), x_p.reshape(episodes, rows * c, 1)).view(-1)
+            if gxf is not None:
+                gxf[off:off + grid].view(episodes, rows, c).addcmul_(g_p.view(episodes, rows, c),
+                                                                     m[:, p].view(-1, 1, 1))
+        gx = gxf[:grid].view(n, hp, wp, c)[:, ph:ph + h, pw:pw + w] if gxf is not None else None
+        gb = gf.view(n, hp, wp, c_out)[:, :ho, :wo].sum((0, 1, 2)) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return gx, gm, None, gb, None, None, None
+
+
+def activation_elements(steps: Sequence[Step], image_size: int) -> int:
+    """Elements of every step's output for one ``image_size`` square image (what a step's forward keeps per image)."""
+    side, channels, total = image_size, 3, 0
+    for step in steps:
+        if isinstance(step, ConvStep):
+            side = (side + 2 * step.padding[0] - step.kernel[0]) // step.stride[0] + 1
+            channels = step.out_channels
+        elif isinstance(step, PoolStep):
+            k, st, pad = (_first(v) for v in (step.kernel, step.stride if step.stride is not None else step.kernel,
+                                               step.padding))
+            side = (side + 2 * pad - _first(step.dilation) * (k - 1) - 1 + (st - 1 if step.ceil_mode else 0)) // st + 1
+        elif step == "global_mean":
+            side = 1
+        total += channels * max(side, 1) ** 2
+    return total
+
+
+def _first(v: Union[int, Tuple[int, ...]]) -> int:
+    return int(v[0] if isinstance(v, (tuple, list)) else v)
+
+
+def _similar_conv(x: torch.Tensor, step: ConvStep, m: torch.Tensor, episodes: int) -> torch.Tensor:
+    """One conv with per-episode ``M_s``: ``x`` ``(E*b, H, W, C_in)`` channels-last, ``m`` ``(E, kk)`` (DNS) or
+    ``(E, kk, kk)`` (UNS) -> ``(E*b, Ho, Wo, C_out)``."""
+    (kh, kw), (sh, sw), (ph, pw) = step.kernel, step.stride, step.padding
+    if m.dim() == 2 and (sh, sw) == (1, 1) and step.in_channels >= TAPS_MIN_CHANNELS:
+        return _DNSTaps.apply(x, m, step.taps, step.bias, step.kernel, step.padding, episodes)
+    if ph or pw:
+        x = F.pad(x, (0, 0, pw, pw, ph, ph))
+    n, c = x.shape[0], x.shape[3]
+    # patches (E, b, Ho, Wo, kh, kw, C): a view of the padded input, channels innermost
+    cols = x.unfold(1, kh, sh).unfold(2, kw, sw).permute(0, 1, 2, 4, 5, 3)
+    ho, wo = cols.shape[1], cols.shape[2]
+    cols = cols.view(episodes, n // episodes, ho, wo, kh, kw, c)
+    if m.dim() == 2:  # DNS: scale each tap
+        scaled = cols * m.view(episodes, 1, 1, 1, kh, kw, 1)
+    else:  # UNS: x'[p, c] = sum_q M[p, q] x[q, c]
+        scaled = torch.einsum("epq,ebhwqc->ebhwpc", m, cols.reshape(episodes, n // episodes, ho, wo, kh * kw, c))
+    a = scaled.reshape(n * ho * wo, kh * kw * c)
+    out = a @ step.weight if step.bias is None else torch.addmm(step.bias, a, step.weight)
+    return out.view(n, ho, wo, step.out_channels)
+
+
+def _max_pool(x: torch.Tensor, step: PoolStep) -> torch.Tensor:
+    """``nn.MaxPool2d`` on a channels-last ``(N, H, W, C)`` tensor (the channels-last kernel)."""
+    y = F.max_pool2d(x.permute(0, 3, 1, 2), step.kernel, step.stride, step.padding, step.dilation, step.ceil_mode)
+    return y.permute(0, 2, 3, 1)
+
+
+def episode_forward(steps: Sequence[Step], x: torch.Tensor, sims: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Features of every episode's images with its own ``M_s`` in every conv.
+
+    Args:
+        steps: :func:`plan_backbone` of the pretrained backbone.
+        x: ``(E, b, 3, H, W)`` images.
+        sims: one per conv step: ``(E, kk)`` DNS diagonals or ``(E, kk, kk)`` UNS matrices.
+
+    Returns:
+        ``(E, b, D)``: the backbone's flattened features (``(C, h, w)`` order, as ``Backbone.forward``), equal up
+        to rounding to the per-episode network with these ``M_s`` in eval mode.
+    """
+    e, b = x.shape[:2]
+    h = x.reshape(e * b, *x.shape[2:]).permute(0, 2, 3, 1)  # (E*b, H, W, 3): a channels-last view
+    it = iter(sims)
+    for step in steps:
+        if isinstance(step, ConvStep):
+            h = _similar_conv(h.contiguous(), step, next(it), e)
+        elif isinstance(step, PoolStep):
+            h = _max_pool(h, step)
+        elif step == "relu":
+            h = F.relu(h)
+        else:  # global_mean
+            h = h.mean(dim=(1, 2), keepdim=True)
+    return h.permute(0, 3, 1, 2).reshape(e, b, -1)
