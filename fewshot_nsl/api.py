@@ -210,8 +210,8 @@ def _benchmark(method: Any, shots: Any, dataset: Any, *, backbone: Any, config: 
     for name, value in (("dataset", dataset), ("dataset_name", dataset_name), ("reference", reference)):
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise _bad(name, value, "a name (a non-empty string)")
-    if config is not None and (not isinstance(config, (str, Path)) or not Path(config).is_file()):
-        raise _bad("config", config, "an existing YAML file (str or pathlib.Path)")
+    if config is not None and (not isinstance(config, (str, Path)) or not str(config).strip()):
+        raise _bad("config", config, "a YAML file (str or pathlib.Path)")  # a missing one: load_yaml's line
     if seeds is not None and (isinstance(seeds, (str, bytes)) or not isinstance(seeds, (list, tuple))
                               or not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in seeds)):
         raise _bad("seeds", seeds, "a list of integers (seeds=[0, 1, 2])")
