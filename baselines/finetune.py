@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot_nsl.methods import FewShotMethod, fit_linear_head, make_optimizer, train_on_support
-from fewshot_nsl.methods.adaptation import episodes_network
+from fewshot_nsl.methods.adaptation import batching_pays, episodes_network
 from fewshot_nsl.methods.batched import (
     BatchedSGD,
     episode_cross_entropy_sum,
@@ -53,6 +53,8 @@ class Finetune(FewShotMethod):
     """
 
     training_stages = ("pretrain",)
+    #: batch the whole-network branch on a CPU too (it is slower there, :func:`batching_pays`; tests set it)
+    batched_on_cpu: bool = False
 
     def __init__(
         self,
@@ -114,8 +116,9 @@ class Finetune(FewShotMethod):
     # ------------------------------------------------------------------ batched evaluation
     def supports_batched_evaluation(self) -> bool:
         """Batched with a frozen backbone (Chen et al.'s protocol: a new head per episode) and with the whole
-        network fine-tuned (Ravi & Larochelle's protocol: per-episode copies of every backbone weight)."""
-        return True
+        network fine-tuned (Ravi & Larochelle's protocol: per-episode copies of every backbone weight) where
+        that pays: on accelerators, not on a CPU (:func:`~fewshot_nsl.methods.adaptation.batching_pays`)."""
+        return not self.finetune_backbone or batching_pays(self, self.batched_on_cpu)
 
     def episode_bytes(self, support: int, queries: int, image_size: int) -> int:
         """Frozen backbone: features of the episode's images and its head's training tensors (the backbone runs
@@ -132,7 +135,8 @@ class Finetune(FewShotMethod):
         (:func:`~fewshot_nsl.methods.batched.fit_linear_heads`). Whole network: ``E`` copies of the backbone's
         weights and ``E`` heads trained together (:meth:`_finetune_episodes`). ``(E, S, 3, H, W)``, ``(E, S)``,
         ``(E, Q, 3, H, W)`` -> ``(E, Q, ways)``."""
-        if self.finetune_backbone and self.backbone.training:  # BN would update running statistics: per episode
+        if self.finetune_backbone and (self.backbone.training or not self.supports_batched_evaluation()):
+            # in train mode BN would update running statistics; on a CPU batching does not pay: per episode
             return super().evaluate_episodes(support_x, support_y, query_x, seeds, ways)
         device, dtype, n = support_x.device, support_x.dtype, support_x.shape[1]
 

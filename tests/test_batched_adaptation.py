@@ -5,7 +5,15 @@ episode by episode, the per-episode path's logits up to float64 rounding; a meth
 import pytest
 import torch
 
-from batched_equivalence import assert_same_logits, both_paths, build
+from batched_equivalence import assert_same_logits, both_paths
+from batched_equivalence import build as build_method
+
+
+def build(*args, **kwargs):
+    """A method from :func:`batched_equivalence.build`, batching on this CPU too (it does not by default)."""
+    method = build_method(*args, **kwargs)
+    method.batched_on_cpu = True
+    return method
 
 
 @pytest.mark.parametrize("profile", ["quick", "paper", "smoke"])
@@ -75,3 +83,11 @@ def test_finetune_backbone_batched_equals_per_episode(options):
     assert method.finetune_backbone
     ref, got = both_paths(method, shots=3)
     assert_same_logits(ref, got)
+
+
+@pytest.mark.parametrize("name,options", [("maml", {}), ("meta_static_nsn", {}), ("finetune", {"finetune_backbone": True})])
+def test_not_batched_on_a_cpu_by_default(name, options):
+    method = build_method(name, "quick", method_options=options)
+    assert method.supports_batched_evaluation() is False
+    method.batched_on_cpu = True
+    assert method.supports_batched_evaluation() is True

@@ -186,6 +186,20 @@ def batched_sgd_adaptation(
         return run(fast, query_x)[..., :ways]
 
 
+def batching_pays(module: nn.Module, on_cpu: bool = False) -> bool:
+    """Whether training a conv network per episode pays to batch over episodes on ``module``'s device.
+
+    On a CPU these per-episode steps are compute-bound (convolution, batch norm and max-pool over the support
+    images; the per-call overhead batching saves is a few percent), and the batched computation (grouped convs,
+    vmap's layout changes) is slower: measured on the 2-core CPU, 1 thread, CNN-4 at 42 px, batched / per-episode
+    time 1.24 (MAML 5-shot, 10 steps, E=20), 0.79 (MAML 1-shot), 1.46 (meta_static_nsn 5-shot, E=10), 2.4
+    (finetune of the whole 64-filter network, 15 steps, E=10). So it is used on accelerators (kernel-launch
+    bound), and on a CPU only when asked (``on_cpu``, the equivalence tests).
+    """
+    param = next(module.parameters(), None)
+    return on_cpu or (param is not None and param.device.type != "cpu")
+
+
 class AdaptedNetwork(NamedTuple):
     """A patched network with its fast weights, sliced to an episode's ways (what ``fit_support`` keeps).
 
@@ -271,6 +285,8 @@ class GradientAdaptedMethod(FewShotMethod):
 
     #: the inner loop rebuilds the functional network at every step: ``--compile`` leaves these methods eager
     compilable = False
+    #: batch the test-time adaptation on a CPU too (:func:`batching_pays`: it is slower there; tests set it)
+    batched_on_cpu: bool = False
 
     def __init__(
         self,
@@ -369,11 +385,12 @@ class GradientAdaptedMethod(FewShotMethod):
         """Whether the batched test-time adaptation (:meth:`evaluate_episodes`) computes what ``fit_support`` /
         ``forward`` do: only while the class keeps this class's inner loop and episode calls (a subclass that
         replaces :meth:`adapted_network`, :meth:`adapt`, ``fit_support`` or ``forward``, such as learn2learn's
-        Meta-SGD, stays on the per-episode path) and steps with ``inner_lr``."""
+        Meta-SGD, stays on the per-episode path) and steps with ``inner_lr``; and where batching pays
+        (:func:`batching_pays`: not on a CPU unless :attr:`batched_on_cpu`)."""
         cls = type(self)
         own = all(getattr(cls, name) is getattr(GradientAdaptedMethod, name)
                   for name in ("adapted_network", "adapt", "fit_support", "forward"))
-        return own and self.inner_lr is not None
+        return own and self.inner_lr is not None and batching_pays(self, self.batched_on_cpu)
 
     def episode_bytes(self, support: int, queries: int, image_size: int) -> int:
         """The default (3x the activations of the episode's images) plus three copies of the adapted weights
