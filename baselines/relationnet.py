@@ -80,24 +80,21 @@ def batch_statistics(module: nn.Module) -> Iterator[None]:
 
 def group_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, group: int) -> torch.Tensor:
     """``bn`` applied to ``x`` ``(G * group, C, *spatial)`` with every consecutive ``group`` rows normalised by
-    their own batch statistics, as ``F.batch_norm`` in training mode normalises a batch of ``group`` rows (mean
-    and biased variance over the rows and the spatial dims, then ``bn``'s affine); nothing is updated.
+    their own batch statistics, as :func:`batch_statistics` normalises one batch of ``group`` rows; nothing is
+    updated. One ``F.batch_norm`` in training mode (without running statistics) on the groups laid side by side as
+    channels, ``(group, G * C, *spatial)``: the per-group arithmetic of the per-episode path.
 
     Raises:
         ValueError: the batch is not a whole number of groups.
     """
     if x.shape[0] % group:
         raise ValueError(f"group_batch_norm: a batch of {x.shape[0]} rows is not a multiple of groups of {group}")
-    xg = x.reshape(x.shape[0] // group, group, *x.shape[1:])  # (G, group, C, *spatial)
-    xg = xg.float() if xg.dtype in (torch.float16, torch.bfloat16) else xg  # statistics in float32 under autocast
-    dims = (1, *range(3, xg.dim()))
-    mean = xg.mean(dims, keepdim=True)
-    var = xg.var(dims, unbiased=False, keepdim=True)
-    y = (xg - mean) * torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        shape = (1, 1, -1) + (1,) * (xg.dim() - 3)
-        y = y * bn.weight.view(shape).to(y.dtype) + bn.bias.view(shape).to(y.dtype)
-    return y.reshape(x.shape).to(x.dtype)
+    g, rest = x.shape[0] // group, x.shape[1:]
+    side_by_side = x.reshape(g, group, *rest).transpose(0, 1).reshape(group, g * rest[0], *rest[1:])
+    weight = bn.weight.repeat(g) if bn.weight is not None else None
+    bias = bn.bias.repeat(g) if bn.bias is not None else None
+    y = F.batch_norm(side_by_side, None, None, weight, bias, True, 0.0, bn.eps)
+    return y.reshape(group, g, *rest).transpose(0, 1).reshape(x.shape)
 
 
 @contextmanager

@@ -1,7 +1,12 @@
 """The batched evaluation path (:meth:`FewShotMethod.evaluate_episodes`) of the feature methods (ProtoNet,
 nearest neighbour, MatchingNet, RelationNet) against their per-episode path, episode by episode, in float64."""
+import sys
+
 import pytest
 import torch
+import torch.nn.functional as F
+
+from fewshot_nsl.methods.base import FewShotMethod
 
 from batched_equivalence import assert_same_logits, both_paths, build
 
@@ -69,3 +74,42 @@ def _randomise_batch_norms(method):
             with torch.no_grad():
                 bn.weight.copy_(torch.rand(c, generator=g, dtype=torch.float64) + 0.5)
                 bn.bias.copy_(0.2 * torch.randn(c, generator=g, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("chunk", [1, 25])
+def test_relationnet_batched_chunks_at_episode_boundaries(monkeypatch, chunk):
+    """Chunks of one or two episodes (a small chunk bound) give the same per-episode statistics; the hooks go."""
+    method = build("relationnet", "quick", method_options={"test_bn": "batch"})
+    _randomise_batch_norms(method)
+    monkeypatch.setattr(sys.modules[type(method).__module__], "FEATURE_CHUNK_IMAGES", chunk)
+    assert_same_logits(*both_paths(method, n=5))
+    assert not any(m._forward_hooks for m in method.modules())
+
+
+def test_group_batch_norm_equals_batch_norm_per_group():
+    method = build("relationnet", "quick")
+    module = sys.modules[type(method).__module__]
+    bn = torch.nn.BatchNorm2d(4, eps=1e-3).double().eval()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5), bn.bias.normal_()
+    x = torch.randn(3 * 5, 4, 2, 3, dtype=torch.float64) * 2 + 1
+    got = module.group_batch_norm(bn, x, 5)
+    want = torch.cat([F.batch_norm(g, None, None, bn.weight, bn.bias, True, 0.0, bn.eps) for g in x.split(5)])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    with module.group_batch_statistics(bn, 5):
+        torch.testing.assert_close(bn(x), want, rtol=1e-12, atol=1e-12)
+    assert not bn._forward_hooks
+    torch.testing.assert_close(bn(x), F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False,
+                                                   0.0, bn.eps))
+    with pytest.raises(ValueError, match="multiple"):
+        module.group_batch_norm(bn, x, 4)
+
+
+@pytest.mark.parametrize("name,options", [("protonet", {}), ("nearest_neighbor", {}), ("matchingnet", {}),
+                                          ("relationnet", {"test_bn": "batch"})])
+def test_feature_methods_estimate_less_than_the_training_default(name, options):
+    """A feature method's episode holds features only: less than the default (every activation, three times)."""
+    method = build(name, "quick", method_options=options).float()  # as the harness holds it
+    ours = method.episode_bytes(25, 75, 16)
+    assert isinstance(ours, int) and 4 * 100 * 3 * 16 * 16 <= ours < FewShotMethod.episode_bytes(method, 25, 75, 16)
+    assert method.episode_bytes(25, 75, 32) > ours
