@@ -10,6 +10,7 @@ Usage::
     python benchmarks/run_all.py --quick               # tiny sizes: checks that every script runs
     python benchmarks/run_all.py --only episodes,harness --json results.json
     python benchmarks/run_all.py --threads 1           # OMP_NUM_THREADS for the benchmark processes
+    python benchmarks/run_all.py --only quick_grid     # the whole quick CNN-4 grid in one command (~1 h; not by default)
 
 Measure on a quiet machine: with more runnable processes than cores, multi-threaded torch ops
 wait for descheduled worker threads and every timing (and many ratios) degrades; the load average
@@ -49,7 +50,10 @@ BENCHMARKS: Dict[str, Tuple[str, List[str], List[str]]] = {
     "input_pipeline": ("bench_input_pipeline.py", [], ["--quick"]),
     "batched_eval": ("bench_batched_eval.py", ["--threads", "1,2", "--memory"], ["--quick", "--memory"]),
     "dynamic_flops": ("bench_dynamic_flops.py", [], ["--quick"]),
+    "quick_grid": ("bench_quick_grid.py", [], ["--quick"]),
 }
+#: Run only when named in ``--only`` (the whole quick grid takes about an hour).
+ON_REQUEST = ("quick_grid",)
 
 
 def run_one(name: str, quick: bool, env: Dict[str, str], timeout: float) -> Tuple[int, List[dict], float]:
@@ -77,7 +81,7 @@ def measured(r: dict) -> str:
     v = r["value"]
     if v is None:  # nothing measured (e.g. a method without the path a target is about): the reason instead
         return f"n/a ({r.get('reason', 'not measured')})"
-    fmt = (lambda x: f"{100 * x:.2f}%") if "share" in r["name"] else (lambda x: f"{x:.3g}")
+    fmt = (lambda x: f"{100 * x:.2f}%") if "share" in r["name"] else (lambda x: f"{x:.0f}" if abs(x) >= 1000 else f"{x:.3g}")
     return f"{fmt(v['median'])} [{fmt(v['min'])}-{fmt(v['max'])}]"
 
 
@@ -121,7 +125,9 @@ def markdown(rows: List[dict], info: Dict[str, object]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes: every script runs in seconds")
-    p.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {','.join(BENCHMARKS)}")
+    p.add_argument("--only", default=",".join(n for n in BENCHMARKS if n not in ON_REQUEST),
+                   help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: all but {','.join(ON_REQUEST)}, "
+                        "which runs only when named)")
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the benchmarks (0: torch's default)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="cpu: time by process CPU time (use with --threads 1 on a machine loaded by others)")

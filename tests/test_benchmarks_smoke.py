@@ -31,6 +31,7 @@ EXPECT = {
     "input_pipeline": ["data time / step time with prefetch", "prefetch off", "prefetch on"],
     "batched_eval": ["batched / per-episode", "episodes differing", "peak RSS", "target < 4096 MiB"],
     "dynamic_flops": ["FLOP ratio", "time / FLOP ratio", "counter check on the DNS taps", "DNS authors w64"],
+    "quick_grid": ["per cell", "train_time_s", "the command's wall time", "target <= 40 min"],
 }
 
 
