@@ -603,7 +603,7 @@ def code_files_of(code_hash: str) -> Tuple[Dict[str, Any], ...]:
 #: made at episode time, after the pretrained weights exist, and the declarations the cache key already
 #: holds (``default_conv`` is in the conv spec) or that only choose the stages.
 EPISODE_TIME_MEMBERS = frozenset({
-    "fit_support", "forward", "loss", "after_pretrain", "clip_groups", "display_name", "check_choice",
+    "fit_support", "forward", "loss", "after_pretrain", "fit_base", "clip_groups", "display_name", "check_choice",
     "stages", "training_stages", "default_conv", "compilable", "registered_name",
     "__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__annotations__", "__firstlineno__",
     "__static_attributes__", "__orig_bases__", "__parameters__", "_abc_impl",
