@@ -74,3 +74,28 @@ def test_run_all_summarises_and_writes_json(tmp_path):
     rows = json.loads(path.read_text())["results"]
     assert {r["target"] for r in rows} == {"1a", "1b"}
     assert all({"median", "min", "max"} <= set(r["value"]) for r in rows)
+
+
+def test_quick_grid_reports_and_compares_a_leaderboard(tmp_path):
+    """``--report-only`` on the committed reference: every cell, the sums, and against itself no episode differs."""
+    ref = BENCH.parent / "results" / "reference" / "glyphs_quick"
+    out = subprocess.run([sys.executable, str(BENCH / "bench_quick_grid.py"), "--report-only", "--results-dir", str(ref),
+                          "--compare", str(ref)], capture_output=True, text=True, env=_env(tmp_path), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "20 cells; the summed wall_time_s" in out.stdout and "target <= 40 min: " in out.stdout
+    assert out.stdout.count(" 0 of 600") == 20, out.stdout[-3000:]
+    row = next(json.loads(line.split(" ", 1)[1]) for line in out.stdout.splitlines() if line.startswith("BENCH_RESULT"))
+    assert row["target"] == "29b" and row["cells"] == 20 and row["met"] in ("MET", "MISSED")
+
+
+@pytest.mark.parametrize("script,args", [
+    ("bench_batched_eval.py", ["--quick", "--methods", "finetune,nosuch"]),
+    ("bench_quick_grid.py", ["--report-only"]),
+    ("bench_quick_grid.py", ["--quick", "--compare", "no/such/folder"]),
+])
+def test_bad_arguments_give_one_error_line(script, args, tmp_path):
+    out = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                         env=_env(tmp_path), timeout=300)
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-2000:]
