@@ -16,7 +16,6 @@ from fewshot_nsl.config import resolve_config
 from fewshot_nsl.console import Heartbeat, ProgressMode, RunStatus, progress_every_of
 from fewshot_nsl.errors import ConfigError
 from fewshot_nsl.grid import Cell, config_diff, cost_estimate, run_grid
-from fewshot_nsl.methods.base import FewShotMethod
 from fewshot_nsl.runner import execute, read_parts, run_dir_of
 
 REPO = Path(__file__).resolve().parent.parent
@@ -296,4 +295,7 @@ def test_fit_base_gets_cached_base_features_and_simpleshot_runs_as_a_plugin(tmp_
     assert len(seen) == 2 and seen[1][0] == shape and cached.stat().st_mtime_ns == stamp
     # a method that does not override the hook costs nothing: no features for nearest_neighbor's pretraining
     assert "fit_base" not in vars(get_method_class("nearest_neighbor"))
-    assert FewShotMethod.fit_base(object(), None, None) is None
+    run_grid([Cell("nearest_neighbor")], dict(cli, method="nearest_neighbor"), progress=False, log=lambda s: None,
+             fail_fast=True)
+    assert len(list((tmp_path / "cache" / "pretrain").glob("*.pt"))) == 3  # two pretrainings, one features file
+    assert len(list((tmp_path / "cache" / "pretrain").glob("*.base_features.pt"))) == 1
