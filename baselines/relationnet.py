@@ -38,7 +38,7 @@ from torch import nn
 from fewshot_nsl.backbones import dry_run
 from fewshot_nsl.errors import ConfigError
 from fewshot_nsl.methods import FewShotMethod
-from fewshot_nsl.methods.batched import FEATURE_CHUNK_IMAGES
+from fewshot_nsl.methods.batched import feature_chunk_images
 from fewshot_nsl.registry import register_method
 
 
@@ -273,12 +273,13 @@ class RelationNet(FewShotMethod):
         from the RNG (``seeds`` unused)."""
         e, n_s, n_q = support_x.shape[0], support_x.shape[1], query_x.shape[1]
         image_numel = support_x[0, 0].numel()
+        dev = support_x.device
         maps = self._by_episodes(lambda sl: self.backbone.forward_map(support_x[sl].flatten(0, 1)), e, n_s,
-                                 image_numel)  # (E, S, C, h, w)
+                                 image_numel, dev)  # (E, S, C, h, w)
         labels = support_y + ways * torch.arange(e, device=support_y.device).unsqueeze(1)  # (E, S): class of E*ways
         prototypes = self.class_sums(maps.flatten(0, 1), labels.flatten(), e * ways).view(e, ways, *maps.shape[2:])
         q = self._by_episodes(lambda sl: self.backbone.forward_map(query_x[sl].flatten(0, 1)), e, n_q,
-                              image_numel)  # (E, Q, C, h, w)
+                              image_numel, dev)  # (E, Q, C, h, w)
 
         def relation(sl: slice) -> torch.Tensor:
             qs, ps = q[sl], prototypes[sl]  # (e', Q, C, h, w), (e', ways, C, h, w)
@@ -286,11 +287,11 @@ class RelationNet(FewShotMethod):
                                ps.unsqueeze(1).expand(-1, n_q, -1, -1, -1, -1)], dim=3)  # (e', Q, ways, 2C, h, w)
             return torch.sigmoid(self.fc(self.blocks(pairs.flatten(0, 2)).flatten(1)))  # (e' * Q * ways, 1)
 
-        scores = self._by_episodes(relation, e, n_q * ways, 2 * q[0, 0].numel())
+        scores = self._by_episodes(relation, e, n_q * ways, 2 * q[0, 0].numel(), dev)
         return scores.view(e, n_q, ways)
 
-    def _by_episodes(self, fn: Callable[[slice], torch.Tensor], episodes: int, rows: int, row_numel: int
-                     ) -> torch.Tensor:
+    def _by_episodes(self, fn: Callable[[slice], torch.Tensor], episodes: int, rows: int, row_numel: int,
+                     device: torch.device) -> torch.Tensor:
         """``fn`` over chunks of whole episodes, each chunk's BN statistics per episode (``test_bn: batch``).
 
         Args:
@@ -298,12 +299,12 @@ class RelationNet(FewShotMethod):
             episodes: ``E``.
             rows: rows per episode (one BN batch of the per-episode path).
             row_numel: elements of one input row, to bound a chunk's input like
-                :data:`~fewshot_nsl.methods.batched.FEATURE_CHUNK_IMAGES` images bound the backbone's.
+                :func:`~fewshot_nsl.methods.batched.feature_chunk_images` images bound the backbone's.
 
         Returns:
             ``(E, rows, *F)``.
         """
-        per_chunk = max(1, FEATURE_CHUNK_IMAGES * 3 * self.image_size**2 // max(1, rows * row_numel))
+        per_chunk = max(1, feature_chunk_images(device) * 3 * self.image_size**2 // max(1, rows * row_numel))
         out = []
         for start in range(0, episodes, per_chunk):
             with self._test_statistics(group=rows):

@@ -4,6 +4,8 @@ import sys
 
 import pytest
 import torch
+
+from fewshot_nsl.methods import batched
 import torch.nn.functional as F
 
 from fewshot_nsl.methods.base import FewShotMethod
@@ -81,7 +83,7 @@ def test_relationnet_batched_chunks_at_episode_boundaries(monkeypatch, chunk):
     """Chunks of one or two episodes (a small chunk bound) give the same per-episode statistics; the hooks go."""
     method = build("relationnet", "quick", method_options={"test_bn": "batch"})
     _randomise_batch_norms(method)
-    monkeypatch.setattr(sys.modules[type(method).__module__], "FEATURE_CHUNK_IMAGES", chunk)
+    monkeypatch.setattr(batched, "CPU_FEATURE_CHUNK_IMAGES", chunk)
     assert_same_logits(*both_paths(method, n=5))
     assert not any(m._forward_hooks for m in method.modules())
 

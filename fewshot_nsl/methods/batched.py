@@ -29,8 +29,12 @@ from ..errors import ConfigError
 CPU_EVAL_BUDGET_BYTES = 2 * 1024**3
 #: Most episodes per batch (past this the per-call overhead is already amortised; a killed run loses at most this many).
 MAX_BATCH_EPISODES = 100
-#: Images per backbone call when a batched method extracts features of many episodes (bounds activation memory).
-FEATURE_CHUNK_IMAGES = 256
+#: Images per backbone call when a batched method extracts features of many episodes on a GPU (bounds activation
+#: memory; larger calls launch fewer kernels).
+FEATURE_CHUNK_IMAGES = 1024
+#: The same on a CPU: memory-bound layers (pooling, BN) slow down once a call's activations leave the caches; at 42 px
+#: on a 2-core CPU 64 images per call measured faster per image than 256 (and than one call per episode).
+CPU_FEATURE_CHUNK_IMAGES = 64
 
 
 def episode_seed(seed: int, episode: int) -> int:
@@ -269,19 +273,27 @@ def fit_linear_heads(
 
 
 # ----------------------------------------------------------------------------- features and memory
-def in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int = FEATURE_CHUNK_IMAGES
+def feature_chunk_images(device: torch.device) -> int:
+    """Images per backbone call for features of many episodes: :data:`CPU_FEATURE_CHUNK_IMAGES` on a CPU,
+    :data:`FEATURE_CHUNK_IMAGES` elsewhere."""
+    return CPU_FEATURE_CHUNK_IMAGES if torch.device(device).type == "cpu" else FEATURE_CHUNK_IMAGES
+
+
+def in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: Optional[int] = None
               ) -> torch.Tensor:
-    """``fn`` over ``x`` ``(N, ...)`` in chunks of ``chunk`` rows, concatenated (bounds the activation memory).
+    """``fn`` over ``x`` ``(N, ...)`` in chunks of ``chunk`` rows (default :func:`feature_chunk_images`),
+    concatenated (bounds the activation memory).
 
     Only for functions that treat rows independently (a backbone in eval mode with running BN statistics).
     """
+    chunk = chunk or feature_chunk_images(x.device)
     if len(x) <= chunk:
         return fn(x)
     return torch.cat([fn(x[i:i + chunk]) for i in range(0, len(x), chunk)])
 
 
 def episode_features(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                     chunk: int = FEATURE_CHUNK_IMAGES) -> torch.Tensor:
+                     chunk: Optional[int] = None) -> torch.Tensor:
     """Features of every episode's images: ``(E, N, 3, H, W)`` -> ``(E, N, *F)``, ``fn`` over chunks of images."""
     e, n = x.shape[:2]
     out = in_chunks(fn, x.reshape(e * n, *x.shape[2:]), chunk)
@@ -319,9 +331,10 @@ def activation_bytes_per_image(module: torch.nn.Module, image_size: int) -> int:
     try:
         param = next(module.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
+        dtype = param.dtype if param is not None and param.dtype.is_floating_point else torch.float32
         module.eval()
         with torch.no_grad():
-            module(torch.zeros(1, 3, image_size, image_size, device=device))
+            module(torch.zeros(1, 3, image_size, image_size, device=device, dtype=dtype))
     finally:
         for h in handles:
             h.remove()
