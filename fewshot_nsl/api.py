@@ -99,10 +99,10 @@ def _shots(value: Any) -> Optional[List[int]]:
         if isinstance(v, str) and v.strip().isdigit():
             v = int(v)
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise _bad("shots", value, "a positive integer or a list of them (shots=5, shots=[1, 5])")
+            raise _bad("shots", value, "positive integers (shots=5, shots=[1, 5] or shots='1,5')")
         out.append(int(v))
     if not out:
-        raise _bad("shots", value, "a positive integer or a list of them (shots=5, shots=[1, 5])")
+        raise _bad("shots", value, "positive integers (shots=5, shots=[1, 5] or shots='1,5')")
     return out
 
 
