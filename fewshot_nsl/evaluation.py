@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 import time
 import traceback
 from pathlib import Path
-from typing import IO, Dict, List, NamedTuple, Optional, Sequence, Union
+from typing import IO, Callable, Dict, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -296,6 +297,7 @@ def evaluate(
     precision: str = "fp32",
     batch_episodes: Union[str, int] = "auto",
     info: Optional[Dict[str, object]] = None,
+    log: Optional[Callable[[str], None]] = None,
 ) -> List[float]:
     """Evaluate ``method`` on the first ``n_episodes`` of ``episodes`` (or on ``indices``).
 
@@ -323,7 +325,9 @@ def evaluate(
         error_dir: where a method's traceback goes (``error.txt``); default: beside ``out_csv``.
         batch_episodes: episodes per call for a method with batched evaluation: ``"auto"`` (by memory,
             :func:`resolve_batch_episodes`) or a number (1: the per-episode path).
-        info: filled with ``batch_episodes`` (what ran: 1 for the per-episode path).
+        info: filled with ``batch_episodes`` (what ran: 1 for the per-episode path) and, when the batched path
+            gave way to the per-episode one, ``batched_fallback`` (why).
+        log: where a ``warning:`` line goes (default: stderr).
 
     Returns:
         Per-episode accuracies in percent, in episode order (0 for ``nonfinite`` episodes).
@@ -344,6 +348,7 @@ def evaluate(
     if info is not None:
         info["batch_episodes"] = per_call
     error_dir = error_dir or out_csv.parent
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     with out_csv.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         if new_file:
@@ -352,7 +357,8 @@ def evaluate(
         bar = tqdm(total=len(todo), initial=len(todo) - len(missing), desc="evaluate", disable=not progress, unit="ep")
         try:
             if per_call > 1:
-                _evaluate_batched(method, mat, episodes, missing, per_call, seed, precision, error_dir, rows, done, bar)
+                _evaluate_batched(method, mat, episodes, missing, per_call, seed, precision, error_dir, rows, done, bar,
+                                  info if info is not None else {}, log)
             else:
                 _evaluate_each(method, mat, episodes, missing, seed, precision, error_dir, rows, done, bar)
         except BaseException:
@@ -387,31 +393,60 @@ def _evaluate_each(method: FewShotMethod, mat: Materialiser, episodes: EpisodeLi
 
 def _evaluate_batched(method: FewShotMethod, mat: Materialiser, episodes: EpisodeList, missing: List[int],
                       per_call: int, seed: int, precision: str, error_dir: Path, rows: _PendingRows,
-                      done: Dict[int, Dict[str, str]], bar) -> None:
+                      done: Dict[int, Dict[str, str]], bar, info: Dict[str, object], log: Callable[[str], None]) -> None:
     """The batched path of :func:`evaluate`: ``per_call`` episodes per :meth:`FewShotMethod.evaluate_episodes`;
-    rows written after every batch. A batch whose episodes differ in shape runs episode by episode."""
+    rows written after every batch. A batch whose episodes differ in shape runs episode by episode.
+
+    Where the batched path cannot run, the evaluation goes on without it, with one ``warning:`` line (the numbers
+    are the same either way): out of device memory, the batch is halved (down to one episode at a time); a method
+    error in ``evaluate_episodes`` (its traceback in ``error.txt``), the rest runs episode by episode, where a
+    method's own bug is reported as usual. ``info`` records what ran (``batch_episodes``, ``batched_fallback``)."""
     chunks = [missing[k:k + per_call] for k in range(0, len(missing), per_call)]
     prepare, finish = stages(mat.device, lambda chunk: [mat.stage(episodes.episode(i)) for i in chunk],
                              lambda staged: (staged, load_batch(mat, staged)))
+    size = per_call
     with Prefetcher(chunks, prepare, finish) as batches:
         t0 = time.perf_counter()
-        for chunk, (staged, batch) in zip(chunks, batches):
-            if batch is None:  # episodes of different shapes: one at a time
-                for i, st in zip(chunk, staged):
-                    t = mat.load(st)
-                    seed_torch(episode_seed(seed, i), mat.device)
-                    with autocast(precision, mat.device):
-                        logits = run_episode(method, t.support_x, t.support_y, t.query_x, i, error_dir=error_dir,
-                                             split=episodes.split, ways=st.ways)
-                    rows.add(i, logits, t.query_y, time.perf_counter() - t0)
+        for chunk, (staged, whole) in zip(chunks, batches):
+            pending = list(zip(chunk, staged))
+            while pending:
+                part, pending = pending[:size], pending[size:]
+                idx = [i for i, _ in part]
+                batch = (whole if len(part) == len(chunk) else load_batch(mat, [st for _, st in part])) if size > 1 else None
+                if batch is None:  # one at a time: the per-episode path (or episodes of different shapes)
+                    for i, st in part:
+                        t = mat.load(st)
+                        seed_torch(episode_seed(seed, i), mat.device)
+                        with autocast(precision, mat.device):
+                            logits = run_episode(method, t.support_x, t.support_y, t.query_x, i, error_dir=error_dir,
+                                                 split=episodes.split, ways=st.ways)
+                        rows.add(i, logits, t.query_y, time.perf_counter() - t0)
+                        t0 = time.perf_counter()
+                else:
+                    try:
+                        with autocast(precision, mat.device):
+                            logits = run_episodes(method, batch, idx, [episode_seed(seed, i) for i in idx],
+                                                  error_dir=error_dir, split=episodes.split)
+                    except torch.OutOfMemoryError:
+                        del batch
+                        if mat.device.type == "cuda":
+                            torch.cuda.empty_cache()
+                        size = max(1, size // 2)
+                        log(f"warning: out of memory evaluating {len(idx)} episodes at once; now {size} at a time "
+                            f"(set eval.batch_episodes to choose)")
+                        info["batch_episodes"] = size
+                        pending = part + pending
+                        continue
+                    except MethodError as exc:
+                        size = 1
+                        note = f"batched evaluation failed on {episodes.split} episodes {idx[0]}-{idx[-1]} ({exc})"
+                        log(f"warning: {note}; evaluating episode by episode from there (same numbers)")
+                        info["batch_episodes"], info["batched_fallback"] = 1, note
+                        pending = part + pending
+                        continue
+                    seconds = (time.perf_counter() - t0) / len(idx)
+                    for e, i in enumerate(idx):
+                        rows.add(i, logits[e], batch.query_y[e], seconds)
                     t0 = time.perf_counter()
-            else:
-                with autocast(precision, mat.device):
-                    logits = run_episodes(method, batch, chunk, [episode_seed(seed, i) for i in chunk],
-                                          error_dir=error_dir, split=episodes.split)
-                seconds = (time.perf_counter() - t0) / len(chunk)
-                for e, i in enumerate(chunk):
-                    rows.add(i, logits[e], batch.query_y[e], seconds)
-                t0 = time.perf_counter()
-            bar.update(len(chunk))
+                bar.update(len(part))
             rows.write(done)

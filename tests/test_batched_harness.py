@@ -89,22 +89,61 @@ def test_an_interrupted_batch_loses_only_itself_and_the_run_resumes_to_the_same_
     assert _rows(out) == _rows(tmp_path / "ref.csv")
 
 
-def test_a_method_error_in_a_batch_is_one_line_naming_the_episodes_and_keeps_finished_rows(tiny_store, tmp_path):
+def test_a_method_error_in_a_batch_falls_back_to_the_per_episode_path_with_one_warning(tiny_store, tmp_path):
     lst = episode_list_for_store(tiny_store, "test", 5, 2, 3, n=12, seed=0)
-    out = tmp_path / "e.csv"
-    with pytest.raises(MethodError) as err:
-        evaluate(BatchedNearestMean(fail_call=1), tiny_store, lst, 12, CPU, 16, out, progress=False, batch_episodes=4)
-    msg = str(err.value)
-    assert "\n" not in msg and "evaluate_episodes" in msg and "test episodes 4-7" in msg and "broken batch" in msg
+    out, lines, info = tmp_path / "e.csv", [], {}
+    method = BatchedNearestMean(fail_call=1)
+    evaluate(method, tiny_store, lst, 12, CPU, 16, out, progress=False, batch_episodes=4, info=info, log=lines.append)
+    assert method.sizes == [4, 4]  # the second batch failed; the rest ran episode by episode
+    assert len(lines) == 1 and lines[0].startswith("warning: batched evaluation failed on test episodes 4-7")
+    assert "broken batch" in lines[0] and "\n" not in lines[0]
+    assert info["batch_episodes"] == 1 and "episodes 4-7" in info["batched_fallback"]
     assert (tmp_path / "error.txt").is_file()
-    assert [r["episode"] for r in _rows(out)] == [str(i) for i in range(4)]
+    evaluate(NearestMean(), tiny_store, lst, 12, CPU, 16, tmp_path / "ref.csv", progress=False)
+    assert _rows(out) == _rows(tmp_path / "ref.csv")
 
 
-def test_logits_of_the_wrong_shape_from_a_batch_are_refused(tiny_store, tmp_path):
+class BrokenEverywhere(BatchedNearestMean):
+    def fit_support(self, support_x, support_y):
+        raise ValueError("broken episode")
+
+
+def test_a_method_broken_on_both_paths_is_one_error_line_and_keeps_finished_rows(tiny_store, tmp_path):
+    lst = episode_list_for_store(tiny_store, "test", 5, 2, 3, n=12, seed=0)
+    with pytest.raises(MethodError) as err:
+        evaluate(BrokenEverywhere(fail_call=1), tiny_store, lst, 12, CPU, 16, tmp_path / "e.csv", progress=False,
+                 batch_episodes=4, log=lambda line: None)
+    assert "\n" not in str(err.value) and "fit_support on test episode 4" in str(err.value)
+    assert [r["episode"] for r in _rows(tmp_path / "e.csv")] == [str(i) for i in range(4)]
+
+
+class OutOfMemoryAbove(BatchedNearestMean):
+    def evaluate_episodes(self, support_x, support_y, query_x, seeds, ways):
+        if len(seeds) > 2:
+            self.sizes.append(len(seeds))
+            raise torch.OutOfMemoryError("fake: out of memory")
+        return super().evaluate_episodes(support_x, support_y, query_x, seeds, ways)
+
+
+def test_out_of_memory_halves_the_batch_and_gives_the_same_rows(tiny_store, tmp_path):
+    lst = episode_list_for_store(tiny_store, "test", 5, 2, 3, n=10, seed=0)
+    lines, info, method = [], {}, OutOfMemoryAbove()
+    evaluate(method, tiny_store, lst, 10, CPU, 16, tmp_path / "e.csv", progress=False, batch_episodes=8, info=info,
+             log=lines.append)
+    assert method.sizes == [8, 4, 2, 2, 2, 2, 2] and info["batch_episodes"] == 2
+    assert [line.split(";")[0] for line in lines] == ["warning: out of memory evaluating 8 episodes at once",
+                                                      "warning: out of memory evaluating 4 episodes at once"]
+    evaluate(NearestMean(), tiny_store, lst, 10, CPU, 16, tmp_path / "ref.csv", progress=False)
+    assert _rows(tmp_path / "e.csv") == _rows(tmp_path / "ref.csv")
+
+
+def test_logits_of_the_wrong_shape_from_a_batch_are_named_and_the_episodes_run_one_by_one(tiny_store, tmp_path):
     lst = episode_list_for_store(tiny_store, "test", 5, 2, 3, n=4, seed=0)
-    with pytest.raises(MethodError, match=r"expected \(n_query, ways\) = \(15, 5\)"):
-        evaluate(BatchedNearestMean(bad_shape=True), tiny_store, lst, 4, CPU, 16, tmp_path / "e.csv", progress=False,
-                 batch_episodes=4)
+    lines = []
+    evaluate(BatchedNearestMean(bad_shape=True), tiny_store, lst, 4, CPU, 16, tmp_path / "e.csv", progress=False,
+             batch_episodes=4, log=lines.append)
+    assert len(lines) == 1 and "expected (n_query, ways) = (15, 5)" in lines[0]
+    assert len(_rows(tmp_path / "e.csv")) == 4
 
 
 def test_a_method_without_batched_support_runs_per_episode_whatever_the_setting(tiny_store, tmp_path):
