@@ -187,7 +187,7 @@ def measure_memory(methods: Sequence[str], size: int, device: torch.device, thre
             rise = float(r["peak_rss_mb"]) - float(r["rss_before_mb"])
             capped = f", first {r['episodes']}" if r["batched"] and int(r["episodes"]) < int(r["default_batch"]) else ""
             path = f"batch {r['default_batch']}{capped}" if r["batched"] else "per-episode only"
-            print(f"   {name:17s} {path:17s} peak RSS {float(r['peak_rss_mb']):7.0f} MiB (rise over the set-up "
+            print(f"   {name:17s} {path:20s} peak RSS {float(r['peak_rss_mb']):7.0f} MiB (rise over the set-up "
                   f"{rise:6.0f} MiB)" + (f"   CUDA peak {float(r['cuda_peak_mb']):7.0f} MiB" if device.type == "cuda" else "")
                   + f"   target < {MEMORY_TARGET_MB} MiB: {met}", flush=True)
             emit("29d", f"{name}: peak {'CUDA memory' if device.type == 'cuda' else 'RSS'} of a default evaluation batch "
