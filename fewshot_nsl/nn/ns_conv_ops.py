@@ -28,15 +28,16 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .geometry import IntPair, Padding, _pair, _tap_slices, conv_output_size, resolve_padding
-from .sides import input_side, output_side
+from .sides import MIXED_CONV_MIN_CHANNELS, dns_input_side_cpu, input_side, output_side
 from .taps import taps_conv
 
 __all__ = ["ns_conv2d", "ns_conv_reference", "choose_side", "SIDES"]
 
 #: Application sides of a dynamic similarity (see :func:`ns_conv2d`).
 SIDES = ("auto", "input", "output", "taps")
-#: ``side="auto"`` on CPU picks ``"taps"`` for DNS, stride 1 and at least this many input channels: below
-#: it the per-tap GEMMs have too short an inner dimension (the RGB stem, ``C_in = 3``, was 3x slower).
+#: Under ``torch.compile`` on CPU (where :func:`~fewshot_nsl.nn.sides.dns_input_side_cpu` is not used),
+#: ``side="auto"`` picks ``"taps"`` for DNS, stride 1 and at least this many input channels: below it the
+#: per-tap GEMMs have too short an inner dimension (the RGB stem, ``C_in = 3``, was 3x slower).
 TAPS_MIN_CHANNELS = 16
 #: ... and when the padded map has at most this many positions per output (the taps side computes
 #: every padded position): 1.12 at 42x42, 1.25 at 21x21, 1.56 at 10x10, where the input side was
@@ -55,9 +56,16 @@ def choose_side(
 ) -> str:
     """The side ``side="auto"`` applies a dynamic similarity with, by device.
 
-    * CPU (measured on a 2-core CPU, benchmarks/RESULTS.md): ``"taps"`` for DNS at stride 1 with
-      ``C_in >= TAPS_MIN_CHANNELS`` on maps whose padded size is at most ``TAPS_MAX_POSITION_RATIO``
-      times the output's (its per-tap GEMMs on cache-sized blocks win there); otherwise as below.
+    * CPU, eager (measured on a 2-core CPU, benchmarks/RESULTS.md, issue 29): ``"input"`` for DNS with
+      ``C_in >= MIXED_CONV_MIN_CHANNELS``, at any stride: there the input side is
+      :func:`~fewshot_nsl.nn.sides.dns_input_side_cpu` (one ``mul`` and one oneDNN convolution per chunk
+      of images), faster than the taps side's per-tap GEMMs on every CNN-4 map (1 thread, forward +
+      backward, 32 channels: 113 vs 134 ms at 42x42, 28 vs 37 ms at 21x21, 8.1 vs 10.7 ms at 10x10);
+      otherwise as below.
+    * CPU under ``torch.compile`` (the compiled graph has no eager fast path): ``"taps"`` for DNS at stride
+      1 with ``C_in >= TAPS_MIN_CHANNELS`` on maps whose padded size is at most
+      ``TAPS_MAX_POSITION_RATIO`` times the output's (measured eager before issue 29, when the taps side
+      was the fastest there); otherwise as below.
     * Every other device (CUDA): never ``"taps"`` (``kk`` GEMMs with inner dimension ``C_in`` and
       ``5 * kk`` kernels in its backward, where the other sides launch one GEMM and ``kk`` element-wise
       kernels, which ``torch.compile`` fuses into one); the side whose ``kk``-fold tensor is smaller
@@ -80,11 +88,11 @@ def choose_side(
         ``"input"``, ``"output"`` or ``"taps"``.
     """
     (c_in, c_out), (ho, wo), (hu, wu) = channels, out_hw, read_hw
-    if (
-        device_type == "cpu" and kind == "dns" and stride == (1, 1) and c_in >= TAPS_MIN_CHANNELS
-        and padded_positions <= TAPS_MAX_POSITION_RATIO * ho * wo
-    ):
-        return "taps"
+    if device_type == "cpu" and kind == "dns":
+        if c_in >= MIXED_CONV_MIN_CHANNELS and not torch.compiler.is_compiling():
+            return "input"
+        if stride == (1, 1) and c_in >= TAPS_MIN_CHANNELS and padded_positions <= TAPS_MAX_POSITION_RATIO * ho * wo:
+            return "taps"
     return "input" if c_in * ho * wo <= c_out * hu * wu else "output"
 
 
@@ -197,6 +205,10 @@ def ns_conv2d(
     if side == "auto":
         padded = (x.shape[2] + pads[2] + pads[3] + 1) * (x.shape[3] + pads[0] + pads[1])
         side = choose_side(kind, x.device.type, (c_in, c_out), strd, (ho, wo), padded, (hu, wu))
+    if (side == "input" and kind == "dns" and c_in >= MIXED_CONV_MIN_CHANNELS and x.device.type == "cpu"
+            and not torch.compiler.is_compiling()):
+        out = dns_input_side_cpu(x, weight, bias, m, strd, pads, dil, (ho, wo))  # bias included
+        return out.contiguous(memory_format=layout)
     if side == "taps":
         out = taps_conv(x, weight, m, ksize, dil, pads, (ho, wo))  # a view with the padded row stride
         if bias is not None:

@@ -14,13 +14,14 @@ Called by :func:`fewshot_nsl.nn.ns_conv_ops.ns_conv2d`, which chooses the side a
 """
 from __future__ import annotations
 
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from .amp import AUTOCAST_DTYPE, autocast_args, autocast_backward, autocast_forward
 
-__all__ = ["input_side", "output_side"]
+__all__ = ["input_side", "output_side", "dns_input_side_cpu"]
 
 Taps = List[Tuple[slice, slice]]
 
@@ -187,3 +188,171 @@ class _GatherOutputTaps(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_maps = _similarity_grad(ctx.taps, maps.dim() == 4, lambda p, rs, cs: (grad * y[:, p, :, rs, cs]).sum(1))
         return grad_y, grad_maps, None
+
+
+# ----------------------------------------------------------------------------- DNS input side, CPU (eager)
+#: Bytes of the mixed-tap image of one image chunk on the ``"input"`` side of a DNS layer on CPU
+#: (:class:`_MixedTapsConv`): images go in chunks of about this size so that the chunk's mixed taps, made,
+#: read by the conv and recomputed in the backward, stay in the cache. Of 512 KiB, 2 MiB and 8 MiB, 2 MiB
+#: was fastest for the four CNN-4 layers at 42 px (1 thread, benchmarks/RESULTS.md, issue 29).
+MIXED_CHUNK_BYTES = 1 << 21
+#: Fewer input channels than this (the RGB stem) keep :func:`input_side`: :class:`_MixedTapsConv`'s mixing
+#: runs along ``C_in``, 3 values at a time for RGB, 20x slower than along the output width.
+MIXED_CONV_MIN_CHANNELS = 8
+
+
+def dns_input_side_cpu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    m: torch.Tensor,
+    stride: Tuple[int, int],
+    pads: Tuple[int, int, int, int],
+    dil: Tuple[int, int],
+    out_hw: Tuple[int, int],
+) -> torch.Tensor:
+    """The ``side="input"`` DNS application in eager CPU code, with bias: ``(B, C_out, Ho, Wo)``, channels-last.
+
+    Same values as :func:`input_side` (mix the taps, ``X'_p(l) = m_p(l) X_p(l)``, then one GEMM over
+    ``kk * C_in``) in far fewer operator calls (:class:`_MixedTapsConv`): per chunk of images the mixing of
+    all ``kk`` taps is one ``mul`` of a strided view of the padded channels-last input (an im2col as a
+    view, never copied) by the maps, and the GEMM is one oneDNN convolution. The mixed taps are
+    recomputed in the backward, not saved (saved: the padded input and the maps, as the taps side).
+    :func:`~fewshot_nsl.nn.ns_conv_ops.ns_conv2d` calls it for ``C_in >= MIXED_CONV_MIN_CHANNELS``.
+
+    Args:
+        x: ``(B, C_in, H, W)``.
+        weight: ``(C_out, C_in, kh, kw)``.
+        bias: ``(C_out,)`` or ``None``.
+        m: the DNS similarity, ``(B, L, kk)``.
+        stride, pads, dil: the conv's stride, explicit ``(l, r, t, b)`` padding and dilation.
+        out_hw: ``(Ho, Wo)``.
+    """
+    kh, kw = int(weight.shape[2]), int(weight.shape[3])
+    (ho, wo), batch = out_hw, x.shape[0]
+    xp = F.pad(x, pads) if any(pads) else x
+    hu = dil[0] * (kh - 1) + stride[0] * (ho - 1) + 1
+    wu = dil[1] * (kw - 1) + stride[1] * (wo - 1) + 1
+    xp = xp[:, :, :hu, :wu].contiguous(memory_format=torch.channels_last)
+    m5 = m.reshape(batch, ho, wo, kh, kw)  # free when m came from NSConv2d.similarity() on channels-last maps
+    return _MixedTapsConv.apply(*autocast_args(AUTOCAST_DTYPE, xp, weight, bias, m5, stride, dil))
+
+
+def _image_chunks(batch: int, per_image: int) -> List[Tuple[int, int]]:
+    """``[(b0, b1), ...]`` covering ``range(batch)``, about ``MIXED_CHUNK_BYTES * threads`` bytes (``per_image`` each) apiece."""
+    per = max(1, MIXED_CHUNK_BYTES * torch.get_num_threads() // max(1, per_image))
+    return [(b0, min(batch, b0 + per)) for b0 in range(0, batch, per)]
+
+
+def _taps_view(xp: torch.Tensor, b0: int, b1: int, stride, dil, out_hw, ksize) -> torch.Tensor:
+    """Every tap of images ``b0:b1`` of ``xp (B, C, Hu, Wu)`` as one strided view (no copy): ``(nb, Ho, kh, Wo, kw, C)``,
+    for a channels-last ``xp`` the layout of a ``(nb, C, Ho*kh, Wo*kw)`` channels-last image whose ``kh x kw`` blocks are the patches."""
+    (sh, sw), (dh, dw), (ho, wo), (kh, kw) = stride, dil, out_hw, ksize
+    sb, sc, sy, sx = xp.stride()
+    return xp.as_strided((b1 - b0, ho, kh, wo, kw, xp.shape[1]), (sb, sh * sy, dh * sy, sw * sx, dw * sx, sc), xp.storage_offset() + b0 * sb)
+
+
+def _differentiable_input_side(xp, weight, bias, maps, stride, dil):
+    """:func:`input_side` (plus bias) on ``xp`` and channel-first ``maps (B, kk, Ho, Wo)``, in differentiable ops (double backward)."""
+    from .geometry import _tap_slices
+
+    taps = _tap_slices(tuple(weight.shape[2:]), stride, dil, tuple(maps.shape[2:]))
+    out = input_side(xp, weight, maps, taps)
+    return out if bias is None else out + bias.view(1, -1, 1, 1)
+
+
+def _double_backward(ctx, saved, maps, grad):
+    """Gradients of the saved ``(xp, weight, bias, m5)`` under ``create_graph``: autograd through :func:`_differentiable_input_side`
+    on ``maps``, the channel-first view of ``m5``."""
+    xp, weight, bias, _ = saved
+    out = _differentiable_input_side(xp, weight, bias, maps, ctx.stride, ctx.dil)
+    wanted = [t for t, want in zip(saved, ctx.needs_input_grad[:4]) if want and t is not None]
+    grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if want and t is not None else None for t, want in zip(saved, ctx.needs_input_grad[:4])) + (None, None)
+
+
+class _MixedTapsConv(torch.autograd.Function):
+    """DNS ``W^T M X`` (plus bias) as a oneDNN convolution on the mixed-tap image: ``(B, C_out, Ho, Wo)`` channels-last.
+
+    Inputs: ``xp (B, C, Hu, Wu)`` (padded, cropped, channels-last), ``weight (C_out, C, kh, kw)``, ``bias``
+    or ``None``, ``m5 (B, Ho, Wo, kh, kw)`` (the maps), ``stride``, ``dil``. Per chunk of images:
+    ``Z[b, h, i, w, j, c] = m5[b, h, w, i, j] * xp[b, c, h*sh + i*dh, w*sw + j*dw]`` (one ``mul`` of a
+    strided view into a reused buffer), read as the channels-last image ``(nb, C, Ho*kh, Wo*kw)``, and
+    ``conv2d(Z, weight, bias, stride=(kh, kw))`` (the patches do not overlap: one GEMM over ``kk * C``).
+    Backward per chunk: ``Z`` recomputed, one ``convolution_backward`` (``dZ``, ``dW``, ``db``), ``dm =
+    sum_c dZ * taps``, ``dx`` the ``kk`` taps of ``dZ * m`` added into their slices. Under
+    ``create_graph`` it differentiates :func:`_differentiable_input_side` instead.
+    """
+
+    @staticmethod
+    @autocast_forward(AUTOCAST_DTYPE)
+    def forward(ctx, xp, weight, bias, m5, stride, dil):  # type: ignore[override]
+        ctx.save_for_backward(xp, weight, bias, m5)
+        ctx.stride, ctx.dil = stride, dil
+        kh, kw = int(weight.shape[2]), int(weight.shape[3])
+        batch, chans = xp.shape[:2]
+        ho, wo = m5.shape[1:3]
+        outs, z = [], None
+        for b0, b1 in _image_chunks(batch, ho * wo * kh * kw * chans * xp.element_size()):
+            nb = b1 - b0
+            if z is None or z.shape[0] != nb:
+                z = xp.new_empty((nb, ho, kh, wo, kw, chans))
+            taps = _taps_view(xp, b0, b1, stride, dil, (ho, wo), (kh, kw))
+            torch.mul(taps, m5[b0:b1].permute(0, 1, 3, 2, 4).unsqueeze(-1), out=z)
+            image = z.view(nb, ho * kh, wo * kw, chans).permute(0, 3, 1, 2)
+            outs.append(F.conv2d(image, weight, bias, (kh, kw)))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    @staticmethod
+    @autocast_backward
+    def backward(ctx, grad):  # type: ignore[override]
+        xp, weight, bias, m5 = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            maps = m5.flatten(3).permute(0, 3, 1, 2)
+            return _double_backward(ctx, (xp, weight, bias, m5), maps, grad)
+        stride, dil = ctx.stride, ctx.dil
+        (sh, sw), (dh, dw) = stride, dil
+        kh, kw = int(weight.shape[2]), int(weight.shape[3])
+        batch, chans = xp.shape[:2]
+        ho, wo = m5.shape[1:3]
+        want_x, want_w, want_b, want_m = ctx.needs_input_grad[:4]
+        want_b = want_b and bias is not None
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        gw = torch.zeros_like(weight, dtype=_accumulator(weight.dtype)) if want_w else None
+        gb = torch.zeros_like(bias, dtype=_accumulator(bias.dtype)) if want_b else None
+        gm = torch.empty_like(m5) if want_m else None
+        gx = torch.zeros_like(xp, memory_format=torch.channels_last) if want_x else None
+        gx_last = gx.permute(0, 2, 3, 1) if gx is not None else None  # (B, Hu, Wu, C), a view
+        z = None
+        for b0, b1 in _image_chunks(batch, ho * wo * kh * kw * chans * xp.element_size()):
+            nb = b1 - b0
+            if z is None or z.shape[0] != nb:
+                z = xp.new_empty((nb, ho, kh, wo, kw, chans))
+            taps = _taps_view(xp, b0, b1, stride, dil, (ho, wo), (kh, kw))
+            m6 = m5[b0:b1].permute(0, 1, 3, 2, 4).unsqueeze(-1)
+            torch.mul(taps, m6, out=z)
+            image = z.view(nb, ho * kh, wo * kw, chans).permute(0, 3, 1, 2)
+            gz, gw_c, gb_c = torch.ops.aten.convolution_backward(
+                grad[b0:b1], image, weight, [weight.shape[0]] if bias is not None else None, [kh, kw], [0, 0], [1, 1],
+                False, [0, 0], 1, [want_x or want_m, gw is not None, gb is not None])
+            if gw is not None:
+                gw.add_(gw_c)
+            if gb is not None:
+                gb.add_(gb_c)
+            if not (want_x or want_m):
+                continue
+            gz6 = gz.permute(0, 2, 3, 1).reshape(nb, ho, kh, wo, kw, chans)  # a view (channels-last gz)
+            if gm is not None:
+                torch.sum(torch.mul(gz6, taps, out=z), -1, out=gm[b0:b1].permute(0, 1, 3, 2, 4))
+            if gx_last is not None:
+                gz6.mul_(m6)
+                for i in range(kh):
+                    rows = slice(i * dh, i * dh + sh * (ho - 1) + 1, sh)
+                    for j in range(kw):
+                        gx_last[b0:b1, rows, j * dw:j * dw + sw * (wo - 1) + 1:sw].add_(gz6[:, :, i, :, j])
+        return gx, gw, gb, gm, None, None
+
+
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    """Dtype in which a sum over chunks is accumulated: fp32 for bf16 / fp16, ``dtype`` otherwise."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
