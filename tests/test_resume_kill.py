@@ -15,10 +15,11 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 # Long enough to be caught mid-way by a poller, still a few seconds: 80 ProtoNet steps
-# (checkpoint every 5) and 80 test episodes on the tiny dataset.
+# (checkpoint every 5) and 80 test episodes on the tiny dataset, evaluated 4 at a time (ProtoNet's batched
+# evaluation would otherwise take all 80 in one call, written at once).
 N_EPISODES = 80
 CONFIG = ("episodic: {steps: 80, checkpoint_every: 5, queries: 5}\n"
-          f"eval: {{episodes: {N_EPISODES}, queries: 5}}\n")
+          f"eval: {{episodes: {N_EPISODES}, queries: 5, batch_episodes: 4}}\n")
 COMPARE = ["episode", "accuracy", "correct", "total", "status"]
 
 
