@@ -146,6 +146,7 @@ def benchmark(
     log: Optional[Callable[[str], None]] = None,
     rerun: bool = False,
     replace_row: bool = False,
+    tracking: Optional[str] = None,
     **overrides: Any,
 ) -> pd.DataFrame:
     """Run (or resume, or reuse) benchmark cells and return their leaderboard rows.
@@ -166,6 +167,7 @@ def benchmark(
         rerun: recompute the cells deliberately, as ``--rerun``.
         replace_row: write each cell's row even over a leaderboard row measured on more episodes or seeds, as
             ``--replace-row`` (by default that row is kept and ``log`` says so in one line).
+        tracking: ``"mlflow"`` logs every finished run to MLflow, as ``--tracking mlflow``; None (default): no tracker.
         **overrides: config keys over the config file, like ``--set``: top-level keys
             (``ways=5``, ``profile="smoke"``, ``image_size=32``, ``results_dir="results"``,
             ``cache_dir=...``, ``data_root=...``) and sections as dicts
@@ -185,14 +187,14 @@ def benchmark(
     try:
         return _benchmark(method, shots, dataset, backbone=backbone, config=config, seeds=seeds, plugins=plugins,
                           dataset_name=dataset_name, reference=reference, threads=threads, progress=progress, log=log,
-                          rerun=rerun, replace_row=replace_row, **overrides)
+                          rerun=rerun, replace_row=replace_row, tracking=tracking, **overrides)
     except FewShotError as exc:
         raise type(exc)(api_message(str(exc))) from None
 
 
 def _benchmark(method: Any, shots: Any, dataset: Any, *, backbone: Any, config: Any, seeds: Any, plugins: Any,
                dataset_name: Any, reference: Any, threads: Any, progress: Any, log: Any, rerun: Any, replace_row: Any,
-               **overrides: Any) -> pd.DataFrame:
+               tracking: Any = None, **overrides: Any) -> pd.DataFrame:
     """:func:`benchmark` with the command line's messages (re-worded by its caller)."""
     from .config import check_overrides
     from .executors import LocalExecutor
@@ -220,6 +222,8 @@ def _benchmark(method: Any, shots: Any, dataset: Any, *, backbone: Any, config: 
             raise _bad(name, value, "True or False")
     if log is not None and not callable(log):
         raise _bad("log", log, "a function taking one line of text (e.g. print)")
+    if tracking not in (None, "none", "mlflow"):
+        raise _bad("tracking", tracking, "'mlflow' or None")
     for name, low in (("ways", 2), ("image_size", 8), ("seed", 0)):
         v = overrides.get(name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low):
@@ -253,7 +257,7 @@ def _benchmark(method: Any, shots: Any, dataset: Any, *, backbone: Any, config: 
     result = run_grid(cells, cli, str(config) if config else None, seeds=seeds,
                       executor=LocalExecutor(threads=threads), reference=reference, skip_unregistered=False,
                       progress=progress, log=log or (lambda line: None), fail_fast=False, rerun=rerun,
-                      replace_row=replace_row)
+                      replace_row=replace_row, tracking=None if tracking in (None, "none") else tracking)
     if result.failed:
         from .errors import FewShotError
 

@@ -299,3 +299,23 @@ def test_fit_base_gets_cached_base_features_and_simpleshot_runs_as_a_plugin(tmp_
              fail_fast=True)
     assert len(list((tmp_path / "cache" / "pretrain").glob("*.pt"))) == 3  # two pretrainings, one features file
     assert len(list((tmp_path / "cache" / "pretrain").glob("*.base_features.pt"))) == 1
+
+
+def test_api_benchmark_passes_tracking_through_and_refuses_a_bad_value(tmp_path, monkeypatch):
+    import fewshot_nsl.grid as grid_mod
+    from fewshot_nsl import api
+
+    with pytest.raises(ConfigError, match=r"^benchmark\(tracking='wandb'\): tracking must be 'mlflow' or None$"):
+        api.benchmark("protonet", shots=2, tracking="wandb")
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen["tracking"] = kwargs.get("tracking")
+        return run_grid(*args, **kwargs)
+
+    monkeypatch.setattr(grid_mod, "run_grid", spy)
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # so tracking="mlflow" stops at the grid's own check
+    with pytest.raises(ConfigError, match="needs MLflow"):
+        api.benchmark("protonet", shots=2, tracking="mlflow", profile="smoke", dataset="tiny", image_size=16,
+                      results_dir=str(tmp_path / "r"), cache_dir=str(tmp_path / "c"))
+    assert seen["tracking"] == "mlflow"
