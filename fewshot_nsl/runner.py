@@ -361,16 +361,18 @@ def evaluate_run(
     indices: Optional[Sequence[int]] = None,
     out_csv: Optional[Path] = None,
     progress: bool = True,
+    log=None,
 ) -> List[float]:
     """Evaluate the trained ``ctx.method`` on the run's episodes (or ``indices`` of them) into
-    ``out_csv`` (default ``episodes.csv``), resuming from what is already there."""
+    ``out_csv`` (default ``episodes.csv``), resuming from what is already there; ``log`` gets the evaluation's
+    ``warning:`` lines (default: stderr)."""
     if ctx.method is None:
         raise RuntimeError("evaluate_run needs a trained method: call train(ctx) first")
     info: Dict[str, Any] = {}
     accs = evaluate(ctx.method, ctx.store, ctx.episodes, ctx.n_episodes, ctx.device, ctx.cfg.image_size,
                     Path(out_csv or ctx.episodes_csv), seed=ctx.cfg.seed, progress=progress,
                     indices=list(indices) if indices is not None else None, error_dir=ctx.run_dir,
-                    precision=ctx.cfg.precision, batch_episodes=ctx.cfg.eval.batch_episodes, info=info)
+                    precision=ctx.cfg.precision, batch_episodes=ctx.cfg.eval.batch_episodes, info=info, log=log)
     if out_csv is None and indices is None:  # how the run's own evaluation ran (summary.json: eval_batch_episodes)
         atomic_write_json(ctx.run_dir / "evaluation.json", info)
     return accs
@@ -469,6 +471,7 @@ def finish(ctx: RunContext, executor: str = "local", eval_peak_mb: Optional[floa
         "transductive": get_method_class(cfg.method).is_transductive(cfg.method_options),
         "fast_mode": record.get("fast_mode", "off"),
         "eval_batch_episodes": (_read_json(ctx.run_dir / "evaluation.json") or {}).get("batch_episodes"),
+        "eval_batched_fallback": (_read_json(ctx.run_dir / "evaluation.json") or {}).get("batched_fallback"),
         "pretrain_world_size": record.get("pretrain_world_size", 1), "resumed": bool(record.get("resumed", False)) or resumed or len(parts) > 1,
         "parts": max(len(parts), 1),
         "torch_version": torch.__version__, "python_version": platform.python_version(), **git_info(),
@@ -510,7 +513,7 @@ def execute(cfg: RunConfig, store: Optional[ImageStore] = None, episodes: Option
                 part["train_s"] = round(time.perf_counter() - t0, 2)
             reset_peak_memory(ctx.device)
             ctx.status.begin("evaluate", ctx.n_episodes, done, unit="episode", poll=lambda: _evaluated(ctx))
-            evaluate_run(ctx, progress=progress)
+            evaluate_run(ctx, progress=progress, log=log)
             part["outcome"] = "finished"
         except Exception:
             part["outcome"] = "failed"
