@@ -1,7 +1,8 @@
-"""The fused CPU application of a dynamic DNS similarity (issue 29): ``side="input"`` on CPU for layers with
-``C_in >= MIXED_CONV_MIN_CHANNELS`` runs :func:`fewshot_nsl.nn.sides.dns_input_side_cpu` (one ``mul`` of a
-strided tap view and one oneDNN convolution per chunk of images). Equal to the unfold reference in float64,
-forward and every gradient, for every geometry, chunking and memory format; double backward; autocast."""
+"""The fused CPU application of a dynamic DNS similarity (issue 29): ``side="input"`` (and ``"auto"``) on CPU, eager,
+runs :func:`fewshot_nsl.nn.sides.dns_input_side_cpu`: one ``mul`` of a strided tap view and one oneDNN convolution
+per chunk of images (:class:`~fewshot_nsl.nn.sides._MixedTapsConv`; with fewer than ``MIXED_CONV_MIN_CHANNELS``
+inputs :class:`~fewshot_nsl.nn.sides._MixedTapsPointwise`). Equal to the unfold reference in float64, forward and
+every gradient, for every geometry, chunking, memory format and both Functions; double backward; autocast."""
 from __future__ import annotations
 
 import pytest
@@ -14,7 +15,8 @@ from fewshot_nsl.nn import NSConv2d, ns_conv2d, ns_conv_reference
 from fewshot_nsl.nn.geometry import _pair, conv_output_size, resolve_padding
 
 DT = torch.float64
-C_IN = sides.MIXED_CONV_MIN_CHANNELS  # the narrowest layer that takes the fused path
+C_IN = sides.MIXED_CONV_MIN_CHANNELS  # the narrowest layer that takes _MixedTapsConv
+NARROW = 3  # an RGB stem: _MixedTapsPointwise
 
 # (kernel_size, stride, padding, dilation)
 CONFIGS = [(3, 1, 1, 1), (3, 2, 0, 1), (1, 1, 0, 1), (5, 1, 0, 2), ((2, 3), (2, 1), (1, 0), 1), (4, 1, "same", 1), (3, 1, 0, 1)]
@@ -53,12 +55,17 @@ def _spy(monkeypatch):
 @pytest.mark.parametrize("chunk_bytes", [1, 3000, 1 << 30], ids=["one-image-chunks", "two-image-chunks", "one-chunk"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
-def test_fused_input_side_matches_reference(cfg, chunk_bytes, layout, with_bias, monkeypatch):
+@pytest.mark.parametrize("c_in", [C_IN, NARROW], ids=["conv", "pointwise"])
+def test_fused_input_side_matches_reference(cfg, chunk_bytes, layout, with_bias, c_in, monkeypatch):
     """Forward and the gradients of x, weight, bias and m equal the unfold reference's; the output keeps the
-    input's memory format; the fused path is the one that ran."""
+    input's memory format; the fused path (the Function for the layer's width) is the one that ran."""
     monkeypatch.setattr(sides, "MIXED_CHUNK_BYTES", chunk_bytes)
     calls = _spy(monkeypatch)
-    x, w, b, m = _case(cfg)
+    ran = []
+    for name in ("_MixedTapsConv", "_MixedTapsPointwise"):
+        fn = getattr(sides, name)
+        monkeypatch.setattr(fn, "apply", (lambda real, n: lambda *a: ran.append(n) or real(*a))(fn.apply, name))
+    x, w, b, m = _case(cfg, c_in=c_in)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     if not with_bias:
@@ -68,7 +75,7 @@ def test_fused_input_side_matches_reference(cfg, chunk_bytes, layout, with_bias,
     refs = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b, m)]
     out = ns_conv2d(*leaves, s, p, d, side="input")
     want = ns_conv_reference(*refs, s, p, d)
-    assert len(calls) == 1
+    assert len(calls) == 1 and ran == ["_MixedTapsConv" if c_in >= C_IN else "_MixedTapsPointwise"]
     torch.testing.assert_close(out, want, atol=1e-10, rtol=0)
     assert out.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
     up = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=DT)
@@ -78,10 +85,11 @@ def test_fused_input_side_matches_reference(cfg, chunk_bytes, layout, with_bias,
         torch.testing.assert_close(a, e, atol=1e-9, rtol=0, msg=lambda msg, n=name: f"d/d{n}: {msg}")
 
 
-def test_fused_input_side_partial_gradients(monkeypatch):
+@pytest.mark.parametrize("c_in", [C_IN, NARROW], ids=["conv", "pointwise"])
+def test_fused_input_side_partial_gradients(c_in, monkeypatch):
     """Only some inputs need a gradient (a first layer: not x; a frozen layer: only x): those are right."""
     calls = _spy(monkeypatch)
-    x, w, b, m = _case(CONFIGS[0])
+    x, w, b, m = _case(CONFIGS[0], c_in=c_in)
     for wanted in ("m", "wb", "x"):
         leaves = [t.detach().clone().requires_grad_(n in wanted) for n, t in zip("xwbm", (x, w, b, m))]
         refs = [t.detach().clone().requires_grad_(n in wanted) for n, t in zip("xwbm", (x, w, b, m))]
@@ -94,13 +102,14 @@ def test_fused_input_side_partial_gradients(monkeypatch):
     assert len(calls) == 3
 
 
-def test_fused_input_side_gradcheck_and_double_backward(monkeypatch):
+@pytest.mark.parametrize("c_in", [C_IN, NARROW], ids=["conv", "pointwise"])
+def test_fused_input_side_gradcheck_and_double_backward(c_in, monkeypatch):
     """Numerical gradients; the double backward (create_graph, e.g. second-order MAML through a dynamic layer)
     differentiates the differentiable input side from the saved inputs."""
     calls = _spy(monkeypatch)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, C_IN, 4, 5, generator=g, dtype=DT, requires_grad=True)
-    w = torch.randn(3, C_IN, 3, 3, generator=g, dtype=DT, requires_grad=True)
+    x = torch.randn(2, c_in, 4, 5, generator=g, dtype=DT, requires_grad=True)
+    w = torch.randn(3, c_in, 3, 3, generator=g, dtype=DT, requires_grad=True)
     b = torch.randn(3, generator=g, dtype=DT, requires_grad=True)
     m = torch.randn(2, 20, 9, generator=g, dtype=DT, requires_grad=True)
 
@@ -112,22 +121,33 @@ def test_fused_input_side_gradcheck_and_double_backward(monkeypatch):
     assert calls
 
 
-def test_auto_takes_the_fused_input_side_on_cpu_for_wide_dns_layers(monkeypatch):
-    """``side="auto"`` on CPU: DNS layers with at least ``MIXED_CONV_MIN_CHANNELS`` inputs take the fused input side at
-    any stride; the RGB stem and UNS layers do not; a dynamic NSConv2d's forward (maps from its predictor) runs it."""
+def test_auto_takes_the_fused_input_side_on_cpu_for_dns_layers(monkeypatch):
+    """``side="auto"`` on CPU, eager: every DNS layer takes the fused input side, at any stride and width; UNS
+    layers do not, nor a traced (compiled) layer, nor any layer with ``CPU_FUSED_DNS`` off; a dynamic
+    NSConv2d's forward (maps from its predictor) runs it."""
     calls = _spy(monkeypatch)
-    wide, narrow = C_IN, C_IN - 1
+    wide, narrow = C_IN, NARROW
     ns_conv2d(torch.randn(1, wide, 9, 9), torch.randn(2, wide, 3, 3), None, torch.ones(1, 81, 9), 1, 1)
     ns_conv2d(torch.randn(1, wide, 9, 9), torch.randn(2, wide, 3, 3), None, torch.ones(1, 25, 9), 2, 1)  # strided
     ns_conv2d(torch.randn(1, narrow, 9, 9), torch.randn(2, narrow, 3, 3), None, torch.ones(1, 81, 9), 1, 1)
     ns_conv2d(torch.randn(1, wide, 9, 9), torch.randn(2, wide, 3, 3), None, torch.ones(1, 81, 9, 9), 1, 1)  # UNS
-    assert [tuple(s) for s in calls] == [(1, wide, 9, 9)] * 2
-    assert ns_conv_ops.choose_side("dns", "cpu", (wide, 4), (1, 1), (9, 9), 12 * 11, (11, 11)) == "input"
+    assert [tuple(s) for s in calls] == [(1, wide, 9, 9)] * 2 + [(1, narrow, 9, 9)]
+    args = ("dns", "cpu", (32, 4), (1, 1), (16, 16), 19 * 18, (18, 18))
+    assert ns_conv_ops.choose_side(*args) == "input"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert ns_conv_ops.choose_side(*args) == "taps"  # traced: the earlier rule
+    monkeypatch.undo()
+    calls = _spy(monkeypatch)
+    monkeypatch.setattr(ns_conv_ops, "CPU_FUSED_DNS", False)
+    assert ns_conv_ops.choose_side(*args) == "taps"
+    ns_conv2d(torch.randn(1, wide, 9, 9), torch.randn(2, wide, 3, 3), None, torch.ones(1, 81, 9), 1, 1, side="input")
+    assert not calls
+    monkeypatch.setattr(ns_conv_ops, "CPU_FUSED_DNS", True)
     layer = NSConv2d(wide, 4, 3, padding=1, mode="dynamic", zero_init_residual=False).to(DT)
     x = torch.randn(2, wide, 6, 6, dtype=DT).contiguous(memory_format=torch.channels_last)
     out = layer(x)
     torch.testing.assert_close(out, ns_conv_reference(x, layer.weight, layer.bias, layer.similarity(x), 1, 1), atol=1e-10, rtol=0)
-    assert len(calls) == 3 and out.is_contiguous(memory_format=torch.channels_last)
+    assert len(calls) == 1 and out.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_fused_input_side_under_bf16_autocast_is_close_to_fp32():

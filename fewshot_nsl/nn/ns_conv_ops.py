@@ -28,13 +28,17 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .geometry import IntPair, Padding, _pair, _tap_slices, conv_output_size, resolve_padding
-from .sides import MIXED_CONV_MIN_CHANNELS, dns_input_side_cpu, input_side, output_side
+from .sides import dns_input_side_cpu, input_side, output_side
 from .taps import taps_conv
 
 __all__ = ["ns_conv2d", "ns_conv_reference", "choose_side", "SIDES"]
 
 #: Application sides of a dynamic similarity (see :func:`ns_conv2d`).
 SIDES = ("auto", "input", "output", "taps")
+#: Eager CPU: a dynamic DNS similarity on the ``"input"`` side runs :func:`~fewshot_nsl.nn.sides.dns_input_side_cpu`
+#: (one ``mul`` and one oneDNN convolution per chunk of images), and ``side="auto"`` takes that side for every
+#: DNS layer (issue 29). ``False`` restores the earlier rules (per-tap GEMMs for wide stride-1 layers).
+CPU_FUSED_DNS = True
 #: Under ``torch.compile`` on CPU (where :func:`~fewshot_nsl.nn.sides.dns_input_side_cpu` is not used),
 #: ``side="auto"`` picks ``"taps"`` for DNS, stride 1 and at least this many input channels: below it the
 #: per-tap GEMMs have too short an inner dimension (the RGB stem, ``C_in = 3``, was 3x slower).
@@ -56,13 +60,15 @@ def choose_side(
 ) -> str:
     """The side ``side="auto"`` applies a dynamic similarity with, by device.
 
-    * CPU, eager (measured on a 2-core CPU, benchmarks/RESULTS.md, issue 29): ``"input"`` for DNS with
-      ``C_in >= MIXED_CONV_MIN_CHANNELS``, at any stride: there the input side is
+    * CPU, eager (with :data:`CPU_FUSED_DNS`; measured on a 2-core CPU, benchmarks/RESULTS.md, issue 29):
+      ``"input"`` for every DNS layer, at any stride: there the input side is
       :func:`~fewshot_nsl.nn.sides.dns_input_side_cpu` (one ``mul`` and one oneDNN convolution per chunk
-      of images), faster than the taps side's per-tap GEMMs on every CNN-4 map (1 thread, forward +
-      backward, 32 channels: 113 vs 134 ms at 42x42, 28 vs 37 ms at 21x21, 8.1 vs 10.7 ms at 10x10);
-      otherwise as below.
-    * CPU under ``torch.compile`` (the compiled graph has no eager fast path): ``"taps"`` for DNS at stride
+      of images), faster than the taps side's per-tap GEMMs and the earlier input side on every CNN-4
+      map (1 thread, forward + backward, min of 9-11, ms: 3x84x84 206 -> 117 (input), 32x42x42 134 ->
+      113 (taps), 32x21x21 37 -> 28 (taps), 32x10x10 10.7 -> 8.1 (taps), 32x5x5 4.7 -> 2.8 (input);
+      3x42x42 23 either way).
+    * CPU under ``torch.compile`` (no eager fast path in a compiled graph), or without
+      :data:`CPU_FUSED_DNS`: ``"taps"`` for DNS at stride
       1 with ``C_in >= TAPS_MIN_CHANNELS`` on maps whose padded size is at most
       ``TAPS_MAX_POSITION_RATIO`` times the output's (measured eager before issue 29, when the taps side
       was the fastest there); otherwise as below.
@@ -89,7 +95,7 @@ def choose_side(
     """
     (c_in, c_out), (ho, wo), (hu, wu) = channels, out_hw, read_hw
     if device_type == "cpu" and kind == "dns":
-        if c_in >= MIXED_CONV_MIN_CHANNELS and not torch.compiler.is_compiling():
+        if CPU_FUSED_DNS and not torch.compiler.is_compiling():
             return "input"
         if stride == (1, 1) and c_in >= TAPS_MIN_CHANNELS and padded_positions <= TAPS_MAX_POSITION_RATIO * ho * wo:
             return "taps"
@@ -205,8 +211,7 @@ def ns_conv2d(
     if side == "auto":
         padded = (x.shape[2] + pads[2] + pads[3] + 1) * (x.shape[3] + pads[0] + pads[1])
         side = choose_side(kind, x.device.type, (c_in, c_out), strd, (ho, wo), padded, (hu, wu))
-    if (side == "input" and kind == "dns" and c_in >= MIXED_CONV_MIN_CHANNELS and x.device.type == "cpu"
-            and not torch.compiler.is_compiling()):
+    if side == "input" and kind == "dns" and CPU_FUSED_DNS and x.device.type == "cpu" and not torch.compiler.is_compiling():
         out = dns_input_side_cpu(x, weight, bias, m, strd, pads, dil, (ho, wo))  # bias included
         return out.contiguous(memory_format=layout)
     if side == "taps":

@@ -196,8 +196,8 @@ class _GatherOutputTaps(torch.autograd.Function):
 #: read by the conv and recomputed in the backward, stay in the cache. Of 512 KiB, 2 MiB and 8 MiB, 2 MiB
 #: was fastest for the four CNN-4 layers at 42 px (1 thread, benchmarks/RESULTS.md, issue 29).
 MIXED_CHUNK_BYTES = 1 << 21
-#: Fewer input channels than this (the RGB stem) keep :func:`input_side`: :class:`_MixedTapsConv`'s mixing
-#: runs along ``C_in``, 3 values at a time for RGB, 20x slower than along the output width.
+#: Fewer input channels than this (the RGB stem) take :class:`_MixedTapsPointwise`: :class:`_MixedTapsConv`'s
+#: mixing runs along ``C_in``, 3 values at a time for RGB, 20x slower than along the output width.
 MIXED_CONV_MIN_CHANNELS = 8
 
 
@@ -218,7 +218,8 @@ def dns_input_side_cpu(
     all ``kk`` taps is one ``mul`` of a strided view of the padded channels-last input (an im2col as a
     view, never copied) by the maps, and the GEMM is one oneDNN convolution. The mixed taps are
     recomputed in the backward, not saved (saved: the padded input and the maps, as the taps side).
-    :func:`~fewshot_nsl.nn.ns_conv_ops.ns_conv2d` calls it for ``C_in >= MIXED_CONV_MIN_CHANNELS``.
+    With fewer than ``MIXED_CONV_MIN_CHANNELS`` input channels (the RGB stem) the taps are mixed
+    channel-first instead and the GEMM is a 1x1 convolution (:class:`_MixedTapsPointwise`).
 
     Args:
         x: ``(B, C_in, H, W)``.
@@ -233,7 +234,11 @@ def dns_input_side_cpu(
     xp = F.pad(x, pads) if any(pads) else x
     hu = dil[0] * (kh - 1) + stride[0] * (ho - 1) + 1
     wu = dil[1] * (kw - 1) + stride[1] * (wo - 1) + 1
-    xp = xp[:, :, :hu, :wu].contiguous(memory_format=torch.channels_last)
+    xp = xp[:, :, :hu, :wu]
+    if x.shape[1] < MIXED_CONV_MIN_CHANNELS:
+        maps = m.transpose(1, 2).reshape(batch, kh * kw, ho, wo).contiguous()
+        return _MixedTapsPointwise.apply(*autocast_args(AUTOCAST_DTYPE, xp.contiguous(), weight, bias, maps, stride, dil))
+    xp = xp.contiguous(memory_format=torch.channels_last)
     m5 = m.reshape(batch, ho, wo, kh, kw)  # free when m came from NSConv2d.similarity() on channels-last maps
     return _MixedTapsConv.apply(*autocast_args(AUTOCAST_DTYPE, xp, weight, bias, m5, stride, dil))
 
@@ -351,6 +356,113 @@ class _MixedTapsConv(torch.autograd.Function):
                     for j in range(kw):
                         gx_last[b0:b1, rows, j * dw:j * dw + sw * (wo - 1) + 1:sw].add_(gz6[:, :, i, :, j])
         return gx, gw, gb, gm, None, None
+
+
+class _MixedTapsPointwise(torch.autograd.Function):
+    """DNS ``W^T M X`` (plus bias) for few input channels: ``(B, C_out, Ho, Wo)``, channels-last.
+
+    Inputs: ``xp (B, C, Hu, Wu)`` (padded, cropped, contiguous), ``weight``, ``bias`` or ``None``, ``maps
+    (B, kk, Ho, Wo)`` contiguous, ``stride``, ``dil``. Per chunk of images: the mixed taps ``Z (nb, kh,
+    kw, C, Ho, Wo)`` are one ``mul`` along the output width (with ``C`` innermost it would run 3 values at
+    a time), copied once to rows ``(nb, L, kk*C)``, and the GEMM is a 1x1 oneDNN convolution of that
+    channels-last image (2x faster than a batched GEMM here). Backward per chunk: ``Z`` recomputed, one
+    ``convolution_backward``, ``dZ`` copied back channel-first, ``dm = sum_c dZ * taps``, ``dx`` the taps
+    of ``dZ * m`` added into their slices. Under ``create_graph`` it differentiates
+    :func:`_differentiable_input_side` instead.
+    """
+
+    @staticmethod
+    @autocast_forward(AUTOCAST_DTYPE)
+    def forward(ctx, xp, weight, bias, maps, stride, dil):  # type: ignore[override]
+        ctx.save_for_backward(xp, weight, bias, maps)
+        ctx.stride, ctx.dil = stride, dil
+        pointwise = _pointwise(weight)
+        outs, bufs = [], None
+        for b0, b1 in _image_chunks(xp.shape[0], maps[0].numel() * xp.shape[1] * xp.element_size()):
+            bufs = _pointwise_buffers(bufs, xp, maps, b1 - b0)
+            outs.append(F.conv2d(_mixed_rows(xp, maps, b0, b1, tuple(weight.shape[2:]), stride, dil, bufs), pointwise, bias))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    @staticmethod
+    @autocast_backward
+    def backward(ctx, grad):  # type: ignore[override]
+        xp, weight, bias, maps = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return _double_backward(ctx, (xp, weight, bias, maps), maps, grad)
+        stride, dil = ctx.stride, ctx.dil
+        (sh, sw), (dh, dw) = stride, dil
+        want_x, want_w, want_b, want_m = ctx.needs_input_grad[:4]
+        want_b = want_b and bias is not None
+        batch, chans = xp.shape[:2]
+        c_out, kh, kw = int(weight.shape[0]), int(weight.shape[2]), int(weight.shape[3])
+        ho, wo = maps.shape[2:]
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        pointwise = _pointwise(weight)
+        gw = torch.zeros_like(pointwise, dtype=_accumulator(weight.dtype)) if want_w else None
+        gb = torch.zeros_like(bias, dtype=_accumulator(bias.dtype)) if want_b else None
+        gm = torch.empty_like(maps) if want_m else None
+        gx = torch.zeros_like(xp) if want_x else None
+        bufs = None
+        for b0, b1 in _image_chunks(batch, maps[0].numel() * chans * xp.element_size()):
+            nb = b1 - b0
+            bufs = _pointwise_buffers(bufs, xp, maps, nb)
+            image = _mixed_rows(xp, maps, b0, b1, (kh, kw), stride, dil, bufs)
+            gz, gw_c, gb_c = torch.ops.aten.convolution_backward(
+                grad[b0:b1], image, pointwise, [c_out] if bias is not None else None, [1, 1], [0, 0], [1, 1],
+                False, [0, 0], 1, [want_x or want_m, gw is not None, gb is not None])
+            if gw is not None:
+                gw.add_(gw_c)
+            if gb is not None:
+                gb.add_(gb_c)
+            if not (want_x or want_m):
+                continue
+            z, _ = bufs
+            gz_cf = z.new_empty((nb, kh, kw, chans, ho, wo))
+            gz_cf.view(nb, -1, ho * wo).copy_(gz.permute(0, 2, 3, 1).reshape(nb, ho * wo, -1).transpose(1, 2))
+            if gm is not None:
+                prod = torch.mul(gz_cf, _taps_view_cf(xp, b0, b1, stride, dil, (ho, wo), (kh, kw)), out=z[:nb].view(gz_cf.shape))
+                torch.sum(prod, 3, out=gm[b0:b1].view(nb, kh, kw, ho, wo))
+            if gx is not None:
+                gz_cf.mul_(maps[b0:b1].view(nb, kh, kw, 1, ho, wo))
+                for i in range(kh):
+                    rows = slice(i * dh, i * dh + sh * (ho - 1) + 1, sh)
+                    for j in range(kw):
+                        gx[b0:b1, :, rows, j * dw:j * dw + sw * (wo - 1) + 1:sw].add_(gz_cf[:, i, j])
+        if gw is not None:
+            gw = gw.view(c_out, kh, kw, chans).permute(0, 3, 1, 2)
+        return gx, gw, gb, gm, None, None
+
+
+def _pointwise(weight: torch.Tensor) -> torch.Tensor:
+    """``weight (C_out, C, kh, kw)`` as a 1x1 conv weight over mixed-tap rows: ``(C_out, kh*kw*C, 1, 1)``, rows ``(i, j, c)``."""
+    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1, 1, 1)
+
+
+def _pointwise_buffers(bufs, xp, maps, nb):
+    """The reused ``(Z channel-first, rows)`` buffers of :class:`_MixedTapsPointwise` for chunks of up to ``nb`` images."""
+    if bufs is not None and bufs[0].shape[0] >= nb:
+        return bufs
+    kk, ho, wo = maps.shape[1:]
+    return xp.new_empty((nb, kk, xp.shape[1], ho, wo)), xp.new_empty((nb, ho * wo, kk * xp.shape[1]))
+
+
+def _taps_view_cf(xp, b0, b1, stride, dil, out_hw, ksize) -> torch.Tensor:
+    """Every tap of images ``b0:b1`` of a contiguous ``xp (B, C, Hu, Wu)``: ``(nb, kh, kw, C, Ho, Wo)`` (the unfold matrix), a view."""
+    (sh, sw), (dh, dw), (ho, wo), (kh, kw) = stride, dil, out_hw, ksize
+    sb, sc, sy, sx = xp.stride()
+    return xp.as_strided((b1 - b0, kh, kw, xp.shape[1], ho, wo), (sb, dh * sy, dw * sx, sc, sh * sy, sw * sx), xp.storage_offset() + b0 * sb)
+
+
+def _mixed_rows(xp, maps, b0, b1, ksize, stride, dil, bufs) -> torch.Tensor:
+    """Mixed taps of images ``b0:b1`` as the channels-last image ``(nb, kk*C, Ho, Wo)`` (rows ``(i, j, c)``):
+    one ``mul`` channel-first into ``bufs[0]``, one transposing copy into ``bufs[1]``."""
+    kh, kw = ksize
+    nb, chans, (ho, wo) = b1 - b0, xp.shape[1], maps.shape[2:]
+    z, rows = bufs[0][:nb], bufs[1][:nb]
+    z6 = z.view(nb, kh, kw, chans, ho, wo)
+    torch.mul(_taps_view_cf(xp, b0, b1, stride, dil, (ho, wo), ksize), maps[b0:b1].view(nb, kh, kw, 1, ho, wo), out=z6)
+    rows.copy_(z.view(nb, -1, ho * wo).transpose(1, 2))
+    return rows.view(nb, ho, wo, -1).permute(0, 3, 1, 2)
 
 
 def _accumulator(dtype: torch.dtype) -> torch.dtype:
