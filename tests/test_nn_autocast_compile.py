@@ -407,7 +407,7 @@ def test_auto_side_is_chosen_by_device(monkeypatch):
     never takes the taps side in ``auto`` (kk GEMMs and 5 kk backward kernels against one GEMM)."""
     import fewshot_nsl.nn.ns_conv_ops as ns_conv_ops
 
-    monkeypatch.setattr(ns_conv_ops, "MIXED_CONV_MIN_CHANNELS", 1 << 30)  # the taps rule (eager: the fused input side, tests/test_nn_fused_paths.py)
+    monkeypatch.setattr(ns_conv_ops, "CPU_FUSED_DNS", False)  # the taps rule (eager default: the fused input side, tests/test_nn_fused_paths.py)
     args = ("dns", (32, 32), (1, 1), (16, 16), 19 * 18, (18, 18))
     assert ns_conv_ops.choose_side(args[0], "cpu", *args[1:]) == "taps"
     assert ns_conv_ops.choose_side(args[0], "cuda", *args[1:]) == "input"

@@ -236,7 +236,7 @@ def test_taps_side_gradcheck_and_double_backward():
 def test_taps_side_is_auto_for_wide_dns_layers_and_refused_where_it_cannot_apply(monkeypatch):
     import fewshot_nsl.nn.ns_conv_ops as ns_conv_ops
 
-    monkeypatch.setattr(ns_conv_ops, "MIXED_CONV_MIN_CHANNELS", 1 << 30)  # the taps rule (eager: the fused input side, tests/test_nn_fused_paths.py)
+    monkeypatch.setattr(ns_conv_ops, "CPU_FUSED_DNS", False)  # the taps rule (eager default: the fused input side, tests/test_nn_fused_paths.py)
     calls = []
     real = ns_conv_ops.taps_conv
     monkeypatch.setattr(ns_conv_ops, "taps_conv", lambda *a: calls.append(a[0].shape[1]) or real(*a))
