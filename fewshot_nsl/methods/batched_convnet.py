@@ -215,10 +215,13 @@ class _DNSTaps(torch.autograd.Function):
         gfull[:, :ho, wo:].zero_()
         gf = gfull.view(episodes, rows, c_out)
         need_x = ctx.needs_input_grad[0]
-        gxf = xf.new_zeros(xf.shape) if need_x else None
+        gxf = None
+        if need_x:  # every row below `grid` is first written by tap 0 of its tile (tiles run last to first)
+            gxf = xf.new_empty(xf.shape)
+            gxf[grid:].zero_()
         gm = m.new_zeros(m.shape)
         taps_t = taps.transpose(1, 2)  # (kk, C_out, C_in)
-        for es, rs in _tiles(episodes, rows, c_out, xf.device):
+        for es, rs in reversed(_tiles(episodes, rows, c_out, xf.device)):
             g = gf[es, rs]
             k = g.shape[0]
             for p in range(kh * kw):
@@ -227,7 +230,13 @@ class _DNSTaps(torch.autograd.Function):
                 x_p = xf[off:off + grid].view(episodes, rows, c)[es, rs]
                 gm[es, p] += torch.bmm(g_p.reshape(k, 1, -1), x_p.reshape(k, -1, 1)).view(k)
                 if gxf is not None:
-                    gxf[off:off + grid].view(episodes, rows, c)[es, rs].addcmul_(g_p, m[es, p].view(k, 1, 1))
+                    # tap p of this tile reaches rows [start + off, end + off): its own and the next tile's, which
+                    # already ran (its tap 0 wrote them): accumulate; tap 0 writes this tile's rows first.
+                    target = gxf[off:off + grid].view(episodes, rows, c)[es, rs]
+                    if p == 0:
+                        torch.mul(g_p, m[es, p].view(k, 1, 1), out=target)
+                    else:
+                        target.addcmul_(g_p, m[es, p].view(k, 1, 1))
         gx = gxf[:grid].view(n, hp, wp, c)[:, ph:ph + h, pw:pw + w] if gxf is not None else None
         gb = gfull.sum((0, 1, 2)) if ctx.has_bias and ctx.needs_input_grad[3] else None
         return gx, gm, None, gb, None, None, None
@@ -271,18 +280,48 @@ def _first(v: Union[int, Tuple[int, ...]]) -> int:
     return int(v[0] if isinstance(v, (tuple, list)) else v)
 
 
-def _similar_conv(x: torch.Tensor, step: ConvStep, m: torch.Tensor, episodes: int) -> torch.Tensor:
-    """One conv with per-episode ``M_s``: ``x`` ``(E*b, H, W, C_in)`` channels-last, ``m`` ``(E, kk)`` (DNS) or
-    ``(E, kk, kk)`` (UNS) -> ``(E*b, Ho, Wo, C_out)``."""
+def _uses_taps(step: ConvStep, m: torch.Tensor) -> bool:
+    """Whether a conv runs tap by tap (:class:`_DNSTaps`) rather than through patches and per-episode weights."""
+    return m.dim() == 2 and step.stride == (1, 1) and step.in_channels >= TAPS_MIN_CHANNELS
+
+
+def _patches(x: torch.Tensor, step: ConvStep) -> Tuple[torch.Tensor, int, int]:
+    """``x`` ``(N, H, W, C)`` channels-last -> its conv patches ``(N, Ho * Wo * kh * kw * C)`` (channels innermost),
+    ``Ho``, ``Wo``."""
     (kh, kw), (sh, sw), (ph, pw) = step.kernel, step.stride, step.padding
-    if m.dim() == 2 and (sh, sw) == (1, 1) and step.in_channels >= TAPS_MIN_CHANNELS:
-        return _DNSTaps.apply(x, m, step.taps, step.bias, step.kernel, step.padding, episodes)
     if ph or pw:
         x = F.pad(x, (0, 0, pw, pw, ph, ph))
-    n, c = x.shape[0], x.shape[3]
-    # patches (E, b * Ho * Wo, kh * kw * C): copied from a view of the padded input, channels innermost
-    cols = x.unfold(1, kh, sh).unfold(2, kw, sw).permute(0, 1, 2, 4, 5, 3)
-    ho, wo = cols.shape[1], cols.shape[2]
+    cols = x.unfold(1, kh, sh).unfold(2, kw, sw).permute(0, 1, 2, 4, 5, 3)  # (N, Ho, Wo, kh, kw, C): a view
+    return cols.reshape(x.shape[0], -1), cols.shape[1], cols.shape[2]
+
+
+def input_patches(steps: Sequence[Step], x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The first conv's patches of images ``(E, n, 3, H, W)``: ``(E, n, P)``, for :func:`episode_forward`'s
+    ``patches`` (computed once per support set, gathered per step); ``None`` when the first step is no conv."""
+    if not steps or not isinstance(steps[0], ConvStep):
+        return None
+    e, n = x.shape[:2]
+    cols, _, _ = _patches(x.reshape(e * n, *x.shape[2:]).permute(0, 2, 3, 1), steps[0])
+    return cols.view(e, n, -1)
+
+
+def _similar_conv(x: Optional[torch.Tensor], step: ConvStep, m: torch.Tensor, episodes: int,
+                  patches: Optional[torch.Tensor] = None, size: Tuple[int, int, int] = (0, 0, 0)) -> torch.Tensor:
+    """One conv with per-episode ``M_s``: ``x`` ``(E*b, H, W, C_in)`` channels-last, ``m`` ``(E, kk)`` (DNS) or
+    ``(E, kk, kk)`` (UNS) -> ``(E*b, Ho, Wo, C_out)``. ``patches`` ``(E, b, P)`` (:func:`input_patches`) replace
+    ``x`` (then ``size`` gives ``(N, H, W)``)."""
+    (kh, kw), (sh, sw), (ph, pw) = step.kernel, step.stride, step.padding
+    if x is not None and _uses_taps(step, m):
+        return _DNSTaps.apply(x, m, step.taps, step.bias, step.kernel, step.padding, episodes)
+    if patches is None:
+        assert x is not None
+        cols, ho, wo = _patches(x, step)
+        n = x.shape[0]
+    else:
+        n, h, w = size
+        ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        cols = patches
+    c = step.in_channels
     cols = cols.reshape(episodes, -1, kh * kw * c)
     taps = step.taps  # (kk, C_in, C_out)
     if m.dim() == 2:  # DNS: W'[p] = m[p] W[p]
@@ -303,13 +342,16 @@ def _max_pool(x: torch.Tensor, step: PoolStep) -> torch.Tensor:
     return y.permute(0, 2, 3, 1)
 
 
-def episode_forward(steps: Sequence[Step], x: torch.Tensor, sims: Sequence[torch.Tensor]) -> torch.Tensor:
+def episode_forward(steps: Sequence[Step], x: torch.Tensor, sims: Sequence[torch.Tensor],
+                    patches: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Features of every episode's images with its own ``M_s`` in every conv.
 
     Args:
         steps: :func:`plan_backbone` of the pretrained backbone.
         x: ``(E, b, 3, H, W)`` images.
         sims: one per conv step: ``(E, kk)`` DNS diagonals or ``(E, kk, kk)`` UNS matrices.
+        patches: optional :func:`input_patches` of ``x`` (``(E, b, P)``), used instead of ``x`` by the first conv
+            when it goes through patches.
 
     Returns:
         ``(E, b, D)``: the backbone's flattened features (``(C, h, w)`` order, as ``Backbone.forward``), equal up
@@ -318,9 +360,13 @@ def episode_forward(steps: Sequence[Step], x: torch.Tensor, sims: Sequence[torch
     e, b = x.shape[:2]
     h = x.reshape(e * b, *x.shape[2:]).permute(0, 2, 3, 1)  # (E*b, H, W, 3): a channels-last view
     it = iter(sims)
-    for step in steps:
+    for k, step in enumerate(steps):
         if isinstance(step, ConvStep):
-            h = _similar_conv(h.contiguous(), step, next(it), e)
+            m = next(it)
+            if k == 0 and patches is not None and not _uses_taps(step, m):
+                h = _similar_conv(None, step, m, e, patches, (e * b, x.shape[3], x.shape[4]))
+            else:
+                h = _similar_conv(h.contiguous(), step, m, e)
         elif isinstance(step, PoolStep):
             h = _max_pool(h, step)
         elif step == "relu":

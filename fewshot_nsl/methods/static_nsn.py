@@ -56,7 +56,7 @@ from .batched import (
     take,
     train_batched,
 )
-from .batched_convnet import activation_elements, conv_steps, episode_forward, plan_backbone
+from .batched_convnet import activation_elements, conv_steps, episode_forward, input_patches, plan_backbone
 from .head_training import OPTIMIZERS, fit_linear_head, make_optimizer, train_on_support
 
 STRUCTURES = ("dns", "uns")
@@ -294,10 +294,12 @@ class StaticNSN(FewShotMethod):
                 self.lr, self.momentum, self.dampening,
             )  # fmt: skip
             sx, sy = support_x[lo:hi], support_y[lo:hi]
+            patches = input_patches(steps, sx)  # the first conv's patches, gathered per step
 
             def loss_fn(idx: torch.Tensor) -> torch.Tensor:
-                loss = episode_cross_entropy_sum(linear_logits(w, b, episode_forward(steps, take(sx, idx), sims)),
-                                                 take(sy, idx))
+                x = take(sx, idx)
+                feats = episode_forward(steps, x, sims, None if patches is None else take(patches, idx))
+                loss = episode_cross_entropy_sum(linear_logits(w, b, feats), take(sy, idx))
                 return loss + self._similarity_penalty(sims) if self.similarity_l2 else loss
 
             train_batched(loss_fn, opt, orders[lo:hi], self.batch_size)
