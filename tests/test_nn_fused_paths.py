@@ -55,11 +55,13 @@ def _spy(monkeypatch):
 @pytest.mark.parametrize("chunk_bytes", [1, 3000, 1 << 30], ids=["one-image-chunks", "two-image-chunks", "one-chunk"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
-@pytest.mark.parametrize("c_in", [C_IN, NARROW], ids=["conv", "pointwise"])
-def test_fused_input_side_matches_reference(cfg, chunk_bytes, layout, with_bias, c_in, monkeypatch):
+@pytest.mark.parametrize("c_in,image_min", [(C_IN, 0), (C_IN, 1 << 30), (NARROW, 0)], ids=["image", "rows", "pointwise"])
+def test_fused_input_side_matches_reference(cfg, chunk_bytes, layout, with_bias, c_in, image_min, monkeypatch):
     """Forward and the gradients of x, weight, bias and m equal the unfold reference's; the output keeps the
-    input's memory format; the fused path (the Function for the layer's width) is the one that ran."""
+    input's memory format; the fused path (the Function for the layer's width) is the one that ran. Wide
+    layers with the mixed taps as an image (strided conv) and as rows (1x1 conv)."""
     monkeypatch.setattr(sides, "MIXED_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(sides, "MIXED_IMAGE_MIN_POSITIONS", image_min)
     calls = _spy(monkeypatch)
     ran = []
     for name in ("_MixedTapsConv", "_MixedTapsPointwise"):
@@ -85,9 +87,10 @@ def test_fused_input_side_matches_reference(cfg, chunk_bytes, layout, with_bias,
         torch.testing.assert_close(a, e, atol=1e-9, rtol=0, msg=lambda msg, n=name: f"d/d{n}: {msg}")
 
 
-@pytest.mark.parametrize("c_in", [C_IN, NARROW], ids=["conv", "pointwise"])
-def test_fused_input_side_partial_gradients(c_in, monkeypatch):
+@pytest.mark.parametrize("c_in,image_min", [(C_IN, 0), (C_IN, 1 << 30), (NARROW, 0)], ids=["image", "rows", "pointwise"])
+def test_fused_input_side_partial_gradients(c_in, image_min, monkeypatch):
     """Only some inputs need a gradient (a first layer: not x; a frozen layer: only x): those are right."""
+    monkeypatch.setattr(sides, "MIXED_IMAGE_MIN_POSITIONS", image_min)
     calls = _spy(monkeypatch)
     x, w, b, m = _case(CONFIGS[0], c_in=c_in)
     for wanted in ("m", "wb", "x"):
@@ -102,10 +105,11 @@ def test_fused_input_side_partial_gradients(c_in, monkeypatch):
     assert len(calls) == 3
 
 
-@pytest.mark.parametrize("c_in", [C_IN, NARROW], ids=["conv", "pointwise"])
-def test_fused_input_side_gradcheck_and_double_backward(c_in, monkeypatch):
+@pytest.mark.parametrize("c_in,image_min", [(C_IN, 0), (C_IN, 1 << 30), (NARROW, 0)], ids=["image", "rows", "pointwise"])
+def test_fused_input_side_gradcheck_and_double_backward(c_in, image_min, monkeypatch):
     """Numerical gradients; the double backward (create_graph, e.g. second-order MAML through a dynamic layer)
     differentiates the differentiable input side from the saved inputs."""
+    monkeypatch.setattr(sides, "MIXED_IMAGE_MIN_POSITIONS", image_min)
     calls = _spy(monkeypatch)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, c_in, 4, 5, generator=g, dtype=DT, requires_grad=True)

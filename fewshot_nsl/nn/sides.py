@@ -196,6 +196,11 @@ class _GatherOutputTaps(torch.autograd.Function):
 #: read by the conv and recomputed in the backward, stay in the cache. Of 512 KiB, 2 MiB and 8 MiB, 2 MiB
 #: was fastest for the four CNN-4 layers at 42 px (1 thread, benchmarks/RESULTS.md, issue 29).
 MIXED_CHUNK_BYTES = 1 << 21
+#: Maps with fewer output positions than this lay their mixed taps out as rows and multiply them by a 1x1
+#: conv; larger ones as an image convolved at stride ``(kh, kw)`` (:class:`_MixedTapsConv`). oneDNN, 1 thread,
+#: 32 channels, fwd / bwd ms: 21x21 (4 images) 0.20 / 0.65 strided vs 0.36 / 0.76 1x1; 10x10 (18 images) 0.22 /
+#: 0.55 vs 0.16 / 0.34; 5x5 (64 images) 0.17 / 0.67 vs 0.15 / 0.32.
+MIXED_IMAGE_MIN_POSITIONS = 256
 #: Fewer input channels than this (the RGB stem) take :class:`_MixedTapsPointwise`: :class:`_MixedTapsConv`'s
 #: mixing runs along ``C_in``, 3 values at a time for RGB, 20x slower than along the output width.
 MIXED_CONV_MIN_CHANNELS = 8
@@ -277,13 +282,15 @@ def _double_backward(ctx, saved, maps, grad):
 
 
 class _MixedTapsConv(torch.autograd.Function):
-    """DNS ``W^T M X`` (plus bias) as a oneDNN convolution on the mixed-tap image: ``(B, C_out, Ho, Wo)`` channels-last.
+    """DNS ``W^T M X`` (plus bias) as a oneDNN convolution on the mixed taps: ``(B, C_out, Ho, Wo)`` channels-last.
 
     Inputs: ``xp (B, C, Hu, Wu)`` (padded, cropped, channels-last), ``weight (C_out, C, kh, kw)``, ``bias``
     or ``None``, ``m5 (B, Ho, Wo, kh, kw)`` (the maps), ``stride``, ``dil``. Per chunk of images:
     ``Z[b, h, i, w, j, c] = m5[b, h, w, i, j] * xp[b, c, h*sh + i*dh, w*sw + j*dw]`` (one ``mul`` of a
-    strided view into a reused buffer), read as the channels-last image ``(nb, C, Ho*kh, Wo*kw)``, and
-    ``conv2d(Z, weight, bias, stride=(kh, kw))`` (the patches do not overlap: one GEMM over ``kk * C``).
+    strided view into a reused buffer) and one GEMM over ``kk * C`` as a oneDNN convolution: on maps of
+    at least ``MIXED_IMAGE_MIN_POSITIONS`` outputs ``Z`` is laid out as the channels-last image ``(nb, C,
+    Ho*kh, Wo*kw)`` and convolved with ``weight`` at stride ``(kh, kw)`` (the patches do not overlap);
+    on smaller maps as rows ``(nb, kk*C, Ho, Wo)`` and convolved 1x1 (:func:`_pointwise`), 2x faster there.
     Backward per chunk: ``Z`` recomputed, one ``convolution_backward`` (``dZ``, ``dW``, ``db``), ``dm =
     sum_c dZ * taps``, ``dx`` the ``kk`` taps of ``dZ * m`` added into their slices. Under
     ``create_graph`` it differentiates :func:`_differentiable_input_side` instead.
@@ -294,18 +301,11 @@ class _MixedTapsConv(torch.autograd.Function):
     def forward(ctx, xp, weight, bias, m5, stride, dil):  # type: ignore[override]
         ctx.save_for_backward(xp, weight, bias, m5)
         ctx.stride, ctx.dil = stride, dil
-        kh, kw = int(weight.shape[2]), int(weight.shape[3])
-        batch, chans = xp.shape[:2]
-        ho, wo = m5.shape[1:3]
-        outs, z = [], None
-        for b0, b1 in _image_chunks(batch, ho * wo * kh * kw * chans * xp.element_size()):
-            nb = b1 - b0
-            if z is None or z.shape[0] != nb:
-                z = xp.new_empty((nb, ho, kh, wo, kw, chans))
-            taps = _taps_view(xp, b0, b1, stride, dil, (ho, wo), (kh, kw))
-            torch.mul(taps, m5[b0:b1].permute(0, 1, 3, 2, 4).unsqueeze(-1), out=z)
-            image = z.view(nb, ho * kh, wo * kw, chans).permute(0, 3, 1, 2)
-            outs.append(F.conv2d(image, weight, bias, (kh, kw)))
+        mixed = _MixedLayout(xp, weight, m5)
+        outs = []
+        for b0, b1 in mixed.chunks:
+            z = mixed.mix(b0, b1, stride, dil)
+            outs.append(F.conv2d(mixed.image(z), mixed.conv_weight, bias, mixed.conv_stride))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     @staticmethod
@@ -318,44 +318,82 @@ class _MixedTapsConv(torch.autograd.Function):
         stride, dil = ctx.stride, ctx.dil
         (sh, sw), (dh, dw) = stride, dil
         kh, kw = int(weight.shape[2]), int(weight.shape[3])
-        batch, chans = xp.shape[:2]
         ho, wo = m5.shape[1:3]
         want_x, want_w, want_b, want_m = ctx.needs_input_grad[:4]
         want_b = want_b and bias is not None
         grad = grad.contiguous(memory_format=torch.channels_last)
-        gw = torch.zeros_like(weight, dtype=_accumulator(weight.dtype)) if want_w else None
+        mixed = _MixedLayout(xp, weight, m5)
+        gw = torch.zeros_like(mixed.conv_weight, dtype=_accumulator(weight.dtype)) if want_w else None
         gb = torch.zeros_like(bias, dtype=_accumulator(bias.dtype)) if want_b else None
         gm = torch.empty_like(m5) if want_m else None
         gx = torch.zeros_like(xp, memory_format=torch.channels_last) if want_x else None
         gx_last = gx.permute(0, 2, 3, 1) if gx is not None else None  # (B, Hu, Wu, C), a view
-        z = None
-        for b0, b1 in _image_chunks(batch, ho * wo * kh * kw * chans * xp.element_size()):
-            nb = b1 - b0
-            if z is None or z.shape[0] != nb:
-                z = xp.new_empty((nb, ho, kh, wo, kw, chans))
-            taps = _taps_view(xp, b0, b1, stride, dil, (ho, wo), (kh, kw))
-            m6 = m5[b0:b1].permute(0, 1, 3, 2, 4).unsqueeze(-1)
-            torch.mul(taps, m6, out=z)
-            image = z.view(nb, ho * kh, wo * kw, chans).permute(0, 3, 1, 2)
+        for b0, b1 in mixed.chunks:
+            z = mixed.mix(b0, b1, stride, dil)
             gz, gw_c, gb_c = torch.ops.aten.convolution_backward(
-                grad[b0:b1], image, weight, [weight.shape[0]] if bias is not None else None, [kh, kw], [0, 0], [1, 1],
-                False, [0, 0], 1, [want_x or want_m, gw is not None, gb is not None])
+                grad[b0:b1], mixed.image(z), mixed.conv_weight, [weight.shape[0]] if bias is not None else None,
+                list(mixed.conv_stride), [0, 0], [1, 1], False, [0, 0], 1, [want_x or want_m, gw is not None, gb is not None])
             if gw is not None:
                 gw.add_(gw_c)
             if gb is not None:
                 gb.add_(gb_c)
             if not (want_x or want_m):
                 continue
-            gz6 = gz.permute(0, 2, 3, 1).reshape(nb, ho, kh, wo, kw, chans)  # a view (channels-last gz)
+            gz6 = mixed.logical(gz.permute(0, 2, 3, 1), b1 - b0)  # (nb, Ho, kh, Wo, kw, C), a view of channels-last gz
             if gm is not None:
-                torch.sum(torch.mul(gz6, taps, out=z), -1, out=gm[b0:b1].permute(0, 1, 3, 2, 4))
+                torch.sum(torch.mul(gz6, _taps_view(xp, b0, b1, stride, dil, (ho, wo), (kh, kw)), out=z), -1,
+                          out=gm[b0:b1].permute(0, 1, 3, 2, 4))
             if gx_last is not None:
-                gz6.mul_(m6)
+                gz6.mul_(m5[b0:b1].permute(0, 1, 3, 2, 4).unsqueeze(-1))
                 for i in range(kh):
                     rows = slice(i * dh, i * dh + sh * (ho - 1) + 1, sh)
                     for j in range(kw):
                         gx_last[b0:b1, rows, j * dw:j * dw + sw * (wo - 1) + 1:sw].add_(gz6[:, :, i, :, j])
+        if gw is not None and mixed.pointwise:
+            gw = gw.view(weight.shape[0], kh, kw, -1).permute(0, 3, 1, 2)
         return gx, gw, gb, gm, None, None
+
+
+class _MixedLayout:
+    """How :class:`_MixedTapsConv` lays out the mixed taps of ``xp`` and ``m5`` and convolves them (see there).
+
+    Attributes:
+        pointwise: rows ``(nb, Ho, Wo, kh, kw, C)`` and a 1x1 conv (small maps), else the image ``(nb, Ho, kh,
+            Wo, kw, C)`` and a conv at stride ``(kh, kw)``.
+        conv_weight, conv_stride: the conv's weight and stride.
+        chunks: the image chunks, ``[(b0, b1), ...]``.
+    """
+
+    def __init__(self, xp: torch.Tensor, weight: torch.Tensor, m5: torch.Tensor) -> None:
+        self.xp, self.m5 = xp, m5
+        self.kh, self.kw = int(weight.shape[2]), int(weight.shape[3])
+        self.ho, self.wo = int(m5.shape[1]), int(m5.shape[2])
+        self.chans = int(xp.shape[1])
+        self.pointwise = self.ho * self.wo < MIXED_IMAGE_MIN_POSITIONS
+        self.conv_weight = _pointwise(weight) if self.pointwise else weight
+        self.conv_stride = (1, 1) if self.pointwise else (self.kh, self.kw)
+        per_image = self.ho * self.wo * self.kh * self.kw * self.chans * xp.element_size()
+        self.chunks = _image_chunks(int(xp.shape[0]), per_image)
+        self.buffer = xp.new_empty((self.chunks[0][1] - self.chunks[0][0], self.ho * self.wo * self.kh * self.kw * self.chans))
+
+    def logical(self, physical: torch.Tensor, nb: int) -> torch.Tensor:
+        """``(nb, Ho, kh, Wo, kw, C)`` view of a contiguous block laid out as this layout's rows or image."""
+        if self.pointwise:
+            return physical.reshape(nb, self.ho, self.wo, self.kh, self.kw, self.chans).permute(0, 1, 3, 2, 4, 5)
+        return physical.reshape(nb, self.ho, self.kh, self.wo, self.kw, self.chans)
+
+    def mix(self, b0: int, b1: int, stride, dil) -> torch.Tensor:
+        """The mixed taps of images ``b0:b1``, one ``mul`` into the reused buffer: ``(nb, Ho, kh, Wo, kw, C)`` (logical view)."""
+        z = self.logical(self.buffer[:b1 - b0], b1 - b0)
+        taps = _taps_view(self.xp, b0, b1, stride, dil, (self.ho, self.wo), (self.kh, self.kw))
+        return torch.mul(taps, self.m5[b0:b1].permute(0, 1, 3, 2, 4).unsqueeze(-1), out=z)
+
+    def image(self, z: torch.Tensor) -> torch.Tensor:
+        """The conv input of mixed taps ``z`` (from :meth:`mix`): channels-last ``(nb, kk*C, Ho, Wo)`` or ``(nb, C, Ho*kh, Wo*kw)``."""
+        nb = z.shape[0]
+        if self.pointwise:
+            return z.permute(0, 1, 3, 2, 4, 5).reshape(nb, self.ho, self.wo, -1).permute(0, 3, 1, 2)
+        return z.reshape(nb, self.ho * self.kh, self.wo * self.kw, self.chans).permute(0, 3, 1, 2)
 
 
 class _MixedTapsPointwise(torch.autograd.Function):
