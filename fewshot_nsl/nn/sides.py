@@ -305,7 +305,7 @@ class _MixedTapsConv(torch.autograd.Function):
         outs = []
         for b0, b1 in mixed.chunks:
             z = mixed.mix(b0, b1, stride, dil)
-            outs.append(F.conv2d(mixed.image(z), mixed.conv_weight, bias, mixed.conv_stride))
+            outs.append(mixed.conv(z, bias))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     @staticmethod
@@ -330,9 +330,7 @@ class _MixedTapsConv(torch.autograd.Function):
         gx_last = gx.permute(0, 2, 3, 1) if gx is not None else None  # (B, Hu, Wu, C), a view
         for b0, b1 in mixed.chunks:
             z = mixed.mix(b0, b1, stride, dil)
-            gz, gw_c, gb_c = torch.ops.aten.convolution_backward(
-                grad[b0:b1], mixed.image(z), mixed.conv_weight, [weight.shape[0]] if bias is not None else None,
-                list(mixed.conv_stride), [0, 0], [1, 1], False, [0, 0], 1, [want_x or want_m, gw is not None, gb is not None])
+            gz, gw_c, gb_c = mixed.conv_backward(grad[b0:b1], z, bias, [want_x or want_m, gw is not None, gb is not None])
             if gw is not None:
                 gw.add_(gw_c)
             if gb is not None:
@@ -388,6 +386,19 @@ class _MixedLayout:
         taps = _taps_view(self.xp, b0, b1, stride, dil, (self.ho, self.wo), (self.kh, self.kw))
         return torch.mul(taps, self.m5[b0:b1].permute(0, 1, 3, 2, 4).unsqueeze(-1), out=z)
 
+    def conv(self, z: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """The layer's output for mixed taps ``z`` (from :meth:`mix`): ``(nb, C_out, Ho, Wo)``, channels-last."""
+        if self.pointwise:
+            return _conv1x1(self.image(z), self.conv_weight, bias)
+        return F.conv2d(self.image(z), self.conv_weight, bias, self.conv_stride)
+
+    def conv_backward(self, grad: torch.Tensor, z: torch.Tensor, bias: Optional[torch.Tensor], mask: List[bool]):
+        """``convolution_backward`` of :meth:`conv`: ``(dZ as the conv input, d conv_weight, d bias)``."""
+        if self.pointwise:
+            return _conv1x1_backward(grad, self.image(z), self.conv_weight, bias, mask)
+        return torch.ops.aten.convolution_backward(grad, self.image(z), self.conv_weight, None if bias is None else [bias.shape[0]],
+                                                   list(self.conv_stride), [0, 0], [1, 1], False, [0, 0], 1, mask)
+
     def image(self, z: torch.Tensor) -> torch.Tensor:
         """The conv input of mixed taps ``z`` (from :meth:`mix`): channels-last ``(nb, kk*C, Ho, Wo)`` or ``(nb, C, Ho*kh, Wo*kw)``."""
         nb = z.shape[0]
@@ -418,7 +429,7 @@ class _MixedTapsPointwise(torch.autograd.Function):
         outs, bufs = [], None
         for b0, b1 in _image_chunks(xp.shape[0], maps[0].numel() * xp.shape[1] * xp.element_size()):
             bufs = _pointwise_buffers(bufs, xp, maps, b1 - b0)
-            outs.append(F.conv2d(_mixed_rows(xp, maps, b0, b1, tuple(weight.shape[2:]), stride, dil, bufs), pointwise, bias))
+            outs.append(_conv1x1(_mixed_rows(xp, maps, b0, b1, tuple(weight.shape[2:]), stride, dil, bufs), pointwise, bias))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     @staticmethod
@@ -445,9 +456,7 @@ class _MixedTapsPointwise(torch.autograd.Function):
             nb = b1 - b0
             bufs = _pointwise_buffers(bufs, xp, maps, nb)
             image = _mixed_rows(xp, maps, b0, b1, (kh, kw), stride, dil, bufs)
-            gz, gw_c, gb_c = torch.ops.aten.convolution_backward(
-                grad[b0:b1], image, pointwise, [c_out] if bias is not None else None, [1, 1], [0, 0], [1, 1],
-                False, [0, 0], 1, [want_x or want_m, gw is not None, gb is not None])
+            gz, gw_c, gb_c = _conv1x1_backward(grad[b0:b1], image, pointwise, bias, [want_x or want_m, gw is not None, gb is not None])
             if gw is not None:
                 gw.add_(gw_c)
             if gb is not None:
@@ -474,6 +483,33 @@ class _MixedTapsPointwise(torch.autograd.Function):
 def _pointwise(weight: torch.Tensor) -> torch.Tensor:
     """``weight (C_out, C, kh, kw)`` as a 1x1 conv weight over mixed-tap rows: ``(C_out, kh*kw*C, 1, 1)``, rows ``(i, j, c)``."""
     return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1, 1, 1)
+
+
+def _rows_batch(t: torch.Tensor) -> torch.Tensor:
+    """``(nb, K, Ho, Wo)`` channels-last as the channels-last ``(nb*Ho, K, 1, Wo)`` (a view): the same 1x1 conv,
+    with a batch that oneDNN takes (at one thread PyTorch sends 1x1 convs of a batch under 16 to its slow
+    path: 2.3x slower here)."""
+    nb, k, ho, wo = t.shape
+    return t.permute(0, 2, 3, 1).reshape(nb * ho, 1, wo, k).permute(0, 3, 1, 2)
+
+
+def _rows_unbatch(t: torch.Tensor, nb: int) -> torch.Tensor:
+    """The inverse of :func:`_rows_batch`: ``(nb*Ho, K, 1, Wo)`` channels-last -> ``(nb, K, Ho, Wo)`` channels-last."""
+    k, wo = t.shape[1], t.shape[3]
+    return t.permute(0, 2, 3, 1).reshape(nb, -1, wo, k).permute(0, 3, 1, 2)
+
+
+def _conv1x1(image: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``conv2d(image, weight (C_out, K, 1, 1), bias)`` for a channels-last ``image (nb, K, Ho, Wo)``, on oneDNN (:func:`_rows_batch`)."""
+    return _rows_unbatch(F.conv2d(_rows_batch(image), weight, bias), image.shape[0])
+
+
+def _conv1x1_backward(grad, image, weight, bias, mask):
+    """``convolution_backward`` of :func:`_conv1x1`: ``(d image, d weight, d bias)``."""
+    gi, gw, gb = torch.ops.aten.convolution_backward(
+        _rows_batch(grad), _rows_batch(image), weight, None if bias is None else [bias.shape[0]], [1, 1], [0, 0], [1, 1],
+        False, [0, 0], 1, mask)
+    return (None if gi is None else _rows_unbatch(gi, image.shape[0])), gw, gb
 
 
 def _pointwise_buffers(bufs, xp, maps, nb):
