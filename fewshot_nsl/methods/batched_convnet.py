@@ -154,9 +154,9 @@ def _tiles(episodes: int, rows: int, c_out: int, device: torch.device) -> List[T
     if device.type != "cpu":
         return [(slice(0, episodes), slice(0, rows))]
     tile_rows = max(1, TILE_BYTES // (4 * c_out))
-    if rows >= tile_rows:
-        return [(slice(e, e + 1), slice(r, min(rows, r + tile_rows)))
-                for e in range(episodes) for r in range(0, rows, tile_rows)]
+    if 2 * rows >= 3 * tile_rows:  # an episode in tiles of equal size (one per episode up to 1.5 tiles' rows)
+        size = -(-rows // round(rows / tile_rows))
+        return [(slice(e, e + 1), slice(r, min(rows, r + size))) for e in range(episodes) for r in range(0, rows, size)]
     group = max(1, tile_rows // rows)
     return [(slice(e, min(episodes, e + group)), slice(0, rows)) for e in range(0, episodes, group)]
 
