@@ -60,13 +60,13 @@ def choose_side(
 ) -> str:
     """The side ``side="auto"`` applies a dynamic similarity with, by device.
 
-    * CPU, eager (with :data:`CPU_FUSED_DNS`; measured on a 2-core CPU, benchmarks/RESULTS.md, issue 29):
+    * CPU, eager (with :data:`CPU_FUSED_DNS`; measured on a loaded 2-core CPU, issue 29, commit messages):
       ``"input"`` for every DNS layer, at any stride: there the input side is
       :func:`~fewshot_nsl.nn.sides.dns_input_side_cpu` (one ``mul`` and one oneDNN convolution per chunk
       of images), faster than the taps side's per-tap GEMMs and the earlier input side on every CNN-4
-      map (1 thread, forward + backward, min of 9-11, ms: 3x84x84 206 -> 117 (input), 32x42x42 134 ->
-      113 (taps), 32x21x21 37 -> 28 (taps), 32x10x10 10.7 -> 8.1 (taps), 32x5x5 4.7 -> 2.8 (input);
-      3x42x42 23 either way).
+      map (1 thread, forward + backward, batch 64, min of 9-11, ms, before -> now: 3x84x84 193 -> 89
+      (input), 3x42x42 32 -> 16 (input), 32x42x42 134 -> 113 (taps), 32x21x21 37 -> 30 (taps),
+      32x10x10 10.9 -> 7.4 (input/taps), 32x5x5 4.1 -> 2.2 (input)).
     * CPU under ``torch.compile`` (no eager fast path in a compiled graph), or without
       :data:`CPU_FUSED_DNS`: ``"taps"`` for DNS at stride
       1 with ``C_in >= TAPS_MIN_CHANNELS`` on maps whose padded size is at most
@@ -146,7 +146,9 @@ def ns_conv2d(
     gradients into one buffer (autograd through ``kk`` slices would allocate a zero-filled
     full-size gradient per tap):
 
-    * ``side="input"`` (:func:`~fewshot_nsl.nn.sides.input_side`): mix the taps,
+    * ``side="input"`` (:func:`~fewshot_nsl.nn.sides.input_side`; DNS in eager CPU code
+      :func:`~fewshot_nsl.nn.sides.dns_input_side_cpu`, the same values in one ``mul`` and one oneDNN
+      convolution per chunk of images): mix the taps,
       ``X'_p(l) = sum_q M_s(l)[p, q] X_q(l)`` (DNS: ``m_p(l) X_p(l)``), then
       ``out = W_(O x kk*C_in) @ X'`` (one batched GEMM). Element-wise cost ``kk * C_in * L`` (DNS)
       or ``kk^2 * C_in * L`` (UNS); keeps ``X'`` (``kk * C_in * L`` values) for the weight gradient.

@@ -194,7 +194,7 @@ class _GatherOutputTaps(torch.autograd.Function):
 #: Bytes of the mixed-tap image of one image chunk on the ``"input"`` side of a DNS layer on CPU
 #: (:class:`_MixedTapsConv`): images go in chunks of about this size so that the chunk's mixed taps, made,
 #: read by the conv and recomputed in the backward, stay in the cache. Of 512 KiB, 2 MiB and 8 MiB, 2 MiB
-#: was fastest for the four CNN-4 layers at 42 px (1 thread, benchmarks/RESULTS.md, issue 29).
+#: was fastest for the four CNN-4 layers at 42 px (1 thread, loaded 2-core CPU; issue 29, commit messages).
 MIXED_CHUNK_BYTES = 1 << 21
 #: Maps with fewer output positions than this lay their mixed taps out as rows and multiply them by a 1x1
 #: conv; larger ones as an image convolved at stride ``(kh, kw)`` (:class:`_MixedTapsConv`). oneDNN, 1 thread,
