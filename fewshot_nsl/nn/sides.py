@@ -302,11 +302,10 @@ class _MixedTapsConv(torch.autograd.Function):
         ctx.save_for_backward(xp, weight, bias, m5)
         ctx.stride, ctx.dil = stride, dil
         mixed = _MixedLayout(xp, weight, m5)
-        outs = []
+        out = _channels_last_output(xp, weight, m5.shape[1:3])
         for b0, b1 in mixed.chunks:
-            z = mixed.mix(b0, b1, stride, dil)
-            outs.append(mixed.conv(z, bias))
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+            mixed.conv(mixed.mix(b0, b1, stride, dil), bias, out[b0:b1])
+        return out
 
     @staticmethod
     @autocast_backward
@@ -386,11 +385,12 @@ class _MixedLayout:
         taps = _taps_view(self.xp, b0, b1, stride, dil, (self.ho, self.wo), (self.kh, self.kw))
         return torch.mul(taps, self.m5[b0:b1].permute(0, 1, 3, 2, 4).unsqueeze(-1), out=z)
 
-    def conv(self, z: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        """The layer's output for mixed taps ``z`` (from :meth:`mix`): ``(nb, C_out, Ho, Wo)``, channels-last."""
+    def conv(self, z: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor) -> None:
+        """The layer's output for mixed taps ``z`` (from :meth:`mix`) into ``out (nb, C_out, Ho, Wo)``, channels-last."""
         if self.pointwise:
-            return _conv1x1(self.image(z), self.conv_weight, bias)
-        return F.conv2d(self.image(z), self.conv_weight, bias, self.conv_stride)
+            _conv1x1(self.image(z), self.conv_weight, bias, out)
+        else:
+            _conv_into(self.image(z), self.conv_weight, bias, self.conv_stride, out)
 
     def conv_backward(self, grad: torch.Tensor, z: torch.Tensor, bias: Optional[torch.Tensor], mask: List[bool]):
         """``convolution_backward`` of :meth:`conv`: ``(dZ as the conv input, d conv_weight, d bias)``."""
@@ -426,11 +426,11 @@ class _MixedTapsPointwise(torch.autograd.Function):
         ctx.save_for_backward(xp, weight, bias, maps)
         ctx.stride, ctx.dil = stride, dil
         pointwise = _pointwise(weight)
-        outs, bufs = [], None
+        out, bufs = _channels_last_output(xp, weight, maps.shape[2:]), None
         for b0, b1 in _image_chunks(xp.shape[0], maps[0].numel() * xp.shape[1] * xp.element_size()):
             bufs = _pointwise_buffers(bufs, xp, maps, b1 - b0)
-            outs.append(_conv1x1(_mixed_rows(xp, maps, b0, b1, tuple(weight.shape[2:]), stride, dil, bufs), pointwise, bias))
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+            _conv1x1(_mixed_rows(xp, maps, b0, b1, tuple(weight.shape[2:]), stride, dil, bufs), pointwise, bias, out[b0:b1])
+        return out
 
     @staticmethod
     @autocast_backward
@@ -499,9 +499,21 @@ def _rows_unbatch(t: torch.Tensor, nb: int) -> torch.Tensor:
     return t.permute(0, 2, 3, 1).reshape(nb, -1, wo, k).permute(0, 3, 1, 2)
 
 
-def _conv1x1(image: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``conv2d(image, weight (C_out, K, 1, 1), bias)`` for a channels-last ``image (nb, K, Ho, Wo)``, on oneDNN (:func:`_rows_batch`)."""
-    return _rows_unbatch(F.conv2d(_rows_batch(image), weight, bias), image.shape[0])
+def _channels_last_output(xp: torch.Tensor, weight: torch.Tensor, out_hw) -> torch.Tensor:
+    """An empty channels-last ``(B, C_out, Ho, Wo)`` for the layer's output (the chunks' convs write into it)."""
+    return xp.new_empty((xp.shape[0], int(out_hw[0]), int(out_hw[1]), weight.shape[0])).permute(0, 3, 1, 2)
+
+
+def _conv_into(image, weight, bias, stride, out: torch.Tensor) -> None:
+    """``out[...] = conv2d(image, weight, bias, stride)`` (no padding): written while the chunk is in the cache,
+    where ``torch.cat`` of the chunks' outputs would read them all again."""
+    torch.ops.aten.convolution.out(image, weight, bias, list(stride), [0, 0], [1, 1], False, [0, 0], 1, out=out)
+
+
+def _conv1x1(image: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor) -> None:
+    """``out[...] = conv2d(image, weight (C_out, K, 1, 1), bias)`` for channels-last ``image (nb, K, Ho, Wo)`` and ``out``,
+    on oneDNN (:func:`_rows_batch`)."""
+    _conv_into(_rows_batch(image), weight, bias, (1, 1), _rows_batch(out))
 
 
 def _conv1x1_backward(grad, image, weight, bias, mask):
