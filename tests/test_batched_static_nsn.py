@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fewshot_nsl.backbones import cnn4, cnn9
+from fewshot_nsl.methods.base import FewShotMethod
 from fewshot_nsl.methods.batched_convnet import conv_steps, episode_forward, plan_backbone
 from fewshot_nsl.nn import similarity_parameters, wrap_convs_static
 
@@ -103,3 +104,22 @@ def test_static_nsn_replays_the_draws_of_fit_support():
     for _ in range(4):  # 2 warm-up + 2 joint passes of batch 4 over 10 items
         torch.randperm(10)
     assert torch.equal(torch.get_rng_state(), after)
+
+
+def test_static_nsn_batched_under_autocast_takes_the_per_episode_path():
+    method = build("static_nsn", "smoke", method_options={"epochs": 1, "head_warmup_epochs": 1}).float()
+    assert method.supports_batched_evaluation()
+    sx, sy = torch.randn(2, 10, 3, 16, 16), torch.arange(5).repeat(2).expand(2, 10).contiguous()
+    qx = torch.randn(2, 3, 3, 16, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = FewShotMethod.evaluate_episodes(method, sx, sy, qx, [1, 2], 5)
+        got = method.evaluate_episodes(sx, sy, qx, [1, 2], 5)
+    assert torch.equal(ref, got)
+
+
+def test_static_nsn_other_backbone_is_per_episode():
+    """A backbone class with its own forward_map is not planned: the per-episode path."""
+    method = build("static_nsn", "smoke")
+    assert method.supports_batched_evaluation()
+    method.backbone.__class__ = type("Custom", (type(method.backbone),), {"forward_map": lambda self, x: self.blocks(x)})
+    assert not method.supports_batched_evaluation()
