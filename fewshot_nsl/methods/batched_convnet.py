@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import CNN4, CNN9, Backbone
+from ..nn.amp import autocast_backward, autocast_forward
 
 
 @dataclass
@@ -182,6 +183,7 @@ class _DNSTaps(torch.autograd.Function):
     """
 
     @staticmethod
+    @autocast_forward(torch.float32)  # fp32 under autocast (the batched static NSN itself leaves autocast to the per-episode path)
     def forward(ctx, x, m, taps, bias, kernel, padding, episodes):  # type: ignore[override]
         """``x`` ``(N, H, W, C_in)``, ``m`` ``(E, kk)``, ``taps`` ``(kk, C_in, C_out)``, ``bias`` ``(C_out,)`` or None
         -> ``(N, Ho, Wo, C_out)``."""
@@ -213,6 +215,7 @@ class _DNSTaps(torch.autograd.Function):
         return out.view(n, hp, wp, c_out)[:, :ho, :wo]
 
     @staticmethod
+    @autocast_backward
     def backward(ctx, grad):  # type: ignore[override]
         xf, m, taps = ctx.saved_tensors
         n, h, w, c, hp, wp, ho, wo, kh, kw, ph, pw, episodes = ctx.geometry
