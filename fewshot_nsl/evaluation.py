@@ -27,7 +27,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import IO, Callable, Dict, List, NamedTuple, Optional, Sequence, Union
+from typing import IO, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -391,20 +391,43 @@ def _evaluate_each(method: FewShotMethod, mat: Materialiser, episodes: EpisodeLi
                 rows.write(done)
 
 
+#: How far a batched episode's logits may be from the per-episode path's, relative to their largest magnitude (at
+#: least 1): rounding differences (float32, TF32, bf16 autocast, through a few hundred optimiser steps) stay far
+#: below it; a batched path that mixes up episodes, statistics or draws moves logits by their own magnitude.
+LOGITS_GAP_TOLERANCE = 0.05
+
+
+def logits_gap(batched: torch.Tensor, single: torch.Tensor) -> Tuple[float, float]:
+    """``(max |batched - single|, tolerance)`` for one episode's logits ``(Q, ways)`` from the two paths; entries
+    non-finite in one and not the other make the gap infinite (one host synchronisation: used once per evaluation)."""
+    a, b = batched.detach().float(), single.detach().float()
+    if not torch.equal(torch.isfinite(a), torch.isfinite(b)):
+        return float("inf"), 0.0
+    finite = torch.isfinite(b)
+    if not finite.any():
+        return 0.0, 0.0
+    gap = (a - b).abs()[finite].max().item()
+    scale = max(1.0, b.abs()[finite].max().item())
+    return gap, LOGITS_GAP_TOLERANCE * scale
+
+
 def _evaluate_batched(method: FewShotMethod, mat: Materialiser, episodes: EpisodeList, missing: List[int],
                       per_call: int, seed: int, precision: str, error_dir: Path, rows: _PendingRows,
                       done: Dict[int, Dict[str, str]], bar, info: Dict[str, object], log: Callable[[str], None]) -> None:
     """The batched path of :func:`evaluate`: ``per_call`` episodes per :meth:`FewShotMethod.evaluate_episodes`;
     rows written after every batch. A batch whose episodes differ in shape runs episode by episode.
 
-    Where the batched path cannot run, the evaluation goes on without it, with one ``warning:`` line (the numbers
+    The first batch's first episode is also run through the per-episode path (:func:`logits_gap`): where the two
+    disagree by more than rounding, the batched path is dropped with one ``warning:`` line (a batched method that
+    has never run on this device cannot write a wrong row without a word). Where the batched path cannot run,
+    the evaluation goes on without it, with one ``warning:`` line (the numbers
     are the same either way): out of device memory, the batch is halved (down to one episode at a time); a method
     error in ``evaluate_episodes`` (its traceback in ``error.txt``), the rest runs episode by episode, where a
     method's own bug is reported as usual. ``info`` records what ran (``batch_episodes``, ``batched_fallback``)."""
     chunks = [missing[k:k + per_call] for k in range(0, len(missing), per_call)]
     prepare, finish = stages(mat.device, lambda chunk: [mat.stage(episodes.episode(i)) for i in chunk],
                              lambda staged: (staged, load_batch(mat, staged)))
-    size = per_call
+    size, checked = per_call, False
     with Prefetcher(chunks, prepare, finish) as batches:
         t0 = time.perf_counter()
         for chunk, (staged, whole) in zip(chunks, batches):
@@ -444,6 +467,24 @@ def _evaluate_batched(method: FewShotMethod, mat: Materialiser, episodes: Episod
                         info["batch_episodes"], info["batched_fallback"] = 1, note
                         pending = part + pending
                         continue
+                    if not checked:  # the batched path's first episode against the per-episode path, once
+                        checked = True
+                        i, st = part[0]
+                        t = mat.load(st)
+                        seed_torch(episode_seed(seed, i), mat.device)
+                        with autocast(precision, mat.device):
+                            single = run_episode(method, t.support_x, t.support_y, t.query_x, i, error_dir=error_dir,
+                                                 split=episodes.split, ways=st.ways)
+                        gap, tolerance = logits_gap(logits[0], single)
+                        info["batched_check"] = f"{episodes.split} episode {i}: max |logit difference| {gap:.3g}"
+                        if not gap <= tolerance:
+                            size = 1
+                            note = (f"batched evaluation disagrees with the per-episode path on {episodes.split} "
+                                    f"episode {i} (max |logit difference| {gap:.3g} > {tolerance:.3g})")
+                            log(f"warning: {note}; evaluating episode by episode (the per-episode path is the reference)")
+                            info["batch_episodes"], info["batched_fallback"] = 1, note
+                            pending = part + pending
+                            continue
                     seconds = (time.perf_counter() - t0) / len(idx)
                     for e, i in enumerate(idx):
                         rows.add(i, logits[e], batch.query_y[e], seconds)

@@ -59,7 +59,7 @@ def test_batched_rows_equal_the_per_episode_rows_and_batches_are_as_asked(tiny_s
     evaluate(NearestMean(), tiny_store, lst, 20, CPU, 16, tmp_path / "each.csv", progress=False)
     method, info = BatchedNearestMean(), {}
     evaluate(method, tiny_store, lst, 20, CPU, 16, tmp_path / "batched.csv", progress=False, batch_episodes=7, info=info)
-    assert method.sizes == [7, 7, 6] and info == {"batch_episodes": 7}
+    assert method.sizes == [7, 7, 6] and info["batch_episodes"] == 7 and "batched_fallback" not in info
     assert _rows(tmp_path / "each.csv") == _rows(tmp_path / "batched.csv")
 
 
@@ -108,13 +108,15 @@ class BrokenEverywhere(BatchedNearestMean):
         raise ValueError("broken episode")
 
 
-def test_a_method_broken_on_both_paths_is_one_error_line_and_keeps_finished_rows(tiny_store, tmp_path):
+def test_a_method_broken_on_its_per_episode_path_is_one_error_line(tiny_store, tmp_path):
+    """The first batch's check runs episode 0 through fit_support/forward too: a method broken there is a method
+    error (one line), whatever its batched path gives."""
     lst = episode_list_for_store(tiny_store, "test", 5, 2, 3, n=12, seed=0)
     with pytest.raises(MethodError) as err:
-        evaluate(BrokenEverywhere(fail_call=1), tiny_store, lst, 12, CPU, 16, tmp_path / "e.csv", progress=False,
+        evaluate(BrokenEverywhere(), tiny_store, lst, 12, CPU, 16, tmp_path / "e.csv", progress=False,
                  batch_episodes=4, log=lambda line: None)
-    assert "\n" not in str(err.value) and "fit_support on test episode 4" in str(err.value)
-    assert [r["episode"] for r in _rows(tmp_path / "e.csv")] == [str(i) for i in range(4)]
+    assert "\n" not in str(err.value) and "fit_support on test episode 0" in str(err.value)
+    assert _rows(tmp_path / "e.csv") == []
 
 
 class OutOfMemoryAbove(BatchedNearestMean):
@@ -189,3 +191,42 @@ def test_batch_episodes_is_not_part_of_the_config_hash():
     a, b = RunConfig(), RunConfig()
     b.eval.batch_episodes = 1
     assert a.hash() == b.hash()
+
+
+class SwappedEpisodes(BatchedNearestMean):
+    """A batched path with a bug: every episode gets the next episode's logits."""
+
+    def evaluate_episodes(self, support_x, support_y, query_x, seeds, ways):
+        return super().evaluate_episodes(support_x, support_y, query_x, seeds, ways).roll(1, dims=0)
+
+
+def test_a_batched_path_that_disagrees_with_the_per_episode_path_is_dropped_with_one_warning(tiny_store, tmp_path):
+    lst = episode_list_for_store(tiny_store, "test", 5, 2, 3, n=12, seed=0)
+    lines, info = [], {}
+    evaluate(SwappedEpisodes(), tiny_store, lst, 12, CPU, 16, tmp_path / "e.csv", progress=False, batch_episodes=4,
+             info=info, log=lines.append)
+    assert len(lines) == 1 and lines[0].startswith("warning: batched evaluation disagrees with the per-episode path "
+                                                   "on test episode 0")
+    assert info["batch_episodes"] == 1 and "test episode 0" in info["batched_fallback"]
+    evaluate(NearestMean(), tiny_store, lst, 12, CPU, 16, tmp_path / "ref.csv", progress=False)
+    assert _rows(tmp_path / "e.csv") == _rows(tmp_path / "ref.csv")
+
+
+def test_a_correct_batched_path_passes_its_check_once_and_records_the_gap(tiny_store, tmp_path):
+    lst = episode_list_for_store(tiny_store, "test", 5, 2, 3, n=12, seed=0)
+    lines, info, method = [], {}, BatchedNearestMean()
+    evaluate(method, tiny_store, lst, 12, CPU, 16, tmp_path / "e.csv", progress=False, batch_episodes=4, info=info,
+             log=lines.append)
+    assert lines == [] and method.sizes == [4, 4, 4] and method.calls == 1  # one per-episode check episode
+    assert info["batch_episodes"] == 4 and info["batched_check"].startswith("test episode 0: max |logit difference|")
+
+
+def test_logits_gap_tolerates_rounding_not_mixups():
+    single = torch.tensor([[3.0, -1.0], [0.5, 2.0]])
+    gap, tol = evaluation.logits_gap(single + 1e-4, single)
+    assert gap <= tol
+    gap, tol = evaluation.logits_gap(single.flip(0), single)
+    assert gap > tol
+    inf = torch.tensor([[float("-inf"), 1.0], [0.5, 2.0]])
+    assert evaluation.logits_gap(inf, single)[0] == float("inf")
+    assert evaluation.logits_gap(inf, inf.clone())[0] == 0.0
