@@ -51,7 +51,7 @@ def bench_size(size: int, n_episodes: int, reps: int, classes: int, per_class: i
     def harness():
         counter["i"] += 1
         evaluate(method, store, lst, n_episodes, torch.device("cpu"), size,
-                 Path(tmp.name) / f"run{counter['i']}.csv", progress=progress)
+                 Path(tmp.name) / f"run{counter['i']}.csv", progress=progress, batch_episodes=1)  # vs a per-episode loop
 
     times = interleaved({"bare": bare, "harness": harness}, reps=reps, warmup=1)
     tmp.cleanup()

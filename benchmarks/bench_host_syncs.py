@@ -194,7 +194,7 @@ def count_evaluation(store, size: int, method_name: str, episodes: int, tmp: Pat
     method = build_method(cfg)
     with SyncCounter() as c:
         evaluate(method, store, lst, episodes, torch.device("cpu"), size, tmp / f"{method_name}_{episodes}.csv",
-                 progress=False)
+                 progress=False, batch_episodes=1)  # per episode: what the counts are per
     return c.counts
 
 

@@ -344,7 +344,9 @@ def evaluate(
     first = episodes.episodes[missing[0]] if missing else None
     n_support = sum(len(r) for r in first.support) if first is not None else 0
     n_query = sum(len(r) for r in first.query) if first is not None else 0
-    per_call = resolve_batch_episodes(method, batch_episodes, mat.device, len(missing), n_support, n_query, image_size)
+    with torch.no_grad(), autocast(precision, mat.device):  # a method's size probe runs as its evaluation will
+        per_call = resolve_batch_episodes(method, batch_episodes, mat.device, len(missing), n_support, n_query,
+                                          image_size)
     if info is not None:
         info["batch_episodes"] = per_call
     error_dir = error_dir or out_csv.parent

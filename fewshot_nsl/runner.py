@@ -519,7 +519,9 @@ def execute(cfg: RunConfig, store: Optional[ImageStore] = None, episodes: Option
             part["outcome"] = "failed"
             raise
         finally:
-            add_part(ctx.run_dir, part)
+            # a part that failed before doing any work (e.g. a refused checkpoint) leaves the run folder as it was
+            if part["outcome"] != "failed" or part["trained"] or _evaluated(ctx)[0] > done:
+                add_part(ctx.run_dir, part)
     return finish(ctx, "local", eval_peak_mb=peak_memory_mb(ctx.device), threads=threads, resumed=resumed)
 
 

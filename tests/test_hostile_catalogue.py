@@ -256,7 +256,8 @@ def _tear_last_row(run, results: Path, tmp: Path):
 
 # A finished run that every case's results folder starts with.
 TEMPLATE_ARGS = [*H.TINY_ARGS, "--method", "protonet", "--shots", "1", "--n-episodes", "6", "--queries", "3"]
-TEMPLATE_CONFIG = "episodic: {steps: 2, checkpoint_every: 1, queries: 3}\n"
+# one episode per call (the per-episode path, seeded per episode), so the tests' seed hooks count episodes
+TEMPLATE_CONFIG = "episodic: {steps: 2, checkpoint_every: 1, queries: 3}\neval: {batch_episodes: 1}\n"
 
 LAST_STDOUT: List[str] = [""]
 OUTCOMES: Dict[str, Tuple[bool, int, str]] = {}  # case id -> (refused cleanly, files lost or changed, error line)

@@ -51,7 +51,8 @@ TEST_PLUGINS = REPO / "tests" / "plugins"
 
 #: Config keys documented as not changing a run's numbers (README "--compile", docs/robustness.md): output
 #: and cache locations, the device choice, compilation, where the data and the episode list are read from.
-NOT_IN_IDENTITY = {"results_dir", "cache_dir", "device", "compile", "data_root", "episodes_file"}
+NOT_IN_IDENTITY = {"results_dir", "cache_dir", "device", "compile", "data_root", "episodes_file",
+                   "eval.batch_episodes"}  # how many episodes per call: the same logits up to rounding
 
 #: Splits and class counts of the dataset; 8 images of 16x16 per class.
 SPLITS = {"train": 4, "val": 3, "test": 3}
@@ -585,6 +586,7 @@ def config_alternatives(b: Baseline, workdir: Path) -> Dict[str, Optional[Callab
         "eval.episodes": set_("eval.episodes", 4),
         "eval.queries": set_("eval.queries", 3),
         "eval.split": set_("eval.split", "val"),
+        "eval.batch_episodes": set_("eval.batch_episodes", 1),
     }
 
 
