@@ -65,6 +65,8 @@ def build(name: str, size: int, device: torch.device):
     method = build_method(cfg)
     if "pretrain" in method.stages(cfg.method_options):
         method.after_pretrain()
+    if hasattr(type(method), "batched_on_cpu"):  # time the batched path also where it is off by default on a CPU
+        method.batched_on_cpu = True
     return method.to(device).eval()
 
 

@@ -54,6 +54,8 @@ def both_paths(method: FewShotMethod, n: int = 3, ways: int = 5, shots: int = 2,
                seeds: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(per-episode logits, batched logits)``, each ``(n, Q, ways)``, on ``n`` synthetic episodes; also checks
     that the batched path declared itself and left the method's parameters as they were."""
+    if hasattr(type(method), "batched_on_cpu"):  # methods whose batched path is off on a CPU by default
+        method.batched_on_cpu = True
     assert method.supports_batched_evaluation(), f"{type(method).__name__} does not declare batched evaluation"
     sx, sy, qx = episodes(n, ways, shots, queries, size=sx_size(method))
     seeds = list(seeds) if seeds is not None else [episode_seed(0, i) for i in range(n)]

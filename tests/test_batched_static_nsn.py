@@ -108,6 +108,7 @@ def test_static_nsn_replays_the_draws_of_fit_support():
 
 def test_static_nsn_batched_under_autocast_takes_the_per_episode_path():
     method = build("static_nsn", "smoke", method_options={"epochs": 1, "head_warmup_epochs": 1}).float()
+    method.batched_on_cpu = True
     assert method.supports_batched_evaluation()
     sx, sy = torch.randn(2, 10, 3, 16, 16), torch.arange(5).repeat(2).expand(2, 10).contiguous()
     qx = torch.randn(2, 3, 3, 16, 16)
@@ -120,6 +121,8 @@ def test_static_nsn_batched_under_autocast_takes_the_per_episode_path():
 def test_static_nsn_other_backbone_is_per_episode():
     """A backbone class with its own forward_map is not planned: the per-episode path."""
     method = build("static_nsn", "smoke")
+    assert not method.supports_batched_evaluation()  # off on a CPU by default
+    method.batched_on_cpu = True
     assert method.supports_batched_evaluation()
     method.backbone.__class__ = type("Custom", (type(method.backbone),), {"forward_map": lambda self, x: self.blocks(x)})
     assert not method.supports_batched_evaluation()

@@ -43,6 +43,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..nn import NSConv2d, fold_all, similarity_parameters, similarity_regularization, wrap_convs_static
 from ..registry import register_method
+from .adaptation import batching_pays
 from .base import FewShotMethod
 from .batched import (
     episode_cross_entropy_sum,
@@ -199,9 +200,15 @@ class StaticNSN(FewShotMethod):
         return head(net(query_x))
 
     # ------------------------------------------------------------------ many episodes at once
+    #: Batch episodes on a CPU too (off by default: measured on the 2-core CPU in the quick grid, 2 threads, the
+    #: batched 5-shot evaluation took 1.43x the per-episode one (1-shot 0.79x): the per-episode steps are already
+    #: compute-bound there, :func:`~fewshot_nsl.methods.adaptation.batching_pays`). The equivalence tests set it.
+    batched_on_cpu: bool = False
+
     def supports_batched_evaluation(self) -> bool:
-        """True for a plain CNN-4 / CNN-9 backbone (:func:`~fewshot_nsl.methods.batched_convnet.plan_backbone`)."""
-        return plan_backbone(self.backbone) is not None
+        """True for a plain CNN-4 / CNN-9 backbone (:func:`~fewshot_nsl.methods.batched_convnet.plan_backbone`) where
+        batching pays: on accelerators, not on a CPU unless :attr:`batched_on_cpu`."""
+        return plan_backbone(self.backbone) is not None and batching_pays(self, self.batched_on_cpu)
 
     def episode_bytes(self, support: int, queries: int, image_size: int) -> int:
         """An episode's images and features, twice (the training working set is bounded per chunk of episodes,
