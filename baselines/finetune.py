@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot_nsl.methods import FewShotMethod, fit_linear_head, make_optimizer, train_on_support
-from fewshot_nsl.methods.adaptation import batching_pays, episodes_network
+from fewshot_nsl.methods.adaptation import episodes_network
 from fewshot_nsl.methods.batched import (
     BatchedSGD,
+    batching_pays,
     episode_cross_entropy_sum,
     episode_features,
     fit_linear_heads,
@@ -117,7 +118,7 @@ class Finetune(FewShotMethod):
     def supports_batched_evaluation(self) -> bool:
         """Batched with a frozen backbone (Chen et al.'s protocol: a new head per episode) and with the whole
         network fine-tuned (Ravi & Larochelle's protocol: per-episode copies of every backbone weight) where
-        that pays: on accelerators, not on a CPU (:func:`~fewshot_nsl.methods.adaptation.batching_pays`)."""
+        that pays: on accelerators, not on a CPU (:func:`~fewshot_nsl.methods.batched.batching_pays`)."""
         return not self.finetune_backbone or batching_pays(self, self.batched_on_cpu)
 
     def episode_bytes(self, support: int, queries: int, image_size: int) -> int:

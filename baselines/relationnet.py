@@ -38,8 +38,7 @@ from torch import nn
 from fewshot_nsl.backbones import dry_run
 from fewshot_nsl.errors import ConfigError
 from fewshot_nsl.methods import FewShotMethod
-from fewshot_nsl.methods.adaptation import batching_pays
-from fewshot_nsl.methods.batched import feature_chunk_images
+from fewshot_nsl.methods.batched import batching_pays, feature_chunk_images
 from fewshot_nsl.registry import register_method
 
 
@@ -263,7 +262,7 @@ class RelationNet(FewShotMethod):
 
     def supports_batched_evaluation(self) -> bool:
         """On accelerators (with ``test_bn: batch`` each episode's BN batches keep their own statistics); on a CPU
-        only with :attr:`batched_on_cpu` (:func:`~fewshot_nsl.methods.adaptation.batching_pays`)."""
+        only with :attr:`batched_on_cpu` (:func:`~fewshot_nsl.methods.batched.batching_pays`)."""
         return batching_pays(self, self.batched_on_cpu)
 
     def episode_bytes(self, support: int, queries: int, image_size: int) -> int:

@@ -375,6 +375,16 @@ def evaluate(
     return [episode_accuracy(done[i]) for i in todo]
 
 
+def _seeded_episode(method: FewShotMethod, t, episode: int, ways: int, seed: int, precision: str,
+                    error_dir: Path, split: str) -> torch.Tensor:
+    """One materialised episode ``t`` the per-episode way: the RNG seeded with the episode's seed, then
+    :func:`run_episode` under the evaluation's autocast. Returns logits ``(n_query, ways)``."""
+    seed_torch(episode_seed(seed, episode), t.support_x.device)
+    with autocast(precision, t.support_x.device):
+        return run_episode(method, t.support_x, t.support_y, t.query_x, episode, error_dir=error_dir, split=split,
+                           ways=ways)
+
+
 def _evaluate_each(method: FewShotMethod, mat: Materialiser, episodes: EpisodeList, missing: List[int], seed: int,
                    precision: str, error_dir: Path, rows: _PendingRows, done: Dict[int, Dict[str, str]], bar) -> None:
     """The per-episode path of :func:`evaluate`: ``fit_support`` / ``forward`` per episode."""
@@ -382,10 +392,8 @@ def _evaluate_each(method: FewShotMethod, mat: Materialiser, episodes: EpisodeLi
     with Prefetcher(missing, prepare, finish) as tensors:
         t0 = time.perf_counter()
         for i, t in zip(missing, tensors):  # an episode's seconds: from the previous one's end (data time included)
-            seed_torch(episode_seed(seed, i), mat.device)
-            with autocast(precision, mat.device):
-                logits = run_episode(method, t.support_x, t.support_y, t.query_x, i, error_dir=error_dir,
-                                     split=episodes.split, ways=len(episodes.episodes[i].classes))
+            logits = _seeded_episode(method, t, i, len(episodes.episodes[i].classes), seed, precision, error_dir,
+                                     episodes.split)
             rows.add(i, logits, t.query_y, time.perf_counter() - t0)
             t0 = time.perf_counter()
             bar.update(1)
@@ -441,55 +449,48 @@ def _evaluate_batched(method: FewShotMethod, mat: Materialiser, episodes: Episod
                 if batch is None:  # one at a time: the per-episode path (or episodes of different shapes)
                     for i, st in part:
                         t = mat.load(st)
-                        seed_torch(episode_seed(seed, i), mat.device)
-                        with autocast(precision, mat.device):
-                            logits = run_episode(method, t.support_x, t.support_y, t.query_x, i, error_dir=error_dir,
-                                                 split=episodes.split, ways=st.ways)
+                        logits = _seeded_episode(method, t, i, st.ways, seed, precision, error_dir, episodes.split)
                         rows.add(i, logits, t.query_y, time.perf_counter() - t0)
                         t0 = time.perf_counter()
-                else:
-                    try:
-                        with autocast(precision, mat.device):
-                            logits = run_episodes(method, batch, idx, [episode_seed(seed, i) for i in idx],
-                                                  error_dir=error_dir, split=episodes.split)
-                    except torch.OutOfMemoryError:
-                        del batch
-                        if mat.device.type == "cuda":
-                            torch.cuda.empty_cache()
-                        size = max(1, size // 2)
-                        log(f"warning: out of memory evaluating {len(idx)} episodes at once; now {size} at a time "
-                            f"(set eval.batch_episodes to choose)")
-                        info["batch_episodes"] = size
-                        pending = part + pending
-                        continue
-                    except MethodError as exc:
-                        size = 1
-                        note = f"batched evaluation failed on {episodes.split} episodes {idx[0]}-{idx[-1]} ({exc})"
-                        log(f"warning: {note}; evaluating episode by episode from there (same numbers)")
-                        info["batch_episodes"], info["batched_fallback"] = 1, note
-                        pending = part + pending
-                        continue
-                    if not checked:  # the batched path's first episode against the per-episode path, once
-                        checked = True
-                        i, st = part[0]
-                        t = mat.load(st)
-                        seed_torch(episode_seed(seed, i), mat.device)
-                        with autocast(precision, mat.device):
-                            single = run_episode(method, t.support_x, t.support_y, t.query_x, i, error_dir=error_dir,
-                                                 split=episodes.split, ways=st.ways)
-                        gap, tolerance = logits_gap(logits[0], single)
-                        info["batched_check"] = f"{episodes.split} episode {i}: max |logit difference| {gap:.3g}"
-                        if not gap <= tolerance:
-                            size = 1
-                            note = (f"batched evaluation disagrees with the per-episode path on {episodes.split} "
-                                    f"episode {i} (max |logit difference| {gap:.3g} > {tolerance:.3g})")
-                            log(f"warning: {note}; evaluating episode by episode (the per-episode path is the reference)")
-                            info["batch_episodes"], info["batched_fallback"] = 1, note
-                            pending = part + pending
-                            continue
-                    seconds = (time.perf_counter() - t0) / len(idx)
-                    for e, i in enumerate(idx):
-                        rows.add(i, logits[e], batch.query_y[e], seconds)
-                    t0 = time.perf_counter()
+                    bar.update(len(part))
+                    continue
+                note = None
+                try:
+                    with autocast(precision, mat.device):
+                        logits = run_episodes(method, batch, idx, [episode_seed(seed, i) for i in idx],
+                                              error_dir=error_dir, split=episodes.split)
+                except torch.OutOfMemoryError:
+                    del batch
+                    if mat.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    size = max(1, size // 2)
+                    log(f"warning: out of memory evaluating {len(idx)} episodes at once; now {size} at a time "
+                        f"(set eval.batch_episodes to choose)")
+                    info["batch_episodes"] = size
+                    pending = part + pending
+                    continue
+                except MethodError as exc:
+                    note = f"batched evaluation failed on {episodes.split} episodes {idx[0]}-{idx[-1]} ({exc})"
+                    advice = "evaluating episode by episode from there (same numbers)"
+                if note is None and not checked:  # the batched path's first episode against the per-episode path, once
+                    checked = True
+                    i, st = part[0]
+                    single = _seeded_episode(method, mat.load(st), i, st.ways, seed, precision, error_dir,
+                                             episodes.split)
+                    gap, tolerance = logits_gap(logits[0], single)
+                    info["batched_check"] = f"{episodes.split} episode {i}: max |logit difference| {gap:.3g}"
+                    if not gap <= tolerance:
+                        note = (f"batched evaluation disagrees with the per-episode path on {episodes.split} "
+                                f"episode {i} (max |logit difference| {gap:.3g} > {tolerance:.3g})")
+                        advice = "evaluating episode by episode (the per-episode path is the reference)"
+                if note is not None:  # the rest one episode at a time
+                    log(f"warning: {note}; {advice}")
+                    size, info["batch_episodes"], info["batched_fallback"] = 1, 1, note
+                    pending = part + pending
+                    continue
+                seconds = (time.perf_counter() - t0) / len(idx)
+                for e, i in enumerate(idx):
+                    rows.add(i, logits[e], batch.query_y[e], seconds)
+                t0 = time.perf_counter()
                 bar.update(len(part))
             rows.write(done)

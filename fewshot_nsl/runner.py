@@ -447,6 +447,7 @@ def finish(ctx: RunContext, executor: str = "local", eval_peak_mb: Optional[floa
     eval_time = sum(float(rows[i]["seconds"]) for i in range(ctx.n_episodes))
     s = summarize(accs)
     record = _read_json(ctx.run_dir / "train.json") or {}
+    evaluation = _read_json(ctx.run_dir / "evaluation.json") or {}  # how the evaluation ran (evaluate_run)
     train_time = record.get("train_time_s")
     parts = read_parts(ctx.run_dir)
     peaks = [v for v in (record.get("peak_memory_mb"), eval_peak_mb) if v is not None]
@@ -470,8 +471,8 @@ def finish(ctx: RunContext, executor: str = "local", eval_peak_mb: Optional[floa
         "compiled": bool(record.get("compiled", False)), "precision": cfg.precision,
         "transductive": get_method_class(cfg.method).is_transductive(cfg.method_options),
         "fast_mode": record.get("fast_mode", "off"),
-        "eval_batch_episodes": (_read_json(ctx.run_dir / "evaluation.json") or {}).get("batch_episodes"),
-        "eval_batched_fallback": (_read_json(ctx.run_dir / "evaluation.json") or {}).get("batched_fallback"),
+        "eval_batch_episodes": evaluation.get("batch_episodes"),
+        "eval_batched_fallback": evaluation.get("batched_fallback"),
         "pretrain_world_size": record.get("pretrain_world_size", 1), "resumed": bool(record.get("resumed", False)) or resumed or len(parts) > 1,
         "parts": max(len(parts), 1),
         "torch_version": torch.__version__, "python_version": platform.python_version(), **git_info(),

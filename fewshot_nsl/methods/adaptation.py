@@ -33,6 +33,7 @@ from torch.func import functional_call, vmap
 
 from ..errors import ConfigError
 from .base import FewShotMethod
+from .batched import batching_pays  # noqa: F401  (re-exported; the policy lives with the batched tools)
 
 #: How an episode's cross-entropy is reduced over its examples (:func:`episode_cross_entropy`).
 LOSS_REDUCTIONS = ("mean", "per_shot")
@@ -184,20 +185,6 @@ def batched_sgd_adaptation(
             fast = {n: t.detach() if g is None else (t - lr * g).detach() for (n, t), g in zip(fast.items(), grads)}
     with torch.no_grad():
         return run(fast, query_x)[..., :ways]
-
-
-def batching_pays(module: nn.Module, on_cpu: bool = False) -> bool:
-    """Whether training a conv network per episode pays to batch over episodes on ``module``'s device.
-
-    On a CPU these per-episode steps are compute-bound (convolution, batch norm and max-pool over the support
-    images; the per-call overhead batching saves is a few percent), and the batched computation (grouped convs,
-    vmap's layout changes) is slower: measured on the 2-core CPU, 1 thread, CNN-4 at 42 px, batched / per-episode
-    time 1.24 (MAML 5-shot, 10 steps, E=20), 0.79 (MAML 1-shot), 1.46 (meta_static_nsn 5-shot, E=10), 2.4
-    (finetune of the whole 64-filter network, 15 steps, E=10). So it is used on accelerators (kernel-launch
-    bound), and on a CPU only when asked (``on_cpu``, the equivalence tests).
-    """
-    param = next(module.parameters(), None)
-    return on_cpu or (param is not None and param.device.type != "cpu")
 
 
 class AdaptedNetwork(NamedTuple):

@@ -43,9 +43,9 @@ from torch import nn
 from ..errors import ConfigError
 from ..nn import NSConv2d, fold_all, similarity_parameters, similarity_regularization, wrap_convs_static
 from ..registry import register_method
-from .adaptation import batching_pays
 from .base import FewShotMethod
 from .batched import (
+    batching_pays,
     episode_cross_entropy_sum,
     fit_linear_heads,
     linear_init,
@@ -202,7 +202,7 @@ class StaticNSN(FewShotMethod):
     # ------------------------------------------------------------------ many episodes at once
     #: Batch episodes on a CPU too (off by default: measured on the 2-core CPU in the quick grid, 2 threads, the
     #: batched 5-shot evaluation took 1.43x the per-episode one (1-shot 0.79x): the per-episode steps are already
-    #: compute-bound there, :func:`~fewshot_nsl.methods.adaptation.batching_pays`). The equivalence tests set it.
+    #: compute-bound there, :func:`~fewshot_nsl.methods.batched.batching_pays`). The equivalence tests set it.
     batched_on_cpu: bool = False
 
     def supports_batched_evaluation(self) -> bool:
