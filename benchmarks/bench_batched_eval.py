@@ -128,6 +128,8 @@ def time_method(name: str, store, lst, episodes: int, size: int, reps: int, devi
           + (f"   target <= {target}: {met}" if target is not None else "   (no target)")
           + f"   episodes differing: {differ} of {len(a)}"
           + (f" (max |diff| {max(abs(x - y) for x, y in zip(a, b)):.2f} points)" if differ else ""), flush=True)
+    if "batched_fallback" in info or "float64" in str(info.get("batched_check", "")):
+        print(f"   {'':17s} check: {info.get('batched_fallback') or info['batched_check']}", flush=True)
     emit("29a", f"{name}: batched / per-episode evaluation time, {episodes} episodes 5w5s15q, {size} px, "
          f"{threads} thread(s)", r, _goal(name), met, ms_per_episode=per_ep, batch_episodes=info.get("batch_episodes"),
          episodes_differing=differ, episodes=len(a), threads=threads)

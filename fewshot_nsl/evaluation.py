@@ -21,13 +21,14 @@ counted in ``episodes_failed``), never left out of the mean.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import IO, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import IO, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -410,7 +411,8 @@ LOGITS_GAP_TOLERANCE = 0.05
 def logits_gap(batched: torch.Tensor, single: torch.Tensor) -> Tuple[float, float]:
     """``(max |batched - single|, tolerance)`` for one episode's logits ``(Q, ways)`` from the two paths; entries
     non-finite in one and not the other make the gap infinite (one host synchronisation: used once per evaluation)."""
-    a, b = batched.detach().float(), single.detach().float()
+    dtype = torch.float64 if torch.float64 in (batched.dtype, single.dtype) else torch.float32
+    a, b = batched.detach().to(dtype), single.detach().to(dtype)
     if not torch.equal(torch.isfinite(a), torch.isfinite(b)):
         return float("inf"), 0.0
     finite = torch.isfinite(b)
@@ -419,6 +421,105 @@ def logits_gap(batched: torch.Tensor, single: torch.Tensor) -> Tuple[float, floa
     gap = (a - b).abs()[finite].max().item()
     scale = max(1.0, b.abs()[finite].max().item())
     return gap, LOGITS_GAP_TOLERANCE * scale
+
+
+#: How far the two paths' float64 logits may be apart, relative to their largest magnitude (at least 1), for
+#: :func:`float64_check` to call them the same computation: float64 rounding, even amplified a millionfold through
+#: an inner loop, stays below it.
+FLOAT64_GAP_TOLERANCE = 1e-6
+#: Episodes of a batch that :func:`float64_check` runs again (two, so a batched path that swaps episodes shows).
+FLOAT64_CHECK_EPISODES = 2
+
+
+class Float64Check(NamedTuple):
+    """What :func:`float64_check` found: ``agrees``; ``gap``: max |batched - per-episode| float64 logit difference
+    over the episodes it ran (``inf`` when it could not run: ``error`` says why); ``reference``: the first
+    episode's per-episode float64 logits ``(Q, ways)`` (None when it could not run)."""
+
+    agrees: bool
+    gap: float
+    reference: Optional[torch.Tensor]
+    error: str = ""
+
+    def detail(self, single: Optional[torch.Tensor]) -> str:
+        """One clause for a message or ``evaluation.json``; with ``single`` (the first episode's logits from the
+        per-episode path at the evaluation's precision, ``(1, Q, ways)``), how far that path itself is from
+        float64."""
+        if self.reference is None:
+            return f"the float64 check could not run ({self.error})"
+        text = f"in float64 the paths differ by {self.gap:.3g}"
+        if single is not None:
+            own = (single[0].to(self.reference) - self.reference).abs().max().item()
+            text += f" (the per-episode path's own result is {own:.3g} from float64)"
+        return text + (": the method amplifies rounding, batched kept" if self.agrees else "")
+
+
+@contextlib.contextmanager
+def in_float64(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``module`` with its floating-point parameters and buffers in float64 inside the block, each back in its own
+    dtype after it (exactly: a float32, float16 or bfloat16 value converts to float64 and back unchanged). In place,
+    not a copy: a method may hold what cannot be copied (``higher``'s patched modules), and the float64 weights
+    take only the memory of a second copy of them while the block runs."""
+    def tensors():  # (module, "_parameters" | "_buffers", name, tensor), shared ones once per owner
+        for m in module.modules():
+            for kind in ("_parameters", "_buffers"):
+                for name, t in getattr(m, kind).items():
+                    if t is not None:
+                        yield m, kind, name, t
+
+    dtypes = {(id(m), kind, name): t.dtype for m, kind, name, t in tensors()}
+    module.double()
+    try:
+        yield module
+    finally:
+        with torch.no_grad():
+            for m, kind, name, t in list(tensors()):
+                dtype = dtypes.get((id(m), kind, name), t.dtype)
+                if kind == "_parameters":
+                    t.data = t.data.to(dtype)
+                    if t.grad is not None:
+                        t.grad = t.grad.to(dtype)
+                else:
+                    m._buffers[name] = t.to(dtype)
+
+
+def float64_check(method: FewShotMethod, batch: EpisodeBatch, idx: Sequence[int], seed: int, error_dir: Path,
+                  split: str) -> Float64Check:
+    """The batched and per-episode paths in float64 on the first :data:`FLOAT64_CHECK_EPISODES` episodes of
+    ``batch``, with ``method`` in float64 (:func:`in_float64`; autocast off; its weights are as they were after).
+
+    For when the two paths disagree at the evaluation's precision by more than :func:`logits_gap` allows: a method
+    whose result is sensitive to rounding (MAML's test-time steps on near-tied max-pool windows: a float32 and a
+    float64 run of the *per-episode* path differ as much) gives the same logits on both paths in float64; a batched
+    path that computes something else does not.
+
+    Args:
+        method: the method (eval mode).
+        batch: the batch the disagreement was found on (its episodes in ``idx`` order).
+        idx: the episodes' indices (their seeds: :func:`episode_seed`).
+        seed, error_dir, split: as for :func:`_seeded_episode`.
+
+    Returns:
+        A :class:`Float64Check`; one that could not run (no float64 on the device, a method that cannot be
+        copied or run in float64) does not agree.
+    """
+    n = min(FLOAT64_CHECK_EPISODES, len(idx))
+    try:
+        with in_float64(method) as exact:
+            sub = EpisodeBatch(batch.support_x[:n].double(), batch.support_y[:n], batch.query_x[:n].double(),
+                               batch.query_y[:n], batch.ways)
+            got = run_episodes(exact, sub, idx[:n], [episode_seed(seed, i) for i in idx[:n]], split=split)
+            ref = torch.stack([_seeded_episode(exact, EpisodeBatch(sub.support_x[e], sub.support_y[e], sub.query_x[e],
+                                                                   sub.query_y[e], sub.ways),
+                                               idx[e], sub.ways, seed, "fp32", error_dir, split) for e in range(n)])
+    except (KeyboardInterrupt, torch.OutOfMemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 (whatever stops the check, the batched path is not trusted)
+        return Float64Check(False, float("inf"), None, " ".join(str(exc).split())[:200] or type(exc).__name__)
+    gap = max(logits_gap(got[e], ref[e])[0] for e in range(n))
+    finite = ref[torch.isfinite(ref)]
+    scale = max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
+    return Float64Check(gap <= FLOAT64_GAP_TOLERANCE * scale, gap, ref[0])
 
 
 def _evaluate_batched(method: FewShotMethod, mat: Materialiser, episodes: EpisodeList, missing: List[int],
@@ -479,10 +580,14 @@ def _evaluate_batched(method: FewShotMethod, mat: Materialiser, episodes: Episod
                                              episodes.split)
                     gap, tolerance = logits_gap(logits[0], single)
                     info["batched_check"] = f"{episodes.split} episode {i}: max |logit difference| {gap:.3g}"
-                    if not gap <= tolerance:
-                        note = (f"batched evaluation disagrees with the per-episode path on {episodes.split} "
-                                f"episode {i} (max |logit difference| {gap:.3g} > {tolerance:.3g})")
-                        advice = "evaluating episode by episode (the per-episode path is the reference)"
+                    if not gap <= tolerance:  # rounding the method amplifies, or a bug: settle it in float64
+                        exact = float64_check(method, batch, idx, seed, error_dir, episodes.split)
+                        info["batched_check"] += f" > {tolerance:.3g}; {exact.detail(single[None].double())}"
+                        if not exact.agrees:
+                            note = (f"batched evaluation disagrees with the per-episode path on {episodes.split} "
+                                    f"episode {i} (max |logit difference| {gap:.3g} > {tolerance:.3g}; "
+                                    f"{exact.detail(None)})")
+                            advice = "evaluating episode by episode (the per-episode path is the reference)"
                 if note is not None:  # the rest one episode at a time
                     log(f"warning: {note}; {advice}")
                     size, info["batch_episodes"], info["batched_fallback"] = 1, 1, note

@@ -212,6 +212,70 @@ def test_a_batched_path_that_disagrees_with_the_per_episode_path_is_dropped_with
     assert _rows(tmp_path / "e.csv") == _rows(tmp_path / "ref.csv")
 
 
+class RoundingSensitive(BatchedNearestMean):
+    """A correct batched path of a method that amplifies rounding: its logits carry ``sin(1e6 * s)`` of a sum ``s``
+    over each query's pixels (times 100), which the two paths add up in different orders (in float32 the term is noise, in
+    float64 it agrees to about 1e-7)."""
+
+    def forward(self, query_x):
+        return super().forward(query_x) + 100 * torch.sin(1e6 * query_x.flatten(1).sum(1))[:, None]
+
+    def evaluate_episodes(self, support_x, support_y, query_x, seeds, ways):
+        s = query_x.flatten(2).flip(-1).sum(-1)  # (E, Q): the same sum, another order
+        return super().evaluate_episodes(support_x, support_y, query_x, seeds, ways) + 100 * torch.sin(1e6 * s)[..., None]
+
+
+class NoFloat64(SwappedEpisodes):
+    """A batched path the float64 check cannot run (and that is wrong)."""
+
+    def double(self):
+        raise RuntimeError("float64 is not supported here")
+
+
+def test_a_method_that_amplifies_rounding_keeps_its_batched_path_after_the_float64_check(tiny_store, tmp_path):
+    lst = episode_list_for_store(tiny_store, "test", 5, 2, 3, n=12, seed=0)
+    lines, info, method = [], {}, RoundingSensitive()
+    with torch.no_grad():  # the premise: in float32 the two paths are far apart
+        sx = torch.rand(2, 10, 3, 16, 16)
+        sy = torch.arange(5).repeat(2).expand(2, 10)
+        qx = torch.rand(2, 15, 3, 16, 16)
+        method.fit_support(sx[0], sy[0])
+        gap, tolerance = evaluation.logits_gap(method.evaluate_episodes(sx, sy, qx, [0, 1], 5)[0], method(qx[0]))
+        assert gap > tolerance
+    evaluate(method, tiny_store, lst, 12, CPU, 16, tmp_path / "e.csv", progress=False, batch_episodes=4, info=info,
+             log=lines.append)
+    assert lines == [] and method.sizes == [2, 4, 2, 4, 4], (lines, method.sizes)  # premise, batch, float64 check
+    assert info["batch_episodes"] == 4 and "batched_fallback" not in info
+    assert "in float64 the paths differ by" in info["batched_check"]
+    assert info["batched_check"].endswith("batched kept")
+
+
+def test_a_wrong_batched_path_is_still_dropped_after_the_float64_check(tiny_store, tmp_path):
+    lst = episode_list_for_store(tiny_store, "test", 5, 2, 3, n=8, seed=0)
+    for method, says in ((SwappedEpisodes(), "in float64 the paths differ by"),
+                         (NoFloat64(), "the float64 check could not run (float64 is not supported here)")):
+        lines, info = [], {}
+        evaluate(method, tiny_store, lst, 8, CPU, 16, tmp_path / f"{type(method).__name__}.csv", progress=False,
+                 batch_episodes=4, info=info, log=lines.append)
+        assert len(lines) == 1 and says in lines[0] and "\n" not in lines[0], lines
+        assert info["batch_episodes"] == 1 and says in info["batched_fallback"]
+
+
+@pytest.mark.parametrize("name, options", [("finetune", {"epochs": 2}), ("maml", {"inner_steps_test": 3})])
+def test_the_float64_check_leaves_the_method_as_it_was(tiny_store, name, options):
+    mat = Materialiser(tiny_store, 16, CPU)
+    lst = episode_list_for_store(tiny_store, "test", 5, 2, 3, n=3, seed=0)
+    batch = load_batch(mat, [mat.stage(lst.episode(i)) for i in range(3)])
+    method = build(name, "quick", method_options=options).float()
+    method.batched_on_cpu = True
+    with torch.no_grad():  # per-episode state left by the check episode (MAML: higher's patched module)
+        method.fit_support(batch.support_x[0], batch.support_y[0])
+    before = {k: v.clone() for k, v in method.state_dict().items()}
+    check = evaluation.float64_check(method, batch, [0, 1, 2], 0, None, "test")
+    assert check.agrees and check.gap < 1e-9 and check.reference.dtype == torch.float64
+    assert all(v.dtype == before[k].dtype and torch.equal(v, before[k]) for k, v in method.state_dict().items())
+
+
 def test_a_correct_batched_path_passes_its_check_once_and_records_the_gap(tiny_store, tmp_path):
     lst = episode_list_for_store(tiny_store, "test", 5, 2, 3, n=12, seed=0)
     lines, info, method = [], {}, BatchedNearestMean()
