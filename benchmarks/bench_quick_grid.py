@@ -18,7 +18,8 @@ methods with the smoke profile and a few episodes (seconds).
 
 Usage::
 
-    python benchmarks/bench_quick_grid.py [--threads 2] [--results-dir DIR] [--cache-dir DIR] [--compare DIR2]
+    python benchmarks/bench_quick_grid.py [--threads 2] [--executor local|ray] [--results-dir DIR] [--cache-dir DIR]
+        [--compare DIR2]
     python benchmarks/bench_quick_grid.py --report-only --results-dir results/reference/glyphs_quick
 """
 from __future__ import annotations
@@ -123,7 +124,7 @@ def run_grid(args, results: Path, cache: Path) -> Tuple[int, float]:
     """Run the grid command; ``(exit code, wall seconds)``."""
     cmd = [sys.executable, str(ROOT / "run_benchmarks.py"), "--method", args.methods, "--backbone", "cnn4",
            "--shots", args.shots, "--profile", args.profile, "--threads", str(args.threads),
-           "--results-dir", str(results), "--cache-dir", str(cache), "--no-progress"]
+           "--results-dir", str(results), "--cache-dir", str(cache), "--no-progress", "--executor", args.executor]
     if args.n_episodes:
         cmd += ["--n-episodes", str(args.n_episodes)]
     print("   " + " ".join(str(c) for c in cmd[1:]), flush=True)
@@ -139,6 +140,9 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", type=Path, help="dataset / pretraining cache (default: a fresh temporary one)")
     p.add_argument("--compare", type=Path, metavar="DIR2", help="also print per-cell differences against DIR2's leaderboard")
     p.add_argument("--report-only", action="store_true", help="read an existing --results-dir instead of running")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="--executor of the grid command: local (one cell after another, --threads each; the reference) "
+                        "or ray (as many cells at once as the machine's cores hold --threads each)")
     p.add_argument("--methods", default="all", help=argparse.SUPPRESS)
     p.add_argument("--shots", default="1,5", help=argparse.SUPPRESS)
     p.add_argument("--profile", default="quick", help=argparse.SUPPRESS)
@@ -151,7 +155,7 @@ def main(argv=None) -> int:
         print(f"error: --compare {args.compare} holds no leaderboard.csv; give a results folder", file=sys.stderr)
         return 2
     full = (args.methods, args.shots, args.profile, args.n_episodes) == ("all", "1,5", "quick", 0)
-    print_settings("bench_quick_grid: issue 29", grid_threads=args.threads)
+    print_settings("bench_quick_grid: issue 29", grid_threads=args.threads, grid_executor=args.executor)
     tmp = tempfile.TemporaryDirectory(prefix="fewshot_bench_grid_")
     try:
         results = args.results_dir or Path(tmp.name) / "results"
@@ -178,7 +182,7 @@ def main(argv=None) -> int:
         met = verdict(figure, TARGET_S, "<=") if full else None
         print(f"\n   {len(rows)} cells; {what}: {figure:.0f} s = {figure / 60:.1f} min   target <= {TARGET_S // 60} min: "
               + (met if met else "(not the full quick grid: no verdict)"))
-        emit("29b", f"quick CNN-4 grid ({len(rows)} cells), {what}, {args.threads} thread(s)",
+        emit("29b", f"quick CNN-4 grid ({len(rows)} cells), {what}, {args.executor} executor, {args.threads} thread(s)",
              {"median": figure, "min": figure, "max": figure}, f"<= {TARGET_S} s", met, cells=len(rows),
              summed_wall_time_s=sums["wall_time_s"], summed_train_time_s=sums["train_time_s"],
              summed_eval_time_s=sums["eval_time_s"])
