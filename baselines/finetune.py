@@ -25,7 +25,6 @@ from fewshot_nsl.methods.batched import (
     BatchedSGD,
     batching_pays,
     episode_cross_entropy_sum,
-    episode_features,
     fit_linear_heads,
     linear_init,
     linear_logits,
@@ -130,30 +129,43 @@ class Finetune(FewShotMethod):
             return super().episode_bytes(support, queries, image_size) + 4 * weights
         return 8 * (support + queries) * self.feature_dim * 4
 
-    def evaluate_episodes(self, support_x, support_y, query_x, seeds, ways) -> torch.Tensor:
-        """``E`` episodes side by side, each from the initial head weights and support orders its episode's seed
-        gives ``fit_support``. Frozen backbone: features of all their images, then ``E`` heads trained together
-        (:func:`~fewshot_nsl.methods.batched.fit_linear_heads`). Whole network: ``E`` copies of the backbone's
-        weights and ``E`` heads trained together (:meth:`_finetune_episodes`). ``(E, S, 3, H, W)``, ``(E, S)``,
-        ``(E, Q, 3, H, W)`` -> ``(E, Q, ways)``."""
-        if self.finetune_backbone and (self.backbone.training or not self.supports_batched_evaluation()):
-            # in train mode BN would update running statistics; on a CPU batching does not pay: per episode
-            return super().evaluate_episodes(support_x, support_y, query_x, seeds, ways)
-        device, dtype, n = support_x.device, support_x.dtype, support_x.shape[1]
-
+    def _episode_draws(self, seeds, ways: int, n: int, device: torch.device, dtype: torch.dtype):
+        """Each episode's initial head ``(E, ways, D)``, ``(E, ways)`` and support orders ``(E, epochs, S)``, drawn
+        as ``fit_support`` draws them from the episode's seed."""
         def draw():
             weight, bias = linear_init(self.feature_dim, ways, device, dtype)
             return weight, bias, support_orders(n, self.epochs, self.batch_size, device, shuffle_full_batch=True)
 
-        weight, bias, orders = replay_draws(seeds, device, draw)
-        if self.finetune_backbone:
-            return self._finetune_episodes(weight, bias, orders, support_x, support_y, query_x)
-        support = episode_features(self.backbone, support_x)  # (E, S, D)
+        return replay_draws(seeds, device, draw)
+
+    def image_embedding(self):
+        """The frozen backbone (Chen et al.'s protocol): each image is embedded once per evaluation. None when the
+        whole network is fine-tuned (the features then depend on the episode)."""
+        return None if self.finetune_backbone else self.backbone
+
+    def evaluate_embedded(self, support_f, support_y, query_f, seeds, ways) -> torch.Tensor:
+        """Frozen backbone, ``E`` episodes from their images' features: ``E`` heads trained together
+        (:func:`~fewshot_nsl.methods.batched.fit_linear_heads`), each from the initial weights and support orders its
+        episode's seed gives ``fit_support``. ``(E, S, D)``, ``(E, S)``, ``(E, Q, D)`` -> ``(E, Q, ways)``."""
+        weight, bias, orders = self._episode_draws(seeds, ways, support_f.shape[1], support_f.device, support_f.dtype)
         weight, bias = fit_linear_heads(
-            weight, bias, support, support_y, orders, batch_size=self.batch_size, lr=self.lr,
+            weight, bias, support_f, support_y, orders, batch_size=self.batch_size, lr=self.lr,
             momentum=self.momentum, dampening=self.dampening, weight_decay=self.weight_decay,
         )  # fmt: skip
-        return linear_logits(weight, bias, episode_features(self.backbone, query_x))
+        return linear_logits(weight, bias, query_f)
+
+    def evaluate_episodes(self, support_x, support_y, query_x, seeds, ways) -> torch.Tensor:
+        """``E`` episodes side by side. Frozen backbone: :meth:`evaluate_embedded` of the images' features. Whole
+        network: ``E`` copies of the backbone's weights and ``E`` heads trained together
+        (:meth:`_finetune_episodes`), each from the initial head weights and support orders its episode's seed
+        gives ``fit_support``. ``(E, S, 3, H, W)``, ``(E, S)``, ``(E, Q, 3, H, W)`` -> ``(E, Q, ways)``."""
+        if not self.finetune_backbone:
+            return super().evaluate_episodes(support_x, support_y, query_x, seeds, ways)
+        if self.backbone.training or not self.supports_batched_evaluation():
+            # in train mode BN would update running statistics; on a CPU batching does not pay: per episode
+            return self.evaluate_one_by_one(support_x, support_y, query_x, seeds, ways)
+        weight, bias, orders = self._episode_draws(seeds, ways, support_x.shape[1], support_x.device, support_x.dtype)
+        return self._finetune_episodes(weight, bias, orders, support_x, support_y, query_x)
 
     def _finetune_episodes(self, weight: torch.Tensor, bias: torch.Tensor, orders: torch.Tensor,
                            support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:

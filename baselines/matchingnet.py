@@ -36,7 +36,6 @@ from torch import nn
 
 from fewshot_nsl.errors import ConfigError
 from fewshot_nsl.methods import FewShotMethod
-from fewshot_nsl.methods.batched import episode_features
 from fewshot_nsl.registry import register_method
 
 SCORINGS = ("attention", "summed_cosine")
@@ -195,12 +194,17 @@ class MatchingNet(FewShotMethod):
         dim = self.backbone.feature_dim(image_size)
         return 4 * ((support + queries) * (3 * image_size**2 + 16 * dim) + 4 * queries * support)
 
-    def evaluate_episodes(self, support_x, support_y, query_x, seeds, ways) -> torch.Tensor:
-        """``E`` episodes at once: features of all their images (in chunks), the full-context embeddings of every
-        episode side by side, then the class scores. ``(E, S, 3, H, W)``, ``(E, S)``, ``(E, Q, 3, H, W)`` ->
-        ``(E, Q, ways)``. Nothing is drawn from the RNG (dropout is off in eval mode; ``seeds`` unused)."""
-        g = self.embed_support(episode_features(self.backbone, support_x))  # (E, S, D)
-        f = self.embed_query(episode_features(self.backbone, query_x), g)  # (E, Q, D)
+    def image_embedding(self):
+        """The backbone (frozen at test, dropout off in eval mode): each image is embedded once per evaluation;
+        the full-context embeddings, which depend on the episode, come after (:meth:`evaluate_embedded`)."""
+        return self.backbone
+
+    def evaluate_embedded(self, support_f, support_y, query_f, seeds, ways) -> torch.Tensor:
+        """``E`` episodes at once from their images' features: the full-context embeddings of every episode side
+        by side, then the class scores. ``(E, S, D)``, ``(E, S)``, ``(E, Q, D)`` -> ``(E, Q, ways)``. Nothing is
+        drawn from the RNG (dropout is off in eval mode; ``seeds`` unused)."""
+        g = self.embed_support(support_f)  # (E, S, D)
+        f = self.embed_query(query_f, g)  # (E, Q, D)
         return self.class_scores(f, g, F.one_hot(support_y, ways).to(g.dtype))
 
     # ------------------------------------------------------------------ training hooks

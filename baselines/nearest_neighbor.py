@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from fewshot_nsl.methods import FewShotMethod
-from fewshot_nsl.methods.batched import episode_features
 from fewshot_nsl.registry import register_method
 
 
@@ -53,12 +52,15 @@ class NearestNeighbor(FewShotMethod):
         return 4 * ((support + queries) * (3 * image_size**2 + 2 * self.backbone.feature_dim(image_size))
                     + 2 * queries * support)
 
-    def evaluate_episodes(self, support_x, support_y, query_x, seeds, ways) -> torch.Tensor:
-        """``E`` episodes at once: features of all their images (in chunks), every episode's ``(Q, S)``
-        similarities, then the best per class. ``(E, S, 3, H, W)``, ``(E, S)``, ``(E, Q, 3, H, W)`` ->
-        ``(E, Q, ways)``. Nothing is drawn from the RNG (``seeds`` unused)."""
-        s = episode_features(self.backbone, support_x)  # (E, S, D)
-        q = episode_features(self.backbone, query_x)  # (E, Q, D)
+    def image_embedding(self):
+        """The backbone (frozen at test): each image is embedded once per evaluation."""
+        return self.backbone
+
+    def evaluate_embedded(self, support_f, support_y, query_f, seeds, ways) -> torch.Tensor:
+        """``E`` episodes at once from their images' features: every episode's ``(Q, S)`` similarities, then the
+        best per class. ``(E, S, D)``, ``(E, S)``, ``(E, Q, D)`` -> ``(E, Q, ways)``. Nothing is drawn from the
+        RNG (``seeds`` unused)."""
+        s, q = support_f, query_f
         if self.metric == "cosine":
             sim = F.normalize(q, dim=-1).bmm(F.normalize(s, dim=-1).transpose(1, 2))  # (E, Q, S)
         else:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 
 from fewshot_nsl.methods import FewShotMethod
-from fewshot_nsl.methods.batched import episode_features
 from fewshot_nsl.registry import register_method
 
 
@@ -50,13 +49,15 @@ class ProtoNet(FewShotMethod):
         """The episode's images and features (float32); the backbone runs in fixed chunks of images."""
         return 4 * (support + queries) * (3 * image_size**2 + 2 * self.backbone.feature_dim(image_size))
 
-    def evaluate_episodes(self, support_x, support_y, query_x, seeds, ways) -> torch.Tensor:
-        """``E`` episodes at once: features of all their images (in chunks), every episode's prototypes, then
-        ``-d^2 / temperature``. ``(E, S, 3, H, W)``, ``(E, S)``, ``(E, Q, 3, H, W)`` -> ``(E, Q, ways)``.
+    def image_embedding(self):
+        """The backbone (frozen at test): each image is embedded once per evaluation."""
+        return self.backbone
+
+    def evaluate_embedded(self, support_f, support_y, query_f, seeds, ways) -> torch.Tensor:
+        """``E`` episodes at once from their images' features: every episode's prototypes, then
+        ``-d^2 / temperature``. ``(E, S, D)``, ``(E, S)``, ``(E, Q, D)`` -> ``(E, Q, ways)``.
         Nothing is drawn from the RNG (``seeds`` unused)."""
-        e = support_x.shape[0]
+        e = support_f.shape[0]
         labels = support_y + ways * torch.arange(e, device=support_y.device).unsqueeze(1)  # (E, S): class of E*ways
-        support = episode_features(self.backbone, support_x)  # (E, S, D)
-        prototypes = self.class_means(support.flatten(0, 1), labels.flatten(), e * ways).view(e, ways, -1)
-        query = episode_features(self.backbone, query_x)  # (E, Q, D)
-        return -torch.cdist(query, prototypes).pow(2) / self.temperature
+        prototypes = self.class_means(support_f.flatten(0, 1), labels.flatten(), e * ways).view(e, ways, -1)
+        return -torch.cdist(query_f, prototypes).pow(2) / self.temperature

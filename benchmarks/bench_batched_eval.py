@@ -2,7 +2,8 @@
 accuracies of both paths compared, and (``--memory``) the peak memory of a batched evaluation at 84 px.
 
 * time: :func:`fewshot_nsl.evaluation.evaluate` over ``--episodes`` 5-way 5-shot 15-query episodes of a synthetic
-  ``--size`` px store (:func:`common.make_store`, 20 classes x 60 images), once batched (``batch_episodes="auto"``)
+  ``--size`` px store (:func:`common.make_store`, 20 classes x 600 images like Mini-ImageNet's test split, so
+  each image is drawn about 5 times), once batched (``batch_episodes="auto"``)
   and once per episode (``batch_episodes=1``), the two alternating within each of ``--reps`` repetitions, at each
   ``--threads`` count; per-episode ms of both, the ratio batched / per-episode (median [min-max] over the
   repetitions), and the verdicts of the issue's targets: <= 0.1 finetune (Chen et al.'s head protocol), <= 0.25
@@ -50,7 +51,9 @@ TARGETS: Dict[str, float] = {"finetune": 0.1, "dynamic_nsn": 0.25, "static_nsn":
 #: Issue 29's memory target for a default batch at 84 px (MiB).
 MEMORY_TARGET_MB = 4096
 WAYS, SHOTS, QUERIES = 5, 5, 15
-STORE_CLASSES, STORE_PER_CLASS = 20, 60
+#: The synthetic store: shaped like Mini-ImageNet's test split (20 classes x 600 images), so that 600 five-shot
+#: episodes draw each image about 5 times, as there (what the batched path's embedding cache can save).
+STORE_CLASSES, STORE_PER_CLASS = 20, 600
 
 
 def build(name: str, size: int, device: torch.device):
@@ -71,7 +74,7 @@ def build(name: str, size: int, device: torch.device):
 
 
 def store_and_episodes(size: int, episodes: int, directory: Path):
-    """The synthetic test store (20 classes x 60 images of ``size`` px) and ``episodes`` 5-way 5-shot 15-query
+    """The synthetic test store (20 classes x 600 images of ``size`` px) and ``episodes`` 5-way 5-shot 15-query
     episodes on it."""
     from fewshot_nsl.data.episodes import episode_list_for_store
 
@@ -128,6 +131,8 @@ def time_method(name: str, store, lst, episodes: int, size: int, reps: int, devi
           + (f"   target <= {target}: {met}" if target is not None else "   (no target)")
           + f"   episodes differing: {differ} of {len(a)}"
           + (f" (max |diff| {max(abs(x - y) for x, y in zip(a, b)):.2f} points)" if differ else ""), flush=True)
+    if info.get("embedded_images"):
+        print(f"   {'':17s} {info['embedded_images']}", flush=True)
     if "batched_fallback" in info or "float64" in str(info.get("batched_check", "")):
         print(f"   {'':17s} check: {info.get('batched_fallback') or info['batched_check']}", flush=True)
     emit("29a", f"{name}: batched / per-episode evaluation time, {episodes} episodes 5w5s15q, {size} px, "

@@ -30,12 +30,14 @@ import traceback
 from pathlib import Path
 from typing import IO, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .data.episodes import EpisodeList, Materialiser, StagedEpisode
 from .data.prefetch import Prefetcher, stages
 from .data.store import ImageStore
+from .embedding_cache import EmbeddingCache
 from .errors import FewShotError, MethodError
 from .methods.base import FewShotMethod
 from .methods.batched import auto_batch_episodes, episode_seed, seed_torch
@@ -154,6 +156,8 @@ class EpisodeBatch(NamedTuple):
     Attributes:
         support_x: ``(E, S, 3, H, W)``; support_y: ``(E, S)`` int64; query_x: ``(E, Q, 3, H, W)``;
         query_y: ``(E, Q)`` int64; ways: classes per episode.
+        support_ids: ``(E, S)`` and query_ids ``(E, Q)``: the images' store indices on the host (None where
+            unknown), for :class:`~fewshot_nsl.embedding_cache.EmbeddingCache`.
     """
 
     support_x: torch.Tensor
@@ -161,6 +165,8 @@ class EpisodeBatch(NamedTuple):
     query_x: torch.Tensor
     query_y: torch.Tensor
     ways: int
+    support_ids: Optional[np.ndarray] = None
+    query_ids: Optional[np.ndarray] = None
 
 
 def load_batch(mat: Materialiser, staged: Sequence[StagedEpisode]) -> Optional[EpisodeBatch]:
@@ -174,7 +180,9 @@ def load_batch(mat: Materialiser, staged: Sequence[StagedEpisode]) -> Optional[E
     labels = torch.stack([torch.cat([t.support_y, t.query_y]) for t in staged]).to(mat.device, non_blocking=True)
     support_x = x[: e * n_s].unflatten(0, (e, n_s))
     query_x = x[e * n_s:].unflatten(0, (e, n_q))
-    return EpisodeBatch(support_x, labels[:, :n_s], query_x, labels[:, n_s:], ways)
+    ids = np.stack([t.image_ids for t in staged]) if all(t.image_ids is not None for t in staged) else None
+    return EpisodeBatch(support_x, labels[:, :n_s], query_x, labels[:, n_s:], ways,
+                        None if ids is None else ids[:, :n_s], None if ids is None else ids[:, n_s:])
 
 
 def run_episodes(
@@ -184,9 +192,12 @@ def run_episodes(
     seeds: Sequence[int],
     error_dir: Optional[Path] = None,
     split: str = "test",
+    cache: Optional[EmbeddingCache] = None,
 ) -> torch.Tensor:
     """:meth:`FewShotMethod.evaluate_episodes` on one batch under ``torch.no_grad()`` (the batched twin of
     :func:`run_episode`: the method is given the support images, support labels and query images only).
+    With ``cache`` (of the method's :meth:`~FewShotMethod.image_embedding`) and the batch's image indices,
+    :meth:`~FewShotMethod.evaluate_embedded` of the images' embeddings instead, each distinct image embedded once.
 
     Returns:
         Logits ``(E, n_query, ways)`` of a real floating-point dtype.
@@ -198,7 +209,11 @@ def run_episodes(
     where = f"{split} episodes {episodes[0]}-{episodes[-1]}"
     try:
         with torch.no_grad():
-            logits = method.evaluate_episodes(batch.support_x, batch.support_y, batch.query_x, seeds, batch.ways)
+            if cache is not None and batch.support_ids is not None:
+                support_f, query_f = cache.features(batch.support_x, batch.query_x, batch.support_ids, batch.query_ids)
+                logits = method.evaluate_embedded(support_f, batch.support_y, query_f, seeds, batch.ways)
+            else:
+                logits = method.evaluate_episodes(batch.support_x, batch.support_y, batch.query_x, seeds, batch.ways)
     except (KeyboardInterrupt, torch.OutOfMemoryError, FewShotError):
         raise
     except Exception as exc:
@@ -539,6 +554,12 @@ def _evaluate_batched(method: FewShotMethod, mat: Materialiser, episodes: Episod
     prepare, finish = stages(mat.device, lambda chunk: [mat.stage(episodes.episode(i)) for i in chunk],
                              lambda staged: (staged, load_batch(mat, staged)))
     size, checked = per_call, False
+    try:
+        embed = method.image_embedding()
+    except Exception as exc:  # noqa: BLE001 (an optional hook: its failure costs speed, not numbers)
+        log(f"warning: {_method_error(method, exc, 'image_embedding', episodes.split, error_dir)}")
+        embed = None
+    cache = EmbeddingCache(embed, len(mat.store.images), mat.device) if embed is not None else None
     with Prefetcher(chunks, prepare, finish) as batches:
         t0 = time.perf_counter()
         for chunk, (staged, whole) in zip(chunks, batches):
@@ -559,7 +580,7 @@ def _evaluate_batched(method: FewShotMethod, mat: Materialiser, episodes: Episod
                 try:
                     with autocast(precision, mat.device):
                         logits = run_episodes(method, batch, idx, [episode_seed(seed, i) for i in idx],
-                                              error_dir=error_dir, split=episodes.split)
+                                              error_dir=error_dir, split=episodes.split, cache=cache)
                 except torch.OutOfMemoryError:
                     del batch
                     if mat.device.type == "cuda":
@@ -598,4 +619,6 @@ def _evaluate_batched(method: FewShotMethod, mat: Materialiser, episodes: Episod
                     rows.add(i, logits[e], batch.query_y[e], seconds)
                 t0 = time.perf_counter()
                 bar.update(len(part))
+                if cache is not None and cache.embedded:
+                    info["embedded_images"] = f"{cache.embedded} images embedded for {cache.served} image draws"
             rows.write(done)

@@ -1,7 +1,7 @@
 """Shared checks of the batched evaluation path (:meth:`FewShotMethod.evaluate_episodes`) against the
 per-episode path, episode by episode, in float64 (where rounding cannot flip a prediction).
 
-The reference is :meth:`FewShotMethod.evaluate_episodes` of the base class: for each episode the torch RNG is
+The reference is :meth:`FewShotMethod.evaluate_one_by_one`: for each episode the torch RNG is
 seeded with the episode's seed, then ``fit_support`` and ``forward`` run, exactly as the harness's per-episode
 path runs them.
 """
@@ -61,7 +61,7 @@ def both_paths(method: FewShotMethod, n: int = 3, ways: int = 5, shots: int = 2,
     seeds = list(seeds) if seeds is not None else [episode_seed(0, i) for i in range(n)]
     before = {k: v.clone() for k, v in method.state_dict().items()}
     with torch.no_grad():
-        ref = FewShotMethod.evaluate_episodes(method, sx, sy, qx, seeds, ways)
+        ref = FewShotMethod.evaluate_one_by_one(method, sx, sy, qx, seeds, ways)
         got = method.evaluate_episodes(sx, sy, qx, seeds, ways)
     for k, v in method.state_dict().items():
         assert torch.equal(v, before[k]), f"evaluate_episodes changed {k}"

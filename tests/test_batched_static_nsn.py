@@ -113,7 +113,7 @@ def test_static_nsn_batched_under_autocast_takes_the_per_episode_path():
     sx, sy = torch.randn(2, 10, 3, 16, 16), torch.arange(5).repeat(2).expand(2, 10).contiguous()
     qx = torch.randn(2, 3, 3, 16, 16)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        ref = FewShotMethod.evaluate_episodes(method, sx, sy, qx, [1, 2], 5)
+        ref = FewShotMethod.evaluate_one_by_one(method, sx, sy, qx, [1, 2], 5)
         got = method.evaluate_episodes(sx, sy, qx, [1, 2], 5)
     assert torch.equal(ref, got)
 

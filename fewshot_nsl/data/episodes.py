@@ -449,12 +449,15 @@ class StagedEpisode:
         support_y: ``(n_support,)`` int64 labels in ``0..ways-1`` (pinned likewise).
         query_y: ``(n_query,)`` int64 labels (pinned likewise).
         ways: classes of the episode (read from the labels before they became tensors).
+        image_ids: ``(n_support + n_query,)`` int64 store indices of ``images``, row for row (None for a staged
+            episode built by hand): what lets an evaluation embed an image drawn by many episodes once.
     """
 
     images: torch.Tensor
     support_y: torch.Tensor
     query_y: torch.Tensor
     ways: int = 0
+    image_ids: Optional[np.ndarray] = None
 
 
 class Materialiser:
@@ -552,9 +555,9 @@ class Materialiser:
         if episode.order is not None:
             s_perm, q_perm = np.asarray(episode.order.support), np.asarray(episode.order.query)
             s_idx, s_lab, q_idx, q_lab = s_idx[s_perm], s_lab[s_perm], q_idx[q_perm], q_lab[q_perm]
-        return StagedEpisode(self.gather(np.concatenate([s_idx, q_idx])),
-                             self._host_tensor(s_lab.astype(np.int64)), self._host_tensor(q_lab.astype(np.int64)),
-                             int(s_lab.max()) + 1 if len(s_lab) else 0)
+        ids = np.concatenate([s_idx, q_idx]).astype(np.int64)
+        return StagedEpisode(self.gather(ids), self._host_tensor(s_lab.astype(np.int64)),
+                             self._host_tensor(q_lab.astype(np.int64)), int(s_lab.max()) + 1 if len(s_lab) else 0, ids)
 
     def load(self, staged: StagedEpisode) -> EpisodeTensors:
         """The device stage of :meth:`__call__`: non-blocking copies and normalisation on the device."""

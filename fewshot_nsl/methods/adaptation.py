@@ -392,7 +392,7 @@ class GradientAdaptedMethod(FewShotMethod):
         seeds are not used). ``(E, S, 3, H, W)``, ``(E, S)``, ``(E, Q, 3, H, W)`` -> ``(E, Q, ways)``.
         Falls back to the per-episode loop where :meth:`supports_batched_evaluation` is ``False``."""
         if not self.supports_batched_evaluation():
-            return super().evaluate_episodes(support_x, support_y, query_x, seeds, ways)
+            return self.evaluate_one_by_one(support_x, support_y, query_x, seeds, ways)
         self.check_ready()
         check_head_ways(self.display_name(), self.ways, ways)
         net = self.network()

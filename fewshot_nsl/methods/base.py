@@ -27,7 +27,7 @@ Class attributes declare how a method is trained:
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -105,9 +105,11 @@ class FewShotMethod(nn.Module):
         The contract: ``result[e]`` equals, up to floating-point rounding, the logits ``forward(query_x[e])``
         returns after ``fit_support(support_x[e], support_y[e])`` with the torch RNG seeded by ``seeds[e]``
         (:func:`~fewshot_nsl.methods.batched.seed_torch`): each episode keeps its own random stream
-        (:func:`~fewshot_nsl.methods.batched.replay_draws`). This default runs exactly that, one episode after
-        another; a method that declares :meth:`supports_batched_evaluation` overrides it with one batched
-        computation (:mod:`fewshot_nsl.methods.batched`).
+        (:func:`~fewshot_nsl.methods.batched.replay_draws`). :meth:`evaluate_one_by_one` runs exactly that, one
+        episode after another (the reference). This default: :meth:`evaluate_embedded` of the images' embeddings
+        where the method declares :meth:`supports_batched_evaluation` and an :meth:`image_embedding`, otherwise
+        :meth:`evaluate_one_by_one`; a method with another batched computation overrides it
+        (:mod:`fewshot_nsl.methods.batched`).
 
         Args:
             support_x: ``(E, S, 3, H, W)`` support images of the episodes, each in its episode's shuffled order.
@@ -119,6 +121,19 @@ class FewShotMethod(nn.Module):
         Returns:
             ``(E, Q, ways)`` logits of a real floating-point dtype.
         """
+        embed = self.image_embedding() if self.supports_batched_evaluation() else None
+        if embed is None:
+            return self.evaluate_one_by_one(support_x, support_y, query_x, seeds, ways)
+        from .batched import episode_features
+
+        return self.evaluate_embedded(episode_features(embed, support_x), support_y,
+                                      episode_features(embed, query_x), seeds, ways)
+
+    def evaluate_one_by_one(self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor,
+                            seeds: Sequence[int], ways: int) -> torch.Tensor:
+        """:meth:`evaluate_episodes` one episode after another, exactly as the harness's per-episode path runs them:
+        the RNG seeded with ``seeds[e]``, ``fit_support``, ``forward`` (the reference every batched path is tested
+        against). Same arguments and result."""
         from .batched import seed_torch
 
         out = []
@@ -129,6 +144,34 @@ class FewShotMethod(nn.Module):
             self.fit_support(support_x[e], labels)
             out.append(self(query_x[e]))
         return torch.stack(out)
+
+    def image_embedding(self) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        """Optional, with :meth:`evaluate_embedded`: the function ``(N, 3, H, W) -> (N, *F)`` that the batched path
+        applies to every support and query image, for a method where it depends on the image alone (a network
+        frozen at test, in eval mode: running BN statistics, no dropout, no random draws, rows independent).
+
+        The harness then embeds each distinct image of an evaluation once, however many episodes draw it (on
+        Mini-ImageNet's test split 600 five-shot episodes draw each image about 5 times, on glyphs about 38), and
+        calls :meth:`evaluate_embedded` with the episodes' embeddings. ``None`` (default): the images go to
+        :meth:`evaluate_episodes`. Only consulted where :meth:`supports_batched_evaluation` is ``True``.
+        """
+        return None
+
+    def evaluate_embedded(self, support_f: torch.Tensor, support_y: torch.Tensor, query_f: torch.Tensor,
+                          seeds: Sequence[int], ways: int) -> torch.Tensor:
+        """:meth:`evaluate_episodes` from the episodes' embedded images (:meth:`image_embedding`), same contract.
+
+        Args:
+            support_f: ``(E, S, *F)`` embeddings of the support images, in the episodes' shuffled order.
+            support_y: ``(E, S)`` int64 labels in ``0..ways-1``.
+            query_f: ``(E, Q, *F)`` embeddings of the query images.
+            seeds: the ``E`` episodes' seeds.
+            ways: classes per episode.
+
+        Returns:
+            ``(E, Q, ways)`` logits.
+        """
+        raise NotImplementedError(f"{type(self).__name__} returns an image_embedding but has no evaluate_embedded")
 
     def episode_bytes(self, support: int, queries: int, image_size: int) -> int:
         """Memory (bytes) one episode of :meth:`evaluate_episodes` holds at its peak, for the automatic

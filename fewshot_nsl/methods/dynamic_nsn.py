@@ -34,7 +34,7 @@ from ..errors import ConfigError
 from ..nn import NSConv2d
 from ..registry import register_method
 from .base import FewShotMethod
-from .batched import episode_features, fit_linear_heads, linear_init, linear_logits, replay_draws, support_orders
+from .batched import fit_linear_heads, linear_init, linear_logits, replay_draws, support_orders
 from .head_training import OPTIMIZERS, fit_linear_head
 
 
@@ -111,13 +111,16 @@ class DynamicNSN(FewShotMethod):
         """Features of the episode's images and its head's training tensors (the backbone runs in fixed chunks)."""
         return 8 * (support + queries) * self.feature_dim * 4
 
-    def evaluate_episodes(self, support_x, support_y, query_x, seeds, ways) -> torch.Tensor:
-        """``E`` episodes: the frozen dynamic NSN's features of all their images (in chunks), then ``E`` heads
-        trained side by side (:func:`~fewshot_nsl.methods.batched.fit_linear_heads`) from the initial weights and
-        support orders each episode's seed gives ``fit_support``. ``(E, S, 3, H, W)``, ``(E, S)``,
-        ``(E, Q, 3, H, W)`` -> ``(E, Q, ways)``."""
-        device, n = support_x.device, support_x.shape[1]
-        support = episode_features(self.backbone, support_x)  # (E, S, D)
+    def image_embedding(self):
+        """The frozen dynamic NSN (its similarities are predicted from each image alone): each image is embedded
+        once per evaluation."""
+        return self.backbone
+
+    def evaluate_embedded(self, support_f, support_y, query_f, seeds, ways) -> torch.Tensor:
+        """``E`` episodes from the frozen dynamic NSN's features of their images: ``E`` heads trained side by side
+        (:func:`~fewshot_nsl.methods.batched.fit_linear_heads`) from the initial weights and support orders each
+        episode's seed gives ``fit_support``. ``(E, S, D)``, ``(E, S)``, ``(E, Q, D)`` -> ``(E, Q, ways)``."""
+        device, n, support = support_f.device, support_f.shape[1], support_f
 
         def draw():
             weight, bias = linear_init(self.feature_dim, ways, device, support.dtype)
@@ -129,4 +132,4 @@ class DynamicNSN(FewShotMethod):
             momentum=self.momentum, dampening=self.dampening, weight_decay=self.weight_decay,
             optimizer=self.optimizer,
         )  # fmt: skip
-        return linear_logits(weight, bias, episode_features(self.backbone, query_x))
+        return linear_logits(weight, bias, query_f)

@@ -260,7 +260,7 @@ class StaticNSN(FewShotMethod):
         steps = plan_backbone(self.backbone)
         device = support_x.device
         if steps is None or torch.is_autocast_enabled(device.type):
-            return super().evaluate_episodes(support_x, support_y, query_x, seeds, ways)
+            return self.evaluate_one_by_one(support_x, support_y, query_x, seeds, ways)
         n_ep, n = support_y.shape
         dtype = support_x.dtype
 
