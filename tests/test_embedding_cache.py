@@ -110,3 +110,21 @@ def test_load_batch_carries_the_store_indices(tiny_store):
         assert np.array_equal(np.concatenate([batch.support_ids[e], batch.query_ids[e]]), st.image_ids)
         raw = torch.as_tensor(tiny_store.images[st.image_ids])
         assert torch.equal(mat.to_device(raw)[:10], batch.support_x[e])
+
+
+def test_the_simpleshot_example_plugins_batched_path_equals_its_per_episode_path():
+    from pathlib import Path
+
+    from fewshot_nsl.registry import get_method_class, load_plugins
+    from batched_equivalence import assert_same_logits, both_paths
+
+    load_plugins([Path(__file__).resolve().parent.parent / "examples" / "simpleshot"])
+    torch.manual_seed(0)
+    from fewshot_nsl.backbones import CNN4
+
+    for norm in ("cl2n", "l2n", "un"):
+        method = get_method_class("simpleshot")(CNN4(filters=8), image_size=16, norm=norm)
+        method.base_mean.normal_()
+        method = method.double().eval()
+        ref, got = both_paths(method, n=3)
+        assert_same_logits(ref, got)

@@ -12,6 +12,11 @@ Run it (from a checkout; any folder of plugins works the same way)::
 
 Options: ``norm``: ``cl2n`` (centre + L2, SimpleShot's best), ``l2n`` (L2 only, ignores the base classes) or
 ``un`` (raw features).
+
+It also shows the optional batched evaluation of a method that embeds each image by itself: ``image_embedding``
+names that function and ``evaluate_embedded`` classifies many episodes from their embeddings, so the harness embeds
+each distinct test image once per evaluation. Without these three methods the plugin works the same, one episode at
+a time.
 """
 from __future__ import annotations
 
@@ -52,3 +57,17 @@ class SimpleShot(FewShotMethod):
 
     def forward(self, query_x: torch.Tensor) -> torch.Tensor:
         return -self.squared_distances(self._embed(query_x), self.centroids)  # (Q, ways)
+
+    # ---------------------------------------------------------------- optional: many episodes at once
+    def supports_batched_evaluation(self) -> bool:
+        return True
+
+    def image_embedding(self):
+        """Each image's transformed feature depends on that image alone (frozen backbone, fixed base mean)."""
+        return self._embed
+
+    def evaluate_embedded(self, support_f, support_y, query_f, seeds, ways) -> torch.Tensor:
+        """``(E, S, D)``, ``(E, S)``, ``(E, Q, D)`` -> ``(E, Q, ways)``: every episode's centroids, then distances."""
+        onehot = F.one_hot(support_y, ways).to(support_f.dtype)  # (E, S, ways)
+        centroids = onehot.transpose(1, 2) @ support_f / onehot.sum(1).unsqueeze(-1)  # (E, ways, D)
+        return -torch.cdist(query_f, centroids).pow(2)
