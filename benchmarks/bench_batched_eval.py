@@ -9,6 +9,8 @@ accuracies of both paths compared, and (``--memory``) the peak memory of a batch
   repetitions), and the verdicts of the issue's targets: <= 0.1 finetune (Chen et al.'s head protocol), <= 0.25
   dynamic NSN, <= 0.3 static NSN, MAML and meta-learned static NSN (the others are reported without a target).
   A method without batched evaluation prints ``per-episode only`` and its target is MISSED for that reason.
+* floor (``--floor``, CPU): the FLOPs of one per-episode evaluation against the float32 GEMM peak at the thread
+  count: the lowest batched / per-episode ratio any batched path could reach (it does the same arithmetic).
 * same numbers: the per-episode accuracies of the two paths (first repetition), and how many episodes differ.
 * memory (``--memory``): for each method a fresh subprocess builds it, evaluates one default (``auto``) batch of
   episodes at ``--memory-size`` px (84) and reports its peak RSS (``ru_maxrss``: the whole process, imports and
@@ -23,7 +25,7 @@ per episode does not depend on them (accuracies are near chance, and they are co
 Usage::
 
     python benchmarks/bench_batched_eval.py [--episodes 600] [--threads 1,2] [--reps 1] [--methods finetune,...]
-                                            [--memory] [--device cpu|cuda] [--quick]
+                                            [--memory] [--floor] [--device cpu|cuda] [--quick]
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import json
 import resource
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Dict, List, Sequence
 
@@ -240,6 +243,59 @@ def time_head_protocol(dims: Sequence[int], episodes: int, reps: int) -> None:
              f"thread(s)", r, "<= 0.1", met)
 
 
+def gemm_peak_gflops(reps: int = 20) -> float:
+    """float32 1024x1024 matrix products per second at the current thread count (GFLOPS, best of three runs): the
+    arithmetic ceiling any convolution path reaches on this CPU."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 1024**3 * reps / best / 1e9
+
+
+def time_floor(name: str, store, lst, size: int, device: torch.device, episodes: int = 5) -> None:
+    """How low batched / per-episode could go for ``name`` on this CPU: the FLOPs of one per-episode evaluation
+    (``torch.utils.flop_counter``: forward and backward of every test-time step), its time, and the GEMM peak at this
+    thread count. A batched path does the same arithmetic (each episode its own weights), so its time is at least
+    FLOPs / peak, and its ratio at least (per-episode GFLOPS) / (peak GFLOPS)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fewshot_nsl.data.episodes import Materialiser
+
+    method = build(name, size, device)
+    mat = Materialiser(store, size, device)
+    tensors = [mat.load(mat.stage(lst.episode(i))) for i in range(episodes)]
+
+    def run(t) -> None:
+        with torch.no_grad():
+            method.fit_support(t.support_x, t.support_y)
+            method(t.query_x)
+
+    run(tensors[0])
+    with FlopCounterMode(display=False) as counter:
+        run(tensors[0])
+    flops = counter.get_total_flops()
+    t0 = time.perf_counter()
+    for t in tensors:
+        run(t)
+    seconds = (time.perf_counter() - t0) / episodes
+    achieved, peak = flops / seconds / 1e9, gemm_peak_gflops()
+    floor = achieved / peak
+    target = TARGETS.get(name)
+    print(f"   {name:17s} {flops / 1e9:6.2f} GFLOP per episode, per-episode {1e3 * seconds:7.1f} ms = {achieved:5.1f} "
+          f"GFLOPS; GEMM peak {peak:5.1f} GFLOPS; lowest possible batched / per-episode {floor:.2f}"
+          + (f" (target <= {target}: {'reachable' if floor <= target else 'out of reach on this CPU'})"
+             if target is not None else ""), flush=True)
+    emit("29a", f"{name}: arithmetic floor of batched / per-episode, {size} px, {torch.get_num_threads()} thread(s)",
+         {"median": floor, "min": floor, "max": floor}, _goal(name), None, gflop_per_episode=flops / 1e9,
+         per_episode_ms=1e3 * seconds, achieved_gflops=achieved, gemm_peak_gflops=peak)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--episodes", type=int, default=600, help="episodes per evaluation (0: skip the timing)")
@@ -250,6 +306,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--memory", action="store_true", help="also the peak memory of a default batch (subprocess per method)")
     p.add_argument("--memory-size", type=int, default=84)
+    p.add_argument("--floor", action="store_true",
+                   help="also each method's arithmetic floor: FLOPs of a per-episode evaluation against the GEMM peak")
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     p.add_argument("--store-dir", type=Path, help=argparse.SUPPRESS)
@@ -286,6 +344,11 @@ def main(argv=None) -> int:
                     time_method(name, store, lst, args.episodes, args.size, args.reps, device, Path(tmp))
                 if device.type == "cpu" and "finetune" in methods:
                     time_head_protocol((16,) if args.quick else (128, 800), min(args.episodes, 100), args.reps)
+                if args.floor and device.type == "cpu":
+                    print(f"\n-- arithmetic floor, {t} thread(s): FLOPs of one per-episode evaluation (5 episodes timed) "
+                          f"against the float32 GEMM peak")
+                    for name in methods:
+                        time_floor(name, store, lst, args.size, device, episodes=min(5, args.episodes))
         if args.memory:
             measure_memory(methods, args.memory_size, device, threads[0], args.memory_cap)
     return 0
