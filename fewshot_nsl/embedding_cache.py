@@ -16,7 +16,7 @@ from typing import Callable, Optional, Tuple
 import numpy as np
 import torch
 
-from .methods.batched import in_chunks, memory_budget
+from .methods.batched import feature_chunk_images, memory_budget
 
 #: Share of the evaluation's memory budget (:func:`~fewshot_nsl.methods.batched.memory_budget`) the cache may hold.
 CACHE_BUDGET_FRACTION = 0.25
@@ -71,6 +71,20 @@ class EmbeddingCache:
         self.slot[ids] = np.arange(self.used, self.used + n)
         self.used += n
 
+    def _embed_rows(self, support: torch.Tensor, query: torch.Tensor, pos: np.ndarray) -> torch.Tensor:
+        """The embeddings of rows ``pos`` ``(M,)``, ascending, of the batch's images (support rows
+        ``0..len(support)-1``, then query rows), in chunks of :func:`feature_chunk_images` images gathered one chunk
+        at a time (the batch's images are not copied whole)."""
+        chunk, n_s, parts = feature_chunk_images(support.device), len(support), []
+        for k in range(0, len(pos), chunk):
+            p = pos[k:k + chunk]
+            s, q = p[p < n_s], p[p >= n_s] - n_s  # ascending: the support rows come first
+            rows = [support[torch.as_tensor(s, device=support.device)]] if len(s) else []
+            if len(q):
+                rows.append(query[torch.as_tensor(q, device=query.device)])
+            parts.append(self.embed(rows[0] if len(rows) == 1 else torch.cat(rows)))
+        return torch.cat(parts)
+
     def features(self, support_x: torch.Tensor, query_x: torch.Tensor, support_ids: np.ndarray,
                  query_ids: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
         """The embeddings of a batch's images, embedding only those not held yet.
@@ -88,12 +102,9 @@ class EmbeddingCache:
         unique, first = np.unique(flat, return_index=True)
         missing = self.slot[unique] < 0
         if missing.any():
-            pos = first[missing]  # each new image's first row in the batch (support rows, then query rows)
-            in_s = pos < n_s
-            images = torch.cat([support_x.flatten(0, 1)[torch.as_tensor(pos[in_s], device=support_x.device)],
-                                query_x.flatten(0, 1)[torch.as_tensor(pos[~in_s] - n_s, device=query_x.device)]])
-            ids = np.concatenate([unique[missing][in_s], unique[missing][~in_s]])  # the order of ``images``
-            values = in_chunks(self.embed, images)  # (M, *F)
+            order = np.argsort(first[missing], kind="stable")  # each new image's first row in the batch, ascending
+            ids, pos = unique[missing][order], first[missing][order]
+            values = self._embed_rows(support_x.flatten(0, 1), query_x.flatten(0, 1), pos)  # (M, *F)
             self.embedded += len(ids)
             held = unique[~missing]
             if len(held) and self.used + len(ids) > self._most(len(ids), values):

@@ -38,8 +38,13 @@ def _batch(ids_s, ids_q, size=4):
     return imgs(ids_s), imgs(ids_q)
 
 
+@pytest.mark.parametrize("chunk", [64, 5])
 @pytest.mark.parametrize("budget_rows", [10_000, 40, 13])
-def test_the_cache_serves_each_image_its_own_embedding_across_batches_growth_and_restarts(budget_rows):
+def test_the_cache_serves_each_image_its_own_embedding_across_batches_growth_and_restarts(budget_rows, chunk,
+                                                                                         monkeypatch):
+    import fewshot_nsl.embedding_cache as module
+
+    monkeypatch.setattr(module, "feature_chunk_images", lambda device: chunk)  # 5: chunks across support and query
     rng = np.random.default_rng(0)
     embed = Counting()
     cache = EmbeddingCache(embed, n_images=60, device=CPU, budget_bytes=budget_rows * 4 * 4)
