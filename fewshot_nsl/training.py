@@ -396,7 +396,7 @@ def _pretrain(method, module, store, cfg, device, path, progress, distributed, c
         x = mat.to_device(b.x)
         return _Batch(x if b.aug is None else _augment(x, b.aug), b.y.to(device, non_blocking=True), None, b.n_global)
 
-    # the next batch is gathered, normalised and (on CPU) augmented in a background thread while this one trains
+    # the next batch is gathered in a background thread while this one trains (normalised and augmented here)
     prepare, finish = stages(device, host_stage, device_stage)
     while step < total and validator.stopped_at is None:
         perm = torch.randperm(len(index), generator=gen).numpy()

@@ -96,7 +96,9 @@ def test_switch_off_prepares_on_demand_in_the_caller_thread(monkeypatch):
     assert threads == [False] * 4
 
 
-def test_stages_run_the_device_part_in_the_caller_thread_off_cpu():
+def test_stages_run_the_device_part_in_the_caller_thread_on_every_device():
+    """On a CPU too: torch's parallel kernels in the worker thread start a second thread team beside the caller's
+    (at --threads 2 on 2 cores the per-episode evaluation ran 1.8-3.7x slower)."""
     where = {}
 
     def host(i):
@@ -107,7 +109,7 @@ def test_stages_run_the_device_part_in_the_caller_thread_off_cpu():
         where["device"] = _in_worker()
         return i
 
-    for device, device_in_worker in (("cpu", True), ("meta", False)):  # meta: any non-CPU device
+    for device, device_in_worker in (("cpu", False), ("meta", False)):  # meta: any non-CPU device
         with Prefetcher([1], *stages(torch.device(device), host, to_device), enabled=True) as items:
             assert list(items) == [1]
         assert where == {"host": True, "device": device_in_worker}
