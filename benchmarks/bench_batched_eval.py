@@ -260,10 +260,11 @@ def gemm_peak_gflops(reps: int = 20) -> float:
 
 def time_floor(name: str, store, lst, size: int, device: torch.device, episodes: int = 5) -> None:
     """How low batched / per-episode could go for ``name`` on this CPU: the FLOPs of one per-episode evaluation
-    (``torch.utils.flop_counter``: forward and backward of every test-time step), its time, and the GEMM peak at this
-    thread count. A batched path does the same arithmetic (each episode its own weights), so its time is at least
-    FLOPs / peak, and its ratio at least (per-episode GFLOPS) / (peak GFLOPS)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    (:func:`bench_dynamic_flops.count_flops`: forward and backward of every test-time step, the in-place GEMMs
+    included), its time, and the GEMM peak at this thread count. A batched path does the same arithmetic (each
+    episode its own weights), so its time is at least FLOPs / peak, and its ratio at least (per-episode GFLOPS) /
+    (peak GFLOPS)."""
+    from bench_dynamic_flops import count_flops
 
     from fewshot_nsl.data.episodes import Materialiser
 
@@ -280,10 +281,7 @@ def time_floor(name: str, store, lst, size: int, device: torch.device, episodes:
             method.fit_support(t.support_x, t.support_y)
             method(t.query_x)
 
-    run(tensors[0])
-    with FlopCounterMode(display=False) as counter:
-        run(tensors[0])
-    flops = counter.get_total_flops()
+    flops, _, _ = count_flops(lambda: run(tensors[0]))  # with the in-place GEMMs the default registry misses
     t0 = time.perf_counter()
     for t in tensors:
         run(t)

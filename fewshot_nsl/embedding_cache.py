@@ -49,20 +49,15 @@ class EmbeddingCache:
         return max(n, min(len(self.slot), self.budget_bytes // max(1, values[0].numel() * values.element_size())))
 
     def _add(self, ids: np.ndarray, values: torch.Tensor) -> None:
-        """Hold ``values`` ``(M, *F)`` as the embeddings of the distinct store indices ``ids`` ``(M,)`` (none held):
-        in the free rows, in rows grown by doubling up to the budget, or else after dropping everything held."""
+        """Hold ``values`` ``(M, *F)`` as the embeddings of the distinct store indices ``ids`` ``(M,)`` (none held), in
+        the free rows or in rows grown by doubling up to the budget (:meth:`features` has made room)."""
         n = len(ids)
         if self.rows is not None and (self.rows.shape[1:] != values.shape[1:] or self.rows.dtype != values.dtype):
             raise RuntimeError(f"image_embedding returned {values.dtype} rows of shape {tuple(values.shape[1:])} after "
                                f"{self.rows.dtype} rows of shape {tuple(self.rows.shape[1:])}; an image's embedding "
                                f"must not depend on the call")
-        most = self._most(n, values)
-        if self.used + n > most:  # the budget is reached: start again
-            self.slot[:] = -1
-            self.used = 0
-            self.restarts += 1
         if self.rows is None or self.used + n > len(self.rows):
-            size = min(most, max(self.used + n, 2 * (0 if self.rows is None else len(self.rows))))
+            size = min(self._most(n, values), max(self.used + n, 2 * (0 if self.rows is None else len(self.rows))))
             grown = torch.empty((size, *values.shape[1:]), dtype=values.dtype, device=values.device)
             if self.used:
                 grown[: self.used] = self.rows[: self.used]
@@ -107,10 +102,11 @@ class EmbeddingCache:
             values = self._embed_rows(support_x.flatten(0, 1), query_x.flatten(0, 1), pos)  # (M, *F)
             self.embedded += len(ids)
             held = unique[~missing]
-            if len(held) and self.used + len(ids) > self._most(len(ids), values):
-                # the budget is reached and the cache starts again: the batch's images it held go in with the new
-                kept = self.rows[torch.as_tensor(self.slot[held], device=self.rows.device)]
-                ids, values = np.concatenate([ids, held]), torch.cat([values, kept])
+            if self.used + len(ids) > self._most(len(ids) + len(held), values):
+                # the budget is reached: start again, with the batch's images it held going in beside the new ones
+                if len(held):
+                    kept = self.rows[torch.as_tensor(self.slot[held], device=self.rows.device)]
+                    ids, values = np.concatenate([ids, held]), torch.cat([values, kept])
                 self.slot[:] = -1
                 self.used = 0
                 self.restarts += 1

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data.episodes import EpisodeList, Materialiser, StagedEpisode
+from .data.episodes import EpisodeList, EpisodeTensors, Materialiser, StagedEpisode
 from .data.prefetch import Prefetcher, stages
 from .data.store import ImageStore
 from .embedding_cache import EmbeddingCache
@@ -458,13 +458,12 @@ class Float64Check(NamedTuple):
 
     def detail(self, single: Optional[torch.Tensor]) -> str:
         """One clause for a message or ``evaluation.json``; with ``single`` (the first episode's logits from the
-        per-episode path at the evaluation's precision, ``(1, Q, ways)``), how far that path itself is from
-        float64."""
+        per-episode path at the evaluation's precision, ``(Q, ways)``), how far that path itself is from float64."""
         if self.reference is None:
             return f"the float64 check could not run ({self.error})"
         text = f"in float64 the paths differ by {self.gap:.3g}"
         if single is not None:
-            own = (single[0].to(self.reference) - self.reference).abs().max().item()
+            own = (single.to(self.reference) - self.reference).abs().max().item()
             text += f" (the per-episode path's own result is {own:.3g} from float64)"
         return text + (": the method amplifies rounding, batched kept" if self.agrees else "")
 
@@ -524,8 +523,8 @@ def float64_check(method: FewShotMethod, batch: EpisodeBatch, idx: Sequence[int]
             sub = EpisodeBatch(batch.support_x[:n].double(), batch.support_y[:n], batch.query_x[:n].double(),
                                batch.query_y[:n], batch.ways)
             got = run_episodes(exact, sub, idx[:n], [episode_seed(seed, i) for i in idx[:n]], split=split)
-            ref = torch.stack([_seeded_episode(exact, EpisodeBatch(sub.support_x[e], sub.support_y[e], sub.query_x[e],
-                                                                   sub.query_y[e], sub.ways),
+            ref = torch.stack([_seeded_episode(exact, EpisodeTensors(sub.support_x[e], sub.support_y[e], sub.query_x[e],
+                                                                     sub.query_y[e]),
                                                idx[e], sub.ways, seed, "fp32", error_dir, split) for e in range(n)])
     except (KeyboardInterrupt, torch.OutOfMemoryError):
         raise
@@ -603,7 +602,7 @@ def _evaluate_batched(method: FewShotMethod, mat: Materialiser, episodes: Episod
                     info["batched_check"] = f"{episodes.split} episode {i}: max |logit difference| {gap:.3g}"
                     if not gap <= tolerance:  # rounding the method amplifies, or a bug: settle it in float64
                         exact = float64_check(method, batch, idx, seed, error_dir, episodes.split)
-                        info["batched_check"] += f" > {tolerance:.3g}; {exact.detail(single[None].double())}"
+                        info["batched_check"] += f" > {tolerance:.3g}; {exact.detail(single)}"
                         if not exact.agrees:
                             note = (f"batched evaluation disagrees with the per-episode path on {episodes.split} "
                                     f"episode {i} (max |logit difference| {gap:.3g} > {tolerance:.3g}; "
