@@ -9,7 +9,7 @@ accuracies of both paths compared, and (``--memory``) the peak memory of a batch
   repetitions), and the verdicts of the issue's targets: <= 0.1 finetune (Chen et al.'s head protocol), <= 0.25
   dynamic NSN, <= 0.3 static NSN, MAML and meta-learned static NSN (the others are reported without a target).
   A method without batched evaluation prints ``per-episode only`` and its target is MISSED for that reason.
-* floor (``--floor``, CPU): the FLOPs of one per-episode evaluation against the float32 GEMM peak at the thread
+* floor (``--floor``, CPU): the FLOPs of one per-episode evaluation against the float32 peak at the thread
   count: the lowest batched / per-episode ratio any batched path could reach (it does the same arithmetic).
 * same numbers: the per-episode accuracies of the two paths (first repetition), and how many episodes differ.
 * memory (``--memory``): for each method a fresh subprocess builds it, evaluates one default (``auto``) batch of
@@ -36,9 +36,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -243,27 +244,40 @@ def time_head_protocol(dims: Sequence[int], episodes: int, reps: int) -> None:
              f"thread(s)", r, "<= 0.1", met)
 
 
-def gemm_peak_gflops(reps: int = 20) -> float:
-    """float32 1024x1024 matrix products per second at the current thread count (GFLOPS, best of three runs): the
-    arithmetic ceiling any convolution path reaches on this CPU."""
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+def _best_gflops(fn: Callable[[], object], flop: float, reps: int) -> float:
+    """GFLOPS of ``fn`` (``flop`` per call): best of three timings of ``reps`` calls, after three warm-up calls."""
     for _ in range(3):
-        a @ b
+        fn()
     best = float("inf")
     for _ in range(3):
         t0 = time.perf_counter()
         for _ in range(reps):
-            a @ b
+            fn()
         best = min(best, time.perf_counter() - t0)
-    return 2 * 1024**3 * reps / best / 1e9
+    return flop * reps / best / 1e9
+
+
+def peak_gflops(reps: int = 10) -> Dict[str, float]:
+    """The float32 throughput of the fastest kernels torch has here, at the current thread count (GFLOPS): a
+    1024x1024 matrix product (the BLAS, MKL in the CPU wheel) and a 3x3 convolution of 128 channels on 32
+    channels-last 32x32 maps (oneDNN); ``"peak"`` is the larger, the arithmetic ceiling of any path. They can
+    differ by 2x: on the AMD EPYC of ``RESULTS.md`` MKL runs its AVX2 code (about 108 GFLOPS per core) and oneDNN
+    its AVX-512 code (about 240)."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    x = torch.randn(32, 128, 32, 32).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(128, 128, 3, 3)
+    out = {"gemm": _best_gflops(lambda: a @ b, 2 * 1024**3, 2 * reps),
+           "conv": _best_gflops(lambda: F.conv2d(x, w, None, 1, 1), 2 * 32 * 32 * 32 * 128 * 128 * 9, reps)}
+    out["peak"] = max(out.values())
+    return out
 
 
 def time_floor(name: str, store, lst, size: int, device: torch.device, episodes: int = 5) -> None:
     """How low batched / per-episode could go for ``name`` on this CPU: the FLOPs of one per-episode evaluation
     (:func:`bench_dynamic_flops.count_flops`: forward and backward of every test-time step, the in-place GEMMs
-    included), its time, and the GEMM peak at this thread count. A batched path does the same arithmetic (each
-    episode its own weights), so its time is at least FLOPs / peak, and its ratio at least (per-episode GFLOPS) /
-    (peak GFLOPS)."""
+    included), its time, and the peak of the fastest float32 kernel at this thread count (:func:`peak_gflops`). A
+    batched path does the same arithmetic (each episode its own weights), so its time is at least FLOPs / peak, and
+    its ratio at least (per-episode GFLOPS) / (peak GFLOPS)."""
     from bench_dynamic_flops import count_flops
 
     from fewshot_nsl.data.episodes import Materialiser
@@ -286,16 +300,17 @@ def time_floor(name: str, store, lst, size: int, device: torch.device, episodes:
     for t in tensors:
         run(t)
     seconds = (time.perf_counter() - t0) / episodes
-    achieved, peak = flops / seconds / 1e9, gemm_peak_gflops()
+    achieved, peaks = flops / seconds / 1e9, peak_gflops()
+    peak = peaks["peak"]
     floor = achieved / peak
     target = TARGETS.get(name)
     print(f"   {name:17s} {flops / 1e9:6.2f} GFLOP per episode, per-episode {1e3 * seconds:7.1f} ms = {achieved:5.1f} "
-          f"GFLOPS; GEMM peak {peak:5.1f} GFLOPS; lowest possible batched / per-episode {floor:.2f}"
+          f"GFLOPS; peak {peak:5.1f} GFLOPS (oneDNN conv {peaks['conv']:.0f}, BLAS GEMM {peaks['gemm']:.0f}); lowest possible batched / per-episode {floor:.2f}"
           + (f" (target <= {target}: {'reachable' if floor <= target else 'out of reach on this CPU'})"
              if target is not None else ""), flush=True)
     emit("29a", f"{name}: arithmetic floor of batched / per-episode, {size} px, {torch.get_num_threads()} thread(s)",
          {"median": floor, "min": floor, "max": floor}, _goal(name), None, gflop_per_episode=flops / 1e9,
-         per_episode_ms=1e3 * seconds, achieved_gflops=achieved, gemm_peak_gflops=peak)
+         per_episode_ms=1e3 * seconds, achieved_gflops=achieved, peak_gflops=peak, conv_gflops=peaks["conv"], gemm_gflops=peaks["gemm"])
 
 
 def main(argv=None) -> int:
@@ -309,7 +324,7 @@ def main(argv=None) -> int:
     p.add_argument("--memory", action="store_true", help="also the peak memory of a default batch (subprocess per method)")
     p.add_argument("--memory-size", type=int, default=84)
     p.add_argument("--floor", action="store_true",
-                   help="also each method's arithmetic floor: FLOPs of a per-episode evaluation against the GEMM peak")
+                   help="also each method's arithmetic floor: FLOPs of a per-episode evaluation against the float32 peak")
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     p.add_argument("--store-dir", type=Path, help=argparse.SUPPRESS)
@@ -348,7 +363,7 @@ def main(argv=None) -> int:
                     time_head_protocol((16,) if args.quick else (128, 800), min(args.episodes, 100), args.reps)
                 if args.floor and device.type == "cpu":
                     print(f"\n-- arithmetic floor, {t} thread(s): FLOPs of one per-episode evaluation (5 episodes timed) "
-                          f"against the float32 GEMM peak")
+                          f"against the float32 peak (the faster of the BLAS GEMM and a oneDNN convolution)")
                     for name in methods:
                         time_floor(name, store, lst, args.size, device, episodes=min(5, args.episodes))
         if args.memory:
