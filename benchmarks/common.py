@@ -146,7 +146,11 @@ def settings(**extra: object) -> Dict[str, object]:
 
 
 def print_settings(title: str, **extra: object) -> Dict[str, object]:
-    s = settings(**extra)
+    """Print the settings; first makes this process keep freed host memory as a run does
+    (:func:`fewshot_nsl.host_memory.retain_freed_memory`; ``FEWSHOT_NSL_MALLOC=default`` measures without it)."""
+    from fewshot_nsl.host_memory import retain_freed_memory
+
+    s = settings(malloc=retain_freed_memory(), **extra)
     print(f"== {title}")
     print("   " + ", ".join(f"{k}={v}" for k, v in s.items()), flush=True)
     return s

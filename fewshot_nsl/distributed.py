@@ -40,6 +40,7 @@ def pretrain_main(argv: List[str]) -> int:
     from .config import resolve_config
     from .data.store import default_cache_dir
     from .errors import ConfigError, FewShotError
+    from .host_memory import retain_freed_memory
     from .registry import load_plugins
     from .runner import build_method, conv_spec_of, load_store, stages_of
     from .training import pretrain, set_seed
@@ -57,6 +58,7 @@ def pretrain_main(argv: List[str]) -> int:
             if args.threads < 1:
                 raise ConfigError(f"--threads must be at least 1, got {args.threads}")
             torch.set_num_threads(args.threads)
+        retain_freed_memory()  # as a run does (host_memory.py)
         load_plugins([Path(d) for d in args.plugins])
         if args.method and "," in args.method or args.shots and len(args.shots) > 1 or args.backbone and "," in args.backbone:
             raise ConfigError("distributed pretraining takes one --method, --backbone and --shots")

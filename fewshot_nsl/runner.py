@@ -60,6 +60,7 @@ from .episode_log import (  # noqa: F401
 )
 from .errors import ConfigError, DataError
 from .evaluation import episode_accuracy, evaluate, read_episode_results
+from .host_memory import retain_freed_memory
 from .identity import RunIdentity, run_code_hash
 from .inputs import (  # noqa: F401  (re-exported)
     TRAINING_STAGES,
@@ -255,6 +256,7 @@ def prepare(
 ) -> RunContext:
     """Load and check the inputs of a run and create its folder (no training)."""
     device = resolve_device(cfg.device)
+    retain_freed_memory()  # freed tensor memory is reused, not faulted in again every step (host_memory.py)
     unknown_stage = set(stages_of(cfg)) - set(TRAINING_STAGES)
     if unknown_stage:
         raise ConfigError(f"method {cfg.method} declares unknown training stage(s) {sorted(unknown_stage)}")
@@ -349,6 +351,7 @@ def train(ctx: RunContext, progress: bool = True, log=print) -> Dict[str, Any]:
             "resumed": resumed,
             "compiled": compiled,
             "fast_mode": fast_mode_text(fast),
+            "host_malloc": retain_freed_memory(),
             "training": info,
         }
         atomic_write_json(record_path, record)
