@@ -155,7 +155,9 @@ def memory_child(name: str, size: int, store_dir: Path, device: torch.device, ca
     and store included; the peak mark is reset to the current RSS first, ``/proc/self/clear_refs``, else the
     lifetime ``ru_maxrss``), the RSS before it, and on CUDA the peak allocated device memory (MiB)."""
     from fewshot_nsl.evaluation import evaluate, resolve_batch_episodes
+    from fewshot_nsl.host_memory import retain_freed_memory
 
+    retain_freed_memory()  # as in a run: the heap keeps what it frees, so the peak is the run's peak
     store, lst = store_and_episodes(size, 600, store_dir)
     method = build(name, size, device)
     per_call = resolve_batch_episodes(method, "auto", device, len(lst.episodes), WAYS * SHOTS, WAYS * QUERIES, size)

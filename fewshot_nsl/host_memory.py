@@ -1,18 +1,19 @@
 """Host memory of a run: glibc's ``malloc`` keeps the memory of freed tensors for the next ones.
 
 A CPU training step allocates and frees the same large tensors (activations, their gradients) every
-step. With glibc's defaults those blocks go back to the kernel when freed (``munmap``, or a trim of
-the heap's top), and the next step takes every page again through a page fault that also zeroes
-it. On the 2-core AMD EPYC of ``benchmarks/RESULTS.md`` a CNN-4 training step at 42 px, batch 64,
-1 thread, took about 6,900 minor page faults and 10 ms of kernel time (the plain step: 41 ms, 25 ms
-with the setting below; the dynamic DNS step: 11,200 faults, 113 ms against 94 ms).
+step. With glibc's defaults the large blocks are mapped when allocated and unmapped when freed, and
+the heap's top is trimmed, so the next step takes every page again through a page fault that also
+zeroes it. On the 2-core AMD EPYC of ``benchmarks/RESULTS.md``, a plain CNN-4 training step at 84 px,
+batch 64, 1 thread, took 87,000 minor page faults and 134 ms of kernel time out of 258 ms; with the
+setting below, 119 ms (2 threads: 145 -> 63 ms; the dynamic DNS step 526 -> 381 ms).
 
-:func:`retain_freed_memory` sets, once per process, glibc's ``M_MMAP_THRESHOLD`` to 32 MiB (the
-largest it accepts: blocks below it come from the heap; larger ones are still mapped and unmapped)
-and ``M_TRIM_THRESHOLD`` to 1 GiB (the heap keeps up to that much free memory at its top). This is
-what a caching allocator does (PyTorch's on CUDA; jemalloc or tcmalloc preloaded, as CPU tuning
-guides advise), from inside the process. It changes no number a run computes, only where its
-memory comes from: the process keeps its peak heap instead of handing it back between steps.
+:func:`retain_freed_memory` sets, once per process, glibc's ``M_MMAP_MAX`` to 0 (every block comes
+from the heap, none from a mapping of its own) and ``M_TRIM_THRESHOLD`` to -1 (the heap is never
+trimmed). Freed blocks are then reused by the next step's allocations. This is what a caching
+allocator does (PyTorch's on CUDA; jemalloc or tcmalloc preloaded, as CPU tuning guides advise),
+from inside the process. It changes no number a run computes, only where its memory comes from:
+the process keeps its peak heap until it ends (the peak RSS rose 10-16% in the steps above, from
+heap fragmentation).
 
 ``FEWSHOT_NSL_MALLOC=default`` in the environment leaves ``malloc`` as it is. Elsewhere than glibc
 (macOS, musl) nothing is changed.
@@ -30,11 +31,12 @@ __all__ = ["retain_freed_memory", "ENV_SWITCH"]
 #: Environment variable; ``default`` leaves glibc's ``malloc`` settings alone.
 ENV_SWITCH = "FEWSHOT_NSL_MALLOC"
 #: glibc's ``mallopt`` parameters (``malloc.h``).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-#: Blocks up to this size come from the heap (glibc's ceiling for ``M_MMAP_THRESHOLD`` on 64-bit systems).
-MMAP_THRESHOLD = 32 << 20
-#: Free memory the heap keeps at its top before giving it back.
-TRIM_THRESHOLD = 1 << 30
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+#: ``M_MMAP_MAX``: no block gets a mapping of its own (``M_MMAP_THRESHOLD`` cannot exceed 32 MiB, and an 84 px
+#: batch's activations are larger).
+MMAP_MAX = 0
+#: ``M_TRIM_THRESHOLD``: -1 never trims the heap's top.
+TRIM_THRESHOLD = -1
 
 _lock = threading.Lock()
 _state: Optional[str] = None
@@ -70,6 +72,6 @@ def _apply() -> str:
     libc = _glibc()
     if libc is None:
         return "default (not glibc)"
-    if libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) != 1 or libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) != 1:
+    if libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) != 1 or libc.mallopt(_M_MMAP_MAX, MMAP_MAX) != 1:
         return "default (mallopt refused)"
     return "retained"

@@ -16,7 +16,7 @@ from fewshot_nsl.host_memory import ENV_SWITCH, _glibc
 
 glibc_only = pytest.mark.skipif(_glibc() is None, reason="glibc's mallopt is what is set")
 
-#: Prints how many bytes glibc has in mmapped blocks (mallinfo2().hblkhd) around a 16 MiB tensor, after calling
+#: Prints how many bytes glibc has in mmapped blocks (mallinfo2().hblkhd) around 16 and 64 MiB tensors, after calling
 #: retain_freed_memory() when told to, and what it returned.
 PROBE = textwrap.dedent("""
     import ctypes, json, sys
@@ -30,12 +30,14 @@ PROBE = textwrap.dedent("""
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = MallInfo2
     state = retain_freed_memory() if sys.argv[1] == "call" else None
-    before = libc.mallinfo2().hblkhd
-    t = torch.empty(4 << 20)  # 16 MiB
-    t.fill_(1.0)
-    during = libc.mallinfo2().hblkhd
-    del t
-    print(json.dumps({"state": state, "mapped_rise": during - before}))
+    rises = []
+    for mib in (16, 64):  # below and above glibc's largest mmap threshold (32 MiB)
+        before = libc.mallinfo2().hblkhd
+        t = torch.empty(mib << 18)
+        t.fill_(1.0)
+        rises.append(libc.mallinfo2().hblkhd - before)
+        del t
+    print(json.dumps({"state": state, "mapped_rise": rises}))
 """)
 
 
@@ -50,20 +52,20 @@ def _probe(call: bool, env_value: str = "") -> dict:
 
 @glibc_only
 def test_retained_blocks_come_from_the_heap_not_fresh_mappings():
-    """With the setting, a 16 MiB tensor is carved from the heap (kept across frees); without it, glibc maps it
-    freshly (and unmaps it when freed, so the next one faults in every page again)."""
+    """With the setting, 16 and 64 MiB tensors are carved from the heap (kept across frees); without it, glibc maps
+    them freshly (and unmaps them when freed, so the next ones fault in every page again)."""
     default = _probe(call=False)
-    assert default["mapped_rise"] >= 16 << 20, default
+    assert default["mapped_rise"][0] >= 16 << 20 and default["mapped_rise"][1] >= 64 << 20, default
     retained = _probe(call=True)
     assert retained["state"] == "retained"
-    assert retained["mapped_rise"] == 0, retained
+    assert retained["mapped_rise"] == [0, 0], retained
 
 
 @glibc_only
 def test_environment_switch_leaves_malloc_alone():
     r = _probe(call=True, env_value="default")
     assert r["state"] == f"default ({ENV_SWITCH}=default)"
-    assert r["mapped_rise"] >= 16 << 20, r
+    assert r["mapped_rise"][1] >= 64 << 20, r
 
 
 def test_train_record_says_how_host_memory_was_handled(tmp_path):
