@@ -18,6 +18,7 @@ from typing import Any, Dict, Iterator, List, Optional
 from . import __version__
 from .console import Console, command_name, show_progress
 from .errors import ConfigError, FewShotError, RegistryError
+from .host_memory import check_switch as check_malloc_switch
 
 #: Report formats (:data:`fewshot_nsl.reporting.FORMATS`, kept here so that ``--help`` imports no pandas).
 FORMATS = ("markdown", "latex")
@@ -512,6 +513,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
         warnings.showwarning = suite_warning_lines(log, shower)
         check_not_empty(args)
         check_path_flags(args)
+        check_malloc_switch()  # FEWSHOT_NSL_MALLOC: refused before anything is written
         console.open()
         if args.json and (args.compare or args.report or args.make_episodes or args.dry_run or args.forget):
             raise ConfigError("--json prints the rows of a run or the --list; drop it for --compare, --report, "

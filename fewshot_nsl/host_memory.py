@@ -15,7 +15,7 @@ from inside the process. It changes no number a run computes, only where its mem
 the process keeps its peak heap until it ends (the peak RSS rose 10-16% in the steps above, from
 heap fragmentation).
 
-``FEWSHOT_NSL_MALLOC=default`` in the environment leaves ``malloc`` as it is. Elsewhere than glibc
+``FEWSHOT_NSL_MALLOC=default`` in the environment leaves ``malloc`` as it is (``retain``, or unset, is the default). Elsewhere than glibc
 (macOS, musl) nothing is changed.
 """
 from __future__ import annotations
@@ -26,7 +26,9 @@ import os
 import threading
 from typing import Optional
 
-__all__ = ["retain_freed_memory", "ENV_SWITCH"]
+from .errors import ConfigError
+
+__all__ = ["retain_freed_memory", "check_switch", "ENV_SWITCH"]
 
 #: Environment variable; ``default`` leaves glibc's ``malloc`` settings alone.
 ENV_SWITCH = "FEWSHOT_NSL_MALLOC"
@@ -58,6 +60,10 @@ def retain_freed_memory() -> str:
     Returns:
         ``"retained"``, or why not: ``"default (FEWSHOT_NSL_MALLOC=default)"``, ``"default (not glibc)"``,
         ``"default (mallopt refused)"``.
+
+    Raises:
+        ConfigError: ``FEWSHOT_NSL_MALLOC`` is set to something other than ``default`` or ``retain`` (nothing is
+            changed, and a later call checks again).
     """
     global _state
     with _lock:
@@ -66,8 +72,21 @@ def retain_freed_memory() -> str:
         return _state
 
 
+def check_switch() -> bool:
+    """Whether ``FEWSHOT_NSL_MALLOC`` asks to keep freed memory (unset or ``retain``: True; ``default``: False).
+
+    Raises:
+        ConfigError: any other value, in one line that says what to set.
+    """
+    switch = os.environ.get(ENV_SWITCH, "").strip().lower()
+    if switch not in ("", "retain", "default"):
+        raise ConfigError(f"{ENV_SWITCH} must be 'default' (leave glibc's malloc as it is) or 'retain' (the default: "
+                          f"keep freed memory for reuse), got {os.environ[ENV_SWITCH]!r}")
+    return switch != "default"
+
+
 def _apply() -> str:
-    if os.environ.get(ENV_SWITCH, "").strip().lower() == "default":
+    if not check_switch():
         return f"default ({ENV_SWITCH}=default)"
     libc = _glibc()
     if libc is None:

@@ -81,3 +81,16 @@ def test_train_record_says_how_host_memory_was_handled(tmp_path):
     run(cfg, progress=False, log=lambda *a: None)
     record = json.loads((run_dir_of(cfg) / "train.json").read_text())
     assert record["host_malloc"] == retain_freed_memory()
+
+
+def test_unknown_switch_value_is_one_clear_error(tmp_path):
+    """A mistyped ``FEWSHOT_NSL_MALLOC`` is refused in one line by the command, before any work."""
+    env = {**os.environ, ENV_SWITCH: "defualt"}
+    out = subprocess.run([sys.executable, "-m", "fewshot_nsl", "--method", "nearest_neighbor", "--profile", "smoke",
+                          "--results-dir", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c")],
+                         capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert out.returncode != 0
+    err = out.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "FEWSHOT_NSL_MALLOC" in err[0] and "'defualt'" in err[0], out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "r").exists(), "nothing is written before the refusal"
