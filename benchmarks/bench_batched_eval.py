@@ -307,12 +307,14 @@ def time_floor(name: str, store, lst, size: int, device: torch.device, episodes:
     floor = achieved / peak
     target = TARGETS.get(name)
     print(f"   {name:17s} {flops / 1e9:6.2f} GFLOP per episode, per-episode {1e3 * seconds:7.1f} ms = {achieved:5.1f} "
-          f"GFLOPS; peak {peak:5.1f} GFLOPS (oneDNN conv {peaks['conv']:.0f}, BLAS GEMM {peaks['gemm']:.0f}); lowest possible batched / per-episode {floor:.2f}"
+          f"GFLOPS; peak {peak:5.1f} GFLOPS (oneDNN conv {peaks['conv']:.0f}, BLAS GEMM {peaks['gemm']:.0f}); "
+          f"lowest possible batched / per-episode {floor:.2f}"
           + (f" (target <= {target}: {'reachable' if floor <= target else 'out of reach on this CPU'})"
              if target is not None else ""), flush=True)
     emit("29a", f"{name}: arithmetic floor of batched / per-episode, {size} px, {torch.get_num_threads()} thread(s)",
          {"median": floor, "min": floor, "max": floor}, _goal(name), None, gflop_per_episode=flops / 1e9,
-         per_episode_ms=1e3 * seconds, achieved_gflops=achieved, peak_gflops=peak, conv_gflops=peaks["conv"], gemm_gflops=peaks["gemm"])
+         per_episode_ms=1e3 * seconds, achieved_gflops=achieved, peak_gflops=peak, conv_gflops=peaks["conv"],
+         gemm_gflops=peaks["gemm"])
 
 
 def main(argv=None) -> int:

@@ -50,7 +50,7 @@ BENCHMARKS: Dict[str, Tuple[str, List[str], List[str]]] = {
     "input_pipeline": ("bench_input_pipeline.py", [], ["--quick"]),
     "batched_eval": ("bench_batched_eval.py", ["--threads", "1,2", "--memory", "--floor"], ["--quick", "--memory", "--floor"]),
     "dynamic_flops": ("bench_dynamic_flops.py", [], ["--quick"]),
-    # both cores, one cell per core (22.9 min measured; one process, --executor local --threads 2: 45.1 min)
+    # both cores, one cell per core (22.9 min measured; one process, --executor local --threads 2: 27.7 min)
     "quick_grid": ("bench_quick_grid.py", ["--executor", "ray", "--threads", "1"], ["--quick"]),
 }
 #: Run only when named in ``--only`` (the whole quick grid takes about an hour).

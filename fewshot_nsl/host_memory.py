@@ -15,8 +15,8 @@ from inside the process. It changes no number a run computes, only where its mem
 the process keeps its peak heap until it ends (the peak RSS rose 10-16% in the steps above, from
 heap fragmentation).
 
-``FEWSHOT_NSL_MALLOC=default`` in the environment leaves ``malloc`` as it is (``retain``, or unset, is the default). Elsewhere than glibc
-(macOS, musl) nothing is changed.
+``FEWSHOT_NSL_MALLOC=default`` in the environment leaves ``malloc`` as it is (``retain``, or unset, is
+the default). Elsewhere than glibc (macOS, musl) nothing is changed.
 """
 from __future__ import annotations
 
@@ -55,7 +55,8 @@ def _glibc() -> Optional[ctypes.CDLL]:
 
 
 def retain_freed_memory() -> str:
-    """Make glibc keep freed tensor memory for reuse (module doc); once per process, later calls return the first answer.
+    """Make glibc keep freed tensor memory for reuse (module doc), once per process; later calls return the first
+    answer.
 
     Returns:
         ``"retained"``, or why not: ``"default (FEWSHOT_NSL_MALLOC=default)"``, ``"default (not glibc)"``,

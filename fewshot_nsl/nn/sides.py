@@ -346,7 +346,8 @@ class _MixedTapsConv(torch.autograd.Function):
                 for i in range(kh):
                     rows = slice(i * dh, i * dh + sh * (ho - 1) + 1, sh)
                     for j in range(kw):
-                        gx_last[b0:b1, rows, j * dw:j * dw + sw * (wo - 1) + 1:sw].addcmul_(gz6[:, :, i, :, j], m6[:, :, :, i, j])
+                        cols = slice(j * dw, j * dw + sw * (wo - 1) + 1, sw)
+                        gx_last[b0:b1, rows, cols].addcmul_(gz6[:, :, i, :, j], m6[:, :, :, i, j])
         if gw is not None and mixed.pointwise:
             gw = gw.view(weight.shape[0], kh, kw, -1).permute(0, 3, 1, 2)
         return gx, gw, gb, gm, None, None
