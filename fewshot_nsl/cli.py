@@ -408,7 +408,7 @@ def _forget(args: argparse.Namespace, results_dir: Path, log) -> None:
         what = f"kept their {len(dirs)} run folder(s) in {results_dir / 'runs'} (--delete-runs removes them)"
     log(f"forgot {len(removed)} leaderboard row(s) of {lb}: {printable('; '.join(names))}; {what}")
     render_reports(results_dir, reference=args.reference, include_smoke=args.include_smoke or None,
-                   formats=(args.format or "markdown",))
+                   formats=(args.format or "markdown",), log=log)
 
 
 def check_report_flags(args: argparse.Namespace) -> None:
@@ -565,7 +565,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
 
             for kind, path in render_reports(results_dir, reference=args.reference, where=_filters(args),
                                              include_smoke=args.include_smoke or None,
-                                             formats=(args.format or "markdown",)).items():
+                                             formats=(args.format or "markdown",), log=log).items():
                 log(f"{kind}: {path}")
             return 0
         if args.compare:
@@ -601,7 +601,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
                                     if c.backbone is not None and c.shots is not None])
             for kind, path in render_reports(results_dir, reference=args.reference, grid=grid, where=_filters(args),
                                              include_smoke=args.include_smoke or None,
-                                             formats=(args.format or "markdown",)).items():
+                                             formats=(args.format or "markdown",), log=log).items():
                 log(f"{kind}: {path}")
             return 0
         if args.seeds and args.seed is not None:

@@ -3,7 +3,6 @@ reference method, and ``--compare RUN_A RUN_B`` (statistics from :mod:`fewshot_n
 refuses two runs of different experiments (:func:`check_comparable`)."""
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -38,30 +37,24 @@ def run_dirs_of(results_dir: Path, run_ids: Any) -> List[Path]:
     return [Path(results_dir) / "runs" / r for r in str(run_ids).split(";") if r]
 
 
-def episode_vector(run_dirs: Sequence[Path]) -> Optional[np.ndarray]:
-    """Per-episode accuracy (%) averaged over the given runs (seeds), from their episodes CSVs;
-    NaN where an episode failed in any run; None if a run's CSV is missing."""
+def episode_vector(run_dirs: Sequence[Path], n: Optional[int] = None) -> Optional[np.ndarray]:
+    """Per-episode accuracy (%) averaged over the given runs (seeds), episodes ``0..n-1`` (``n`` None: the
+    first run's summary's count), a failed (non-finite) episode counted as wrong (0), as the leaderboard
+    counts it; None when a run's record cannot back it (its folder or ``episodes.csv`` is gone or changed, or
+    it lacks one of the episodes: :func:`~fewshot_nsl.episode_log.verified_accuracies`)."""
+    from .episode_log import verified_accuracies
+    from .errors import DataError
+
     vectors = []
     for d in run_dirs:
-        p = Path(d) / "episodes.csv"
-        if not p.is_file():
+        try:
+            vectors.append(verified_accuracies(Path(d), n))
+        except DataError:
             return None
-        vals: Dict[int, float] = {}
-        with p.open(newline="") as f:
-            for r in csv.DictReader(f):
-                try:
-                    vals[int(r["episode"])] = float(r["accuracy"]) if r.get("status") == "ok" else math.nan
-                except (TypeError, ValueError, KeyError):
-                    continue
-        n = max(vals) + 1 if vals else 0
-        v = np.full(n, np.nan)
-        for i, a in vals.items():
-            v[i] = a
-        vectors.append(v)
+        n = len(vectors[0])
     if not vectors:
         return None
-    n = min(len(v) for v in vectors)
-    return np.stack([v[:n] for v in vectors]).mean(axis=0)
+    return np.stack(vectors).mean(axis=0)
 
 
 def _pick_reference(df: pd.DataFrame, i: Any, reference: str) -> Optional[Any]:
@@ -69,6 +62,10 @@ def _pick_reference(df: pd.DataFrame, i: Any, reference: str) -> Optional[Any]:
     cand = df[(df["method"].astype(str) == reference) & (df.index != i)]
     for k in ("dataset", "dataset_fingerprint", "split", "image_size", "ways", "shots", "profile", "episode_hash"):
         cand = cand[cand[k].map(key_text) == key_text(r[k])]
+    # the same precision (rows written before the option ran in fp32): a bf16 reference is another experiment
+    precision = (lambda v: key_text(v) or "fp32")
+    if "precision" in df.columns:
+        cand = cand[cand["precision"].map(precision) == precision(r.get("precision"))]
     if cand.empty:
         return None
     same = cand[cand["backbone"].astype(str) == str(r["backbone"])]
@@ -83,8 +80,10 @@ def add_paired_columns(df: pd.DataFrame, results_dir: Path, reference: Optional[
     and paired t-test / Wilcoxon p-values (:func:`fewshot_nsl.stats.paired_compare`).
 
     The reference is the ``reference`` method's row with the same dataset (name and content), split,
-    image size, ways, shots, profile and episode hash, preferably with the same backbone. Rows whose runs' CSVs are gone keep the
-    values they had. ``reference`` None: :data:`DEFAULT_REFERENCE` (``protonet``), as ``--help`` says: a
+    image size, ways, shots, profile, episode hash and precision, preferably with the same backbone. Each side is
+    read from its runs' per-episode records, on the row's own episodes, only where they still back their runs'
+    summaries (:func:`episode_vector`); where either side's record is gone or changed, the row's paired columns
+    are cleared (never left from an earlier computation). ``reference`` None: :data:`DEFAULT_REFERENCE` (``protonet``), as ``--help`` says: a
     ``--reference`` given to one command does not carry over to later commands that did not pass it.
     """
     from .stats import paired_compare
@@ -98,9 +97,10 @@ def add_paired_columns(df: pd.DataFrame, results_dir: Path, reference: Optional[
     cache: Dict[str, Optional[np.ndarray]] = {}
 
     def vector(i: Any) -> Optional[np.ndarray]:
-        key = str(df.at[i, "run_id"])
+        n = pd.to_numeric(pd.Series([df.at[i, "episodes"] if "episodes" in df.columns else None]), errors="coerce").iloc[0]
+        key = f"{df.at[i, 'run_id']}|{n}"
         if key not in cache:
-            cache[key] = episode_vector(run_dirs_of(results_dir, df.at[i, "run_id"]))
+            cache[key] = episode_vector(run_dirs_of(results_dir, df.at[i, "run_id"]), None if pd.isna(n) else int(n))
         return cache[key]
 
     for i in df.index:
@@ -112,9 +112,8 @@ def add_paired_columns(df: pd.DataFrame, results_dir: Path, reference: Optional[
             df.loc[i, PAIRED] = [None] * len(PAIRED)
             continue
         a, b = vector(i), vector(j)
-        if a is None or b is None:
-            if str(df.at[i, "ref_method"]) != reference:  # cannot recompute: clear stale values
-                df.loc[i, PAIRED] = [None] * len(PAIRED)
+        if a is None or b is None:  # a side without evidence: nothing to pair (never an earlier, stale value)
+            df.loc[i, PAIRED] = [None] * len(PAIRED)
             continue
         n = min(len(a), len(b))
         pc = paired_compare(a[:n], b[:n])
@@ -199,6 +198,14 @@ def _side(name: str, mean: float, ci: float, n: int, failed: int) -> str:
     return f"{name}: {mean:.2f} +- {ci:.2f} ({note})"
 
 
+def _failed(run_dir: Path, n: int) -> int:
+    """Failed (non-finite) episodes among the first ``n`` of a run's ``episodes.csv``."""
+    from .evaluation import read_episode_results
+
+    rows = read_episode_results(run_dir / "episodes.csv")
+    return sum(1 for i in range(n) if i in rows and rows[i].get("status") != "ok")
+
+
 def compare_stats(a: str, b: str, results_dir: Path) -> Dict[str, Any]:
     """Paired statistics of two finished runs on their common episodes.
 
@@ -213,6 +220,7 @@ def compare_stats(a: str, b: str, results_dir: Path) -> Dict[str, Any]:
         ConfigError: a run is missing or unfinished, the two used different episode lists, or
             they are different experiments (:func:`check_comparable`).
     """
+    from .episode_log import verified_accuracies
     from .stats import paired_compare, summarize
 
     da, db = resolve_run(a, results_dir), resolve_run(b, results_dir)
@@ -223,7 +231,7 @@ def compare_stats(a: str, b: str, results_dir: Path) -> Dict[str, Any]:
             f"({ma.get('episode_hash')} vs {mb.get('episode_hash')}); a paired comparison needs the same episodes"
         )
     warnings = check_comparable(da, ma, db, mb)
-    va, vb = episode_vector([da]), episode_vector([db])
+    va, vb = verified_accuracies(da), verified_accuracies(db)  # DataError: a record that no longer backs its run
     n = min(len(va), len(vb))
     if len(va) != len(vb):
         warnings.append(f"warning: A has {len(va)} episodes and B {len(vb)}; only the first {n} are paired")
@@ -234,8 +242,8 @@ def compare_stats(a: str, b: str, results_dir: Path) -> Dict[str, Any]:
         "backbone_a": ma.get("backbone"), "backbone_b": mb.get("backbone"), "seed_a": ma.get("seed"),
         "seed_b": mb.get("seed"), "episode_hash": ma.get("episode_hash"), "dataset": ma.get("dataset"),
         "ways": ma.get("ways"), "shots": ma.get("shots"), "n_paired": pc.n,
-        "accuracy_a": sa.mean, "ci95_a": sa.ci95, "failed_a": int(np.isnan(va[:n]).sum()), "n_a": sa.n,
-        "accuracy_b": sb.mean, "ci95_b": sb.ci95, "failed_b": int(np.isnan(vb[:n]).sum()), "n_b": sb.n,
+        "accuracy_a": sa.mean, "ci95_a": sa.ci95, "failed_a": _failed(da, n), "n_a": sa.n,
+        "accuracy_b": sb.mean, "ci95_b": sb.ci95, "failed_b": _failed(db, n), "n_b": sb.n,
         "diff": pc.mean_diff, "diff_ci95": pc.ci95, "t_stat": pc.t_stat, "p_value": pc.p_value,
         "p_wilcoxon": pc.wilcoxon_p, "episodes_a": len(va), "episodes_b": len(vb), "warnings": warnings,
     }

@@ -35,7 +35,15 @@ from .data.store import ImageStore
 from .errors import ConfigError, FewShotError
 from .registry import METHODS, PLUGIN_ERRORS, list_methods
 from .comparisons import key_text
-from .leaderboard import KEY, cell_summaries, check_leaderboard, paper_comparable, read_leaderboard, upsert_row
+from .leaderboard import (
+    KEY,
+    cell_summaries,
+    check_leaderboard,
+    forget_rows,
+    paper_comparable,
+    read_leaderboard,
+    upsert_row,
+)
 from .reporting import n_seeds_of, render_reports
 from .runner import (
     aggregate,
@@ -554,7 +562,9 @@ def run_grid(
             d = run_dir_of(job.cfg, run_identity(job.cfg, job.store, job.episodes))
             if d.is_dir():
                 shutil.rmtree(d)
-                log(f"  rerun: removed {d}")
+                # a row naming the removed run has lost its evidence: it goes too (the rerun adds it back)
+                gone = forget_rows(Path(job.cfg.results_dir) / "leaderboard.csv", run_ids=[d.name])
+                log(f"  rerun: removed {d}" + (" and its leaderboard row" if len(gone) else ""))
 
     def finish_cell(p: PlannedCell) -> None:
         row = aggregate(list(p.summaries.values()), results_dir)
@@ -602,7 +612,7 @@ def run_grid(
     if runnable or (results_dir / "leaderboard.csv").is_file():
         grid = (grid_name, [{"method": p.cell.method, "backbone": p.cfgs[0].backbone, "shots": p.cfgs[0].shots}
                             for p in runnable]) if grid_name else None
-        render_reports(results_dir, reference=reference, grid=grid)
+        render_reports(results_dir, reference=reference, grid=grid, log=log)
     res = GridResult(planned)
     ran, agg, done = res.count("ran"), res.count("aggregated"), res.count("complete")
     unreg, failed = res.count("not registered"), len(res.failed)

@@ -35,8 +35,8 @@ import pandas as pd
 
 from .comparisons import PAIRED, add_paired_columns, key_text
 from .config import CONFIG_DIR
-from .errors import ConfigError, DataError
-from .evaluation import episode_accuracy, read_episode_results
+from .episode_log import evidence_problem, verified_accuracies
+from .errors import ConfigError
 from .safe_io import atomic_write, locked, remove_stale_tmp
 from .stats import summarize
 
@@ -351,6 +351,9 @@ _SHARED = ("dataset", "method", "backbone", "ways", "shots", "split", "profile",
            "device_name", "threads", "executor", "pretrain_world_size", "precision", "fast_mode", "transductive",
            "torch_version", "python_version")
 
+#: Of :data:`_SHARED`, how a run ran rather than what it is: seeds may differ in them (a seed run on another
+#: machine, thread count or torch); the row then lists each seed's value, ``;``-separated, in seed order.
+_PER_SEED = ("device", "device_name", "threads", "pretrain_world_size", "fast_mode", "torch_version", "python_version")
 
 #: Summary fields that make two runs seeds of one experiment (with the identity's world size).
 _SAME_CELL = ("config_hash", "dataset_fingerprint", "episode_hash", "split", "code_hash", "episodes")
@@ -374,7 +377,7 @@ def _finished_summary(run_dir: Path) -> Optional[Dict[str, Any]]:
         return None
     if not isinstance(summary, dict) or summary.get("identity") != identity or summary.get("run_id") != run_dir.name:
         return None
-    return summary
+    return summary if evidence_problem(run_dir, summary) is None else None
 
 
 def cell_summaries(summaries: Sequence[Dict[str, Any]], results_dir: Path) -> List[Dict[str, Any]]:
@@ -403,17 +406,43 @@ def cell_summaries(summaries: Sequence[Dict[str, Any]], results_dir: Path) -> Li
 
 def run_accuracies(run_dir: Path, n: int) -> np.ndarray:
     """Per-episode accuracies (%) of a finished run, episodes ``0..n-1``; a failed (non-finite)
-    episode counts as wrong (0).
+    episode counts as wrong (0). Only from a record that still backs the run's summary
+    (:func:`~fewshot_nsl.episode_log.verified_accuracies`).
 
     Raises:
-        DataError: an episode has no row (the run is not finished).
+        DataError: the run's record is gone or changed, or an episode has no row (the run is not finished).
     """
-    rows = read_episode_results(Path(run_dir) / "episodes.csv")
-    missing = [i for i in range(n) if i not in rows]
-    if missing:
-        raise DataError(f"run {Path(run_dir).name} has no result for episode(s) {missing[:5]} of {n}; "
-                        f"run the same command again to finish it")
-    return np.array([episode_accuracy(rows[i]) for i in range(n)])
+    return verified_accuracies(Path(run_dir), n)
+
+
+def row_evidence_problem(row: Dict[str, Any], results_dir: Path) -> Optional[str]:
+    """Why a leaderboard row is not backed by its runs, or None when it is: every run its ``run_id`` names
+    (``;``-separated seeds) has its folder under ``<results_dir>/runs`` with a per-episode record that backs its
+    summary (:func:`~fewshot_nsl.episode_log.evidence_problem`), and the row's accuracy is the mean those
+    records give on the row's episodes (a hand-edited ``leaderboard.csv`` is caught here)."""
+    from .errors import DataError
+
+    ids = [r for r in key_text(row.get("run_id")).split(";") if r]
+    if not ids:
+        return "it names no run"
+    n = pd.to_numeric(pd.Series([row.get("episodes")]), errors="coerce").iloc[0]
+    means = []
+    for rid in ids:
+        d = Path(results_dir) / "runs" / rid
+        if not d.is_dir():
+            return f"its run folder runs/{rid} is gone"
+        problem = evidence_problem(d)
+        if problem is not None:
+            return f"run {rid}: {problem}"
+        try:
+            means.append(float(verified_accuracies(d, None if pd.isna(n) else int(n)).mean()))
+        except DataError as exc:
+            return str(exc).split(";")[0]
+    acc = pd.to_numeric(pd.Series([row.get("accuracy")]), errors="coerce").iloc[0]
+    mean = float(np.mean(means))
+    if pd.isna(acc) or abs(float(acc) - mean) > 5e-4:
+        return f"its accuracy {row.get('accuracy')} is not the {mean:.4f} its runs' episodes give"
+    return None
 
 
 def aggregate(summaries: Sequence[Dict[str, Any]], results_dir: Path, other_seeds: bool = True) -> Dict[str, Any]:
@@ -464,4 +493,9 @@ def aggregate(summaries: Sequence[Dict[str, Any]], results_dir: Path, other_seed
     })
     if len({s.get("executor") for s in summaries}) > 1:
         row["executor"] = "mixed"
+    # how each seed ran: every seed's value where they differ (the README's "pass the row's threads")
+    for k in _PER_SEED:
+        values = list(dict.fromkeys(key_text(s.get(k)) for s in summaries))
+        if len(values) > 1:
+            row[k] = ";".join(values)
     return row

@@ -27,7 +27,7 @@ import html
 import re
 import unicodedata
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
@@ -140,7 +140,9 @@ def _fmt_diff(r: pd.Series) -> str:
     if d is None or pd.isna(d):
         return "-"
     other = "" if str(r.get("ref_backbone")) == str(r.get("backbone")) else f" vs {r.get('ref_backbone')}"
-    return f"{float(d):+.2f} ± {float(r['diff_ci95']):.2f} ({_fmt_p(r.get('p_vs_ref'))}{other})"
+    n_paired, n = _count(r.get("n_paired")), _count(r.get("episodes"))  # fewer: the reference has fewer episodes
+    paired = f", on {n_paired} paired ep" if n_paired is not None and n is not None and n_paired < n else ""
+    return f"{float(d):+.2f} ± {float(r['diff_ci95']):.2f} ({_fmt_p(r.get('p_vs_ref'))}{other}{paired})"
 
 
 def n_seeds_of(r: Any) -> int:
@@ -164,8 +166,19 @@ def episodes_note(r: Any) -> str:
     return f"({text})"
 
 
+#: Column :func:`render_reports` adds (not to ``leaderboard.csv``): why a row's runs do not back it, empty when they do.
+UNVERIFIED = "unverified"
+#: Marker after the accuracy of a row whose runs do not back it (explained under the title).
+UNVERIFIED_MARK = " ⚠ unverified"
+
+
+def _unverified(r: Any) -> bool:
+    v = r.get(UNVERIFIED)
+    return isinstance(v, str) and bool(v)
+
+
 def _acc_cell(r: pd.Series) -> str:
-    cell = f"{_fmt(r['accuracy'], r['ci95'])} {episodes_note(r)}"
+    cell = f"{_fmt(r['accuracy'], r['ci95'])} {episodes_note(r)}" + (UNVERIFIED_MARK if _unverified(r) else "")
     if _is_true(r.get("transductive")):
         cell += " †"  # transductive: explained under the table
     ss = r.get("seed_std")
@@ -297,7 +310,8 @@ def _summary_frame(g: pd.DataFrame) -> pd.DataFrame:
         episodes, failed = _count(r.get("episodes")), _count(r.get("episodes_failed")) or 0
         rows.append({
             "method": r["method"], "backbone": r["backbone"], "shots": int(r["shots"]), "split": r.get("split"),
-            "accuracy ± CI95": _fmt(r["accuracy"], r["ci95"]) + (f" ({failed} failed)" if failed else ""),
+            "accuracy ± CI95": _fmt(r["accuracy"], r["ci95"]) + (f" ({failed} failed)" if failed else "")
+            + (UNVERIFIED_MARK if _unverified(r) else ""),
             "t-CI95": num(r.get("ci95_t"), ".2f"),
             "seed sd": num(r.get("seed_std"), ".2f"), "seeds": r.get("seeds"),
             "Δ vs ref": _fmt_diff(r), "Wilcoxon p": _fmt_p(r.get("p_wilcoxon_vs_ref")) or "-",
@@ -488,7 +502,8 @@ def _latex_acc(r: pd.Series) -> str:
     if r.get("accuracy") is None or pd.isna(r.get("accuracy")):
         return "--"
     cell = f"${float(r['accuracy']):.2f} \\pm {float(r['ci95']):.2f}$"
-    return cell + ("$^\\dagger$" if _is_true(r.get("transductive")) else "")
+    cell += "$^\\dagger$" if _is_true(r.get("transductive")) else ""
+    return cell + (" (unverified)" if _unverified(r) else "")  # runs that no longer back the row (verify_rows)
 
 
 def table6_latex(df: pd.DataFrame) -> str:
@@ -562,10 +577,33 @@ def report_rows(df: pd.DataFrame, where: Optional[Dict[str, Sequence[Any]]] = No
     return selected, selected[~smoke], notes
 
 
+def verify_rows(df: pd.DataFrame, results_dir: Path, log: Optional[Callable[[str], None]] = None
+                ) -> Tuple[pd.DataFrame, List[str]]:
+    """``df`` with the :data:`UNVERIFIED` column (:func:`~fewshot_nsl.leaderboard.row_evidence_problem` of each
+    row, empty where its runs back it), and the Markdown notes that explain the marked rows; ``log`` gets one
+    ``warning:`` line per marked row."""
+    from .leaderboard import row_evidence_problem
+
+    df = df.copy()
+    problems = [row_evidence_problem(r.to_dict(), results_dir) or "" for _, r in df.iterrows()]
+    df[UNVERIFIED] = problems
+    notes = []
+    for (_, r), problem in zip(df.iterrows(), problems):
+        if not problem:
+            continue
+        what = f"{r.get('method')} {r.get('backbone')} {r.get('ways')}-way {r.get('shots')}-shot ({r.get('profile')}, {r.get('dataset')})"
+        if log is not None:
+            log(f"warning: leaderboard row {what} is not backed by its runs: {problem}; run its command again "
+                f"(or --forget the row)")
+        notes.append(f"*⚠ unverified: {md_cell(what)}: {md_cell(problem)}. Its accuracy is shown as the row says; "
+                     "its paired columns are left empty. Run its command again, or `--forget` the row.*")
+    return df, notes
+
+
 def render_reports(results_dir: Path, reference: Optional[str] = None,
                    grid: Optional[Tuple[str, Sequence[Dict[str, Any]]]] = None,
                    where: Optional[Dict[str, Sequence[Any]]] = None, include_smoke: Optional[bool] = None,
-                   formats: Sequence[str] = ("markdown",)) -> Dict[str, Path]:
+                   formats: Sequence[str] = ("markdown",), log: Optional[Callable[[str], None]] = None) -> Dict[str, Path]:
     """Regenerate ``table6.md``, ``leaderboard.png``, ``summary.md`` and ``summary.html`` (and
     ``table6.tex`` with ``"latex"`` in ``formats``) from ``leaderboard.csv``, refreshing its paired
     columns against ``reference`` (default ``protonet``, whatever an earlier command passed).
@@ -575,11 +613,16 @@ def render_reports(results_dir: Path, reference: Optional[str] = None,
         where: filters of the rows shown (:func:`report_rows`); the CSV keeps every row.
         include_smoke: show smoke-profile rows in ``table6.md`` and the plot (see :func:`report_rows`).
         formats: ``markdown`` (always written) and ``latex`` (:func:`table6_latex`).
+        log: where to say which rows their runs no longer back (:func:`verify_rows`; they are also marked
+            in the reports).
     """
     results_dir = Path(results_dir)
     lb = results_dir / "leaderboard.csv"
     df = refresh_paired(lb, reference) if lb.is_file() else read_leaderboard(lb)
     selected, tables, notes = report_rows(df, where, include_smoke)
+    selected, evidence_notes = verify_rows(selected, results_dir, log)
+    tables = selected.loc[tables.index] if len(tables) else selected.iloc[0:0]
+    notes = notes + evidence_notes
     results_dir.mkdir(parents=True, exist_ok=True)
     out = {"markdown": _write_text(results_dir / "table6.md", table6_markdown(tables, notes))}
     if "latex" in formats:

@@ -53,10 +53,14 @@ from .data.episodes import (
 )
 from .data.store import ImageStore, default_cache_dir
 from .episode_log import (  # noqa: F401
+    EPISODES_DIGEST,
     episode_accuracies,
+    episodes_sha256,
+    evidence_problem,
     merge_episode_rows,
     missing_episodes,
     salvage_shards,
+    set_aside_unbacked_record,
 )
 from .errors import ConfigError, DataError
 from .evaluation import episode_accuracy, evaluate, read_episode_results
@@ -272,6 +276,7 @@ def prepare(
     rdir = run_dir_of(cfg, identity)
     claim_run_dir(rdir, identity)
     remove_stale_tmp(rdir)  # left by a process killed mid-write
+    set_aside_unbacked_record(rdir, log)  # a summary its episodes.csv no longer backs: evaluated again, files kept
     if not (rdir / "config.yaml").is_file():
         save_config(cfg, rdir / "config.yaml")
     return RunContext(cfg, store, episodes, device, rdir, identity)
@@ -428,7 +433,8 @@ def is_complete(cfg: RunConfig, identity: RunIdentity, n_episodes: int) -> Optio
     if not isinstance(s, dict):
         return None
     ok = s.get("identity") == identity.to_dict() and int(s.get("episodes", -1)) == n_episodes
-    return s if ok else None
+    # a summary whose episodes.csv no longer backs it is not a finished run: the run evaluates again (prepare)
+    return s if ok and evidence_problem(run_summary_path(cfg, identity).parent, s) is None else None
 
 
 def finish(ctx: RunContext, executor: str = "local", eval_peak_mb: Optional[float] = None,
@@ -444,6 +450,7 @@ def finish(ctx: RunContext, executor: str = "local", eval_peak_mb: Optional[floa
         order = [r.get("episode") for r in csv.DictReader(f)]
     if order != [str(i) for i in range(ctx.n_episodes)]:
         merge_episode_rows(ctx.episodes_csv, [])
+    digest = episodes_sha256(ctx.episodes_csv)  # the row's evidence: any later change of the file is detected
     # a failed (non-finite) episode counts as wrong: a method cannot raise its mean by abstaining
     failed = {i for i in range(ctx.n_episodes) if rows[i]["status"] != "ok"}
     accs = [episode_accuracy(rows[i]) for i in range(ctx.n_episodes)]
@@ -463,7 +470,8 @@ def finish(ctx: RunContext, executor: str = "local", eval_peak_mb: Optional[floa
         "accuracy": round(s.mean, 4), "ci95": round(s.ci95, 4), "ci95_t": round(s.ci95_t, 4), "std": round(s.std, 4),
         "episodes": s.n, "episodes_failed": len(failed),
         "paper_value": pv, "paper_ci": pc, "paper_comparable": comparable, "image_size": cfg.image_size, "synthetic": store.synthetic,
-        "episode_list": episode_list, "episode_hash": episodes.sha256, "dataset_fingerprint": store.fingerprint(),
+        "episode_list": episode_list, "episode_hash": episodes.sha256, EPISODES_DIGEST: digest,
+        "dataset_fingerprint": store.fingerprint(),
         "config_hash": cell_config_hash(cfg), "run_config_hash": config_hash(cfg), "code_hash": ctx.identity.code_hash,
         "identity": ctx.identity.to_dict(),
         "params": record.get("params"), "train_time_s": train_time, "eval_time_s": round(eval_time, 2),
@@ -545,7 +553,7 @@ def publish(rows: Sequence[Dict[str, Any]], results_dir: Path, reference: Option
     results_dir = Path(results_dir)
     for row in rows:
         upsert_row(results_dir / "leaderboard.csv", row, reference=reference, replace=replace, log=log)
-    render_reports(results_dir)
+    render_reports(results_dir, log=log)
 
 
 def run(cfg: RunConfig, progress: bool = True, log=print, reference: Optional[str] = None,
