@@ -638,6 +638,12 @@ def _main(argv: Optional[List[str]] = None) -> int:
         failures = _plugin_failures(args.plugins) if isinstance(exc, RegistryError) else []
         console.error(f"error: {printable('; '.join([str(exc), *failures]))}")
         return 2
+    except OSError as exc:  # a full disk, a read-only results folder: the system's reason, in one line
+        where = f" {exc.filename}" if exc.filename else ""
+        console.error(f"error: cannot read or write{printable(where)}: {exc.strerror or exc}; free disk space or make the "
+                      f"folder writable (or pass another --results-dir / --cache-dir), then run the same command "
+                      f"again: finished episodes are kept and resume")
+        return 2
     except _out_of_memory():
         console.error("error: out of GPU memory; lower the meta-batch (episodic.meta_batch), the image size (--image-size), "
                       "use first-order MAML (method_options: {first_order: true}) or run on --device cpu; "

@@ -57,7 +57,7 @@ from .leaderboard import (  # noqa: F401  (re-exported)
     refresh_paired,
     upsert_row,
 )
-from .safe_io import atomic_write, atomic_write_text
+from .safe_io import atomic_write, atomic_write_text, locked
 
 
 # ----------------------------------------------------------------------------- escaping
@@ -617,6 +617,14 @@ def render_reports(results_dir: Path, reference: Optional[str] = None,
             in the reports).
     """
     results_dir = Path(results_dir)
+    # one render at a time, from reading the leaderboard to the last file: two commands finishing together
+    # (each upserting its row, then rendering) leave the reports of the newer leaderboard, not of an older view
+    with locked(results_dir / "reports"):
+        return _render_reports(results_dir, reference, grid, where, include_smoke, formats, log)
+
+
+def _render_reports(results_dir, reference, grid, where, include_smoke, formats, log) -> Dict[str, Path]:
+    """:func:`render_reports` under its lock."""
     lb = results_dir / "leaderboard.csv"
     df = refresh_paired(lb, reference) if lb.is_file() else read_leaderboard(lb)
     selected, tables, notes = report_rows(df, where, include_smoke)

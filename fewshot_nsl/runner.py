@@ -533,7 +533,12 @@ def execute(cfg: RunConfig, store: Optional[ImageStore] = None, episodes: Option
         finally:
             # a part that failed before doing any work (e.g. a refused checkpoint) leaves the run folder as it was
             if part["outcome"] != "failed" or part["trained"] or _evaluated(ctx)[0] > done:
-                add_part(ctx.run_dir, part)
+                try:
+                    add_part(ctx.run_dir, part)
+                except OSError:
+                    if part["outcome"] != "failed":
+                        raise
+                    # the part failed already (e.g. on a full disk): its own error is the one to report
     return finish(ctx, "local", eval_peak_mb=peak_memory_mb(ctx.device), threads=threads, resumed=resumed)
 
 

@@ -201,3 +201,25 @@ def test_every_committed_reference_row_is_backed_by_its_runs(folder):
     assert len(df)
     assert {r["method"]: row_evidence_problem(r.to_dict(), results) for _, r in df.iterrows()
             if row_evidence_problem(r.to_dict(), results)} == {}
+
+
+def test_an_unwritable_results_folder_is_one_error_line(finished, tmp_path, capsys, monkeypatch):
+    """A read-only folder or a full disk under ``--report`` / ``--forget``: the system's reason in one line."""
+    import errno
+
+    import fewshot_nsl.leaderboard as leaderboard
+    import fewshot_nsl.reporting as reporting
+
+    results = finished(tmp_path)
+
+    def refuse(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(reporting, "_write_text", refuse)
+    code, out = cli(results, capsys, "--report")
+    assert code == 2 and "error: cannot read or write" in out and "Read-only file system" in out, out
+    assert "Traceback" not in out and len([ln for ln in out.splitlines() if ln.startswith("error:")]) == 1
+    monkeypatch.setattr(leaderboard, "_write_atomic_csv", refuse)
+    code, out = cli(results, capsys, "--forget", "--method", "protonet")
+    assert code == 2 and "Read-only file system" in out and "Traceback" not in out, out
+    assert len(read_leaderboard(results / "leaderboard.csv")) == 2  # nothing was lost
