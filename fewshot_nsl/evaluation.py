@@ -84,8 +84,10 @@ def episode_accuracy(row: Dict[str, str]) -> float:
     return 0.0 if row.get("status") == "nonfinite" else float(row["accuracy"])
 
 
-def _method_error(method: FewShotMethod, exc: BaseException, call: str, where: str, error_dir: Optional[Path]) -> str:
-    """One line for a method's own exception (the traceback goes to ``error_dir/error.txt`` when given)."""
+def _method_error(method: FewShotMethod, exc: BaseException, call: str, where: str, error_dir: Optional[Path],
+                  kept_note: str = "finished episodes are kept") -> str:
+    """One line for a method's own exception (the traceback goes to ``error_dir/error.txt`` when given);
+    ``kept_note`` says what a rerun after the fix keeps."""
     kept = ""
     if error_dir is not None:
         try:
@@ -96,7 +98,7 @@ def _method_error(method: FewShotMethod, exc: BaseException, call: str, where: s
             pass
     msg = " ".join(str(exc).split())[:200]
     return (f"method {_method_name(method)} raised {type(exc).__name__} in {call} on {where}: {msg}{kept}; "
-            f"fix the method (finished episodes are kept)")
+            f"fix the method ({kept_note})")
 
 
 def run_episode(

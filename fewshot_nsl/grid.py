@@ -566,16 +566,25 @@ def run_grid(
                 gone = forget_rows(Path(job.cfg.results_dir) / "leaderboard.csv", run_ids=[d.name])
                 log(f"  rerun: removed {d}" + (" and its leaderboard row" if len(gone) else ""))
 
-    def finish_cell(p: PlannedCell) -> None:
+    def finish_cell(p: PlannedCell, status: str) -> None:
         row = aggregate(list(p.summaries.values()), results_dir)
-        p.row = row
+        total, failed = int(row["episodes"]) * int(row["n_seeds"]), int(row["episodes_failed"])
+        if total and failed >= total:  # nothing measured: a 0.00 row would read as a result
+            p.status = "failed"
+            p.error = (f"every one of its {total} test episodes failed (the method raised or gave non-finite logits; "
+                       f"see episodes.csv in runs/{str(row['run_id']).split(';')[0]}): no leaderboard row")
+            log(f"FAILED {p.describe()}: {p.error}")
+            return
+        p.row, p.status = row, status
         log(result_line(row))
+        if failed:
+            log(f"warning: {failed} of {total} test episodes of {p.describe()} failed (non-finite logits) and count "
+                f"as wrong (episodes.csv status 'nonfinite'); the row says so ('episodes_failed')")
         upsert_row(results_dir / "leaderboard.csv", row, reference=reference, replace=replace_row, log=log)
 
     for p in planned:
         if p.status == "aggregate":
-            finish_cell(p)
-            p.status = "aggregated"
+            finish_cell(p, "aggregated")
 
     jobs = [j for p in planned if p.status == "run" for j in p.jobs]
     if jobs:
@@ -585,8 +594,7 @@ def run_grid(
             if tracker is not None:
                 tracker.log_run(summary, Path(job.cfg.results_dir) / "runs" / str(summary["run_id"]))
             if p.status == "run" and len(p.summaries) == len(p.cfgs):
-                finish_cell(p)
-                p.status = "ran"
+                finish_cell(p, "ran")
 
         def on_error(job: RunJob, exc: BaseException) -> None:
             p = job.cell

@@ -18,7 +18,7 @@ from .data.episodes import (
     episode_list_for_store,
 )
 from .data.store import ImageStore, check_min_images
-from .errors import ConfigError
+from .errors import ConfigError, FewShotError, MethodError
 from .methods.base import FewShotMethod
 from .registry import check_kwargs, create_backbone, create_dataset, get_method_class
 
@@ -133,7 +133,15 @@ def build_method(cfg: RunConfig) -> FewShotMethod:
 
         conv_layer = make_conv_factory(**conv_spec)
     backbone = create_backbone(cfg.backbone, conv_layer=conv_layer, **cfg.backbone_options)
-    return method_cls(backbone=backbone, image_size=cfg.image_size, **cfg.method_options)
+    try:
+        return method_cls(backbone=backbone, image_size=cfg.image_size, **cfg.method_options)
+    except FewShotError:
+        raise
+    except Exception as exc:  # the method's own constructor (a plugin's, or an option of the wrong type)
+        msg = " ".join(str(exc).split())[:200]
+        raise MethodError(f"method {cfg.method} could not be built with method_options {cfg.method_options or {}}: "
+                          f"{type(exc).__name__}: {msg}; check the options' values and types (--list --method "
+                          f"{cfg.method} lists them) or the method's __init__") from exc
 
 
 def stages_of(cfg: RunConfig) -> Tuple[str, ...]:

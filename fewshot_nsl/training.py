@@ -27,12 +27,12 @@ from tqdm.auto import tqdm
 from .data.episodes import Episode, EpisodeSampler, Materialiser
 from .data.prefetch import Prefetcher, stages
 from .data.store import ImageStore, default_cache_dir
-from .errors import ConfigError
+from .errors import ConfigError, FewShotError, MethodError
 from .config import RunConfig
 from .console import RunStatus
 from .curves import LogitsProbe, StageCurve
 from .methods.base import FewShotMethod
-from .evaluation import run_episode
+from .evaluation import _method_error, run_episode
 from .precision import autocast, grad_scaler
 from .validation import StageValidator, ValidationSettings, prototype_logits
 from .training_state import (  # noqa: F401  (re-exported: callers import them from training)
@@ -625,9 +625,16 @@ def meta_train(
             opt.zero_grad(set_to_none=True)
             for i in range(e.meta_batch):
                 episode, t = next(stream)
-                with autocast(cfg.precision, device):  # the method's forward passes and loss (fp32: no autocast)
-                    loss = method.loss(t.support_x, t.support_y, t.query_x, t.query_y)
-                scaler.scale(loss / e.meta_batch).backward()
+                try:
+                    with autocast(cfg.precision, device):  # the method's forward passes and loss (fp32: no autocast)
+                        loss = method.loss(t.support_x, t.support_y, t.query_x, t.query_y)
+                    scaler.scale(loss / e.meta_batch).backward()
+                except (FewShotError, torch.OutOfMemoryError):
+                    raise
+                except Exception as exc:  # the method's own bug (a plugin's): one line naming the call and where
+                    where = f"training step {step + 1} of {e.steps} (training episode {step * e.meta_batch + i + 1})"
+                    raise MethodError(_method_error(method, exc, "loss", where, checkpoint_path.parent,
+                                                    "episodic training resumes from its last checkpoint")) from exc
                 # kept on the device; read and checked once per curve row (IntervalLog), not per episode
                 log.add(loss, probe.accuracy_tensor(t.query_y),
                         f"{cfg.method} training loss at step {step + 1} of {e.steps} (training episode "
