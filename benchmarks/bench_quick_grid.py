@@ -55,13 +55,26 @@ def read_leaderboard(directory: Path) -> Dict[Cell, Dict[str, str]]:
         return {tuple(r.get(k, "") for k in CELL): r for r in csv.DictReader(f)}
 
 
-def episode_accuracies(directory: Path, row: Dict[str, str]) -> Optional[Dict[str, str]]:
-    """Episode -> accuracy from the run folder behind ``row`` (``runs/<run_id>/episodes.csv``); None if absent."""
-    path = directory / "runs" / row.get("run_id", "") / "episodes.csv"
-    if not row.get("run_id") or not path.is_file():
+#: What two rows of one cell must share for their episodes to be paired by index (the same test episodes).
+SAME_EPISODES = ("episode_hash", "dataset_fingerprint", "split", "precision")
+
+
+def episode_accuracies(directory: Path, row: Dict[str, str]) -> Optional[Dict[str, float]]:
+    """Episode -> accuracy (%) averaged over the row's seeds (``run_id`` is ``;``-separated for several), from the
+    run folders behind ``row`` (``runs/<run_id>/episodes.csv``); None if one is absent."""
+    ids = [r for r in (row.get("run_id") or "").split(";") if r]
+    per_run = []
+    for rid in ids:
+        path = directory / "runs" / rid / "episodes.csv"
+        if not path.is_file():
+            return None
+        with path.open(newline="") as f:
+            per_run.append({r["episode"]: float(r["accuracy"]) if r.get("status") == "ok" else 0.0
+                            for r in csv.DictReader(f)})
+    if not per_run:
         return None
-    with path.open(newline="") as f:
-        return {r["episode"]: r["accuracy"] for r in csv.DictReader(f)}
+    common = set.intersection(*(set(p) for p in per_run))
+    return {e: sum(p[e] for p in per_run) / len(per_run) for e in common}
 
 
 def _f(row: Dict[str, str], key: str) -> float:
@@ -107,11 +120,15 @@ def print_compare(rows: Dict[Cell, Dict[str, str]], here: Path, other_rows: Dict
             return f"x{a / b:.2f}" if b > 0 and a == a else "-"
 
         mine, theirs = episode_accuracies(here, r), episode_accuracies(other, o)
-        if mine is None or theirs is None:
+        unlike = [k for k in SAME_EPISODES if (r.get(k) or "fp32" if k == "precision" else r.get(k))
+                  != (o.get(k) or "fp32" if k == "precision" else o.get(k))]
+        if unlike:  # other test episodes (or precision): pairing them by index would compare unrelated episodes
+            eps = f"not paired: {', '.join(unlike)} differ"
+        elif mine is None or theirs is None:
             eps = "-"
         else:
             common = sorted(set(mine) & set(theirs))
-            differ = sum(1 for e in common if abs(float(mine[e]) - float(theirs[e])) > 1e-9)
+            differ = sum(1 for e in common if abs(mine[e] - theirs[e]) > 1e-9)
             eps = f"{differ} of {len(common)}"
         print(f"   {r['method']:18s} {r['shots']:>5s} {_f(r, 'accuracy') - _f(o, 'accuracy'):+9.2f} {ratio('train_time_s'):>8s} "
               f"{ratio('eval_time_s'):>8s} {ratio('wall_time_s'):>8s} {eps:>20s}")
