@@ -9,6 +9,10 @@ decay 1e-3, batch 4, 100 passes over the support set.
 With a frozen backbone the support features are computed once per episode. The pretrained
 backbone is never modified: fine-tuning it works on a deep copy made for the episode. Batch
 norm of that copy keeps the mode of the method (eval at test: pretrained running statistics).
+
+The head is made and trained in the dtype of the backbone's weights (float32,
+:func:`~fewshot_nsl.methods.head_training.weights_dtype`), on features cast to it, also under
+``--precision bf16|fp16`` (where autocast gives bf16/fp16 features), on both paths.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from fewshot_nsl.methods.batched import (
     take,
     train_batched,
 )
+from fewshot_nsl.methods.head_training import weights_dtype
 from fewshot_nsl.registry import register_method
 
 
@@ -82,7 +87,7 @@ class Finetune(FewShotMethod):
         The support set is reshuffled on every pass, also when one batch holds all of it.
         """
         ways = self.num_ways(support_y)
-        head = nn.Linear(self.feature_dim, ways).to(support_x.device, support_x.dtype)
+        head = nn.Linear(self.feature_dim, ways).to(support_x.device, weights_dtype(self.backbone))
         sgd = dict(lr=self.lr, momentum=self.momentum, dampening=self.dampening)
         if self.finetune_backbone:
             backbone = copy.deepcopy(self.backbone)
@@ -129,9 +134,11 @@ class Finetune(FewShotMethod):
             return super().episode_bytes(support, queries, image_size) + 4 * weights
         return 8 * (support + queries) * self.feature_dim * 4
 
-    def _episode_draws(self, seeds, ways: int, n: int, device: torch.device, dtype: torch.dtype):
-        """Each episode's initial head ``(E, ways, D)``, ``(E, ways)`` and support orders ``(E, epochs, S)``, drawn
-        as ``fit_support`` draws them from the episode's seed."""
+    def _episode_draws(self, seeds, ways: int, n: int, device: torch.device):
+        """Each episode's initial head ``(E, ways, D)``, ``(E, ways)`` (in the backbone's weights' dtype) and support
+        orders ``(E, epochs, S)``, drawn as ``fit_support`` draws them from the episode's seed."""
+        dtype = weights_dtype(self.backbone)
+
         def draw():
             weight, bias = linear_init(self.feature_dim, ways, device, dtype)
             return weight, bias, support_orders(n, self.epochs, self.batch_size, device, shuffle_full_batch=True)
@@ -146,13 +153,14 @@ class Finetune(FewShotMethod):
     def evaluate_embedded(self, support_f, support_y, query_f, seeds, ways) -> torch.Tensor:
         """Frozen backbone, ``E`` episodes from their images' features: ``E`` heads trained together
         (:func:`~fewshot_nsl.methods.batched.fit_linear_heads`), each from the initial weights and support orders its
-        episode's seed gives ``fit_support``. ``(E, S, D)``, ``(E, S)``, ``(E, Q, D)`` -> ``(E, Q, ways)``."""
-        weight, bias, orders = self._episode_draws(seeds, ways, support_f.shape[1], support_f.device, support_f.dtype)
+        episode's seed gives ``fit_support``, on the features cast to the heads' dtype (float32 under autocast).
+        ``(E, S, D)``, ``(E, S)``, ``(E, Q, D)`` -> ``(E, Q, ways)``."""
+        weight, bias, orders = self._episode_draws(seeds, ways, support_f.shape[1], support_f.device)
         weight, bias = fit_linear_heads(
             weight, bias, support_f, support_y, orders, batch_size=self.batch_size, lr=self.lr,
             momentum=self.momentum, dampening=self.dampening, weight_decay=self.weight_decay,
         )  # fmt: skip
-        return linear_logits(weight, bias, query_f)
+        return linear_logits(weight, bias, query_f.to(weight.dtype))
 
     def evaluate_episodes(self, support_x, support_y, query_x, seeds, ways) -> torch.Tensor:
         """``E`` episodes side by side. Frozen backbone: :meth:`evaluate_embedded` of the images' features. Whole
@@ -164,7 +172,7 @@ class Finetune(FewShotMethod):
         if self.backbone.training or not self.supports_batched_evaluation():
             # in train mode BN would update running statistics; on a CPU batching does not pay: per episode
             return self.evaluate_one_by_one(support_x, support_y, query_x, seeds, ways)
-        weight, bias, orders = self._episode_draws(seeds, ways, support_x.shape[1], support_x.device, support_x.dtype)
+        weight, bias, orders = self._episode_draws(seeds, ways, support_x.shape[1], support_x.device)
         return self._finetune_episodes(weight, bias, orders, support_x, support_y, query_x)
 
     def _finetune_episodes(self, weight: torch.Tensor, bias: torch.Tensor, orders: torch.Tensor,

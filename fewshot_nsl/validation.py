@@ -134,12 +134,19 @@ def prototype_logits(features: nn.Module, t: EpisodeTensors) -> torch.Tensor:
 
     Returns:
         ``(n_query, ways)``: minus the squared Euclidean distances of the query features to the support means.
+
+    ``ways`` is ``max(support_y) + 1``, read from the count the materialised labels carry (``episode_ways``) where
+    they do, and the class counts are an ``index_add_`` of ones: no host synchronisation (``torch.bincount`` reads
+    the labels' min and max on the host).
     """
-    ways = int(t.support_y.max()) + 1
+    y = t.support_y
+    known = getattr(y, "episode_ways", None)
+    ways = int(known) if known is not None else int(y.max()) + 1
     s = features(t.support_x).flatten(1)
     q = features(t.query_x).flatten(1)
-    means = torch.zeros(ways, s.shape[1], dtype=s.dtype, device=s.device).index_add_(0, t.support_y, s)
-    means = means / torch.bincount(t.support_y, minlength=ways).clamp_min(1).to(s.dtype)[:, None]
+    means = torch.zeros(ways, s.shape[1], dtype=s.dtype, device=s.device).index_add_(0, y, s)
+    counts = torch.zeros(ways, dtype=torch.long, device=y.device).index_add_(0, y, torch.ones_like(y, dtype=torch.long))
+    means = means / counts.clamp_min(1).to(s.dtype)[:, None]
     return -torch.cdist(q, means).pow(2)
 
 

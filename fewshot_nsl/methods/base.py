@@ -300,8 +300,13 @@ class FewShotMethod(nn.Module):
     @classmethod
     def class_means(cls, features: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
         """Per-class means (prototypes): ``(S, *F)`` features, ``(S,)`` labels -> ``(ways, *F)``
-        (a class without examples gets zeros)."""
-        counts = torch.bincount(labels, minlength=ways).clamp_min(1).to(features.dtype)
+        (a class without examples gets zeros).
+
+        The counts are an ``index_add_`` of ones, like the sums: ``torch.bincount`` would read the labels' min and
+        max on the host (two synchronisations of a CUDA device per call)."""
+        ones = torch.ones(labels.shape, dtype=torch.long, device=labels.device)
+        counts = torch.zeros(ways, dtype=torch.long, device=labels.device).index_add_(0, labels, ones)
+        counts = counts.clamp_min(1).to(features.dtype)
         return cls.class_sums(features, labels, ways) / counts.view(-1, *([1] * (features.dim() - 1)))
 
     @staticmethod

@@ -14,6 +14,11 @@ draws, :func:`support_orders`). The optimisers here (:class:`BatchedSGD`, :class
 ``torch.optim.SGD`` / ``torch.optim.Adam``'s update rules element-wise to the stacked parameters, so an
 episode's parameters follow the per-episode path's up to floating-point rounding (summing the episodes'
 losses gives each episode's parameters exactly their own episode's gradient).
+
+The stacked parameters are made in the dtype of the method's weights
+(:func:`~fewshot_nsl.methods.head_training.weights_dtype`), as the per-episode path makes them, never in the
+autocast dtype of the features: :func:`fit_linear_heads` casts the features to its heads' dtype, and the optimisers
+keep their state in the parameters' dtype whatever the dtype of a gradient computed under autocast.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from .head_training import drop_stale_casts
 
 #: What :func:`auto_batch_episodes` keeps an evaluation batch under (bytes; a quarter of the free memory on CUDA).
 CPU_EVAL_BUDGET_BYTES = 2 * 1024**3
@@ -78,7 +84,8 @@ def replay_draws(seeds: Sequence[int], device: torch.device, draw: Callable[[], 
 def linear_init(in_features: int, out_features: int, device: torch.device, dtype: torch.dtype
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The draws of ``nn.Linear(in_features, out_features).to(device, dtype)``: weight ``(out, in)``, bias ``(out,)``
-    (made on the CPU generator as ``nn.Linear`` makes them, then moved)."""
+    (made on the CPU generator as ``nn.Linear`` makes them, then moved). ``dtype`` is the method's weights' dtype
+    (:func:`~fewshot_nsl.methods.head_training.weights_dtype`), not the features'."""
     layer = torch.nn.Linear(in_features, out_features)
     return layer.weight.detach().to(device, dtype), layer.bias.detach().to(device, dtype)
 
@@ -129,14 +136,16 @@ class _BatchedOptimizer:
         return [p for g in self.groups for p in g["params"]]
 
     def step(self, grads: Sequence[Optional[torch.Tensor]]) -> None:
-        """Update every parameter in place (no autograd) from ``grads``, in :attr:`params` order."""
+        """Update every parameter in place (no autograd) from ``grads``, in :attr:`params` order. A gradient is
+        cast to its parameter's dtype first (one computed under autocast may be bf16/fp16), so the update and the
+        optimiser state are in the parameter's dtype, as ``torch.optim`` keeps them."""
         it = iter(grads)
         with torch.no_grad():
             for g in self.groups:
                 for p in g["params"]:
                     grad = next(it)
                     if grad is not None:
-                        self._update(p, grad, g)
+                        self._update(p, grad.to(p.dtype), g)
 
     def _update(self, p: torch.Tensor, grad: torch.Tensor, group: Dict) -> None:
         raise NotImplementedError
@@ -216,12 +225,14 @@ def train_batched(loss_fn: Callable[[torch.Tensor], torch.Tensor], opt: _Batched
     params = opt.params
     n = orders.shape[-1]
     with torch.enable_grad():
+        drop_stale_casts()
         for epoch in range(orders.shape[1]):
             order = orders[:, epoch]
             for sl in batch_slices(n, batch_size):
                 loss = loss_fn(order[:, sl])
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 opt.step(grads)
+                drop_stale_casts()  # the stacked parameters changed in place: autocast's copies of them are stale
 
 
 def linear_logits(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -253,9 +264,10 @@ def fit_linear_heads(
     by cross-entropy on their episodes' frozen support features, side by side.
 
     Args:
-        weight: ``(E, ways, D)`` initial weights (:func:`linear_init` per episode).
+        weight: ``(E, ways, D)`` initial weights (:func:`linear_init` per episode), in the method's weights' dtype.
         bias: ``(E, ways)`` initial biases.
-        features: ``(E, S, D)`` support features.
+        features: ``(E, S, D)`` support features, cast to ``weight``'s dtype (bf16/fp16 features under autocast
+            train float32 heads, as :func:`~fewshot_nsl.methods.head_training.fit_linear_head` does).
         labels: ``(E, S)`` int64 labels in ``0..ways-1``.
         orders: ``(E, epochs, S)`` support orders (:func:`support_orders` per episode).
         batch_size, lr, momentum, dampening, weight_decay, optimizer: as ``fit_linear_head``.
@@ -265,8 +277,8 @@ def fit_linear_heads(
     """
     w, b = weight.detach().clone(), bias.detach().clone()
     opt = make_batched_optimizer(optimizer, [{"params": [w, b], "weight_decay": weight_decay}], lr, momentum, dampening)
-    features = features.detach()
-    targets = F.one_hot(labels, w.shape[1]).to(features.dtype)  # (E, S, ways)
+    features = features.detach().to(w.dtype)
+    targets = F.one_hot(labels, w.shape[1]).to(w.dtype)  # (E, S, ways)
     slices = batch_slices(features.shape[1], batch_size)
     # The gradient of the mean cross-entropy of a linear layer, written out: (softmax - onehot) / b back through
     # the layer (what autograd computes, without its per-call bookkeeping: ~700 steps per episode).
@@ -276,7 +288,9 @@ def fit_linear_heads(
             x_pass, y_pass = take(features, order), take(targets, order)
             for sl in slices:
                 x, y = x_pass[:, sl], y_pass[:, sl]
-                g = torch.softmax(linear_logits(w, b, x), dim=-1).sub_(y).div_(x.shape[1])  # (E, b, ways)
+                # the logits in the heads' dtype (autocast gives bf16/fp16): the loss's softmax in full precision,
+                # as cross-entropy runs under autocast on the per-episode path
+                g = torch.softmax(linear_logits(w, b, x).to(w.dtype), dim=-1).sub_(y).div_(x.shape[1])  # (E, b, ways)
                 opt.step([torch.bmm(g.transpose(1, 2), x), g.sum(1)])
     return w, b
 

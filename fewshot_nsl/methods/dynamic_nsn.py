@@ -18,6 +18,10 @@ The layer variant is chosen with the run's ``conv:`` key, merged over :attr:`Dyn
 The head options default to the finetuning protocol of Chen et al. (ICLR 2019): SGD lr 0.01,
 momentum 0.9, dampening 0.9, weight decay 1e-3, batch 4, 100 passes over the support set.
 
+The head is made and trained in the dtype of the network's weights (float32,
+:func:`~fewshot_nsl.methods.head_training.weights_dtype`), on the features cast to it, also under
+``--precision bf16|fp16`` (where autocast gives bf16/fp16 features).
+
 The predictors are regularised like the backbone (the pretraining's weight decay), as in the
 authors' code; no extra term is added. The support features are computed once per episode
 in the mode the harness sets (eval: BN with base-class statistics); the backbone is never
@@ -35,7 +39,7 @@ from ..nn import NSConv2d
 from ..registry import register_method
 from .base import FewShotMethod
 from .batched import fit_linear_heads, linear_init, linear_logits, replay_draws, support_orders
-from .head_training import OPTIMIZERS, fit_linear_head
+from .head_training import OPTIMIZERS, fit_linear_head, weights_dtype
 
 
 @register_method("dynamic_nsn")
@@ -85,9 +89,10 @@ class DynamicNSN(FewShotMethod):
 
     def fit_support(self, support_x: torch.Tensor, support_y: torch.Tensor) -> None:
         """Train a new linear head on the frozen features of ``(S, 3, H, W)``, ``(S,)``; works under ``no_grad``."""
+        dtype = weights_dtype(self.backbone)  # not the features' (bf16/fp16 under autocast)
         with torch.no_grad():
-            features = self.backbone(support_x)  # (S, D), computed once
-        head = nn.Linear(self.feature_dim, self.num_ways(support_y)).to(features.device, features.dtype)
+            features = self.backbone(support_x).to(dtype)  # (S, D), computed once
+        head = nn.Linear(self.feature_dim, self.num_ways(support_y)).to(features.device, dtype)
         fit_linear_head(
             head, features, support_y, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
             momentum=self.momentum, dampening=self.dampening, weight_decay=self.weight_decay, optimizer=self.optimizer,
@@ -100,7 +105,7 @@ class DynamicNSN(FewShotMethod):
         if self._episode is None:
             raise RuntimeError("dynamic_nsn: call fit_support before forward")
         (head,) = self._episode
-        return head(self.backbone(query_x))
+        return head(self.backbone(query_x).to(head.weight.dtype))
 
     # ------------------------------------------------------------------ batched evaluation
     def supports_batched_evaluation(self) -> bool:
@@ -119,11 +124,13 @@ class DynamicNSN(FewShotMethod):
     def evaluate_embedded(self, support_f, support_y, query_f, seeds, ways) -> torch.Tensor:
         """``E`` episodes from the frozen dynamic NSN's features of their images: ``E`` heads trained side by side
         (:func:`~fewshot_nsl.methods.batched.fit_linear_heads`) from the initial weights and support orders each
-        episode's seed gives ``fit_support``. ``(E, S, D)``, ``(E, S)``, ``(E, Q, D)`` -> ``(E, Q, ways)``."""
-        device, n, support = support_f.device, support_f.shape[1], support_f
+        episode's seed gives ``fit_support``, in the network's weights' dtype (the features cast to it).
+        ``(E, S, D)``, ``(E, S)``, ``(E, Q, D)`` -> ``(E, Q, ways)``."""
+        device, n, dtype = support_f.device, support_f.shape[1], weights_dtype(self.backbone)
+        support = support_f.to(dtype)
 
         def draw():
-            weight, bias = linear_init(self.feature_dim, ways, device, support.dtype)
+            weight, bias = linear_init(self.feature_dim, ways, device, dtype)
             return weight, bias, support_orders(n, self.epochs, self.batch_size, device)
 
         weight, bias, orders = replay_draws(seeds, device, draw)
@@ -132,4 +139,4 @@ class DynamicNSN(FewShotMethod):
             momentum=self.momentum, dampening=self.dampening, weight_decay=self.weight_decay,
             optimizer=self.optimizer,
         )  # fmt: skip
-        return linear_logits(weight, bias, query_f)
+        return linear_logits(weight, bias, query_f.to(dtype))

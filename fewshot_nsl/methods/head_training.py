@@ -5,6 +5,13 @@ Used by every method that fits something to the support set by plain gradient st
 ``finetune`` baseline (a new head, optionally with a copy of the backbone). Their defaults follow the
 finetuning protocol of Chen et al. (ICLR 2019, ``baselinefinetune.py``): SGD lr 0.01, momentum 0.9,
 dampening 0.9, weight decay 1e-3, batch 4, 100 passes over the support set.
+
+What is trained per episode (a new head, the ``M_s``) is made in the dtype of the method's weights
+(:func:`weights_dtype`: float32, float64 in the equivalence tests) and trained on features cast to it: under
+``--precision bf16|fp16`` the backbone returns bf16/fp16 features, and a head made in their dtype would keep its
+weights and its optimiser state in bf16/fp16, where ``lr * grad`` falls below one rounding step (most weights
+never move). Autocast still runs the head's matmuls in low precision (:mod:`fewshot_nsl.precision`), from copies
+of the weights made afresh after every optimiser step (:func:`drop_stale_casts`).
 """
 from __future__ import annotations
 
@@ -17,6 +24,27 @@ from torch import nn
 from ..errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam")
+
+
+def weights_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of ``module``'s floating-point parameters (float32 when it has none): the dtype a method makes
+    and trains its per-episode parameters in, never the autocast dtype of the features ``module`` returns."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def drop_stale_casts() -> None:
+    """Forget autocast's low-precision copies of float32 leaves that require grad (the weights being trained).
+
+    Autocast casts such a leaf once and reuses the copy until its outermost region ends; an optimiser step updates
+    the leaf in place, which does not invalidate the copy. The harness's autocast region covers a whole
+    ``fit_support`` (and a batch of episodes), so without this every forward of a support-set training loop would
+    run with the weights of its first step. Called before the first step and after every step (a no-op without
+    autocast; the next forward casts the weights again, as once per step in a training loop's own region).
+    """
+    torch.clear_autocast_cache()
 
 
 def make_optimizer(
@@ -54,6 +82,7 @@ def train_on_support(
     """
     bs = n if not batch_size or batch_size <= 0 else min(batch_size, n)
     with torch.enable_grad():
+        drop_stale_casts()  # copies cached by a forward before the training (e.g. a warm-up's last step)
         for _ in range(epochs):
             shuffle = bs < n or shuffle_full_batch
             order = torch.randperm(n, device=device) if shuffle else torch.arange(n, device=device)
@@ -62,6 +91,7 @@ def train_on_support(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                drop_stale_casts()  # the weights changed in place: autocast's copies of them are stale
 
 
 def fit_linear_head(
@@ -82,7 +112,8 @@ def fit_linear_head(
 
     Args:
         head: the classifier, ``(b, D) -> (b, ways)`` (a new ``nn.Linear`` in every caller).
-        features: ``(S, D)`` support features, computed once (no graph).
+        features: ``(S, D)`` support features, computed once (no graph); cast to the dtype of ``head``'s weights
+            (bf16/fp16 features under autocast train a float32 head).
         labels: ``(S,)`` labels in ``0..ways-1``.
         epochs: passes over the support set.
         batch_size: items per step; ``None`` (or ``<= 0``) for full-batch steps.
@@ -96,6 +127,7 @@ def fit_linear_head(
     Returns:
         ``head``.
     """
+    features = features.to(weights_dtype(head))
     opt = make_optimizer(
         optimizer, [{"params": list(head.parameters()), "weight_decay": weight_decay}], lr, momentum, dampening
     )

@@ -58,7 +58,7 @@ from .batched import (
     train_batched,
 )
 from .batched_convnet import activation_elements, conv_steps, episode_forward, input_patches, plan_backbone
-from .head_training import OPTIMIZERS, fit_linear_head, make_optimizer, train_on_support
+from .head_training import OPTIMIZERS, fit_linear_head, make_optimizer, train_on_support, weights_dtype
 
 STRUCTURES = ("dns", "uns")
 #: L2 on static UNS M_s in the authors' code (``tf.nn.l2_loss`` convention, see NSConv2d.l2_penalty).
@@ -155,7 +155,8 @@ class StaticNSN(FewShotMethod):
         sims: List[nn.Parameter] = similarity_parameters(net)
         for p in sims:
             p.requires_grad_(True)
-        head = nn.Linear(self.feature_dim, ways).to(support_x.device, support_x.dtype)
+        # the head in the weights' dtype (the M_s are in the convs' own), not in autocast's bf16/fp16
+        head = nn.Linear(self.feature_dim, ways).to(support_x.device, weights_dtype(self.backbone))
         opt = make_optimizer(
             self.optimizer,
             [
@@ -262,7 +263,7 @@ class StaticNSN(FewShotMethod):
         if steps is None or torch.is_autocast_enabled(device.type):
             return self.evaluate_one_by_one(support_x, support_y, query_x, seeds, ways)
         n_ep, n = support_y.shape
-        dtype = support_x.dtype
+        dtype = weights_dtype(self.backbone)
 
         def draw():
             self._replay_wrap_draws()
