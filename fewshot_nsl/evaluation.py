@@ -406,7 +406,7 @@ def _seeded_episode(method: FewShotMethod, t, episode: int, ways: int, seed: int
 def _evaluate_each(method: FewShotMethod, mat: Materialiser, episodes: EpisodeList, missing: List[int], seed: int,
                    precision: str, error_dir: Path, rows: _PendingRows, done: Dict[int, Dict[str, str]], bar) -> None:
     """The per-episode path of :func:`evaluate`: ``fit_support`` / ``forward`` per episode."""
-    prepare, finish = stages(mat.device, lambda i: mat.stage(episodes.episode(i)), mat.load)
+    prepare, finish = stages(lambda i: mat.stage(episodes.episode(i)), mat.load)
     with Prefetcher(missing, prepare, finish) as tensors:
         t0 = time.perf_counter()
         for i, t in zip(missing, tensors):  # an episode's seconds: from the previous one's end (data time included)
@@ -552,7 +552,7 @@ def _evaluate_batched(method: FewShotMethod, mat: Materialiser, episodes: Episod
     error in ``evaluate_episodes`` (its traceback in ``error.txt``), the rest runs episode by episode, where a
     method's own bug is reported as usual. ``info`` records what ran (``batch_episodes``, ``batched_fallback``)."""
     chunks = [missing[k:k + per_call] for k in range(0, len(missing), per_call)]
-    prepare, finish = stages(mat.device, lambda chunk: [mat.stage(episodes.episode(i)) for i in chunk],
+    prepare, finish = stages(lambda chunk: [mat.stage(episodes.episode(i)) for i in chunk],
                              lambda staged: (staged, load_batch(mat, staged)))
     size, checked = per_call, False
     try:

@@ -397,7 +397,7 @@ def _pretrain(method, module, store, cfg, device, path, progress, distributed, c
         return _Batch(x if b.aug is None else _augment(x, b.aug), b.y.to(device, non_blocking=True), None, b.n_global)
 
     # the next batch is gathered in a background thread while this one trains (normalised and augmented here)
-    prepare, finish = stages(device, host_stage, device_stage)
+    prepare, finish = stages(host_stage, device_stage)
     while step < total and validator.stopped_at is None:
         perm = torch.randperm(len(index), generator=gen).numpy()
         correct, seen = torch.zeros((), device=device), 0  # this epoch's, summed on the device
@@ -524,7 +524,7 @@ def _training_episodes(sampler: EpisodeSampler, n: int) -> Iterator[Tuple[Dict[s
 
 def _episode_stages(mat: Materialiser) -> Tuple[Callable, Callable]:
     """``(prepare, finish)`` of a :class:`Prefetcher` over :func:`_training_episodes`: ``(episode, EpisodeTensors)``."""
-    return stages(mat.device, lambda item: (item[1], mat.stage(item[1])), lambda p: (p[0], mat.load(p[1])))
+    return stages(lambda item: (item[1], mat.stage(item[1])), lambda p: (p[0], mat.load(p[1])))
 
 
 def _sampler_state(sampler: EpisodeSampler, stream: Prefetcher) -> Dict[str, Any]:

@@ -30,8 +30,6 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Deque, Generic, Iterable, Iterator, List, Optional, Tuple, TypeVar
 
-import torch
-
 S = TypeVar("S")  # a source item (what to prepare)
 P = TypeVar("P")  # a prepared item (worker thread)
 T = TypeVar("T")  # a finished item (caller's thread)
@@ -46,12 +44,11 @@ def prefetch_enabled() -> bool:
 
 
 def stages(
-    device: torch.device, host: Callable[[S], P], to_device: Callable[[P], T]
+    host: Callable[[S], P], to_device: Callable[[P], T]
 ) -> Tuple[Callable[[S], object], Callable[[object], T]]:
-    """Split ``to_device(host(item))`` into a worker part and a caller part for :class:`Prefetcher`.
+    """Split ``to_device(host(item))`` into a worker part and a caller part for :class:`Prefetcher`, on every device.
 
     Args:
-        device: where the tensors are made.
         host: host-side preparation (reads, pinned buffers); runs in the worker thread.
         to_device: copy to the device and device-side arithmetic.
 
