@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 
-from .errors import ConfigError, FewShotError
+from .errors import ConfigError, FewShotError, RegistryError
 
 StrOrList = Union[str, Sequence[str]]
 PathOrList = Union[str, Path, Sequence[Union[str, Path]]]
@@ -409,7 +409,7 @@ class TrainedMethod:
 
 
 def load_method(run_dir: Union[str, Path], device: str = "cpu", plugins: Optional[PathOrList] = None,
-                log: Optional[Callable[[str], None]] = None) -> TrainedMethod:
+                log: Optional[Callable[[str], None]] = None, allow_changed_code: bool = False) -> TrainedMethod:
     """A trained method from a finished run folder, ready to classify new images.
 
     The run's config (``config.yaml``) is resolved again and the method restored as the runner does
@@ -418,17 +418,26 @@ def load_method(run_dir: Union[str, Path], device: str = "cpu", plugins: Optiona
     needs the run's dataset (for the pretraining cache; glyphs is regenerated) and, for a plugin
     method, its plugin folder. Nothing in the run folder is changed.
 
+    The weights are those the run's code trained: where the code of the method now (its
+    :func:`~fewshot_nsl.identity.run_code_hash`: the package, the method's files and what they import and
+    read) differs from the ``code_hash`` in the run's ``identity.json``, the run is refused, naming the
+    files that changed, unless ``allow_changed_code=True``.
+
     Args:
         run_dir: ``<results_dir>/runs/<run_id>`` (a ``run_id`` column of :func:`load_results`).
         device: ``cpu`` (default), ``cuda`` or ``auto``.
         plugins: plugin folder(s) of a plugin method, as in :func:`benchmark`.
         log: where info lines go (default: nowhere).
+        allow_changed_code: load the run's weights into the method's current code even where that code
+            changed since the run (``log`` says so in one line).
 
     Returns:
         A :class:`TrainedMethod`: ``.predict(support_images, support_labels, query_images)``.
 
     Raises:
         ConfigError: not a finished run folder, or a bad argument.
+        RegistryError: the method's code changed since the run (and ``allow_changed_code`` is False), or
+            a plugin file changed since this process imported it.
     """
     import dataclasses
 
@@ -448,16 +457,52 @@ def load_method(run_dir: Union[str, Path], device: str = "cpu", plugins: Optiona
     if missing:
         raise ConfigError(f"load_method({str(folder)!r}): not a trained run folder (no {', '.join(missing)}); pass "
                           f"<results_dir>/runs/<run_id> of a finished run")
+    if not isinstance(allow_changed_code, (bool, np.bool_)):
+        raise ConfigError(f"load_method(allow_changed_code={allow_changed_code!r}): allow_changed_code must be "
+                          f"True or False")
     load_plugins(_paths("plugins", plugins))
     cfg = resolve_config({}, str(folder / "config.yaml"))
     cfg = dataclasses.replace(cfg, device=device)
-    identity = RunIdentity(**{k: v for k, v in json.loads((folder / "identity.json").read_text()).items()
+    recorded = json.loads((folder / "identity.json").read_text())
+    identity = RunIdentity(**{k: v for k, v in recorded.items()
                               if k in {f.name for f in dataclasses.fields(RunIdentity)}})
+    changed = _code_changes(cfg, recorded)
+    if changed is not None:
+        what = f"the code of method '{cfg.method}' changed since run {folder.name} was trained ({changed})"
+        if not allow_changed_code:
+            raise RegistryError(f"load_method({str(folder)!r}): {what}, so its weights belong to other code; run it "
+                                f"again with the current code, or pass allow_changed_code=True to load them anyway")
+        (log or (lambda line: None))(f"warning: {what}; loading its weights anyway (allow_changed_code=True)")
     store = load_store(cfg)
     ctx = RunContext(cfg, store, None, resolve_device(device), folder, identity)  # type: ignore[arg-type]
     train(ctx, progress=False, log=log or (lambda line: None))
     ctx.method.eval()
     return TrainedMethod(ctx.method, cfg, folder, ctx.device, store)
+
+
+def _code_changes(cfg: Any, recorded: Dict[str, Any]) -> Optional[str]:
+    """What differs between the code of ``cfg``'s method now and the code a run recorded in its
+    ``identity.json`` (``recorded``): None where the code hashes agree, else the changed files (from the
+    ``code_files`` records) or, where the run recorded none, the two hashes.
+
+    Raises:
+        RegistryError: an unknown method, or a plugin file changed since this process imported it.
+    """
+    from .identity import code_files_of, run_code_hash
+    from .registry import BACKBONES, get_method_class
+
+    backbone = BACKBONES.get(cfg.backbone) if cfg.backbone in BACKBONES else None
+    now = run_code_hash(get_method_class(cfg.method), backbone)
+    if now == recorded.get("code_hash"):
+        return None
+    then = {str(f.get("path")): f.get("sha256") for f in recorded.get("code_files") or [] if isinstance(f, dict)}
+    current = {str(f.get("path")): f.get("sha256") for f in code_files_of(now)}
+    files = sorted(k for k in set(then) | set(current) if then.get(k) != current.get(k))
+    if not then or not files:
+        return f"code hash {recorded.get('code_hash')} then, {now} now"
+    shown = ", ".join(f"{k} ({'new' if k not in then else 'gone' if k not in current else 'edited'})"
+                      for k in files[:5])
+    return f"{shown}{f' and {len(files) - 5} more' if len(files) > 5 else ''}"
 
 
 #: Constructor parameters the harness passes itself (not options).

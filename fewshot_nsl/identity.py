@@ -29,14 +29,35 @@ folder of its own.
   imported lazily while the run goes is covered too); a package (every ``.py`` file under the
   package's folder, as for :mod:`fewshot_nsl` itself); a plain module (a script, a test module: the
   modules under its folder that it, transitively, holds in its namespace);
+* the data beside the code (:func:`data_files`): every other file directly in a ``--plugins`` folder
+  (``settings.json``, a vocabulary, small weights) and every non-``.py`` file under a plugin package's
+  folder (package data), but no hidden file or folder, no ``__pycache__``, no editor backup and no log
+  or other output of a running process (:data:`OUTPUT_ENDINGS`); a file
+  larger than :data:`DATA_FILE_LIMIT` (16 MiB) stands in by its size and modification time instead of
+  its content;
+* the user's own code it uses wherever it lies (:func:`_user_modules`): every loaded module outside the
+  Python installation (standard library, ``site-packages`` / ``dist-packages``, the virtual environment,
+  a folder pip installed into) and outside :mod:`fewshot_nsl` that the class's module, or any module of
+  its code location, holds in its namespace (``import mylab``, ``from mylab_scale import temperature``),
+  followed transitively through such modules, plus those first imported while its ``--plugins`` folder or
+  entry point was imported (:func:`note_plugin_imports`; a module imported only for its side effects);
 * a class without a source file (a notebook cell): the text of its cell(s) where Python keeps it
   (IPython puts cell sources into :mod:`linecache`), including the cells of the notebook functions
   and classes it names; otherwise a per-class nonce, so its runs are never reused.
 
-A code file that was imported and has changed on disk since is refused in one line
+The built-in methods (the package and its baselines) are none of the last two: their identity is the
+package's and the baselines' ``.py`` files only.
+
+A code file that was imported (or a data file of a ``--plugins`` folder, as it was when the folder was
+imported) and has changed on disk since is refused in one line
 (:class:`~fewshot_nsl.errors.RegistryError`) whenever the identity is computed: the module that would
 run is not the one on disk. :func:`fewshot_nsl.benchmark` and
-:func:`~fewshot_nsl.plugins.load_plugins` re-import a changed ``--plugins`` folder first.
+:func:`~fewshot_nsl.plugins.load_plugins` re-import a changed ``--plugins`` folder first (a module of
+the user's imported from elsewhere by that folder's import is imported again with it).
+
+Not covered: what a method reads lazily from elsewhere (a file outside its folder, a subfolder of a
+``--plugins`` folder, the network) and a module it imports only inside a function that has not run yet;
+name such inputs in the method's options, or keep them beside the plugin.
 """
 from __future__ import annotations
 
@@ -66,6 +87,11 @@ _PACKAGE = str(PACKAGE_DIR)
 _PLUGIN_PACKAGE = "fewshot_nsl_plugins"
 
 _lock = threading.RLock()
+
+
+#: Largest data file (not ``.py``) hashed by its content (:func:`content_state`); a larger one (a checkpoint
+#: beside a plugin) is represented by its size and modification time, so reading it stays cheap.
+DATA_FILE_LIMIT = 16 * 2**20
 
 
 def _sha(data: bytes) -> str:
@@ -115,8 +141,25 @@ def file_state(path: str) -> Optional[FileState]:
     return FileState(st.st_mtime_ns, st.st_size, _sha(data))
 
 
+def content_state(path: str) -> Optional[FileState]:
+    """:func:`file_state`, except for a file other than ``.py`` larger than :data:`DATA_FILE_LIMIT`, whose
+    ``sha256`` stands for its size and modification time (its content is not read)."""
+    if not path.endswith(".py"):
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        if st.st_size > DATA_FILE_LIMIT:
+            return FileState(st.st_mtime_ns, st.st_size,
+                             _sha(f"size {st.st_size} mtime_ns {st.st_mtime_ns}".encode()))
+    return file_state(path)
+
+
 #: State of every code file when it was imported (or first seen behind a code hash), by real path.
 _IMPORTED: Dict[str, FileState] = {}
+#: Modules of the user's outside a ``--plugins`` folder (or an entry point's package) first imported while it
+#: was imported: {folder (or package folder, or module file): {file: (module name, state then)}}.
+_IMPORTED_BY: Dict[str, Dict[str, Tuple[str, FileState]]] = {}
 
 
 @functools.lru_cache(maxsize=None)
@@ -134,9 +177,48 @@ def note_imported(paths: Iterable[Any]) -> None:
     with _lock:
         for p in paths:
             real = _real(os.fspath(p))
-            state = file_state(real)
+            state = content_state(real)
             if state is not None:
                 _IMPORTED[real] = state
+
+
+def note_plugin_imports(roots: Iterable[Any], modules: Iterable[Any]) -> None:
+    """Record, for the code locations ``roots`` (a ``--plugins`` folder; an entry point's package folder
+    or module file), the modules of the user's (:func:`_user_code`) among ``modules`` (those first
+    imported while it was imported) that lie outside it, with their state now (also noted as imported)."""
+    keys = [_real(os.fspath(r)) for r in roots]
+    found: Dict[str, str] = {}
+    for module in modules:
+        f = _module_file(module)
+        name = getattr(module, "__name__", None)
+        if f and isinstance(name, str) and _user_code(f) and not any(_under(f, k) for k in keys):
+            found[f] = name
+    note_imported(found)
+    with _lock:
+        for key in keys:
+            record = _IMPORTED_BY.setdefault(key, {})
+            for f, name in found.items():
+                if f in _IMPORTED:
+                    record[f] = (name, _IMPORTED[f])
+
+
+def outside_imports(root: Any) -> Dict[str, str]:
+    """``{file: module name}`` of the user's modules outside ``root`` first imported by its import
+    (:func:`note_plugin_imports`)."""
+    with _lock:
+        return {f: name for f, (name, _) in _IMPORTED_BY.get(_real(os.fspath(root)), {}).items()}
+
+
+def changed_outside_imports(root: Any) -> Dict[str, str]:
+    """The entries of :func:`outside_imports` whose file changed (or was deleted) since."""
+    with _lock:
+        records = list(_IMPORTED_BY.get(_real(os.fspath(root)), {}).items())
+    out = {}
+    for f, (name, state) in records:
+        now = content_state(f)
+        if now is None or now.sha256 != state.sha256:
+            out[f] = name
+    return out
 
 
 def forget_imported(root: Any) -> None:
@@ -145,20 +227,22 @@ def forget_imported(root: Any) -> None:
     with _lock:
         for p in [p for p in _IMPORTED if _under(p, root)]:
             del _IMPORTED[p]
+        _IMPORTED_BY.pop(root, None)
 
 
 def changed_since_import(root: Any) -> List[str]:
-    """The code files under ``root`` imported in this process whose content changed (or that were
-    deleted) since."""
+    """The code (and data) files under ``root`` imported in this process whose content changed (or that
+    were deleted) since, and the user's modules outside it that its import imported
+    (:func:`changed_outside_imports`)."""
     root = _real(os.fspath(root))
     with _lock:
         records = [(p, s) for p, s in _IMPORTED.items() if _under(p, root)]
     out = []
     for path, state in records:
-        now = file_state(path)
+        now = content_state(path)
         if now is None or now.sha256 != state.sha256:
             out.append(path)
-    return sorted(out)
+    return sorted(set(out) | set(changed_outside_imports(root)))
 
 
 @functools.lru_cache(maxsize=1)
@@ -175,6 +259,41 @@ def _system_dirs() -> Tuple[str, ...]:
     except AttributeError:  # an embedded / virtualenv ``site`` without them
         pass
     return tuple(sorted(_real(d) for d in dirs if d))
+
+
+def _holds_distributions(folder: str) -> bool:
+    """Whether ``folder`` holds installed distributions (``*.dist-info``: a ``pip install --target`` folder)."""
+    try:
+        return any(name.endswith(".dist-info") for name in os.listdir(folder))
+    except OSError:
+        return False
+
+
+_DIST_FOLDERS: Dict[str, bool] = {}
+
+
+def _installed_dirs() -> Tuple[str, ...]:
+    """The folders of the Python installation: :func:`_system_dirs`, the virtual environment, and every
+    ``sys.path`` folder named ``site-packages`` / ``dist-packages`` or holding ``*.dist-info``."""
+    dirs = set(_system_dirs())
+    if sys.prefix != sys.base_prefix:  # a virtual environment: all of it
+        dirs.update({_real(sys.prefix), _real(sys.exec_prefix)})
+    for entry in list(sys.path):
+        if not isinstance(entry, str) or not entry:
+            continue
+        real = _real(entry)
+        if real not in _DIST_FOLDERS:
+            _DIST_FOLDERS[real] = (os.path.basename(real) in ("site-packages", "dist-packages")
+                                   or _holds_distributions(real))
+        if _DIST_FOLDERS[real]:
+            dirs.add(real)
+    return tuple(sorted(dirs))
+
+
+def _user_code(path: str) -> bool:
+    """Whether the file ``path`` is the user's own code: outside the Python installation
+    (:func:`_installed_dirs`), :mod:`fewshot_nsl` and its built-in baselines."""
+    return not any(_under(path, d) for d in (*_installed_dirs(), *_builtin_dirs()))
 
 
 def _foreign(path: str, root: str) -> bool:
@@ -389,7 +508,8 @@ def _namespace_modules(namespaces: List[Dict[str, Any]], root: str) -> Set[str]:
 
 
 def _location_files(root: str, kind: str, code: _Code, loaded: Set[str]) -> Set[str]:
-    """The code files of a location (see :func:`_location`); ``loaded``: :func:`_loaded_files`."""
+    """The code files of a location (see :func:`_location`), with the data files of a plugin folder or
+    package (:func:`data_files`; not of the built-ins); ``loaded``: :func:`_loaded_files`."""
     if kind == "imports":
         return _namespace_modules(code.namespaces, root)
     files = {f for f in loaded if _under(f, root) and not _foreign(f, root)}
@@ -397,7 +517,125 @@ def _location_files(root: str, kind: str, code: _Code, loaded: Set[str]) -> Set[
         files.update(_real(str(p)) for p in _py_files(Path(root)))
     else:  # a plugin folder: also its own *.py files (a sibling imported lazily while the run goes)
         files.update(_real(str(p)) for p in Path(root).glob("*.py"))
+    if not any(_under(root, d) for d in _builtin_dirs()):
+        files.update(data_files(root, recursive=kind == "package"))
     return files
+
+
+#: Endings of files that a process writes while it runs (logs, ``nohup.out``, lock and temporary files): never
+#: inputs of a method, and a plugin folder that is also the working folder would otherwise change its identity
+#: (and be refused as changed mid-grid) as its own run's log grows.
+OUTPUT_ENDINGS = (".log", ".out", ".err", ".lock", ".tmp", ".pid")
+
+
+def _skipped_name(name: str) -> bool:
+    """Hidden files and folders, ``__pycache__``, compiled bytecode, editor backups (``x~``, ``#x#``) and the
+    outputs of running processes (:data:`OUTPUT_ENDINGS`)."""
+    return (name.startswith(".") or name == "__pycache__" or name.endswith((".pyc", ".pyo", "~", *OUTPUT_ENDINGS))
+            or (name.startswith("#") and name.endswith("#")))
+
+
+def data_files(root: Any, recursive: bool = False) -> List[str]:
+    """The files other than ``.py`` of a code location: those directly in ``root`` (a ``--plugins``
+    folder), or under it (``recursive``: a package), leaving out :func:`_skipped_name` ones; sorted real
+    paths. Their content is hashed up to :data:`DATA_FILE_LIMIT` (:func:`content_state`)."""
+    root = _real(os.fspath(root))
+    out: List[str] = []
+    if recursive:
+        for folder, dirs, names in os.walk(root):
+            dirs[:] = [d for d in dirs if not _skipped_name(d)]
+            out += [os.path.join(folder, n) for n in names if not n.endswith(".py") and not _skipped_name(n)]
+    else:
+        try:
+            names = os.listdir(root)
+        except OSError:
+            names = []
+        out = [os.path.join(root, n) for n in names if not n.endswith(".py") and not _skipped_name(n)]
+    return sorted(_real(p) for p in out if os.path.isfile(p))
+
+
+def _referenced(value: Any) -> List[Tuple[Optional[str], Optional[str], Optional[Dict[str, Any]]]]:
+    """``(module name, file, namespace)`` of the code a namespace value stands for: a module; the module
+    of a function (its globals) or of a class (or, for a module dropped from ``sys.modules``, the globals of
+    the class's functions); the class of another object."""
+    try:
+        return _referenced_code(value)
+    except Exception:  # an exotic object (a proxy whose attributes raise): not the user's code
+        return []
+
+
+def _referenced_code(value: Any) -> List[Tuple[Optional[str], Optional[str], Optional[Dict[str, Any]]]]:
+    if isinstance(value, types.ModuleType):
+        return [(value.__name__, _module_file(value), vars(value))]
+    if isinstance(value, types.FunctionType):
+        ns = value.__globals__
+        name = ns.get("__name__")
+        f = _real(value.__code__.co_filename) if os.path.isfile(value.__code__.co_filename) else None
+        return [(name if isinstance(name, str) else None, f, ns)]
+    klass = value if isinstance(value, type) else type(value)
+    module = _defining_module(klass)
+    if module is not None and _module_file(module):
+        return [(module.__name__, _module_file(module), vars(module))]
+    return [r for fn in _own_functions(klass) for r in _referenced_code(fn)]
+
+
+def _users(path: str, root: Optional[str]) -> bool:
+    """Whether ``path`` is the user's code (:func:`_user_code`), or lies under the code location ``root``
+    without being installed code or the package's (a virtual environment inside the working folder is not
+    the user's, :func:`_foreign`)."""
+    return _user_code(path) or (root is not None and _under(path, root) and not _foreign(path, root)
+                                and not any(_under(path, d) and not _under(root, d) for d in _installed_dirs()))
+
+
+def _user_modules(namespaces: List[Dict[str, Any]], root: Optional[str]) -> Dict[str, str]:
+    """``{file: module name}`` of the modules of the user's (:func:`_user_code`, or under ``root``) that
+    ``namespaces`` hold (a module, a function or class defined in one, an instance of such a class),
+    followed transitively through those modules' namespaces."""
+    out: Dict[str, str] = {}
+    todo = list(namespaces)
+    seen: Set[int] = set()
+    while todo:
+        ns = todo.pop()
+        if id(ns) in seen:
+            continue
+        seen.add(id(ns))
+        for value in list(ns.values()):
+            for name, f, namespace in _referenced(value):
+                if not f or f in out or not _users(f, root):
+                    continue
+                out[f] = name or os.path.splitext(os.path.basename(f))[0]
+                if namespace is not None:
+                    todo.append(namespace)
+    return out
+
+
+def _imported_code(code: _Code, loc: Optional[Tuple[str, str]]) -> Dict[str, str]:
+    """``{file: module name}`` of the user's modules a class's code uses (:func:`_user_modules` from its
+    functions' globals and, for a ``--plugins`` folder or a package, from every loaded module of it), with
+    those its location's import brought in (:func:`note_plugin_imports`)."""
+    namespaces = list(code.namespaces)
+    root = loc[0] if loc else None
+    if loc is not None and loc[1] in ("folder", "package"):
+        for module in list(sys.modules.values()):
+            f = _module_file(module)
+            if f and _under(f, loc[0]):
+                namespaces.append(vars(module))
+    found = _user_modules(namespaces, root)
+    with _lock:
+        for key in ([root] if root else []) + sorted(code.files):
+            for f, (name, _) in _IMPORTED_BY.get(key, {}).items():
+                found.setdefault(f, name)
+    return found
+
+
+def _module_label(path: str, name: str) -> str:
+    """A reader's label of a module outside the code location: its path as its module name spells it
+    (``mylab_scale.py``, ``mylab/scale.py``, ``mylab/__init__.py``), not where it lies on this machine."""
+    parts = [p for p in name.split(".") if p]
+    base = os.path.basename(path)
+    if base.startswith("__init__."):
+        return "/".join(parts + [base])
+    return "/".join(parts[:-1] + [base])
 
 
 def _label(path: str, root: Optional[str]) -> str:
@@ -429,7 +667,7 @@ def _is_plugin_file(path: str) -> Optional[str]:
     except ImportError:  # pragma: no cover - partial install
         return None
     for folder in loaded_plugin_folders():
-        if _under(path, _real(str(folder))):
+        if _under(path, _real(str(folder))) or path in outside_imports(folder):
             return str(folder)
     return None
 
@@ -448,9 +686,16 @@ def _check_unchanged(entry: CodeFile, owner: str) -> None:
         return
     folder = _is_plugin_file(entry.path)
     if folder is not None:
+        what, note = f"plugin {entry.path}", ""
+        if not _under(entry.path, _real(folder)):
+            what = f"module {entry.path} (imported by plugin folder {folder})"
+        elif not entry.path.endswith(".py"):  # maybe a file the run itself writes (a log, the results)
+            what = f"plugin data file {entry.path}"
+            note = " (a file the run itself writes, like a log, belongs outside the plugin folder)"
         raise RegistryError(
-            f"plugin {entry.path} changed on disk since it was imported (code of {owner}); restart Python, or "
-            f"call fewshot_nsl.benchmark() or load_plugins([{folder!r}]) again, which re-import a changed plugin folder"
+            f"{what} changed on disk since it was imported (code of {owner}); restart Python, or "
+            f"call fewshot_nsl.benchmark() or load_plugins([{folder!r}]) again, which re-import a changed plugin "
+            f"folder{note}"
         )
     raise RegistryError(f"code file {entry.path} changed on disk since it was imported (code of {owner}); restart "
                         f"Python so that the code that runs is the code recorded")
@@ -503,11 +748,20 @@ def object_code_files(obj: Any, stop: Tuple[type, ...] = ()) -> List[CodeFile]:
             classes.setdefault(f"<source of {klass.__module__}.{klass.__qualname__}>", []).append(klass.__qualname__)
         files = set(code.files) | (_location_files(*loc, code, loaded) if loc else set())
         for f in sorted(files):
-            state = file_state(f)
+            state = content_state(f)
             if state is None:
                 continue
             label = _label(f, root)
             entries[label] = CodeFile(label, state.sha256, f, imported=f in loaded)
+        if not is_builtin(klass):  # the user's modules it uses from elsewhere (never the built-ins')
+            for f, name in sorted(_imported_code(code, loc).items()):
+                state = None if f in files else content_state(f)
+                if state is None:
+                    continue
+                label = _label(f, root) if root and _under(f, root) else _module_label(f, name)
+                if label in entries and entries[label].path != f:
+                    label = f  # two files behind one name: the full path tells them apart
+                entries[label] = CodeFile(label, state.sha256, f, imported=f in loaded)
         for f in code.files:
             classes.setdefault(_label(f, root), []).append(klass.__qualname__)
     out = []

@@ -12,11 +12,16 @@ top, or ``from .helpers import x``). A plugin that fails to import is recorded i
 :data:`fewshot_nsl.registry.PLUGIN_ERRORS`; the other methods keep working.
 
 Every file a plugin import reads from its folder (the plugin, its helpers, even those dropped from
-``sys.modules`` afterwards) is recorded with its content hash (:func:`fewshot_nsl.identity.note_imported`),
-so the code identity of a method covers them and sees when one changes on disk. A folder changed since
-it was imported is re-imported by :func:`refresh_plugins` (``fewshot_nsl.benchmark()`` and
+``sys.modules`` afterwards, and the data files beside them) is recorded with its content hash
+(:func:`fewshot_nsl.identity.note_imported`), and so are the user's modules from elsewhere (another
+folder on ``sys.path``) that the import of a plugin folder or entry point brought in
+(:func:`fewshot_nsl.identity.note_plugin_imports`), so the code identity of a method covers them and sees
+when one changes on disk. A folder changed since it was imported (or whose import's modules from
+elsewhere changed) is re-imported by :func:`refresh_plugins` (``fewshot_nsl.benchmark()`` and
 ``load_plugins([folder])`` call it), re-registering its methods; the classes it replaced are outdated
 (:func:`outdated_reason`) and their identity is refused, so old code never runs under a new hash.
+
+``--plugins`` takes folders: a plugin file given instead is refused in one line naming its folder.
 """
 from __future__ import annotations
 
@@ -171,8 +176,13 @@ def load_plugin_file(path: Path) -> None:
         if folder in sys.path:
             sys.path.remove(folder)
         new = {name: sys.modules[name] for name in set(sys.modules) - before}
-        # what this import read from the folder, as it was read (the code identity checks it later)
-        identity.note_imported([path, *(f for m in new.values() for f in _files_under(m, path.parent))])
+        # what this import read from the folder, as it was read (the code identity checks it later): its
+        # modules, the data files beside them, and the user's modules it imported from elsewhere
+        builtin = path.parent == BASELINES_DIR.resolve()  # a bare checkout's baselines: their .py files only
+        identity.note_imported([path, *(f for m in new.values() for f in _files_under(m, path.parent)),
+                                *([] if builtin else identity.data_files(path.parent))])
+        if not builtin:
+            identity.note_plugin_imports([path.parent], new.values())
         # sibling modules (and their sub-modules) imported from the folder by their own name: dropped, so
         # another folder's ``helpers`` is its own
         tops = {n for n, m in new.items() if "." not in n and n != PLUGIN_PACKAGE and _is_under(m, path.parent)}
@@ -251,6 +261,12 @@ def _reload_folder(folder: Path) -> None:
     package = plugin_package_name(folder)
     for name in [n for n in sys.modules if n == package or n.startswith(package + ".")]:
         del sys.modules[name]
+    # the user's modules from elsewhere that the folder's import brought in and that changed since: imported
+    # again with it (a module some other code imported first is not dropped: its identity is then refused)
+    for file, name in identity.changed_outside_imports(folder).items():
+        module = sys.modules.get(name)
+        if module is not None and os.path.realpath(str(getattr(module, "__file__", ""))) == file:
+            del sys.modules[name]
     identity.forget_imported(folder)
     for key in [k for k in registry.PLUGIN_ERRORS if Path(k).parent == folder]:
         del registry.PLUGIN_ERRORS[key]
@@ -276,6 +292,9 @@ def _load_folder(d: Path) -> None:
     d = d.resolve()
     if d in _loaded_dirs:
         return
+    if d.is_file():
+        raise RegistryError(f"plugin folder {d} is a file, not a folder; pass the folder that holds it "
+                            f"(its *.py files not starting with _ are imported): --plugins {d.parent}")
     if not d.is_dir():
         raise RegistryError(f"plugin folder {d} does not exist; pass an existing folder to --plugins")
     _loaded_dirs.add(d)
@@ -305,16 +324,16 @@ def _load_entry_points() -> None:
         _load_folder(BASELINES_DIR)
     # (import, where a failure is reported): a built-in is named by its file (as when loaded from the
     # folder), a third party by its entry point
-    loads = [(ep.load, _entry_point_origin(ep) if ep.module.startswith(builtin + ".") else f"entry point {ep.name}")
-             for ep in eps]
+    loads = [(ep.load, _entry_point_origin(ep), None) if ep.module.startswith(builtin + ".")
+             else (ep.load, f"entry point {ep.name}", ep.module) for ep in eps]
     if any(ep.module.startswith(builtin + ".") for ep in eps):
         # a file dropped into baselines/ before pyproject.toml lists its entry point still registers
         covered = {ep.module for ep in eps}
         for path in sorted(BASELINES_DIR.glob("*.py")):
             module = f"{builtin}.{path.stem}"
             if not path.name.startswith("_") and module not in covered:
-                loads.append((functools.partial(importlib.import_module, module), str(path.resolve())))
-    for load, where in loads:
+                loads.append((functools.partial(importlib.import_module, module), str(path.resolve()), None))
+    for load, where, module in loads:
         before = set(sys.modules)
         try:
             load()
@@ -324,8 +343,21 @@ def _load_entry_points() -> None:
             registry.PLUGIN_ERRORS[where] = f"{type(exc).__name__}: {exc}"
             warnings.warn(f"plugin {where} failed to import ({type(exc).__name__}: {exc}); skipped")
         finally:  # the files these imports read, as they were read (the code identity checks them later)
-            identity.note_imported(f for f in (getattr(sys.modules.get(n), "__file__", None)
-                                               for n in set(sys.modules) - before) if isinstance(f, str))
+            new = [sys.modules[n] for n in set(sys.modules) - before if n in sys.modules]
+            identity.note_imported(f for f in (getattr(m, "__file__", None) for m in new) if isinstance(f, str))
+            if module is not None:  # a third party's: the user's modules it brought in from elsewhere
+                identity.note_plugin_imports(_package_roots(module), new)
+
+
+def _package_roots(module: str) -> List[str]:
+    """The code location of an entry point's module, as the code identity finds it: the folder(s) of its
+    top-level package, or the file of a top-level module."""
+    top = sys.modules.get(module.split(".")[0])
+    paths = list(getattr(top, "__path__", None) or [])
+    if paths:
+        return [str(p) for p in paths]
+    file = getattr(top, "__file__", None)
+    return [file] if isinstance(file, str) else []
 
 
 def load_plugins(extra_dirs: Optional[List[Path]] = None) -> None:

@@ -1,5 +1,5 @@
 """Decorator registries for methods, backbones and datasets (timm style); imports nothing from
-the package but its errors.
+the package but its errors (and, when a method is registered, its base class).
 
 Usage::
 
@@ -10,19 +10,25 @@ Usage::
     list_methods()  # -> ["protonet", ...]
 
 A name can be registered by one source file only: a second file registering it (whatever the
-file is called) is refused with one line naming both; importing the very same file again is
-harmless. Names are data that ends up in run folder names, CSV cells, Markdown tables and plot
-labels, so a name must follow :data:`NAME_RULE` (checked at registration, :func:`check_name`).
-Loading the built-ins and discovering plugins is :mod:`fewshot_nsl.plugins`; its
-functions (``create_method``, ``list_methods``, ``load_plugins``, ...) are also reachable from
-here, imported on first use, so this module never imports the package back.
+file is called) is refused with one line naming both, and so is one file registering it twice (two
+classes of one file under one name, a copy-paste slip); importing the very same file again is
+harmless. A method must be a subclass of ``FewShotMethod`` that implements ``fit_support`` and
+``forward`` and whose constructor takes ``backbone`` and ``image_size`` (:func:`check_method_class`),
+else its registration is refused in one line naming the class, its file and the fix. Names are
+data that ends up in run folder names, CSV cells, Markdown tables and plot labels, so a name must
+follow :data:`NAME_RULE` (checked at registration, :func:`check_name`). Loading the built-ins and
+discovering plugins is :mod:`fewshot_nsl.plugins`; its functions (``create_method``,
+``list_methods``, ``load_plugins``, ...) are also reachable from here, imported on first use, as is
+the method base class the method check needs, so this module never imports the package back at
+import time.
 """
 from __future__ import annotations
 
 import inspect
+import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .errors import RegistryError
 
@@ -33,6 +39,10 @@ class DuplicateNameError(RegistryError):
 
 class InvalidNameError(RegistryError):
     """A name that is not safe as a folder name, CSV cell, Markdown cell or plot label."""
+
+
+class InvalidMethodError(RegistryError):
+    """A class registered as a method that the harness cannot run (:func:`check_method_class`)."""
 
 
 #: Longest name accepted (run ids join several names; a file name holds at most 255 bytes).
@@ -85,17 +95,40 @@ def source_of(obj: Any) -> str:
     return str(getattr(obj, "__module__", "?"))
 
 
+def _own_namespace(obj: Any) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
+    """The existing file that defines ``obj``'s own code and the globals it was executed in, from its
+    functions' code objects (``(None, None)`` for code made by ``exec``, a notebook cell, or a class
+    without functions): two classes with the same pair come from one execution of one file."""
+    members = vars(obj).values() if inspect.isclass(obj) else [obj]
+    for value in members:
+        fn = getattr(value, "__func__", value)
+        code = getattr(fn, "__code__", None)
+        if code is not None and os.path.isfile(code.co_filename):
+            return str(Path(code.co_filename).resolve()), getattr(fn, "__globals__", None)
+    return None, None
+
+
 class Registry:
     """A name -> factory mapping filled by a decorator.
 
     Args:
         kind: what is registered ("method", "backbone", "dataset"), used in messages.
+        validate: called with ``(name, obj, source)`` before ``obj`` is registered; raises a one-line
+            :class:`~fewshot_nsl.errors.RegistryError` for an object the harness could not use.
+        harness_args: keyword arguments the harness passes itself (a method's ``backbone`` and
+            ``image_size``): left out of the options listed by :func:`check_kwargs`, which a config
+            cannot set.
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, validate: Optional[Callable[[str, Any, str], None]] = None,
+                 harness_args: Tuple[str, ...] = ()) -> None:
         self.kind = kind
+        self.validate = validate
+        self.harness_args = tuple(harness_args)
         self._entries: Dict[str, Callable[..., Any]] = {}
         self._sources: Dict[str, str] = {}
+        #: name -> (file, globals) of the code that registered it (:func:`_own_namespace`)
+        self._namespaces: Dict[str, Tuple[Optional[str], Optional[Dict[str, Any]]]] = {}
 
     def register(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Return a decorator that registers a class or factory under ``name``.
@@ -103,19 +136,35 @@ class Registry:
         Raises:
             InvalidNameError: ``name`` does not follow :data:`NAME_RULE` (raised at once, when
                 the decorator is built, before anything is registered).
+            DuplicateNameError: (by the decorator) ``name`` is already registered by another source
+                file, or by another class of the same execution of the same file.
+            InvalidMethodError: (by the decorator of :data:`METHODS`) not a class the harness can run.
         """
         check_name(self.kind, name)
 
         def decorator(obj: Callable[..., Any]) -> Callable[..., Any]:
             source = source_of(obj)
-            if name in self._entries and self._entries[name] is not obj and self._sources[name] != source:
-                raise DuplicateNameError(
-                    f"{self.kind} '{name}' is registered twice, by {source} and already by "
-                    f"{self._sources[name]}; rename one of them"
-                )
+            here = _own_namespace(obj)
+            if name in self._entries and self._entries[name] is not obj:
+                if self._sources[name] != source:
+                    raise DuplicateNameError(
+                        f"{self.kind} '{name}' is registered twice, by {source} and already by "
+                        f"{self._sources[name]}; rename one of them"
+                    )
+                first = self._entries[name]
+                before = self._namespaces.get(name, (None, None))
+                if (here[0] is not None and here[0] == before[0] and here[1] is before[1]
+                        and _qualname(obj) != _qualname(first)):
+                    raise DuplicateNameError(
+                        f"{self.kind} '{name}' is registered twice in {source}, by {_qualname(obj)} and already by "
+                        f"{_qualname(first)}; rename one of them"
+                    )
+            if self.validate is not None:
+                self.validate(name, obj, source)
             # the same object, or the same file imported again (e.g. in tests): replaced silently
             self._entries[name] = obj
             self._sources[name] = source
+            self._namespaces[name] = here
             try:
                 obj.registered_name = name  # type: ignore[attr-defined]
             except (AttributeError, TypeError):
@@ -139,9 +188,10 @@ class Registry:
         return self._entries[name]
 
     def create(self, name: str, **kwargs: Any) -> Any:
-        """Instantiate ``name`` with ``kwargs``; unknown keywords fail listing accepted ones."""
+        """Instantiate ``name`` with ``kwargs``; unknown keywords fail listing accepted ones (the
+        harness's arguments too: here the caller passes them)."""
         factory = self.get(name)
-        check_kwargs(factory, kwargs, f"{self.kind} '{name}'")
+        check_kwargs(factory, kwargs, f"{self.kind} '{name}'", harness_args=())
         return factory(**kwargs)
 
     def names(self) -> List[str]:
@@ -180,22 +230,82 @@ def accepted_kwargs(factory: Callable[..., Any]) -> Optional[List[str]]:
     return None if not inspect.isclass(factory) else sorted(set(names))
 
 
-def check_kwargs(factory: Callable[..., Any], kwargs: Dict[str, Any], what: str) -> None:
-    """Raise a :class:`RegistryError` naming unknown keyword arguments and the accepted ones."""
+def check_kwargs(factory: Callable[..., Any], kwargs: Dict[str, Any], what: str,
+                 harness_args: Optional[Tuple[str, ...]] = None) -> None:
+    """Raise a :class:`RegistryError` naming unknown keyword arguments and the accepted ones.
+
+    Args:
+        harness_args: accepted arguments left out of the list, because the harness passes them itself
+            and an option dict may not (None: those of the registry ``factory`` is registered in, e.g. a
+            method's ``backbone`` and ``image_size``; ``()``: list them all).
+    """
     accepted = accepted_kwargs(factory)
     if accepted is None:
         return
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
+        if harness_args is None:
+            harness_args = next((reg.harness_args for reg in (METHODS, BACKBONES, DATASETS)
+                                 if any(obj is factory for obj in reg._entries.values())), ())
+        shown_names = [a for a in accepted if a not in harness_args]
         raise RegistryError(
             f"unknown option(s) {', '.join(unknown)} for {what}; "
-            f"accepted: {', '.join(accepted)}"
+            f"accepted: {', '.join(shown_names) or '(none)'}"
         )
 
 
-METHODS = Registry("method")
-BACKBONES = Registry("backbone")
-DATASETS = Registry("dataset")
+def _qualname(obj: Any) -> str:
+    return str(getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None) or repr(obj))
+
+
+def _overrides(cls: type, base: type, member: str) -> bool:
+    """Whether ``cls`` gets ``member`` from a class of its MRO other than ``base`` (itself, a base, a mixin)."""
+    return next((k for k in cls.__mro__ if member in vars(k)), base) is not base
+
+
+def check_method_class(name: str, obj: Any, source: str) -> None:
+    """Refuse a method the harness could not run, when it is registered rather than deep in a run.
+
+    A method is a subclass of :class:`~fewshot_nsl.methods.base.FewShotMethod` that implements
+    ``fit_support`` and ``forward`` (the base class's raise ``NotImplementedError``) and whose
+    constructor takes ``backbone`` and ``image_size`` as keywords (or ``**kwargs``): the harness
+    builds it as ``cls(backbone=..., image_size=..., **method_options)``.
+
+    Raises:
+        InvalidMethodError: one line naming the class, its file and what to fix.
+    """
+    from .methods.base import FewShotMethod  # on first use: this module imports nothing of the package
+
+    what = f"method '{name}': {_qualname(obj)} ({source})"
+    if not inspect.isclass(obj) or not issubclass(obj, FewShotMethod):
+        kind = "class" if inspect.isclass(obj) else type(obj).__name__
+        raise InvalidMethodError(
+            f"{what} is a {kind}, not a subclass of FewShotMethod; derive it from "
+            f"fewshot_nsl.methods.FewShotMethod (with fit_support and forward)")
+    missing = [m for m in ("fit_support", "forward") if not _overrides(obj, FewShotMethod, m)]
+    if missing:
+        raise InvalidMethodError(
+            f"{what} does not implement {' and '.join(missing)}; define "
+            f"{' and '.join(f'{m}(self, ...)' for m in missing)} in the class (see FewShotMethod)")
+    try:
+        params = inspect.signature(obj).parameters.values()
+    except (TypeError, ValueError):  # a signature Python cannot read: the run will tell
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    taken = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    lacking = [a for a in ("backbone", "image_size") if a not in taken]
+    if lacking:
+        raise InvalidMethodError(
+            f"{what} has a constructor that does not take {' and '.join(lacking)}; the harness builds it as "
+            f"{_qualname(obj)}(backbone=..., image_size=..., **method_options): write "
+            f"__init__(self, backbone, image_size=84, ...) and call super().__init__(backbone, image_size)")
+
+
+#: Arguments the harness passes to every factory of a kind itself (a config may not set them).
+METHODS = Registry("method", validate=check_method_class, harness_args=("backbone", "image_size"))
+BACKBONES = Registry("backbone", harness_args=("conv_layer",))
+DATASETS = Registry("dataset", harness_args=("name", "data_root", "image_size", "cache_dir"))
 
 register_method = METHODS.register
 register_backbone = BACKBONES.register

@@ -177,6 +177,9 @@ def test_a_failing_cell_is_reported_and_the_grid_goes_on(tmp_path, capsys):
         def fit_support(self, x, y):
             raise RuntimeError("boom")
 
+        def forward(self, q):  # registration requires both (never reached: fit_support raises first)
+            return q
+
     grid = tmp_path / "grid.yaml"
     grid.write_text("grid: {method: [broken_for_test, protonet], backbone: [cnn4], shots: [2]}\n")
     try:

@@ -96,7 +96,8 @@ def test_identity_changes_with_the_method_code(tmp_path, tiny_store):
     from fewshot_nsl.registry import load_plugins
 
     folder = tmp_path / "code_plugins"
-    src = _write_plugin(folder, "edited_method.py", "edited_for_identity", "    SCALE = 1.0\n")
+    src = _write_plugin(folder, "edited_method.py", "edited_for_identity",
+                        "    SCALE = 1.0\n    def fit_support(self, x, y):\n        pass\n    def forward(self, q):\n        return q\n")
     load_plugins([folder])
     eps = _episodes(tiny_store)
     cfg = _cfg(tmp_path, method="edited_for_identity")

@@ -191,11 +191,12 @@ def test_mathtext_in_names_does_not_break_the_plots(tmp_path):
 def _fake_run(runs: Path, name: str, accs, **meta) -> Path:
     d = runs / name
     d.mkdir(parents=True)
-    (d / "episodes.csv").write_text("episode,accuracy,status,seconds\n"
-                                    + "".join(f"{i},{a},ok,0.1\n" for i, a in enumerate(accs)))
+    # rows as a run writes them (accuracy = 100 * correct / total), and the summary's count and mean they back
+    (d / "episodes.csv").write_text("episode,accuracy,correct,total,seconds,status\n"
+                                    + "".join(f"{i},{a},{round(a * 10)},1000,0.1,ok\n" for i, a in enumerate(accs)))
     summary = {"dataset": "custom", "method": name, "backbone": "cnn4", "ways": 5, "shots": 5, "split": "test",
                "profile": "quick", "seed": 0, "image_size": 84, "episode_hash": "e" * 64,
-               "dataset_fingerprint": "d" * 16}
+               "dataset_fingerprint": "d" * 16, "episodes": len(accs), "accuracy": round(sum(accs) / len(accs), 4)}
     summary.update(meta)
     (d / "summary.json").write_text(json.dumps(summary))
     (d / "identity.json").write_text(json.dumps({"dataset_fingerprint": summary["dataset_fingerprint"],
