@@ -145,8 +145,17 @@ def build_method(cfg: RunConfig) -> FewShotMethod:
 
 
 def stages_of(cfg: RunConfig) -> Tuple[str, ...]:
-    """Training stages of this run (the method's, given its options)."""
-    return tuple(get_method_class(cfg.method).stages(cfg.method_options))
+    """Training stages of this run (the method's, given its options).
+
+    Raises:
+        ConfigError: the method gives its stages as one string (``training_stages = ("episodic")``, a missing
+            comma), which would otherwise read as one stage per letter.
+    """
+    stages = get_method_class(cfg.method).stages(cfg.method_options)
+    if isinstance(stages, str):
+        raise ConfigError(f"method {cfg.method}: training_stages must be a tuple of stage names, got the string "
+                          f"{stages!r}; write ({stages!r},) with the comma")
+    return tuple(stages)
 
 
 def conv_spec_of(cfg: RunConfig) -> Dict[str, Any]:

@@ -59,3 +59,9 @@ def test_every_episode_failed_gives_no_row_and_some_failed_gives_a_warning(tmp_p
     assert code == 0, out + err
     assert "warning: 2 of 4 test episodes of nan_logits_on_odd_episodes" in out + err
     assert int(read_leaderboard(lb).iloc[0]["episodes_failed"]) == 2
+
+
+def test_training_stages_given_as_a_string_is_one_line_that_names_the_comma(tmp_path, capsys):
+    code, out, err = cli(tmp_path, capsys, "--method", "stages_as_a_string")
+    assert code == 2 and len(error_lines(err)) == 1, out + err
+    assert "training_stages must be a tuple" in err and "('episodic',)" in err, err

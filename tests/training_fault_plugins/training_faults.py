@@ -46,3 +46,10 @@ class NanOnEveryEpisode(_Proto):
 
     def forward(self, query_x):
         return super().forward(query_x) * float("nan")
+
+
+@register_method("stages_as_a_string")
+class StagesAsAString(_Proto):
+    """``training_stages = ("episodic")``: a missing comma makes it a string."""
+
+    training_stages = ("episodic")
