@@ -22,6 +22,15 @@ and the next one runs; the limits add up to the 8-minute budget, ``--budget``):
    validation episodes, 600 test episodes);
 6. ``compile`` on vs off and ``precision`` bf16 vs fp32 on the dynamic NSN (paper settings, budgets
    cut): accuracy on the same fixed test episodes (paired differences to fp32 eager) and the step time.
+   The eager arms run first, in their own process with their own limit; the compiled arms run after them in
+   another process with a limit of their own (``timeouts["compiled"]``), so a slow compilation cannot take the
+   eager arms' time. Every arm's pretraining step is timed first (for a compiled arm that compiles the
+   pretraining network, reported at once) and its accuracy run (which compiles the same network again, a hit
+   of the compile caches of the same process, then the evaluation shapes) comes after.
+
+The report (``--out``, default ``benchmarks/GPU_RESULTS.md`` on a GPU) and ``--json`` are rewritten after every
+section, so a check stopped or killed later keeps the results of every section it finished; SIGTERM or Ctrl-C
+kills the running section's processes and writes the report with what was finished.
 
 ``--cpu-dry-run`` runs every section on the CPU at 16 px with one torch thread, a few steps and 2-3
 episodes, a subset of methods and cells (a pretraining and an episodic method; finetune's pretraining,
@@ -89,9 +98,10 @@ class Plan:
     arm_head_epochs: int = 25
     arm_warmup: int = 3
     arm_reps: int = 10
-    # seconds per section; on a GPU they add up to the budget, 10 s under 8 minutes (the versions and the report)
+    # seconds per section; on a GPU they add up to the budget, 10 s under 8 minutes (the versions and the report).
+    # "precision" is the eager arms' limit, "compiled" the compiled arms' own (run after them, in their own process).
     timeouts: Dict[str, float] = field(default_factory=lambda: {"data": 45, "smoke": 90, "resume": 100, "steps": 80,
-                                                                "precision": 155})
+                                                                "precision": 70, "compiled": 85})
     budget_s: float = 470.0
 
     @property
@@ -117,7 +127,8 @@ def dry_run_plan(work: str, **kw: Any) -> Plan:
                 skipped_arms=[["fp32", "on", why], ["bf16", "on", why]],
                 arm_pretrain={"epochs": 1, "max_steps": 2}, arm_episodes=3, arm_head_epochs=2, arm_warmup=1,
                 arm_reps=1,
-                timeouts={"data": 60, "smoke": 60, "resume": 90, "steps": 60, "precision": 60}, budget_s=330.0, **kw)
+                timeouts={"data": 60, "smoke": 60, "resume": 90, "steps": 60, "precision": 60, "compiled": 60},
+                budget_s=330.0, **kw)
 
 
 def save_plan(plan: Plan, path: Path) -> None:
@@ -195,25 +206,21 @@ def timed(fn: Callable[[], None], device: Any, warmup: int, reps: int) -> Dict[s
     return {"s": statistics.median(times), "warmup_s": warm, "peak_mb": peak_memory_mb(device)}
 
 
-def prepare_method(cfg: Any) -> Tuple[Any, Any, Dict[str, bool]]:
-    """The method of ``cfg`` on its device, built as a run builds it (:func:`fewshot_nsl.runner.train`): seeded,
-    the CUDA fast mode on unless ``deterministic`` (cuDNN autotuner, TF32, channels-last weights).
+def prepare_method(cfg: Any) -> Tuple[Any, Any, Dict[str, bool], bool]:
+    """The method of ``cfg`` on its device, built as a run builds it
+    (:func:`fewshot_nsl.process_setup.build_for_device`, as :func:`fewshot_nsl.runner.train`): seeded, the CUDA
+    fast mode on unless ``deterministic`` (cuDNN autotuner, TF32, channels-last weights).
 
     Returns:
-        ``(method, device, fast-mode switches)``.
+        ``(method, device, fast-mode switches, compiled)``; ``compiled``: whether the run's ``compile`` setting
+        compiles (the caller compiles what it times).
     """
-    import torch
-
-    from fewshot_nsl.precision import configure_backends
-    from fewshot_nsl.runner import build_method, resolve_device, set_seed
+    from fewshot_nsl.process_setup import build_for_device
+    from fewshot_nsl.runner import resolve_device
 
     device = resolve_device(cfg.device)
-    set_seed(cfg.seed, cfg.deterministic)
-    fast = configure_backends(device, cfg.deterministic)
-    method = build_method(cfg).to(device)
-    if fast["channels_last"]:
-        method.to(memory_format=torch.channels_last)
-    return method, device, fast
+    built = build_for_device(cfg, device, log=lambda _line: None)
+    return built.method, device, built.fast, built.compiled
 
 
 # ----------------------------------------------------------------------------- child: data, smoke
@@ -467,19 +474,21 @@ def full_budget(cfg: Any) -> Dict[str, int]:
 def pretrain_step_fn(method: Any, cfg: Any, store: Any, device: Any, compiled: bool = False) -> Callable[[], None]:
     """One base-class pretraining step as :func:`fewshot_nsl.training.pretrain` takes it (network + linear head,
     cross-entropy + the method's regulariser under the run's ``precision`` autocast, loss scaling for fp16, the
-    profile's optimiser), on a batch of real images."""
+    profile's optimiser), on a batch of real images. The network is the one pretraining builds (its
+    ``_PretrainNet``), so a compiled step compiles the graph a compiled run's pretraining compiles, and a run in the
+    same process after it finds it in the compile caches."""
     import torch
     import torch.nn.functional as F
     from torch import nn
 
     from fewshot_nsl.data.episodes import Materialiser
     from fewshot_nsl.precision import autocast, grad_scaler
-    from fewshot_nsl.training import pretrain_optimizer
+    from fewshot_nsl.training import _PretrainNet, pretrain_optimizer
 
     module = method.pretrain_module().to(device).train()
     classes = store.classes_in_split("train")
     head = nn.Linear(method.backbone.feature_dim(cfg.image_size), len(classes)).to(device)
-    net = nn.Sequential(module, head)
+    net = _PretrainNet(module, head)
     if compiled:
         from fewshot_nsl.compiling import compile_in_place
 
@@ -559,7 +568,7 @@ def measure_cell(plan: Plan, method_name: str, backbone: str, shots: int, store:
     cfg = resolve_config(base_cli(plan, method=method_name, backbone=backbone, shots=shots, profile="paper",
                                   results_dir=str(Path(plan.work) / "steps")))
     stages = stages_of(cfg)
-    method, device, fast = prepare_method(cfg)
+    method, device, fast, _ = prepare_method(cfg)  # timed eager, whatever compile: auto would do
     out: Dict[str, Any] = {"method": method_name, "backbone": backbone, "shots": shots, "stages": list(stages),
                            "params": int(sum(p.numel() for p in method.parameters())), "fast_mode": fast_mode_text(fast),
                            **full_budget(cfg)}
@@ -633,13 +642,11 @@ def arm_accuracy(plan: Plan, cli: Dict[str, Any]) -> Dict[str, Any]:
 def arm_step(plan: Plan, cli: Dict[str, Any]) -> Dict[str, Any]:
     """Seconds per pretraining step of the arm's network (a batch of the paper's 64 images), warm-up included
     separately (compilation), peak memory."""
-    from fewshot_nsl.compiling import resolve as resolve_compile
     from fewshot_nsl.config import resolve_config
     from fewshot_nsl.runner import load_store
 
     cfg = resolve_config(cli)
-    method, device, _ = prepare_method(cfg)
-    compiled, _ = resolve_compile(cfg.compile, device, method)
+    method, device, _, compiled = prepare_method(cfg)
     step = pretrain_step_fn(method, cfg, load_store(cfg), device, compiled=compiled)
     out = timed(step, device, plan.arm_warmup, plan.arm_reps)
     out["compiled"] = compiled
@@ -659,35 +666,74 @@ def paired_to_reference(plan: Plan, arm: Dict[str, Any], ref: Dict[str, Any]) ->
     return {"diff": c.mean_diff, "diff_ci95": c.ci95, "p": c.p_value, "same_episodes": int((a == b).sum())}
 
 
-def child_precision(plan: Plan) -> None:
+#: The two parts of the precision section, each in its own process with its own limit, in this order.
+PRECISION_PARTS = ("eager", "compiled")
+#: What a timed arm says until its accuracy run has reported (replaced by the arm's full result).
+ACCURACY_PENDING = "its accuracy run did not finish within the time limit (the step was measured)"
+
+
+def part_arms(plan: Plan, part: str) -> List[List[str]]:
+    """The ``[precision, compile]`` arms of ``part`` (``eager``: compile off; ``compiled``: the others)."""
+    return [a for a in plan.arms if (a[1] == "off") == (part == "eager")]
+
+
+def reference_arm(plan: Plan) -> Optional[Dict[str, Any]]:
+    """The fp32 eager arm's finished run in this ``--work`` (the paired reference; the newest if several), for
+    the compiled arms, which run in another process."""
+    found = []
+    for path in (Path(plan.work) / "precision" / "fp32_off" / "runs").glob("*/summary.json"):
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if int(summary.get("episodes") or 0) == plan.arm_episodes:
+            found.append((path.stat().st_mtime, summary["run_id"]))
+    return {"arm": "fp32_off", "run_id": max(found)[1]} if found else None
+
+
+def child_precision(plan: Plan, part: str = "eager") -> None:
+    """The arms of ``part``: first every arm's pretraining step (a compiled arm compiles its pretraining network
+    there; reported at once, so a limit reached later keeps it), then every arm's accuracy run (its pretraining
+    compiles the same network: a hit of this process's compile caches; then the evaluation shapes)."""
     setup_torch(plan)
-    reference: Optional[Dict[str, Any]] = None
-    for precision, compile_setting in plan.arms:
+    arms = []
+    for precision, compile_setting in part_arms(plan, part):
         t0 = time.perf_counter()
         item: Dict[str, Any] = {"arm": f"{precision}_{compile_setting}", "precision": precision,
                                 "compile": compile_setting, "ok": False}
         cli = arm_cli(plan, precision, compile_setting)
         try:
-            item.update(arm_accuracy(plan, cli))
-            item["ok"] = int(item["episodes_failed"]) == 0
-            if reference is None and precision == "fp32" and compile_setting == "off":
-                reference = item
-            elif reference is not None:
-                item["paired"] = paired_to_reference(plan, item, reference)
-        except Exception as exc:  # reported, the next arm runs
-            item["error"] = error_line(exc)
-        try:
             item["step"] = arm_step(plan, cli)
-        except Exception as exc:
-            item["ok"] = False
+            item["compiled"] = item["step"]["compiled"]
+        except Exception as exc:  # reported; its accuracy run still runs
             item["step_error"] = error_line(exc)
         item["seconds"] = time.perf_counter() - t0
+        emit(RESULT, {**item, "error": ACCURACY_PENDING})  # superseded by the arm's full result below
+        emit(PROGRESS, f"precision {item['arm']}: step {'measured' if 'step' in item else 'FAILED'} "
+                       f"({item['seconds']:.1f} s)")
+        arms.append((item, cli))
+    reference: Optional[Dict[str, Any]] = None
+    for item, cli in arms:
+        t0 = time.perf_counter()
+        try:
+            item.update(arm_accuracy(plan, cli))
+            item["ok"] = int(item["episodes_failed"]) == 0 and "step" in item
+            if item["arm"] == "fp32_off":
+                reference = item
+            else:
+                ref = reference or reference_arm(plan)
+                if ref is not None:
+                    item["paired"] = paired_to_reference(plan, item, ref)
+        except Exception as exc:  # reported, the next arm runs
+            item["ok"] = False
+            item["error"] = error_line(exc)
+        item["seconds"] += time.perf_counter() - t0
         emit(RESULT, item)
         emit(PROGRESS, f"precision {item['arm']}: {'ok' if item['ok'] else 'FAILED'} ({item['seconds']:.1f} s)")
 
 
-CHILDREN = {"data": child_data, "smoke": child_smoke, "resume": child_resume, "steps": child_steps,
-            "precision": child_precision}
+CHILDREN: Dict[str, Callable[..., None]] = {"data": child_data, "smoke": child_smoke, "resume": child_resume,
+                                             "steps": child_steps, "precision": child_precision}
 
 
 # ----------------------------------------------------------------------------- parent: sections
@@ -696,10 +742,21 @@ class Section:
     """What one section's process reported."""
 
     name: str
-    status: str = "not run"  # ok | failed | timed out | skipped | not run
+    # ok | failed | timed out | interrupted | skipped | not run (| running: in a report written meanwhile)
+    status: str = "not run"
     seconds: float = 0.0
     items: List[Dict[str, Any]] = field(default_factory=list)
     error: Optional[str] = None
+
+
+def _add_item(items: List[Dict[str, Any]], item: Dict[str, Any]) -> None:
+    """Append a child's result; a later result of the same precision arm replaces the earlier one in place."""
+    if "arm" in item:
+        for k, old in enumerate(items):
+            if old.get("arm") == item["arm"]:
+                items[k] = item
+                return
+    items.append(item)
 
 
 def run_section(name: str, cmd: Sequence[str], timeout: float, env: Optional[Dict[str, str]] = None,
@@ -707,7 +764,9 @@ def run_section(name: str, cmd: Sequence[str], timeout: float, env: Optional[Dic
     """Run one section's process, relay its progress lines, collect its ``@result`` lines.
 
     The process runs in its own session; at ``timeout`` seconds the whole session (its subprocesses too) is
-    killed with SIGKILL and the section is reported as timed out, with the items it had finished.
+    killed with SIGKILL and the section is reported as timed out, with the items it had finished. A
+    KeyboardInterrupt (Ctrl-C, or SIGTERM in :func:`main`) while it runs kills it the same way and reports it as
+    interrupted.
     """
     sec = Section(name)
     t0 = time.perf_counter()
@@ -722,24 +781,27 @@ def run_section(name: str, cmd: Sequence[str], timeout: float, env: Optional[Dic
             lines.put(None)
 
         threading.Thread(target=pump, daemon=True).start()
-        timed_out = False
-        while True:
-            left = timeout - (time.perf_counter() - t0)
-            try:
-                line = lines.get(timeout=max(left, 0.0))
-            except queue.Empty:
-                timed_out = True
-                break
-            if line is None:
-                break
-            if line.startswith(RESULT):
+        timed_out = interrupted = False
+        try:
+            while True:
+                left = timeout - (time.perf_counter() - t0)
                 try:
-                    sec.items.append(json.loads(line[len(RESULT):]))
-                except ValueError:
-                    sec.items.append({"ok": False, "error": f"unreadable result line: {line[:200].strip()}"})
-            elif line.startswith(PROGRESS):
-                say(f"  {line[len(PROGRESS):].rstrip()}")
-        if timed_out:
+                    line = lines.get(timeout=max(left, 0.0))
+                except queue.Empty:
+                    timed_out = True
+                    break
+                if line is None:
+                    break
+                if line.startswith(RESULT):
+                    try:
+                        _add_item(sec.items, json.loads(line[len(RESULT):]))
+                    except ValueError:
+                        sec.items.append({"ok": False, "error": f"unreadable result line: {line[:200].strip()}"})
+                elif line.startswith(PROGRESS):
+                    say(f"  {line[len(PROGRESS):].rstrip()}")
+        except KeyboardInterrupt:
+            interrupted = True
+        if timed_out or interrupted:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -748,7 +810,9 @@ def run_section(name: str, cmd: Sequence[str], timeout: float, env: Optional[Dic
         err.seek(0)
         tail = [ln for ln in err.read().splitlines() if ln.strip()][-1:]
     sec.seconds = time.perf_counter() - t0
-    if timed_out:
+    if interrupted:
+        sec.status, sec.error = "interrupted", f"the check was stopped after {sec.seconds:.0f} s (SIGTERM or Ctrl-C)"
+    elif timed_out:
         sec.status, sec.error = "timed out", f"killed after {timeout:.0f} s (its time limit)"
     elif proc.returncode:
         sec.status = "failed"
@@ -765,28 +829,111 @@ def child_env(plan: Plan) -> Dict[str, str]:
     if plan.threads:
         env["OMP_NUM_THREADS"] = str(plan.threads)
     env.setdefault("PYTHONWARNINGS", "ignore")
+    # compile caches of this check's own (fresh with a fresh --work, so the compile times are a first run's),
+    # shared by the processes of a section: a graph compiled once is found again
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(plan.work) / "compile_cache" / "inductor"))
+    env.setdefault("TRITON_CACHE_DIR", str(Path(plan.work) / "compile_cache" / "triton"))
     return env
 
 
-def run_sections(plan: Plan, plan_file: Path, names: Sequence[str], say: Callable[[str], None]) -> Dict[str, Section]:
-    """Every selected section in order, each within its time limit and what is left of the budget."""
-    out: Dict[str, Section] = {}
+def child_command(name: str, plan_file: Path, part: Optional[str] = None) -> List[str]:
+    """The command of one section's process (``part``: which arms of the precision section)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--plan", str(plan_file)]
+    return cmd + (["--part", part] if part else [])
+
+
+#: Status of a section from its parts', the first of these that any part has.
+_WORST = ("interrupted", "timed out", "failed")
+
+
+def merge_parts(name: str, parts: Sequence[Tuple[str, Section]], pending: Sequence[str] = ()) -> Section:
+    """One section from the sections of its parts (``(label, section)``), in order; ``pending``: labels of the
+    parts not run yet (a report written meanwhile says so)."""
+    sec = Section(name, seconds=sum(p.seconds for _, p in parts))
+    for _, p in parts:
+        for item in p.items:
+            _add_item(sec.items, item)
+    statuses = [p.status for _, p in parts]
+    sec.status = next((w for w in _WORST if w in statuses), "ok" if parts else "not run")
+    if "skipped" in statuses and sec.status == "ok":
+        sec.status = "skipped" if set(statuses) == {"skipped"} else "failed"
+    notes = [f"{label} arms: {p.error}" for label, p in parts if p.error]
+    notes += [f"{label} arms: not finished when this report was written" for label in pending]
+    sec.error = "; ".join(notes) or None
+    if pending and sec.status == "ok":
+        sec.status = "running"
+    return sec
+
+
+def run_sections(plan: Plan, plan_file: Path, names: Sequence[str], say: Callable[[str], None],
+                 out: Optional[Dict[str, Section]] = None,
+                 on_section: Optional[Callable[[Dict[str, Section]], None]] = None,
+                 command: Optional[Callable[..., List[str]]] = None) -> Dict[str, Section]:
+    """Every selected section in order, each within its time limit and what is left of the budget.
+
+    The precision section runs its eager arms and then its compiled arms, each part in its own process with its
+    own limit (``timeouts["precision"]``, ``timeouts["compiled"]``). ``out`` (filled in place, also returned)
+    holds the sections finished so far; ``on_section(out)`` is called after each section and each precision
+    part (to write the report so far). A section that was interrupted ends the run: the rest are "not run".
+    ``command(name, plan_file[, part])``: a section's process (default :func:`child_command`).
+    """
+    out = {} if out is None else out
+    command = command or child_command
     start = time.perf_counter()
+
+    def limit_of(key: str) -> float:
+        """The section's (or part's) own limit, within what is left of the budget; 0: under 5 s of it left."""
+        left = plan.budget_s - (time.perf_counter() - start)
+        return min(plan.timeouts[key], left) if left >= 5 else 0.0
+
+    def done() -> None:
+        if on_section is not None:
+            on_section(out)
+
+    stopped = False
     for name in SECTIONS:
         if name not in names:
             out[name] = Section(name, "skipped", error="not selected (--sections)")
             continue
-        left = plan.budget_s - (time.perf_counter() - start)
-        limit = min(plan.timeouts[name], left)
-        if limit < 5:
+        if stopped:
+            out[name] = Section(name, "not run", error="the check was stopped before it")
+            continue
+        if name == "precision":
+            parts = [p for p in PRECISION_PARTS if part_arms(plan, p)]
+            ran: List[Tuple[str, Section]] = []
+            for k, part in enumerate(parts):
+                limit = limit_of("precision" if part == "eager" else part)
+                if not limit:
+                    ran.append((part, Section(name, "skipped", error=f"skipped, the {plan.budget_s:.0f} s budget "
+                                                                     "was spent")))
+                    say(f"[precision, {part} arms] skipped: budget spent")
+                    continue
+                say(f"[precision, {part} arms] started (limit {limit:.0f} s, their own)")
+                sec = run_section(name, command(name, plan_file, part), limit, child_env(plan), say)
+                ran.append((part, sec))
+                say(f"[precision, {part} arms] {sec.status} in {sec.seconds:.1f} s"
+                    + (f": {sec.error}" if sec.error else ""))
+                if sec.status == "interrupted":
+                    break
+                if k + 1 < len(parts):  # the eager arms' figures are in the report before any compilation starts
+                    out[name] = merge_parts(name, ran, pending=parts[k + 1:])
+                    done()
+            out[name] = merge_parts(name, ran)
+            stopped = out[name].status == "interrupted"
+            done()
+            continue
+        limit = limit_of(name)
+        if not limit:
             out[name] = Section(name, "skipped", error=f"the {plan.budget_s:.0f} s budget was spent")
             say(f"[{name}] skipped: budget spent")
+            done()
             continue
         say(f"[{name}] started (limit {limit:.0f} s)")
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--plan", str(plan_file)]
-        out[name] = run_section(name, cmd, limit, child_env(plan), say)
+        out[name] = run_section(name, command(name, plan_file), limit, child_env(plan), say)
         say(f"[{name}] {out[name].status} in {out[name].seconds:.1f} s"
             + (f": {out[name].error}" if out[name].error else ""))
+        stopped = out[name].status == "interrupted"
+        done()
     return out
 
 
@@ -1022,8 +1169,12 @@ def _precision_report(plan: Plan, sec: Section, dev: str, px: str) -> List[str]:
            f"fresh pretraining per arm, evaluated on the first {plan.arm_episodes} fixed test episodes through "
            "`fewshot_nsl.benchmark(..., precision=P, compile=C)` (fast mode: differences within the paired CI are "
            "noise). Paired difference to fp32 eager on the same episodes. Step: a pretraining step of 64 images "
-           f"(median of {plan.arm_reps} after {plan.arm_warmup} warm-up calls; the warm-up includes compilation). "
-           "Section: " + _status_line(sec), "",
+           f"(median of {plan.arm_reps} after {plan.arm_warmup} warm-up calls; the warm-up includes compilation), "
+           "timed before the arm's accuracy run. The eager arms ran first in their own process (limit "
+           f"{plan.timeouts['precision']:.0f} s)"
+           + (f", the compiled arms after them in another (limit {plan.timeouts.get('compiled', 0):.0f} s of their "
+              "own; their accuracy run's pretraining reuses the network compiled for the step)"
+              if part_arms(plan, "compiled") else "") + ". Section: " + _status_line(sec), "",
            "| arm | compiled | accuracy ± 95% CI | paired diff vs fp32 eager (p) | same-accuracy episodes | "
            "pretraining + eval s | step ms | warm-up s | step peak MiB | result |",
            "|---|---|---|---|---|---|---|---|---|---|"]
@@ -1039,6 +1190,11 @@ def _precision_report(plan: Plan, sec: Section, dev: str, px: str) -> List[str]:
         out.append(f"| {i['arm']} | {_f(i.get('compiled', st.get('compiled')))} | {acc} | {paired} | {same} | {wall} | "
                    f"{_f(st['s'] * 1000, '.1f') if st else '-'} | {_f(st.get('warmup_s'), '.1f')} | "
                    f"{_f(st.get('peak_mb'), '.0f')} | {res} |")
+    reported = {i.get("arm") for i in sec.items}
+    for precision, compile_setting in plan.arms:
+        if f"{precision}_{compile_setting}" not in reported and sec.status not in ("skipped",):
+            out.append(f"| {precision}_{compile_setting} | | | | | | | | | not measured: the section is "
+                       f"{sec.status}{': ' + sec.error if sec.error else ''} |")
     for precision, compile_setting, why in plan.skipped_arms:
         out.append(f"| {precision}_{compile_setting} | | | | | | | | | skipped: {why} |")
     return out
@@ -1058,6 +1214,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--budget", type=float, help="seconds for all sections together (default 470 on a GPU, 330 in a "
                                                  "dry run); each section also has its own limit")
     ap.add_argument("--child", choices=SECTIONS, help=argparse.SUPPRESS)
+    ap.add_argument("--part", choices=PRECISION_PARTS, default="eager", help=argparse.SUPPRESS)
     ap.add_argument("--plan", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -1070,7 +1227,10 @@ def fail(message: str) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.child:
-        CHILDREN[args.child](load_plan(Path(args.plan)))
+        if args.child == "precision":
+            child_precision(load_plan(Path(args.plan)), args.part)
+        else:
+            CHILDREN[args.child](load_plan(Path(args.plan)))
         return 0
     names = [s.strip() for s in (args.sections or ",".join(SECTIONS)).split(",") if s.strip()]
     unknown = sorted(set(names) - set(SECTIONS))
@@ -1097,24 +1257,66 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"[gpu_check {time.perf_counter() - t0:5.0f} s] {line}", flush=True)
 
     say(f"{'CPU dry run' if plan.dry_run else 'CUDA check'}: sections {', '.join(names)}, work folder {work}")
+    out = Path(args.out) if args.out else (None if plan.dry_run else DEFAULT_OUT)
+    info: Dict[str, Any] = {}
+    done: Dict[str, Section] = {}
+
+    def save(sections: Dict[str, Section]) -> str:
+        """Write the report (and the JSON) of the sections finished so far; return the report."""
+        secs = complete(sections)
+        text = report(plan, info, secs)
+        if args.json:
+            write_atomically(Path(args.json), json.dumps(
+                {"plan": dataclasses.asdict(plan), "versions": info,
+                 "sections": {k: dataclasses.asdict(v) for k, v in secs.items()},
+                 "projection": project(secs["steps"].items)}, indent=1, default=str))
+        if out is not None:
+            try:
+                write_atomically(out, text)
+            except OSError as exc:
+                say(f"warning: could not write the report to {out} ({exc})")
+        return text
+
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a stopped check writes what it finished
+    stopped = False
     try:
         info = versions()
-        secs = run_sections(plan, plan_file, names, say)
+        run_sections(plan, plan_file, names, say, out=done, on_section=save)
+    except KeyboardInterrupt:  # between sections: the running one (if any) was killed and recorded
+        stopped = True
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"plan": dataclasses.asdict(plan), "versions": info,
-                                               "sections": {k: dataclasses.asdict(v) for k, v in secs.items()},
-                                               "projection": project(secs["steps"].items)}, indent=1, default=str))
-    text = report(plan, info, secs)
+    stopped = stopped or any(s.status == "interrupted" for s in done.values())
+    text = save(done)
     print(text, end="")
-    out = Path(args.out) if args.out else (None if plan.dry_run else DEFAULT_OUT)
     if out is not None:
-        out.write_text(text)
         say(f"report written to {out}")
+    if stopped:
+        say("stopped: the report holds the sections finished before the stop")
+        return 130
+    secs = complete(done)
     ran = [s for s in secs.values() if s.status != "skipped" or s.error != "not selected (--sections)"]
     return 0 if all(s.status == "ok" for s in ran) else 1
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM handler of the parent: stop as Ctrl-C does (the running section is killed, the report written)."""
+    raise KeyboardInterrupt
+
+
+def complete(sections: Dict[str, Section]) -> Dict[str, Section]:
+    """Every section of :data:`SECTIONS`, in order: those not in ``sections`` as "not run"."""
+    return {name: sections.get(name) or Section(name, "not run", error="not reached when this report was written")
+            for name in SECTIONS}
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """``path`` holds either its previous content or ``text``, never a part (a check killed while writing)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

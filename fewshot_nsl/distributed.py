@@ -18,6 +18,14 @@ order). ``SyncBatchNorm`` does not run on CPU, so with gloo each process normali
 statistics of its own slice (like most multi-GPU ImageNet training); the update then equals
 the full-batch one exactly only for models without batch-dependent layers, which is what the
 test checks (``tests/test_ddp.py``, a BN-free backbone), and it is documented as such.
+
+Each process is set up as a single-process run sets itself up before building the network
+(:func:`fewshot_nsl.process_setup.build_for_device`: seed, ``--deterministic`` / TF32 / cuDNN switches,
+channels-last, ``compile``), so the cached weights do not depend on the entry point that trained them.
+
+Resume: a multi-process pretraining keeps no ``.partial`` checkpoint (only a single-process one does, at
+every epoch end), so a killed ``--nproc-per-node`` N > 1 pretraining starts again from the beginning when the
+command is run again; a finished one is cached and reused.
 """
 from __future__ import annotations
 
@@ -35,15 +43,16 @@ def pretrain_main(argv: List[str]) -> int:
     import torch
     import torch.distributed as dist
 
+    from . import training
     from .cli import build_parser, overrides_of
     from .console import show_progress
     from .config import resolve_config
     from .data.store import default_cache_dir
     from .errors import ConfigError, FewShotError
     from .host_memory import retain_freed_memory
+    from .process_setup import build_for_device
     from .registry import load_plugins
-    from .runner import build_method, conv_spec_of, load_store, stages_of
-    from .training import pretrain, set_seed
+    from .runner import conv_spec_of, load_store, stages_of
 
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
@@ -81,13 +90,16 @@ def pretrain_main(argv: List[str]) -> int:
         dist.barrier()
         if rank != 0:
             store = load_store(cfg)
-        set_seed(cfg.seed, cfg.deterministic)
-        method = build_method(cfg).to(device)
+        built = build_for_device(cfg, device, log=log)  # as a single-process run: seed, TF32/cuDNN, compile
         cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         log(f"pretraining {cfg.backbone} for {cfg.method} on {store.name} with {world} process(es) "
             f"({'NCCL, SyncBatchNorm' if use_cuda else 'gloo on CPU, per-process BatchNorm statistics'})")
-        info = pretrain(method, store, cfg, device, conv_spec_of(cfg), cache, progress=show_progress(args.progress, args.quiet),
-                        distributed=True)
+        if world > 1:
+            log("note: a multi-process pretraining keeps no checkpoint; if it is killed, running the command again "
+                "starts it from the beginning")
+        info = training.pretrain(built.method, store, cfg, device, conv_spec_of(cfg), cache,
+                                 progress=show_progress(args.progress, args.quiet), distributed=True,
+                                 compiled=built.compiled)
         state = "already cached" if info["cached"] else f"trained, base-class train accuracy {100 * info['train_accuracy']:.1f}%"
         log(f"pretraining {state}: {info['cache_path']}")
         log("fewshot-nsl (or run_benchmarks.py) with the same flags (and cache dir) reuses it")
@@ -148,7 +160,12 @@ def launch_main(argv: List[str]) -> int:
               f"(its message is above); rerun after fixing it (a finished pretraining is cached)", file=sys.stderr)
         return 2 if failure.exitcode == 2 else 1
     except KeyboardInterrupt:
-        print("interrupted: pretraining checkpoints are saved; run the same command again to resume", file=sys.stderr)
+        if nproc > 1:  # training.py writes no .partial checkpoint when world > 1
+            print(f"interrupted: a {nproc}-process pretraining keeps no checkpoint; running the same command again "
+                  f"starts it from the beginning", file=sys.stderr)
+        else:
+            print("interrupted: a one-process pretraining checkpoints every finished epoch; run the same command "
+                  "again to resume from the last one", file=sys.stderr)
         return 130
     return 0
 

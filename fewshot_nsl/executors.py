@@ -22,6 +22,14 @@ reductions are split differently). Both executors therefore run with the same ``
 with equal threads the Ray executor reproduces the local results bit for bit. The thread count
 is recorded in every row (``threads``).
 
+**GPUs.** Whether a task asks Ray for a GPU is decided from the cluster's resources
+(``ray.cluster_resources()["GPU"]``) and the run's ``--device``, never from the driver's own CUDA (the driver
+may run on a CPU-only head or login node): ``auto`` and ``cuda``/``cuda:N`` get one GPU per task where the
+cluster has GPUs (``cuda`` on a cluster without any is one error before any task starts), ``cpu`` none. Ray then
+shows each task only its GPU, so ``cuda:N`` runs on the GPU Ray assigned. A task that was given a GPU but whose
+torch sees none (a CPU build of torch on that node, a broken driver) fails in one line instead of running on the
+CPU.
+
 Workers need the results and cache folders: on one machine they are shared; on a cluster put
 ``--results-dir`` and ``--cache-dir`` on a shared filesystem and install the suite on every node.
 """
@@ -82,18 +90,46 @@ def import_ray():
 _STORES: Dict[str, Any] = {}
 
 
-def _worker_context(cfg, plugin_dirs: Sequence[str], threads: int, expect: Optional[str] = None):
+def task_gpus(device: str, cluster_gpus: float) -> int:
+    """GPUs one Ray task of a run with ``--device device`` asks for on a cluster with ``cluster_gpus`` GPUs.
+
+    Raises:
+        ConfigError: ``cuda``/``cuda:N`` on a cluster without a GPU.
+    """
+    if device == "cpu":
+        return 0
+    if cluster_gpus >= 1:
+        return 1
+    if device.startswith("cuda"):
+        raise ConfigError(f"--device {device} was asked for but the Ray cluster has no GPU (ray.cluster_resources() "
+                          f"lists {cluster_gpus:g}); start the Ray nodes on GPU machines, or use --device auto or cpu")
+    return 0
+
+
+def _check_gpu_visible(gpus: int) -> None:
+    """In a worker: a task given ``gpus`` GPUs must see one, else one line rather than a silent CPU run."""
+    if gpus and not torch.cuda.is_available():
+        import socket
+
+        raise ConfigError(
+            f"this Ray task was given {gpus} GPU but torch on {socket.gethostname()} sees none "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}, torch {torch.__version__}, CUDA build "
+            f"{torch.version.cuda}); install a CUDA build of torch on the GPU nodes, or pass --device cpu")
+
+
+def _worker_context(cfg, plugin_dirs: Sequence[str], threads: int, expect: Optional[str] = None, gpus: int = 0):
     """The run's context in a worker, on the worker's cached store.
 
     ``expect`` is the run folder name the driver prepared (its identity digest covers the dataset content): a
     store this worker decoded before the data changed on disk gives another identity, so it is dropped and the
     data read again; if the identity still differs, the task refuses in one line rather than evaluating other
-    pixels under the driver's run.
+    pixels under the driver's run. ``gpus``: the GPUs Ray gave the task (it must see them).
     """
     from .errors import DataError
     from .registry import load_plugins
     from .runner import load_store, prepare, run_dir_of, run_identity, store_key
 
+    _check_gpu_visible(gpus)
     load_plugins([Path(d) for d in plugin_dirs])
     torch.set_num_threads(threads)
     key = store_key(cfg)
@@ -110,23 +146,31 @@ def _worker_context(cfg, plugin_dirs: Sequence[str], threads: int, expect: Optio
     return ctx
 
 
-def pretrain_task(cfg, plugin_dirs: Sequence[str], threads: int, expect: Optional[str] = None) -> Dict[str, Any]:
-    """Ray task: base-class pretraining into the shared cache (no-op when cached)."""
-    from .data.store import default_cache_dir
-    from .runner import build_method, conv_spec_of
-    from .training import pretrain, set_seed
+def pretrain_task(cfg, plugin_dirs: Sequence[str], threads: int, expect: Optional[str] = None,
+                  gpus: int = 0) -> Dict[str, Any]:
+    """Ray task: base-class pretraining into the shared cache (no-op when cached).
 
-    ctx = _worker_context(cfg, plugin_dirs, threads, expect)
+    The process is set up as :func:`fewshot_nsl.runner.train` sets it up
+    (:func:`fewshot_nsl.process_setup.build_for_device`: seed, determinism and TF32 switches, channels-last,
+    compile), so the cached weights do not depend on which entry point trained them, nor on what an earlier task
+    left in this worker.
+    """
+    from . import training
+    from .data.store import default_cache_dir
+    from .process_setup import build_for_device
+    from .runner import conv_spec_of
+
+    ctx = _worker_context(cfg, plugin_dirs, threads, expect, gpus)
     t0 = time.perf_counter()
-    set_seed(cfg.seed, cfg.deterministic)
-    method = build_method(cfg).to(ctx.device)
+    built = build_for_device(cfg, ctx.device, log=_silent)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    info = pretrain(method, ctx.store, cfg, ctx.device, conv_spec_of(cfg), cache, progress=False)
+    info = training.pretrain(built.method, ctx.store, cfg, ctx.device, conv_spec_of(cfg), cache, progress=False,
+                             compiled=built.compiled)
     return {**info, "time_s": round(time.perf_counter() - t0, 2)}
 
 
 def train_task(cfg, plugin_dirs: Sequence[str], threads: int, after: Any = None,
-               owns_pretrain: bool = False, expect: Optional[str] = None) -> Dict[str, Any]:
+               owns_pretrain: bool = False, expect: Optional[str] = None, gpus: int = 0) -> Dict[str, Any]:
     """Ray task: train (or load) the run's method; returns its ``train.json`` record.
 
     ``after`` is the result of the pretrain task this run waited for; the first run of those
@@ -137,7 +181,7 @@ def train_task(cfg, plugin_dirs: Sequence[str], threads: int, after: Any = None,
     from .runner import train
     from .safe_io import atomic_write_json
 
-    ctx = _worker_context(cfg, plugin_dirs, threads, expect)
+    ctx = _worker_context(cfg, plugin_dirs, threads, expect, gpus)
     fresh = not (ctx.run_dir / "method.pt").is_file()
     record = train(ctx, progress=False, log=_silent)
     if fresh and owns_pretrain and isinstance(after, dict) and not after.get("cached"):
@@ -148,7 +192,7 @@ def train_task(cfg, plugin_dirs: Sequence[str], threads: int, after: Any = None,
 
 
 def eval_task(cfg, indices: List[int], plugin_dirs: Sequence[str], threads: int, after: Any = None,
-              expect: Optional[str] = None) -> Dict[str, Any]:
+              expect: Optional[str] = None, gpus: int = 0) -> Dict[str, Any]:
     """Ray task: evaluate episodes ``indices`` of a trained run into its own shard CSV.
 
     Returns:
@@ -157,7 +201,7 @@ def eval_task(cfg, indices: List[int], plugin_dirs: Sequence[str], threads: int,
     from .evaluation import read_episode_results
     from .runner import evaluate_run, peak_memory_mb, reset_peak_memory, train
 
-    ctx = _worker_context(cfg, plugin_dirs, threads, expect)
+    ctx = _worker_context(cfg, plugin_dirs, threads, expect, gpus)
     train(ctx, progress=False, log=_silent)  # loads method.pt (and the cached pretraining)
     reset_peak_memory(ctx.device)
     shard = ctx.run_dir / "shards" / f"{indices[0]:06d}-{indices[-1]:06d}.csv"
@@ -175,8 +219,10 @@ def _absolute(cfg):
     def ab(p: Optional[str]) -> Optional[str]:
         return str(Path(p).expanduser().resolve()) if p else p
 
+    # Ray shows a task only the GPU it assigned (as device 0): `cuda:N` is that GPU, not the node's N-th
+    device = "cuda" if cfg.device.startswith("cuda:") else cfg.device
     return dataclasses.replace(cfg, results_dir=ab(cfg.results_dir), cache_dir=ab(cfg.cache_dir or str(default_cache_dir())),
-                               data_root=ab(cfg.data_root), episodes_file=ab(cfg.episodes_file))
+                               data_root=ab(cfg.data_root), episodes_file=ab(cfg.episodes_file), device=device)
 
 
 class RayExecutor:
@@ -240,22 +286,26 @@ class RayExecutor:
         ray = import_ray()
         started = self._init(ray)
         try:
-            cpus = int(ray.cluster_resources().get("CPU", 1))
+            resources = ray.cluster_resources()
+            cpus = int(resources.get("CPU", 1))
+            cluster_gpus = float(resources.get("GPU", 0) or 0)
             task_cpus = max(1, min(self.threads, cpus))
-            gpus = 1 if torch.cuda.is_available() and all(j.cfg.device != "cpu" for j in jobs) else 0
-            opts = {"num_cpus": task_cpus, "num_gpus": gpus, "max_retries": 0}
-            r_pre = ray.remote(pretrain_task).options(**opts)
-            r_train = ray.remote(train_task).options(**opts)
-            r_eval = ray.remote(eval_task).options(**opts)
+            # decided from the cluster, not from this driver's CUDA: the driver may run on a CPU-only head node
+            job_gpus = [task_gpus(j.cfg.device, cluster_gpus) for j in jobs]  # a `cuda` job without GPUs fails here
+            remotes = {g: tuple(ray.remote(fn).options(num_cpus=task_cpus, num_gpus=g, max_retries=0)
+                                for fn in (pretrain_task, train_task, eval_task)) for g in sorted(set(job_gpus))}
             t0 = time.perf_counter()
-            log(f"ray: {len(jobs)} run(s) on a cluster with {cpus} CPU(s); {task_cpus} CPU(s) and "
-                f"{self.threads} thread(s) per task, {self.shard_size} episodes per evaluation task")
+            log(f"ray: {len(jobs)} run(s) on a cluster with {cpus} CPU(s) and {cluster_gpus:g} GPU(s); {task_cpus} "
+                f"CPU(s){' and 1 GPU' if any(job_gpus) else ''} and {self.threads} thread(s) per task, "
+                f"{self.shard_size} episodes per evaluation task")
 
             pre_refs: Dict[str, Any] = {}
             state: Dict[int, Dict[str, Any]] = {}
             ref_owner: Dict[Any, int] = {}
             for k, job in enumerate(jobs):
                 cfg = _absolute(job.cfg)
+                gpus = job_gpus[k]
+                r_pre, r_train, r_eval = remotes[gpus]
                 ctx = prepare(cfg, job.store, job.episodes, log=_silent)
                 salvage_shards(ctx)
                 missing = missing_episodes(ctx)
@@ -271,15 +321,16 @@ class RayExecutor:
                         if not pre_path.is_file():
                             owns = key not in pre_refs
                             if owns:
-                                pre_refs[key] = r_pre.remote(cfg, self.plugin_dirs, self.threads, ctx.run_dir.name)
+                                pre_refs[key] = r_pre.remote(cfg, self.plugin_dirs, self.threads, ctx.run_dir.name,
+                                                             gpus)
                             dep = pre_refs[key]
-                    dep = r_train.remote(cfg, self.plugin_dirs, self.threads, dep, owns, ctx.run_dir.name)
+                    dep = r_train.remote(cfg, self.plugin_dirs, self.threads, dep, owns, ctx.run_dir.name, gpus)
                     if not missing:
                         st["pending"].add(dep)
                         ref_owner[dep] = k
                 for i in range(0, len(missing), self.shard_size):
                     ref = r_eval.remote(cfg, missing[i: i + self.shard_size], self.plugin_dirs, self.threads, dep,
-                                        ctx.run_dir.name)
+                                        ctx.run_dir.name, gpus)
                     st["pending"].add(ref)
                     ref_owner[ref] = k
                 if not st["pending"]:

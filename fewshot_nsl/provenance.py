@@ -38,9 +38,14 @@ def device_name(device: torch.device) -> str:
 
 
 def reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak-memory window: CUDA peak stats on GPU, the RSS high-water mark on Linux."""
+    """Start a new peak-memory window: CUDA peak stats on GPU, the RSS high-water mark on Linux.
+
+    Before CUDA is initialised in this process the CUDA peak is zero and there is nothing to reset (and
+    ``torch.cuda.reset_peak_memory_stats`` would raise "Invalid device argument" for ``cuda:N``).
+    """
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+        if torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats(device)
         return
     try:  # Linux >= 4.0: writing 5 resets VmHWM (the peak resident set size) of this process
         with open("/proc/self/clear_refs", "w") as f:
@@ -51,8 +56,11 @@ def reset_peak_memory(device: torch.device) -> None:
 
 def peak_memory_mb(device: torch.device) -> float:
     """Peak CUDA memory allocated (GPU), else the process's peak resident set size since the last
-    :func:`reset_peak_memory` (``VmHWM``; ``ru_maxrss``, the lifetime peak, where unavailable)."""
+    :func:`reset_peak_memory` (``VmHWM``; ``ru_maxrss``, the lifetime peak, where unavailable). 0 on a CUDA device
+    before CUDA is initialised in this process (nothing was allocated)."""
     if device.type == "cuda":
+        if not torch.cuda.is_initialized():
+            return 0.0
         return torch.cuda.max_memory_allocated(device) / 2**20
     try:
         for line in Path("/proc/self/status").read_text().splitlines():

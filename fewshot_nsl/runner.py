@@ -44,7 +44,6 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from .compiling import compile_in_place
-from .compiling import resolve as resolve_compile
 from .config import RunConfig, save_config
 from .console import Heartbeat, RunStatus, progress_every_of
 from .curves import write_curves, write_tensorboard_summary
@@ -80,7 +79,8 @@ from .inputs import (  # noqa: F401  (re-exported)
 )
 from .leaderboard import aggregate, paper_comparable, paper_value, upsert_row
 from .methods.base import FewShotMethod
-from .precision import configure_backends, fast_mode_text
+from .precision import fast_mode_text
+from .process_setup import build_for_device
 from .validation import validation_list_hash
 from .provenance import (  # noqa: F401
     _display_path,
@@ -103,7 +103,6 @@ from .training import (
     pretrain,
     pretrain_cache_path,
     resolve_device,
-    set_seed,
 )
 
 
@@ -295,18 +294,11 @@ def train(ctx: RunContext, progress: bool = True, log=print) -> Dict[str, Any]:
     cfg, device = ctx.cfg, ctx.device
     reset_peak_memory(device)
     t0 = time.perf_counter()
-    # Seeded right before the model is built, so the initial weights do not depend on whether the
-    # dataset was generated or loaded from its cache in this process.
-    set_seed(cfg.seed, cfg.deterministic)
-    fast = configure_backends(device, cfg.deterministic)  # CUDA fast mode unless --deterministic
-    method = build_method(cfg).to(device)
-    if fast["channels_last"]:
-        method.to(memory_format=torch.channels_last)
-    compiled, why = resolve_compile(cfg.compile, device, method)
-    if compiled:
-        log(why)
-    elif cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):  # why it stays eager
-        log(f"warning: {why}")
+    # Set up right before the model is built (so the initial weights do not depend on whether the dataset was
+    # generated or loaded from its cache in this process), as every entry point that trains does: cuda:N as the
+    # current device, seed, CUDA fast mode unless --deterministic, channels-last, compile (process_setup.py).
+    built = build_for_device(cfg, device, log=log)
+    method, fast, compiled = built.method, built.fast, built.compiled
     info: Dict[str, Any] = {}
     curve: List[Dict[str, Any]] = []  # training-curve rows of every stage (fewshot_nsl.curves)
     trained = ctx.run_dir / "method.pt"

@@ -71,11 +71,12 @@ def _run(tmp_path: Path, name: str, *extra: str) -> Path:
 
 def test_two_cpu_runs_are_bit_identical_and_deterministic_flag_reaches_the_run(
         tmp_path, restore_torch_flags, monkeypatch):
-    import fewshot_nsl.runner as runner
+    import fewshot_nsl.process_setup as process_setup
 
     calls = []
-    real = runner.set_seed
-    monkeypatch.setattr(runner, "set_seed", lambda seed, det=False: (calls.append((seed, det)), real(seed, det))[1])
+    real = process_setup.set_seed
+    monkeypatch.setattr(process_setup, "set_seed",
+                        lambda seed, det=False: (calls.append((seed, det)), real(seed, det))[1])
     threads = torch.get_num_threads()
     try:
         a = _run(tmp_path, "a")
