@@ -317,6 +317,11 @@ def train(ctx: RunContext, progress: bool = True, log=print) -> Dict[str, Any]:
             )
         log(f"pretraining: {'reused cache' if info['pretrain']['cached'] else 'trained'} "
             f"(base-class train accuracy {100 * info['pretrain']['train_accuracy']:.1f}%)")
+        how = info["pretrain"].get("trained_with") or {}
+        if info["pretrain"]["cached"] and how.get("fast_mode") != fast_mode_text(fast):
+            # the cache key leaves the fast mode out (it changes rounding, not the experiment): say it, the row records it
+            log(f"note: the cached pretraining was trained with fast mode {how.get('fast_mode')}, this run runs with "
+                f"{fast_mode_text(fast)} (recorded as pretrain_fast_mode)")
         if type(method).fit_base is not FewShotMethod.fit_base:  # a method that uses the base classes
             features, labels = base_features(method.pretrain_module(), ctx.store, cfg, device, cache / cache_file)
             method.fit_base(features, labels)
@@ -348,6 +353,7 @@ def train(ctx: RunContext, progress: bool = True, log=print) -> Dict[str, Any]:
             "resumed": resumed,
             "compiled": compiled,
             "fast_mode": fast_mode_text(fast),
+            "pretrain_fast_mode": (info.get("pretrain", {}).get("trained_with") or {}).get("fast_mode"),
             "host_malloc": retain_freed_memory(),
             "training": info,
         }
@@ -473,7 +479,7 @@ def finish(ctx: RunContext, executor: str = "local", eval_peak_mb: Optional[floa
         "threads": threads or torch.get_num_threads(), "executor": executor,
         "compiled": bool(record.get("compiled", False)), "precision": cfg.precision,
         "transductive": get_method_class(cfg.method).is_transductive(cfg.method_options),
-        "fast_mode": record.get("fast_mode", "off"),
+        "fast_mode": record.get("fast_mode", "off"), "pretrain_fast_mode": record.get("pretrain_fast_mode"),
         "eval_batch_episodes": evaluation.get("batch_episodes"),
         "eval_batched_fallback": evaluation.get("batched_fallback"),
         "pretrain_world_size": record.get("pretrain_world_size", 1), "resumed": bool(record.get("resumed", False)) or resumed or len(parts) > 1,

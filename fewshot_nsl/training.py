@@ -205,6 +205,7 @@ def pretrain(
             curve.extend(ckpt.get("curve", []))
         return {"cache_path": str(path), "cached": True, "train_accuracy": ckpt["train_accuracy"],
                 "world_size": int(ckpt.get("world_size", 1)),
+                "trained_with": ckpt.get("trained_with") or {"fast_mode": "unknown (cached before it was recorded)"},
                 **({"validation": ckpt["validation"]} if ckpt.get("validation") else {})}
 
     if path.is_file():
@@ -453,17 +454,35 @@ def _pretrain(method, module, store, cfg, device, path, progress, distributed, c
         correct, seen = counts[0], int(counts[1])
     acc = float(correct) / max(seen, 1)
     validation = validator.finish(step)  # loads the selected weights into `module` (val_select: best)
+    how = trained_with(module, device, compiled)
     if rank == 0:
         atomic_torch_save({"module": module.state_dict(), "train_accuracy": acc, "world_size": world,
-                           "sync_bn": sync_bn, "curve": stage_curve.rows, "validation": validation, "steps": step}, path)
+                           "sync_bn": sync_bn, "curve": stage_curve.rows, "validation": validation, "steps": step,
+                           "trained_with": how}, path)
         if partial is not None:
             partial.unlink(missing_ok=True)
     if world > 1:
         dist.barrier()
     if curve is not None:
         curve.extend(stage_curve.rows)
-    return {"cache_path": str(path), "cached": False, "train_accuracy": acc, "world_size": world,
+    return {"cache_path": str(path), "cached": False, "train_accuracy": acc, "world_size": world, "trained_with": how,
             **({"validation": validation} if validation else {})}
+
+
+def trained_with(module: nn.Module, device: torch.device, compiled: bool) -> Dict[str, Any]:
+    """How a pretraining was trained, as the process's switches stood (recorded in its cache file; the cache key
+    leaves these out, as the run identity does): ``{"fast_mode", "deterministic", "compiled", "device", "torch"}``,
+    ``fast_mode`` as a run's (:func:`~fewshot_nsl.precision.fast_mode_text`). A run that reuses the cache says
+    when it differs from its own (:func:`fewshot_nsl.runner.train`)."""
+    from .precision import fast_mode_text
+
+    cuda = device.type == "cuda"
+    last = any(p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+               for p in module.parameters())
+    switches = {"cudnn_benchmark": cuda and torch.backends.cudnn.benchmark,
+                "tf32": cuda and torch.backends.cuda.matmul.allow_tf32, "channels_last": cuda and last}
+    return {"fast_mode": fast_mode_text(switches), "deterministic": torch.are_deterministic_algorithms_enabled(),
+            "compiled": bool(compiled), "device": device.type, "torch": str(torch.__version__)}
 
 
 # ----------------------------------------------------------------------------- base-class features (plugins' fit_base)

@@ -190,3 +190,33 @@ def test_killed_multi_process_pretraining_says_it_starts_again(monkeypatch, caps
     assert distributed.launch_main(["--nproc-per-node", "1", *base]) == 130
     err = capsys.readouterr().err
     assert "resume" in err, err  # one process writes .partial checkpoints: a rerun resumes
+
+
+def test_a_reused_pretraining_says_how_it_was_trained(tmp_path, capsys):
+    """The pretraining cache key leaves the fast mode out: the cache records it, and a run reusing a pretraining
+    trained with other switches says so and records ``pretrain_fast_mode``."""
+    import json
+    from pathlib import Path
+
+    from fewshot_nsl.cli import main
+
+    repo = Path(__file__).resolve().parent.parent
+    args = ["--results-dir", str(tmp_path / "results"), "--cache-dir", str(tmp_path / "cache"), "--threads", "1",
+            "--plugins", str(repo / "tests" / "plugins"), "--dataset", "tiny", "--image-size", "16",
+            "--profile", "smoke", "--queries", "3", "--n-episodes", "2", "--shots", "1", "--no-progress"]
+    threads = torch.get_num_threads()
+    try:
+        assert main([*args, "--method", "finetune"]) == 0
+        (cache,) = [p for p in (tmp_path / "cache").rglob("*.pt") if "pretrain" in p.name or "pretrain" in str(p.parent)]
+        ckpt = torch.load(cache, weights_only=False)
+        assert ckpt["trained_with"]["fast_mode"] == "off" and ckpt["trained_with"]["device"] == "cpu"
+        ckpt["trained_with"]["fast_mode"] = "cudnn.benchmark+tf32+channels_last"  # as a GPU run would have left it
+        torch.save(ckpt, cache)
+        capsys.readouterr()
+        assert main([*args, "--method", "nearest_neighbor"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr()
+    assert "note: the cached pretraining was trained with fast mode cudnn.benchmark+tf32+channels_last" in out.out + out.err
+    (summary,) = [json.loads(p.read_text()) for p in (tmp_path / "results" / "runs").glob("*nearest*/summary.json")]
+    assert summary["pretrain_fast_mode"] == "cudnn.benchmark+tf32+channels_last" and summary["fast_mode"] == "off"
