@@ -162,6 +162,9 @@ class RelationNet(FewShotMethod):
 
     training_stages = ("episodic",)
     transductive: bool = False  # the class default; an instance says what its test_bn makes it
+    #: ``encoder_init: sung`` re-initialises the backbone that a ``pretrained_backbone`` pretraining starts from: its
+    #: own pretraining (:func:`fewshot_nsl.training_state.pretraining_options`), not the built-ins' shared one.
+    pretraining_options = ("encoder_init",)
 
     def __init__(
         self,

@@ -3,7 +3,8 @@
 ``import fewshot_nsl`` is light (no torch): the functions below import the harness on first use
 (see :mod:`fewshot_nsl.api`, where they are documented).
 
-* :func:`benchmark`: run (or resume, or reuse) benchmark cells; their leaderboard rows as a DataFrame.
+* :func:`benchmark`: run (or resume, or reuse) benchmark cells; one row per cell as a DataFrame (``on_leaderboard``
+  False where the leaderboard kept a row with more evidence).
 * :func:`load_results`: the leaderboard of a results folder as a DataFrame.
 * :func:`compare`: paired statistics of two finished runs on their common episodes, as a DataFrame.
 * :func:`load_method`: a trained method from a run folder, ready to classify new images.
@@ -16,7 +17,7 @@ __all__ = ["__version__", "benchmark", "load_results", "compare", "load_method",
 
 
 def benchmark(*args: Any, **kwargs: Any) -> Any:
-    """Run benchmark cells and return their leaderboard rows (a DataFrame); see :func:`fewshot_nsl.api.benchmark`."""
+    """Run benchmark cells and return one row per cell (a DataFrame); see :func:`fewshot_nsl.api.benchmark`."""
     from .api import benchmark as _benchmark
 
     return _benchmark(*args, **kwargs)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import inspect
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -37,6 +38,12 @@ StrOrList = Union[str, Sequence[str]]
 PathOrList = Union[str, Path, Sequence[Union[str, Path]]]
 
 __all__ = ["benchmark", "load_results", "compare", "load_method", "TrainedMethod", "method_options"]
+
+
+class KeptRowWarning(UserWarning):
+    """:func:`benchmark` (with ``log=None``) returned a row that is not on the leaderboard (``on_leaderboard`` is
+    False in that row): the cell's leaderboard row was measured on more episodes or seeds and was kept (or another
+    run changed that row meanwhile)."""
 
 #: Command-line flags -> the API parameter that does the same (messages raised by the shared code
 #: name the flag; :func:`benchmark` re-words them for its caller).
@@ -176,8 +183,14 @@ def benchmark(
             :class:`~fewshot_nsl.errors.ConfigError`.
 
     Returns:
-        One row per cell (columns as in ``leaderboard.csv``: accuracy, ci95, ci95_t, episodes,
-        version, ...). The rows are also written to ``<results_dir>/leaderboard.csv``.
+        One row per cell: what this call measured, with the columns of ``leaderboard.csv`` (accuracy, ci95,
+        ci95_t, episodes, version, ...) and two more, ``on_leaderboard`` and ``leaderboard_run_id``. A cell's
+        row is written to ``<results_dir>/leaderboard.csv`` (``on_leaderboard`` True; the row is returned as
+        the leaderboard holds it, paired columns included) unless the leaderboard already holds a row of the
+        same experiment measured on more episodes or more seeds: that row is kept (pass ``replace_row=True``
+        to replace it), and the row returned is this call's own result with ``on_leaderboard`` False and
+        ``leaderboard_run_id`` naming the run(s) of the kept row (read it with :func:`load_results`). Every
+        kept row is said once: one line to ``log``, or, with ``log=None``, a :class:`KeptRowWarning`.
 
     Raises:
         ConfigError: a bad argument, in one line naming this function's parameter (``shots=``,
@@ -266,23 +279,80 @@ def _benchmark(method: Any, shots: Any, dataset: Any, *, backbone: Any, config: 
     from .cli import results_dir_of_result
 
     # the folder the cells ran into (a --config file's results_dir included), never a foreign results/
-    return grid_rows(result, results_dir_of_result(result, Path(cli.get("results_dir") or "results")))
+    results_dir = results_dir_of_result(result, Path(cli.get("results_dir") or "results"))
+    frame, kept = _grid_rows(result, results_dir)
+    if kept and log is None:  # with a log, upsert_row has said it there (one line per kept row)
+        from .comparisons import key_text
+        from .leaderboard import has_less_evidence, kept_row_line
+
+        for old, new in kept:
+            if old is not None and has_less_evidence(new, old):
+                line = kept_row_line(old, new, results_dir).replace(
+                    "--replace-row (benchmark(..., replace_row=True))", "replace_row=True")
+            else:  # another process wrote (or removed) the cell's row after this call wrote its own
+                now = f"run {key_text(old.get('run_id'))}'s" if old is not None else "no row"
+                line = (f"leaderboard: {results_dir / 'leaderboard.csv'} holds {now} for {new.get('method')} "
+                        f"{new.get('backbone')} {key_text(new.get('ways'))}-way {key_text(new.get('shots'))}-shot on "
+                        f"{new.get('dataset')}, not this call's (run {key_text(new.get('run_id'))}): another run "
+                        f"changed it meanwhile")
+            warnings.warn(f"benchmark(): {line}; the row returned for this cell is this call's result, with "
+                          f"on_leaderboard=False", KeptRowWarning, stacklevel=_outside_package_level())
+    return frame
+
+
+def _outside_package_level() -> int:
+    """The ``stacklevel`` of :func:`warnings.warn`, called by this module's caller, that names the first frame
+    outside the ``fewshot_nsl`` package (the user's call, through ``fewshot_nsl.benchmark`` or ``api.benchmark``)."""
+    package = str(Path(__file__).resolve().parent)
+    level, frame = 1, inspect.currentframe()
+    frame = frame.f_back if frame is not None else None  # the function calling warnings.warn
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(package):
+        level, frame = level + 1, frame.f_back
+    return level
 
 
 def grid_rows(result: Any, results_dir: Path) -> pd.DataFrame:
-    """The leaderboard rows of a :class:`~fewshot_nsl.grid.GridResult`'s finished cells, as written to
-    ``leaderboard.csv`` (with the paired-comparison columns), in cell order."""
+    """The rows of a :class:`~fewshot_nsl.grid.GridResult`'s finished cells, in cell order (what
+    :func:`benchmark` returns and ``--json`` prints).
+
+    A cell whose row went onto ``leaderboard.csv`` gives that row as written there (with the paired-comparison
+    columns), ``on_leaderboard`` True and ``leaderboard_run_id`` its own ``run_id``. A cell whose row the
+    leaderboard kept out (it holds a row of the same experiment measured on more episodes or seeds,
+    :func:`fewshot_nsl.leaderboard.has_less_evidence`) gives the run's own row, never the kept one, with
+    ``on_leaderboard`` False and ``leaderboard_run_id`` the kept row's ``run_id`` (None where the leaderboard
+    holds no row for it, e.g. one removed meanwhile).
+    """
+    return _grid_rows(result, results_dir)[0]
+
+
+def _grid_rows(result: Any, results_dir: Path):
+    """:func:`grid_rows`, and the ``(the cell's leaderboard row or None, run's row)`` pairs of the cells whose
+    row is not on the leaderboard."""
+    from .comparisons import key_text
+    from .leaderboard import KEY
     from .reporting import read_leaderboard
 
     rows = [p.row for p in result.cells if p.row is not None]
     if not rows:
-        return pd.DataFrame()
+        return pd.DataFrame(), []
     board = read_leaderboard(Path(results_dir) / "leaderboard.csv")
-    if "run_id" not in board.columns:
-        return pd.DataFrame(rows)
-    by_run = {str(r): i for i, r in zip(board.index, board["run_id"])}
-    out = [board.loc[by_run[str(r["run_id"])]].to_dict() if str(r["run_id"]) in by_run else r for r in rows]
-    return pd.DataFrame(out).reset_index(drop=True)
+    run_ids = board["run_id"].map(key_text) if "run_id" in board.columns else pd.Series("", index=board.index)
+    by_run = {r: i for i, r in zip(board.index, run_ids) if r}
+    out: List[Dict[str, Any]] = []
+    kept: List[Any] = []
+    for row in rows:
+        run_id = key_text(row.get("run_id"))
+        if run_id in by_run:
+            out.append({**board.loc[by_run[run_id]].to_dict(), "on_leaderboard": True, "leaderboard_run_id": run_id})
+            continue
+        same = pd.Series(True, index=board.index)
+        for k in KEY:
+            same &= (board[k].map(key_text) if k in board.columns else "") == key_text(row.get(k))
+        old = board[same].iloc[0].to_dict() if len(board) and same.any() else None
+        out.append({**row, "on_leaderboard": False,
+                    "leaderboard_run_id": (key_text(old.get("run_id")) or None) if old is not None else None})
+        kept.append((old, row))
+    return pd.DataFrame(out).reset_index(drop=True), kept
 
 
 def load_results(results_dir: Union[str, Path] = "results") -> pd.DataFrame:

@@ -208,8 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--quiet", "-q", action="store_true", help="no info lines and no progress bars (errors still on stderr)")
     o.add_argument("--log-file", metavar="FILE", help="append every line (info, also with --quiet, and errors) to FILE")
     o.add_argument("--json", action="store_true",
-                   help="print the leaderboard rows of the run (or the --list) as JSON on stdout, nothing else "
-                        "on stdout (info lines go to stderr)")
+                   help="print the run's rows as benchmark() returns them (on_leaderboard false where the "
+                        "leaderboard kept another row), or the --list, as JSON on stdout, nothing else on stdout "
+                        "(info lines go to stderr)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 

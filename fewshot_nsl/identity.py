@@ -61,6 +61,7 @@ name such inputs in the method's options, or keep them beside the plugin.
 """
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import inspect
@@ -77,7 +78,7 @@ import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Set, Tuple
 
 from .errors import RegistryError
 
@@ -855,12 +856,15 @@ def code_files_of(code_hash: str) -> Tuple[Dict[str, Any], ...]:
 # ----------------------------------------------------------------------------- pretraining
 #: Members a method class may define without changing what the base-class pretraining trains: the calls
 #: made at episode time, after the pretrained weights exist, and the declarations the cache key already
-#: holds (``default_conv`` is in the conv spec) or that only choose the stages.
+#: holds (``default_conv`` is in the conv spec) or that only choose the stages or label the rows
+#: (``transductive``), and Python's bookkeeping. For a class with code of its own
+#: (:func:`pretraining_neutral`) these are the only plain (non-function) class attributes allowed; a function
+#: member of any name is allowed too where no code that pretraining runs refers to it.
 EPISODE_TIME_MEMBERS = frozenset({
     "fit_support", "forward", "loss", "after_pretrain", "fit_base", "clip_groups", "display_name", "check_choice",
-    "stages", "training_stages", "default_conv", "compilable", "registered_name",
+    "stages", "training_stages", "default_conv", "compilable", "registered_name", "transductive",
     "__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__annotations__", "__firstlineno__",
-    "__static_attributes__", "__orig_bases__", "__parameters__", "_abc_impl",
+    "__static_attributes__", "__orig_bases__", "__parameters__", "_abc_impl", "__slotnames__",
 })
 
 
@@ -894,31 +898,322 @@ def shared_pretraining_code_hash() -> str:
     return package_code_hash() if baselines is None else _sha(f"{package_code_hash()}:{baselines}".encode())
 
 
-def builds_pretrained_module(cls: type) -> bool:
-    """Whether code of ``cls`` beyond the shared built-in code can change what pretraining trains:
-    a built-in class (or base) overriding ``pretrain_module``, or any other class (plugin, notebook,
-    third-party package) in the chain up to ``FewShotMethod`` defining a member outside
-    :data:`EPISODE_TIME_MEMBERS` (``__init__``, ``pretrain_module``, ``regularization``, an attribute a
-    base may read while building the module ...)."""
-    for klass in inspect.getmro(cls):
-        if klass in _method_base() or klass is object:
+@functools.lru_cache(maxsize=1)
+def _module_names() -> Tuple[FrozenSet[str], FrozenSet[str]]:
+    """``(members of torch.nn.Module, attributes of an nn.Module instance)`` (torch imported here, not at import)."""
+    from torch import nn
+
+    return frozenset(dir(nn.Module)), frozenset(vars(nn.Module()))
+
+
+#: Members of a method class that pretraining runs (or that decide what it runs): the module it trains
+#: (``pretrain_module``, the ``backbone`` it returns by default) and the extra loss term (``regularization``). A
+#: plugin defining one of them, or any member of ``torch.nn.Module`` (``to``, ``_apply``, ``__setattr__``, ``train``
+#: ...), gets a pretraining of its own (:func:`pretraining_neutral`).
+PRETRAINING_MEMBERS = frozenset({"pretrain_module", "regularization", "backbone"})
+
+#: ``nn.Module`` members a plugin may define without changing pretraining: ``__init__`` is checked by itself
+#: (:func:`_init_stores_options`); the others only render the module as text.
+_HARMLESS_MODULE_MEMBERS = frozenset({"__init__", "__repr__", "__str__", "extra_repr"})
+
+#: Calls of ``self.<name>(...)`` an option-storing ``__init__`` may make: they validate an option or register a
+#: buffer / parameter / module of the *method* (never of its backbone; the name must be a string constant).
+_INIT_SELF_CALLS = frozenset({"check_choice", "register_buffer", "register_parameter", "add_module", "register_module"})
+
+
+def _forbidden_members() -> FrozenSet[str]:
+    members, _ = _module_names()
+    return frozenset((members | PRETRAINING_MEMBERS | {"__new__", "__init_subclass__", "__class_getitem__",
+                                                      "__getattr__", "__getattribute__", "__setattr__",
+                                                      "__delattr__", "__set_name__", "__slots__"})
+                     - EPISODE_TIME_MEMBERS - _HARMLESS_MODULE_MEMBERS)
+
+
+def _function_node(fn: types.FunctionType) -> Optional[ast.FunctionDef]:
+    """The ``def`` of ``fn`` in its source (a file, or a notebook cell Python kept in :mod:`linecache`), found
+    by name and first line; None where there is no source or it does not parse."""
+    code = fn.__code__
+    linecache.checkcache(code.co_filename)
+    lines = linecache.getlines(code.co_filename, fn.__globals__)
+    if not lines:
+        return None
+    try:
+        tree = ast.parse("".join(lines))
+    except (SyntaxError, ValueError):
+        return None
+    found = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == code.co_name
+             and n.lineno == code.co_firstlineno]
+    return found[0] if len(found) == 1 else None
+
+
+def _init_stores_options(fn: Any, forbidden_attributes: FrozenSet[str]) -> bool:
+    """Whether a method class's own ``__init__`` provably leaves the module pretraining trains as the built-ins
+    build it: it passes its ``backbone`` argument unchanged to ``super().__init__`` and otherwise only stores
+    options on the method.
+
+    Its body may hold, in any order: a docstring; exactly one ``super().__init__(backbone, ...)`` statement (the
+    parameter ``backbone`` itself, as the first positional or the ``backbone=`` argument; ``image_size`` and any
+    other arguments are expressions of the kind below); assignments (plain, annotated, augmented) to local names
+    or to ``self.<name>`` for a name not in ``forbidden_attributes`` (``backbone``, ``nn.Module``'s attributes,
+    the names pretraining code reads); calls ``self.check_choice(...)``, ``self.register_buffer("name", ...)``,
+    ``self.register_parameter``, ``self.add_module``, ``self.register_module``; ``if`` / ``assert`` / ``raise`` /
+    ``pass``. Every expression it evaluates must not reach the backbone or the method object: it names neither
+    ``self`` nor ``backbone``, except ``backbone.feature_dim(...)`` / ``self.backbone.feature_dim(...)`` (which
+    runs the backbone in eval mode under ``no_grad`` and restores its mode: :meth:`Backbone.feature_dim`) and
+    reads of ``self.image_size`` or of an attribute this ``__init__`` stored before. Anything else (a loop, a
+    ``with``, a nested ``def``, a decorator, ``self.backbone.x = ...``, ``helper(self)``, ``backbone = wrap(backbone)``,
+    a source that cannot be read) is not provably option-storing.
+    """
+    if not isinstance(fn, types.FunctionType) or getattr(fn, "__wrapped__", None) is not None:
+        return False
+    node = _function_node(fn)
+    if node is None or node.decorator_list:
+        return False
+    a = node.args
+    params = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]
+    if not params or "backbone" not in params[1:]:
+        return False
+    me = params[0]
+    tainted = {me, "backbone"}
+    readable = {"image_size"}
+    supers = 0
+
+    def feature_dim_call(e: ast.AST) -> bool:
+        if not (isinstance(e, ast.Call) and isinstance(e.func, ast.Attribute) and e.func.attr == "feature_dim"):
             return False
-        if is_builtin(klass):
-            if "pretrain_module" in vars(klass):
-                return True
-        elif set(vars(klass)) - EPISODE_TIME_MEMBERS:
+        owner = e.func.value
+        return (isinstance(owner, ast.Name) and owner.id == "backbone") or (
+            isinstance(owner, ast.Attribute) and owner.attr == "backbone" and isinstance(owner.value, ast.Name)
+            and owner.value.id == me)
+
+    def clean(e: Optional[ast.AST]) -> bool:
+        if e is None:
             return True
-    return False
+        if feature_dim_call(e):
+            return all(clean(x) for x in e.args) and all(clean(k.value) for k in e.keywords)  # type: ignore[attr-defined]
+        if isinstance(e, ast.Attribute) and isinstance(e.value, ast.Name) and e.value.id == me:
+            return isinstance(e.ctx, ast.Load) and e.attr in readable
+        if isinstance(e, ast.Name):
+            return e.id not in tainted
+        if isinstance(e, ast.arg):
+            return e.arg not in tainted
+        return all(clean(c) for c in ast.iter_child_nodes(e))
+
+    def target(t: ast.AST, stored: Set[str]) -> bool:
+        if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == me:
+            if t.attr in forbidden_attributes or t.attr.startswith("__"):
+                return False
+            stored.add(t.attr)
+            return True
+        if isinstance(t, ast.Name):
+            return t.id not in tainted
+        if isinstance(t, (ast.Tuple, ast.List)):
+            return all(target(x, stored) for x in t.elts)
+        if isinstance(t, ast.Starred):
+            return target(t.value, stored)
+        return False
+
+    def super_init(call: ast.Call) -> bool:
+        f = call.func
+        if not (isinstance(f, ast.Attribute) and f.attr == "__init__" and isinstance(f.value, ast.Call)):
+            return False
+        sup = f.value
+        if not (isinstance(sup.func, ast.Name) and sup.func.id == "super" and not sup.keywords):
+            return False
+        if sup.args and not (len(sup.args) == 2 and isinstance(sup.args[0], ast.Name) and sup.args[0].id not in tainted
+                             and isinstance(sup.args[1], ast.Name) and sup.args[1].id == me):
+            return False
+        if any(isinstance(x, ast.Starred) for x in call.args) or any(k.arg is None for k in call.keywords):
+            return False
+        given = [k.value for k in call.keywords if k.arg == "backbone"] + call.args[:1]
+        if len(given) != 1 or not (isinstance(given[0], ast.Name) and given[0].id == "backbone"):
+            return False
+        rest = call.args[1:] + [k.value for k in call.keywords if k.arg != "backbone"]
+        return all(clean(x) for x in rest)
+
+    def self_call(call: ast.Call) -> bool:
+        f = call.func
+        if not (isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == me
+                and f.attr in _INIT_SELF_CALLS):
+            return False
+        if any(isinstance(x, ast.Starred) for x in call.args) or any(k.arg is None for k in call.keywords):
+            return False
+        if f.attr != "check_choice":  # the name of what is registered: a constant, not a reserved attribute
+            names = call.args[:1] + [k.value for k in call.keywords if k.arg == "name"]
+            if len(names) != 1 or not (isinstance(names[0], ast.Constant) and isinstance(names[0].value, str)):
+                return False
+            if names[0].value in forbidden_attributes or names[0].value.startswith("__"):
+                return False
+            readable.add(names[0].value)
+        return all(clean(x) for x in call.args) and all(clean(k.value) for k in call.keywords)
+
+    def statements(body: List[ast.stmt], top: bool) -> bool:
+        nonlocal supers
+        for st in body:
+            if isinstance(st, ast.Pass) or (isinstance(st, ast.Expr) and isinstance(st.value, ast.Constant)):
+                continue
+            if isinstance(st, ast.Raise):  # evaluated only when __init__ fails: no method is built then
+                continue
+            if isinstance(st, ast.Expr) and isinstance(st.value, ast.Call):
+                if top and super_init(st.value):
+                    supers += 1
+                    continue
+                if self_call(st.value):
+                    continue
+                return False
+            stored: Set[str] = set()
+            if isinstance(st, ast.Assign):
+                ok = clean(st.value) and all(target(t, stored) for t in st.targets)
+            elif isinstance(st, ast.AnnAssign):
+                ok = clean(st.value) and clean(st.annotation) and target(st.target, stored)
+            elif isinstance(st, ast.AugAssign):
+                ok = clean(st.value) and target(st.target, stored)
+            elif isinstance(st, ast.Assert):
+                ok = clean(st.test)
+            elif isinstance(st, ast.If):
+                ok = clean(st.test) and statements(st.body, False) and statements(st.orelse, False)
+            else:
+                return False
+            if not ok:
+                return False
+            readable.update(stored)
+        return True
+
+    return statements(node.body, True) and supers == 1
+
+
+def _reached_names(fns: List[types.FunctionType], builtin_classes: List[type]) -> Set[str]:
+    """Every name (global, attribute, method) the code of ``fns`` refers to, following the members of
+    ``builtin_classes`` and the built-in module-level functions so named, transitively."""
+    names: Set[str] = set()
+    seen: Set[int] = set()
+    todo = list(fns)
+    while todo:
+        fn = todo.pop()
+        if id(fn.__code__) in seen:
+            continue
+        seen.add(id(fn.__code__))
+        found = _names_in(fn.__code__)
+        names |= found
+        for name in found:
+            for klass in builtin_classes:
+                if name in vars(klass):
+                    todo += _functions(vars(klass)[name])
+            value = fn.__globals__.get(name)
+            if isinstance(value, types.FunctionType) and is_builtin(value):
+                todo.append(value)
+    return names
+
+
+def pretraining_neutral(cls: type) -> bool:
+    """Whether ``cls``, a method class with code of its own (a plugin, a notebook or third-party class, or a
+    subclass of a built-in), pretrains exactly what the built-ins pretrain: then it shares their cache key.
+
+    Pretraining (:func:`fewshot_nsl.training.pretrain`) trains ``method.pretrain_module()`` with a linear head and
+    adds ``method.regularization()`` to the loss; the module's initial weights are those the method's constructor
+    leaves: the harness builds the backbone (seeded, from the config: the key covers it) and passes it to the
+    method's ``__init__``. So the classes of its MRO that are not built in (not ``torch.nn.Module`` or ``object``)
+    must leave all of that to the built-in code:
+
+    * they define none of :data:`PRETRAINING_MEMBERS` (``pretrain_module``, ``regularization``, ``backbone``) and
+      no member of ``torch.nn.Module`` (``to``, ``_apply``, ``train``, ``__setattr__`` ...) but ``forward`` and
+      ``__repr__``-like ones;
+    * their ``__init__`` only stores options (:func:`_init_stores_options`): it hands ``backbone`` unchanged to
+      ``super().__init__`` and touches neither the backbone nor the method beyond storing attributes (the
+      template in the README, ``examples/simpleshot``);
+    * their other functions (``fit_support``, ``forward``, helpers such as ``_embed`` ...) are not called by the
+      code pretraining runs: no name the built-in ``__init__`` / ``pretrain_module`` / ``regularization`` /
+      ``nn.Module`` overrides of the class's bases, or the plugin's own ``__init__``, refer to (transitively
+      through built-in code, by name: an over-approximation);
+    * their plain class attributes (not functions) are declarations in :data:`EPISODE_TIME_MEMBERS`
+      (``training_stages``, ``default_conv``, ``compilable`` ...): any other attribute might be read by a base
+      while it builds the module.
+
+    This is a rule on the code, not on the module built (the key is computed from the class, without a config
+    to build it with). It does not see global side effects of functions an ``__init__`` calls without the
+    backbone or the method (changing torch's global settings), which the house style rules out. It reads the
+    source on disk: :func:`builds_pretrained_module` first refuses a class whose files changed since import.
+    """
+    mro = [k for k in inspect.getmro(cls) if k is not object]
+    members, instance_attributes = _module_names()
+    from torch import nn
+
+    mro = [k for k in mro if k is not nn.Module]
+    builtin = [k for k in mro if is_builtin(k)]
+    own = [k for k in mro if k not in builtin]
+    entry_names = ({"__init__"} | PRETRAINING_MEMBERS | members) - EPISODE_TIME_MEMBERS
+    entries = [fn for k in builtin for name, value in vars(k).items() if name in entry_names
+               for fn in _functions(value)]
+    read_by_builtins = _reached_names(entries, builtin)
+    # storing into a property of a built-in base would run its setter
+    setters = {name for k in builtin for name, value in vars(k).items() if hasattr(type(value), "__set__")}
+    forbidden = _forbidden_members()
+    inits: List[types.FunctionType] = []
+    for klass in own:
+        if "__init__" in vars(klass):
+            init = vars(klass)["__init__"]
+            if not _init_stores_options(init, forbidden | instance_attributes | read_by_builtins | setters):
+                return False
+            inits.append(init)
+    reached = _reached_names(entries + inits, builtin)
+    for klass in own:
+        for name, value in vars(klass).items():
+            if name == "__init__":
+                continue
+            if name in forbidden:
+                return False
+            if _functions(value):
+                if name in reached:
+                    return False
+            elif name not in EPISODE_TIME_MEMBERS:
+                return False
+    return True
+
+
+def builds_pretrained_module(cls: type) -> bool:
+    """Whether code of ``cls`` beyond the shared built-in code can change what pretraining trains.
+
+    Built-in classes (the package and its baselines) share one pretraining by design: a chain of built-ins
+    builds its own only where a class before ``FewShotMethod`` overrides ``pretrain_module`` (the rule of every
+    key computed so far: the built-ins' keys do not change). A chain with any other class (plugin, notebook,
+    third-party package, or a subclass of a built-in) builds its own unless :func:`pretraining_neutral` shows
+    that its code leaves pretraining to the built-in code (before, any ``__init__`` of its own counted, so the
+    README's plugin template never shared the built-ins' pretraining).
+
+    Raises:
+        RegistryError: a code file of ``cls`` changed on disk since it was imported (its source, which the rule
+            reads, would not be the code that runs), or ``cls`` was replaced by a re-import of its plugin.
+    """
+    chain = [k for k in inspect.getmro(cls) if k is not object]
+    stop = next((i for i, k in enumerate(chain) if k in _method_base()), len(chain))
+    if all(is_builtin(k) for k in chain[:stop]):
+        return any("pretrain_module" in vars(k) for k in chain[:stop])
+    for klass in chain[:stop]:
+        if is_builtin(klass) and "pretrain_module" in vars(klass):
+            return True
+    method_code_files(cls)  # refuses code changed on disk since its import: the source read is the code that runs
+    return not pretraining_neutral(cls)
 
 
 def pretraining_code_hash(method_cls: Optional[type], backbone_factory: Optional[Callable[..., Any]] = None) -> str:
-    """The code part of the pretraining cache key (:func:`fewshot_nsl.training_state.pretrain_key`).
+    """The code part of the pretraining cache key (:func:`fewshot_nsl.training_state.pretrain_key`): the code
+    that pretraining executes.
 
-    The built-ins share one pretraining by design: the key is :func:`shared_pretraining_code_hash`
-    when the method's classes are built-ins that leave ``pretrain_module`` alone (or are plugins that
-    define episode-time members only, :func:`builds_pretrained_module`). Otherwise the method's code
-    (:func:`method_code_hash`, its helpers included) is added. A backbone that is not built in adds its
-    own code (:func:`object_code_files`).
+    Pretraining runs package code (the backbone the harness builds from the config, the loop of
+    :mod:`fewshot_nsl.training`) on the module ``method.pretrain_module()`` returns, as the method's constructor
+    left it, with ``method.regularization()`` added to the loss. The built-ins share one pretraining by design:
+    the key is :func:`shared_pretraining_code_hash` (package and built-in baselines) when the method's classes are
+    built-ins that leave ``pretrain_module`` alone, or when a plugin's code provably leaves all of that to the
+    built-in code (:func:`pretraining_neutral`: no override of ``pretrain_module`` / ``regularization`` /
+    ``backbone`` / ``nn.Module`` members, an ``__init__`` that only stores options and hands ``backbone`` to
+    ``super().__init__`` unchanged, no other member called by pretraining code). Such a plugin's ``forward``,
+    ``fit_support`` and helpers can be edited without training again. Otherwise (:func:`builds_pretrained_module`)
+    the method's code (:func:`method_code_hash`: its files, helpers and data included) is added, so any edit of
+    its files trains again. A backbone that is not built in adds its own code (:func:`object_code_files`).
+
+    The rule reads code, not the module built: the key is computed from the class alone (no config to build the
+    method with), and a structural key (parameter names and shapes) would miss an ``__init__`` that re-initialises
+    or freezes a weight. Method options are not in the key (:func:`~fewshot_nsl.training_state.pretrain_key`).
 
     Raises:
         RegistryError: as :func:`method_code_files`.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import json
 import os
 import random
@@ -96,11 +97,10 @@ def pretrain_key(cfg: RunConfig, store: ImageStore, conv_spec: Dict[str, Any],
     source (an edit to any built-in, its ``__init__`` included, retrains the shared pretraining). The
     method's own code (its class, bases and the helpers they import, :func:`~fewshot_nsl.identity.method_code_hash`)
     is added whenever a class in its chain up to ``FewShotMethod`` can change what is trained: a
-    built-in overriding ``pretrain_module``, or a plugin / notebook / third-party class defining
-    anything besides the episode-time members (``__init__``, ``pretrain_module``, ``regularization``,
-    an attribute a base may read while building; see
-    :data:`~fewshot_nsl.identity.EPISODE_TIME_MEMBERS`). A backbone registered by a plugin adds its
-    code too.
+    built-in overriding ``pretrain_module``, or a plugin / notebook / third-party class whose code does
+    not provably leave pretraining to the built-ins (:func:`~fewshot_nsl.identity.pretraining_neutral`);
+    such a method's options join the key too, as do a built-in's ``pretraining_options`` set to other
+    than their default (:func:`pretraining_options`). A backbone registered by a plugin adds its code too.
 
     Raises:
         RegistryError: a code file behind the key changed on disk since it was imported.
@@ -123,7 +123,29 @@ def pretrain_key(cfg: RunConfig, store: ImageStore, conv_spec: Dict[str, Any],
            if cfg.pretrain.val_every is not None else {}),  # the list its selection / early stop reads
         "seed": cfg.seed,
     }
+    options = pretraining_options(cfg, method_cls)
+    if options:  # only where they matter: every other key stays what it was
+        payload["method_options"] = options
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def pretraining_options(cfg: RunConfig, method_cls: Optional[type]) -> Dict[str, Any]:
+    """The method options that change what pretraining trains, for the pretraining key: all of ``cfg.method_options``
+    when the method builds a pretrained module of its own (:func:`fewshot_nsl.identity.builds_pretrained_module`: a
+    plugin's module may depend on any option), else those of its ``pretraining_options`` (a built-in's options that
+    change the module pretraining starts from, e.g. RelationNet's ``encoder_init: sung``) set to other than their
+    default. Empty for every built-in at its defaults, so the shared pretraining's key is unchanged."""
+    from .identity import builds_pretrained_module
+
+    if method_cls is None:
+        return {}
+    if builds_pretrained_module(method_cls):
+        return dict(cfg.method_options)
+    names = getattr(method_cls, "pretraining_options", ())
+    if not names:
+        return {}
+    defaults = {k: p.default for k, p in inspect.signature(method_cls.__init__).parameters.items()}
+    return {k: cfg.method_options[k] for k in names if k in cfg.method_options and cfg.method_options[k] != defaults.get(k)}
 
 
 def pretrain_cache_path(cfg: RunConfig, store: ImageStore, conv_spec: Dict[str, Any], method_cls: type,

@@ -297,8 +297,10 @@ def test_fit_base_gets_cached_base_features_and_simpleshot_runs_as_a_plugin(tmp_
     assert "fit_base" not in vars(get_method_class("nearest_neighbor"))
     run_grid([Cell("nearest_neighbor")], dict(cli, method="nearest_neighbor"), progress=False, log=lambda s: None,
              fail_fast=True)
-    assert len(list((tmp_path / "cache" / "pretrain").glob("*.pt"))) == 3  # two pretrainings, one features file
+    # simpleshot leaves pretraining to the built-ins: one shared pretraining, and its features file untouched
+    assert len(list((tmp_path / "cache" / "pretrain").glob("*.pt"))) == 2  # one pretraining, one features file
     assert len(list((tmp_path / "cache" / "pretrain").glob("*.base_features.pt"))) == 1
+    assert cached.stat().st_mtime_ns == stamp
 
 
 def test_api_benchmark_passes_tracking_through_and_refuses_a_bad_value(tmp_path, monkeypatch):

@@ -48,6 +48,9 @@ class FewShotMethod(nn.Module):
     training_stages: ClassVar[Tuple[str, ...]] = ("episodic",)
     default_conv: ClassVar[Dict[str, Any]] = {}
     compilable: ClassVar[bool] = True
+    #: Options that change the module pretraining starts from (e.g. a re-initialised backbone): set to other than
+    #: their default, they join the pretraining cache key (:func:`fewshot_nsl.training_state.pretraining_options`).
+    pretraining_options: ClassVar[Tuple[str, ...]] = ()
     #: Whether a query's prediction depends on the other queries of its episode (e.g. BN normalising the query
     #: batch with its own statistics at test): such rows are marked transductive in every table. A method whose
     #: options decide it overrides :meth:`is_transductive` (and may set the attribute on the instance).
