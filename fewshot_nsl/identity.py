@@ -488,10 +488,8 @@ def _defining_module(value: Any) -> Optional[types.ModuleType]:
     return sys.modules.get(name) if isinstance(name, str) else None
 
 
-def _namespace_modules(namespaces: List[Dict[str, Any]], root: str) -> Set[str]:
-    """Files under ``root`` of the modules that ``namespaces`` hold (a module, or an object defined
-    in one), followed transitively through those modules' namespaces."""
-    files: Set[str] = set()
+def _walk_namespaces(namespaces: List[Dict[str, Any]], visit: Callable[[Any], Iterable[Dict[str, Any]]]) -> None:
+    """Call ``visit`` on every value of ``namespaces`` and of the namespaces it returns, each namespace once."""
     todo = list(namespaces)
     seen: Set[int] = set()
     while todo:
@@ -500,11 +498,23 @@ def _namespace_modules(namespaces: List[Dict[str, Any]], root: str) -> Set[str]:
             continue
         seen.add(id(ns))
         for value in list(ns.values()):
-            module = value if isinstance(value, types.ModuleType) else _defining_module(value)
-            f = _module_file(module)
-            if f and _under(f, root) and not _foreign(f, root) and f not in files:
-                files.add(f)
-                todo.append(vars(module))
+            todo.extend(visit(value))
+
+
+def _namespace_modules(namespaces: List[Dict[str, Any]], root: str) -> Set[str]:
+    """Files under ``root`` of the modules that ``namespaces`` hold (a module, or an object defined
+    in one), followed transitively through those modules' namespaces."""
+    files: Set[str] = set()
+
+    def visit(value: Any) -> List[Dict[str, Any]]:
+        module = value if isinstance(value, types.ModuleType) else _defining_module(value)
+        f = _module_file(module)
+        if f and _under(f, root) and not _foreign(f, root) and f not in files:
+            files.add(f)
+            return [vars(module)]
+        return []
+
+    _walk_namespaces(namespaces, visit)
     return files
 
 
@@ -593,20 +603,18 @@ def _user_modules(namespaces: List[Dict[str, Any]], root: Optional[str]) -> Dict
     ``namespaces`` hold (a module, a function or class defined in one, an instance of such a class),
     followed transitively through those modules' namespaces."""
     out: Dict[str, str] = {}
-    todo = list(namespaces)
-    seen: Set[int] = set()
-    while todo:
-        ns = todo.pop()
-        if id(ns) in seen:
-            continue
-        seen.add(id(ns))
-        for value in list(ns.values()):
-            for name, f, namespace in _referenced(value):
-                if not f or f in out or not _users(f, root):
-                    continue
-                out[f] = name or os.path.splitext(os.path.basename(f))[0]
-                if namespace is not None:
-                    todo.append(namespace)
+
+    def visit(value: Any) -> List[Dict[str, Any]]:
+        found = []
+        for name, f, namespace in _referenced(value):
+            if not f or f in out or not _users(f, root):
+                continue
+            out[f] = name or os.path.splitext(os.path.basename(f))[0]
+            if namespace is not None:
+                found.append(namespace)
+        return found
+
+    _walk_namespaces(namespaces, visit)
     return out
 
 
