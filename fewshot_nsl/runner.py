@@ -352,6 +352,8 @@ def train(ctx: RunContext, progress: bool = True, log=print) -> Dict[str, Any]:
             "pretrain_world_size": int(info.get("pretrain", {}).get("world_size", 1)),
             "resumed": resumed,
             "compiled": compiled,
+            # where training ran: with Ray, a worker's GPU, not the driver's device (finish reads it from here)
+            "device": str(device), "device_name": device_name(device),
             "fast_mode": fast_mode_text(fast),
             "pretrain_fast_mode": (info.get("pretrain", {}).get("trained_with") or {}).get("fast_mode"),
             "host_malloc": retain_freed_memory(),
@@ -475,7 +477,8 @@ def finish(ctx: RunContext, executor: str = "local", eval_peak_mb: Optional[floa
         "params": record.get("params"), "train_time_s": train_time, "eval_time_s": round(eval_time, 2),
         "wall_time_s": round((train_time or 0.0) + eval_time, 2),
         "peak_memory_mb": round(max(peaks), 1) if peaks else None,
-        "device": str(ctx.device), "device_name": device_name(ctx.device),
+        "device": record.get("device") or str(ctx.device),
+        "device_name": record.get("device_name") or device_name(ctx.device),
         "threads": threads or torch.get_num_threads(), "executor": executor,
         "compiled": bool(record.get("compiled", False)), "precision": cfg.precision,
         "transductive": get_method_class(cfg.method).is_transductive(cfg.method_options),

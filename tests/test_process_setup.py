@@ -220,3 +220,32 @@ def test_a_reused_pretraining_says_how_it_was_trained(tmp_path, capsys):
     assert "note: the cached pretraining was trained with fast mode cudnn.benchmark+tf32+channels_last" in out.out + out.err
     (summary,) = [json.loads(p.read_text()) for p in (tmp_path / "results" / "runs").glob("*nearest*/summary.json")]
     assert summary["pretrain_fast_mode"] == "cudnn.benchmark+tf32+channels_last" and summary["fast_mode"] == "off"
+
+
+def test_the_summary_names_the_device_training_ran_on_not_the_drivers(tmp_path):
+    """With Ray from a CPU head node the driver's device is the CPU while workers train on GPUs: the row's
+    ``device`` / ``device_name`` come from ``train.json``, which the process that trained wrote."""
+    import json
+    from pathlib import Path
+
+    from fewshot_nsl.cli import main
+
+    repo = Path(__file__).resolve().parent.parent
+    args = ["--results-dir", str(tmp_path / "results"), "--cache-dir", str(tmp_path / "cache"), "--threads", "1",
+            "--plugins", str(repo / "tests" / "plugins"), "--dataset", "tiny", "--image-size", "16",
+            "--profile", "smoke", "--queries", "3", "--n-episodes", "2", "--shots", "1", "--no-progress",
+            "--method", "nearest_neighbor"]
+    threads = torch.get_num_threads()
+    try:
+        assert main(args) == 0
+        (run,) = (tmp_path / "results" / "runs").iterdir()
+        record = json.loads((run / "train.json").read_text())
+        assert record["device"] == "cpu" and record["device_name"]
+        record.update(device="cuda:0", device_name="NVIDIA H100 80GB HBM3")  # as a Ray GPU worker writes it
+        (run / "train.json").write_text(json.dumps(record))
+        (run / "summary.json").unlink()  # finished again by this (CPU) process, as the Ray driver finishes it
+        assert main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["device"], summary["device_name"]) == ("cuda:0", "NVIDIA H100 80GB HBM3")
