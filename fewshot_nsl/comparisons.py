@@ -214,7 +214,7 @@ def compare_stats(a: str, b: str, results_dir: Path) -> Dict[str, Any]:
         ``seed_b``, ``episode_hash``, ``dataset``, ``ways``, ``shots``, ``n_paired``, ``accuracy_a``,
         ``ci95_a``, ``failed_a``, ``accuracy_b``, ``ci95_b``, ``failed_b``, ``diff`` (A - B, accuracy
         points), ``diff_ci95``, ``t_stat``, ``p_value`` (paired t-test), ``p_wilcoxon``, ``episodes_a``,
-        ``episodes_b``, ``n_a``, ``n_b`` (episodes summarised) and ``warnings`` (a list of ``warning: ...`` lines, :func:`check_comparable`).
+        ``episodes_b``, ``n_a``, ``n_b`` (episodes summarised), ``code_a``, ``code_b`` (the runs' code hashes) and ``warnings`` (a list of ``warning: ...`` lines, :func:`check_comparable`).
 
     Raises:
         ConfigError: a run is missing or unfinished, the two used different episode lists, or
@@ -246,6 +246,7 @@ def compare_stats(a: str, b: str, results_dir: Path) -> Dict[str, Any]:
         "accuracy_b": sb.mean, "ci95_b": sb.ci95, "failed_b": _failed(db, n), "n_b": sb.n,
         "diff": pc.mean_diff, "diff_ci95": pc.ci95, "t_stat": pc.t_stat, "p_value": pc.p_value,
         "p_wilcoxon": pc.wilcoxon_p, "episodes_a": len(va), "episodes_b": len(vb), "warnings": warnings,
+        "code_a": ma.get("code_hash"), "code_b": mb.get("code_hash"),
     }
 
 
@@ -258,9 +259,12 @@ def compare_runs(a: str, b: str, results_dir: Path) -> str:
     """
     s = compare_stats(a, b, results_dir)
     sig = "significant" if s["p_value"] < 0.05 else "not significant"
+    # two versions of one method (an edited plugin) read alike but for their code: say which code each ran
+    versions = s["method_a"] == s["method_b"] and s["code_a"] != s["code_b"]
+    code = (lambda c: f", code {str(c)[:8]}") if versions else (lambda c: "")
     return "\n".join(list(s["warnings"]) + [
-        f"A: {s['run_a']}  ({s['method_a']} {s['backbone_a']}, seed {s['seed_a']})",
-        f"B: {s['run_b']}  ({s['method_b']} {s['backbone_b']}, seed {s['seed_b']})",
+        f"A: {s['run_a']}  ({s['method_a']} {s['backbone_a']}, seed {s['seed_a']}{code(s['code_a'])})",
+        f"B: {s['run_b']}  ({s['method_b']} {s['backbone_b']}, seed {s['seed_b']}{code(s['code_b'])})",
         f"episodes: {s['n_paired']} paired (episode list {s['episode_hash']}, {s['ways']}-way {s['shots']}-shot, "
         f"{s['dataset']})",
         f"{_side('A', s['accuracy_a'], s['ci95_a'], s['n_a'], s['failed_a'])}   "

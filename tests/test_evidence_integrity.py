@@ -223,3 +223,20 @@ def test_an_unwritable_results_folder_is_one_error_line(finished, tmp_path, caps
     code, out = cli(results, capsys, "--forget", "--method", "protonet")
     assert code == 2 and "Read-only file system" in out and "Traceback" not in out, out
     assert len(read_leaderboard(results / "leaderboard.csv")) == 2  # nothing was lost
+
+
+def test_compare_names_the_code_of_two_versions_of_one_method(finished, tmp_path, capsys):
+    import shutil
+
+    results = finished(tmp_path)
+    a, b = run_dir(results, "nearest_neighbor"), run_dir(results, "protonet")
+    code, out = cli(results, capsys, "--compare", a.name, b.name)
+    assert code == 0 and ", code " not in out  # two methods: their names tell them apart
+    edited = results / "runs" / "protonet_edited"  # the same method after an edit of its code
+    shutil.copytree(b, edited)
+    summary = json.loads((edited / "summary.json").read_text())
+    summary["code_hash"] = "0123456789abcdef"
+    (edited / "summary.json").write_text(json.dumps(summary))
+    code, out = cli(results, capsys, "--compare", edited.name, b.name)
+    code_b = json.loads((b / "summary.json").read_text())["code_hash"]
+    assert code == 0 and "code 01234567)" in out and f"code {code_b[:8]})" in out, out
