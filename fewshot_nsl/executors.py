@@ -306,7 +306,10 @@ class RayExecutor:
                 cfg = _absolute(job.cfg)
                 gpus = job_gpus[k]
                 r_pre, r_train, r_eval = remotes[gpus]
-                ctx = prepare(cfg, job.store, job.episodes, log=_silent)
+                # the driver only prepares folders and merges results: it needs no GPU (it may be a CPU-only head
+                # node; the tasks run on the GPUs Ray gives them, and the row records where training ran)
+                ctx = prepare(dataclasses.replace(cfg, device="cpu") if gpus else cfg, job.store, job.episodes,
+                              log=_silent)
                 salvage_shards(ctx)
                 missing = missing_episodes(ctx)
                 st = {"job": job, "ctx": ctx, "pending": set(), "peak": [], "failed": False,

@@ -131,3 +131,14 @@ def test_task_gpus():
     assert task_gpus("cuda", 1) == 1 and task_gpus("cuda:3", 8) == 1 and task_gpus("cpu", 8) == 0
     with pytest.raises(ConfigError, match="has no GPU"):
         task_gpus("cuda:0", 0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a driver without CUDA")
+def test_device_cuda_from_a_cpu_head_reaches_the_gpu_tasks(tmp_path, monkeypatch, threads):
+    """``--device cuda`` on a GPU cluster driven from a CPU-only head node: the driver prepares folders without a
+    GPU (before, its own device check refused the run there); the tasks ask for a GPU, and this process, a worker
+    without one, refuses in the task's line."""
+    ray, res, log = _run(tmp_path, monkeypatch, {"CPU": 4.0, "GPU": 1.0}, "cuda")
+    assert ray.calls and all(opts["num_gpus"] == 1 for _, opts in ray.calls), ray.calls
+    (failed,) = res.failed
+    assert "sees none" in failed.error and "no CUDA GPU is available" not in failed.error, failed.error
