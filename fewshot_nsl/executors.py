@@ -35,6 +35,7 @@ Workers need the results and cache folders: on one machine they are shared; on a
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -212,7 +213,6 @@ def eval_task(cfg, indices: List[int], plugin_dirs: Sequence[str], threads: int,
 
 def _absolute(cfg):
     """The config with its paths made absolute (workers may run elsewhere)."""
-    import dataclasses
 
     from .data.store import default_cache_dir
 
