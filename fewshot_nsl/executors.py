@@ -213,7 +213,6 @@ def eval_task(cfg, indices: List[int], plugin_dirs: Sequence[str], threads: int,
 
 def _absolute(cfg):
     """The config with its paths made absolute (workers may run elsewhere)."""
-
     from .data.store import default_cache_dir
 
     def ab(p: Optional[str]) -> Optional[str]:
