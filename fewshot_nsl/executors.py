@@ -308,7 +308,7 @@ class RayExecutor:
                 # the driver only prepares folders and merges results: it needs no GPU (it may be a CPU-only head
                 # node; the tasks run on the GPUs Ray gives them, and the row records where training ran)
                 ctx = prepare(dataclasses.replace(cfg, device="cpu") if gpus else cfg, job.store, job.episodes,
-                              log=_silent)
+                              log=log)  # its warnings (e.g. a changed record set aside) reach the user
                 salvage_shards(ctx)
                 missing = missing_episodes(ctx)
                 st = {"job": job, "ctx": ctx, "pending": set(), "peak": [], "failed": False,
