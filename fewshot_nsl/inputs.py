@@ -40,6 +40,10 @@ class SmallSplitWarning(SuiteWarning):
 # ----------------------------------------------------------------------------- inputs
 def load_store(cfg: RunConfig) -> ImageStore:
     """Create the dataset store (cached) with the run's image size."""
+    from .registry import DATASETS
+
+    # the user's options first: an unknown one lists those a user may set, not the ones the harness passes itself
+    check_kwargs(DATASETS.get(cfg.dataset), cfg.dataset_options, f"dataset '{cfg.dataset}'", harness_args=None)
     return create_dataset(
         cfg.dataset, data_root=cfg.data_root, image_size=cfg.image_size, cache_dir=_stores_dir(cfg), **cfg.dataset_options
     )

@@ -65,3 +65,11 @@ def test_training_stages_given_as_a_string_is_one_line_that_names_the_comma(tmp_
     code, out, err = cli(tmp_path, capsys, "--method", "stages_as_a_string")
     assert code == 2 and len(error_lines(err)) == 1, out + err
     assert "training_stages must be a tuple" in err and "('episodic',)" in err, err
+
+
+def test_an_unknown_dataset_option_lists_only_what_a_user_may_set(tmp_path, capsys):
+    code, out, err = cli(tmp_path, capsys, "--method", "protonet", "--set", "dataset_options.sizee=3")
+    assert code == 2 and len(error_lines(err)) == 1, out + err
+    line = error_lines(err)[0]
+    assert "unknown option(s) sizee for dataset 'tiny'" in line
+    assert not any(name in line for name in ("cache_dir", "data_root", "image_size")), line
