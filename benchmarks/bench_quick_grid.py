@@ -59,6 +59,11 @@ def read_leaderboard(directory: Path) -> Dict[Cell, Dict[str, str]]:
 SAME_EPISODES = ("episode_hash", "dataset_fingerprint", "split", "precision")
 
 
+def _episodes_key(row: Dict[str, str], key: str) -> str:
+    """``row[key]`` of :data:`SAME_EPISODES`; rows written before the precision option ran in fp32."""
+    return row.get(key) or ("fp32" if key == "precision" else "")
+
+
 def episode_accuracies(directory: Path, row: Dict[str, str]) -> Optional[Dict[str, float]]:
     """Episode -> accuracy (%) averaged over the row's seeds (``run_id`` is ``;``-separated for several), from the
     run folders behind ``row`` (``runs/<run_id>/episodes.csv``); None if one is absent."""
@@ -120,8 +125,7 @@ def print_compare(rows: Dict[Cell, Dict[str, str]], here: Path, other_rows: Dict
             return f"x{a / b:.2f}" if b > 0 and a == a else "-"
 
         mine, theirs = episode_accuracies(here, r), episode_accuracies(other, o)
-        unlike = [k for k in SAME_EPISODES if (r.get(k) or "fp32" if k == "precision" else r.get(k))
-                  != (o.get(k) or "fp32" if k == "precision" else o.get(k))]
+        unlike = [k for k in SAME_EPISODES if _episodes_key(r, k) != _episodes_key(o, k)]
         if unlike:  # other test episodes (or precision): pairing them by index would compare unrelated episodes
             eps = f"not paired: {', '.join(unlike)} differ"
         elif mine is None or theirs is None:

@@ -287,8 +287,7 @@ def _benchmark(method: Any, shots: Any, dataset: Any, *, backbone: Any, config: 
 
         for old, new in kept:
             if old is not None and has_less_evidence(new, old):
-                line = kept_row_line(old, new, results_dir).replace(
-                    "--replace-row (benchmark(..., replace_row=True))", "replace_row=True")
+                line = kept_row_line(old, new, results_dir, replace="replace_row=True")
             else:  # another process wrote (or removed) the cell's row after this call wrote its own
                 now = f"run {key_text(old.get('run_id'))}'s" if old is not None else "no row"
                 line = (f"leaderboard: {results_dir / 'leaderboard.csv'} holds {now} for {new.get('method')} "
@@ -329,7 +328,7 @@ def _grid_rows(result: Any, results_dir: Path):
     """:func:`grid_rows`, and the ``(the cell's leaderboard row or None, run's row)`` pairs of the cells whose
     row is not on the leaderboard."""
     from .comparisons import key_text
-    from .leaderboard import KEY
+    from .leaderboard import board_row
     from .reporting import read_leaderboard
 
     rows = [p.row for p in result.cells if p.row is not None]
@@ -345,10 +344,7 @@ def _grid_rows(result: Any, results_dir: Path):
         if run_id in by_run:
             out.append({**board.loc[by_run[run_id]].to_dict(), "on_leaderboard": True, "leaderboard_run_id": run_id})
             continue
-        same = pd.Series(True, index=board.index)
-        for k in KEY:
-            same &= (board[k].map(key_text) if k in board.columns else "") == key_text(row.get(k))
-        old = board[same].iloc[0].to_dict() if len(board) and same.any() else None
+        old = board_row(board, row)
         out.append({**row, "on_leaderboard": False,
                     "leaderboard_run_id": (key_text(old.get("run_id")) or None) if old is not None else None})
         kept.append((old, row))

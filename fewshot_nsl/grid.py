@@ -34,9 +34,8 @@ from .data.episodes import EpisodeList
 from .data.store import ImageStore
 from .errors import ConfigError, FewShotError
 from .registry import METHODS, PLUGIN_ERRORS, list_methods
-from .comparisons import key_text
 from .leaderboard import (
-    KEY,
+    board_row,
     cell_summaries,
     check_leaderboard,
     forget_rows,
@@ -312,7 +311,7 @@ def plan(
                 results_dir = cfg.results_dir
                 board = read_leaderboard(Path(results_dir) / "leaderboard.csv")
             expected = ";".join(s["run_id"] for s in cell_summaries(list(pc.summaries.values()), cfg.results_dir))
-            row = _board_row(board, pc.summaries[cfgs[0].seed])
+            row = board_row(board, pc.summaries[cfgs[0].seed])
             if row is not None and str(row.get("run_id")) == expected and \
                     str(row.get("episode_hash")) == episodes.sha256 and str(row.get("config_hash")) == pc.summaries[cfgs[0].seed]["config_hash"]:
                 pc.status, pc.row = "complete", dict(row)
@@ -326,15 +325,6 @@ def plan(
         out.append(pc)
     return out
 
-
-def _board_row(board, summary: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    if board is None or board.empty:
-        return None
-    same = board[KEY[0]].map(key_text) == key_text(summary.get(KEY[0]))
-    for k in KEY[1:]:
-        same &= board[k].map(key_text) == key_text(summary.get(k))
-    hit = board[same]
-    return None if hit.empty else hit.iloc[0].to_dict()
 
 
 # ----------------------------------------------------------------------------- running

@@ -244,15 +244,17 @@ def _measured(row: Dict[str, Any]) -> str:
     return f"{episodes} episodes x {seeds} seed{'s' if seeds != 1 else ''}"
 
 
-def kept_row_line(old: Dict[str, Any], new: Dict[str, Any], results_dir: Path) -> str:
-    """The console line saying that ``old`` stays on the leaderboard instead of ``new``."""
+def kept_row_line(old: Dict[str, Any], new: Dict[str, Any], results_dir: Path,
+                  replace: str = "--replace-row (benchmark(..., replace_row=True))") -> str:
+    """The console line saying that ``old`` stays on the leaderboard instead of ``new``; ``replace``: how to
+    replace it (the CLI flag, or the API argument)."""
     runs = [r for r in key_text(new.get("run_id")).split(";") if r]
     where = Path(results_dir) / "runs"
     at = f"its run is {where / runs[0]}" if len(runs) == 1 else f"its runs are in {where}: {', '.join(runs)}"
     what = (f"{old.get('method')} {old.get('backbone')} {key_text(old.get('ways'))}-way "
             f"{key_text(old.get('shots'))}-shot on {old.get('dataset')}")
     return (f"leaderboard: kept the row of {what} measured on {_measured(old)}; this result has less evidence "
-            f"({_measured(new)}; {at}); pass --replace-row (benchmark(..., replace_row=True)) to replace the row")
+            f"({_measured(new)}; {at}); pass {replace} to replace the row")
 
 
 def upsert_row(path: Path, row: Dict[str, Any], reference: Optional[str] = None, replace: bool = False,
@@ -286,6 +288,17 @@ def upsert_row(path: Path, row: Dict[str, Any], reference: Optional[str] = None,
         df = _ordered(df)
         _write_atomic_csv(df, path)
     return df
+
+
+def board_row(board: Optional[pd.DataFrame], row: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The leaderboard row with ``row``'s :data:`KEY` (a run summary or a leaderboard row), None if there is none."""
+    if board is None or board.empty:
+        return None
+    same = pd.Series(True, index=board.index)
+    for k in KEY:
+        same &= board[k].map(key_text) == key_text(row.get(k))
+    hit = board[same]
+    return None if hit.empty else hit.iloc[0].to_dict()
 
 
 def refresh_paired(path: Path, reference: Optional[str] = None) -> pd.DataFrame:
@@ -404,17 +417,6 @@ def cell_summaries(summaries: Sequence[Dict[str, Any]], results_dir: Path) -> Li
     return [by_seed[k] for k in sorted(by_seed)]
 
 
-def run_accuracies(run_dir: Path, n: int) -> np.ndarray:
-    """Per-episode accuracies (%) of a finished run, episodes ``0..n-1``; a failed (non-finite)
-    episode counts as wrong (0). Only from a record that still backs the run's summary
-    (:func:`~fewshot_nsl.episode_log.verified_accuracies`).
-
-    Raises:
-        DataError: the run's record is gone or changed, or an episode has no row (the run is not finished).
-    """
-    return verified_accuracies(Path(run_dir), n)
-
-
 def row_evidence_problem(row: Dict[str, Any], results_dir: Path) -> Optional[str]:
     """Why a leaderboard row is not backed by its runs, or None when it is: every run its ``run_id`` names
     (``;``-separated seeds) has its folder under ``<results_dir>/runs`` with a per-episode record that backs its
@@ -431,10 +433,7 @@ def row_evidence_problem(row: Dict[str, Any], results_dir: Path) -> Optional[str
         d = Path(results_dir) / "runs" / rid
         if not d.is_dir():
             return f"its run folder runs/{rid} is gone"
-        problem = evidence_problem(d)
-        if problem is not None:
-            return f"run {rid}: {problem}"
-        try:
+        try:  # the record checked against its summary once (verified_accuracies), its first clause kept
             means.append(float(verified_accuracies(d, None if pd.isna(n) else int(n)).mean()))
         except DataError as exc:
             return str(exc).split(";")[0]
@@ -463,7 +462,7 @@ def aggregate(summaries: Sequence[Dict[str, Any]], results_dir: Path, other_seed
         raise ValueError("aggregate needs at least one run summary")
     summaries = cell_summaries(summaries, results_dir) if other_seeds else sorted(summaries, key=lambda s: int(s["seed"]))
     n = int(summaries[0]["episodes"])
-    mat = np.stack([run_accuracies(Path(results_dir) / "runs" / s["run_id"], n) for s in summaries])
+    mat = np.stack([verified_accuracies(Path(results_dir) / "runs" / s["run_id"], n) for s in summaries])
     per_episode = mat.mean(axis=0)
     ep = summarize(per_episode)
     seed_means = mat.mean(axis=1)

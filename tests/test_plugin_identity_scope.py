@@ -62,6 +62,15 @@ def _plugin(folder: Path, name: str, imports: str, reads_settings: bool = False)
     return src
 
 
+def _load(tmp_path: Path, folder_name: str, imports: str):
+    """A plugin folder ``tmp_path/folder_name`` with ``imports`` at its top, loaded: ``(folder, name, class)``."""
+    name = f"pis_{_uid()}"
+    folder = tmp_path / folder_name
+    _plugin(folder, name, imports)
+    load_plugins([folder])
+    return folder, name, get_method_class(name)
+
+
 def _labels(cls) -> dict:
     return {f.label: f.sha256 for f in method_code_files(cls)}
 
@@ -83,11 +92,7 @@ def lab(tmp_path, monkeypatch):
 
 def test_editing_a_helper_imported_from_another_folder_changes_the_code_hash(tmp_path, lab):
     lib, helper = lab
-    name = f"pis_{_uid()}"
-    folder = tmp_path / "ext"
-    _plugin(folder, name, f"from {helper} import scale")
-    load_plugins([folder])
-    old = get_method_class(name)
+    folder, name, old = _load(tmp_path, "ext", f"from {helper} import scale")
     before = method_code_hash(old)
     assert _labels(old).keys() == {"ext/method.py", f"{helper}.py"}
 
@@ -111,11 +116,7 @@ def test_a_helper_imported_before_the_plugin_is_covered_too(tmp_path, lab):
     """The helper was imported first by other code: found from the plugin's namespace, not its import."""
     lib, helper = lab
     importlib.import_module(helper)
-    name = f"pis_{_uid()}"
-    folder = tmp_path / "ext_late"
-    _plugin(folder, name, f"import {helper} as lab_helper\nscale = lab_helper.scale")
-    load_plugins([folder])
-    cls = get_method_class(name)
+    _, _, cls = _load(tmp_path, "ext_late", f"import {helper} as lab_helper\nscale = lab_helper.scale")
     assert f"{helper}.py" in _labels(cls)
     (lib / f"{helper}.py").write_text("def scale():\n    return 30.0\n")
     with pytest.raises(RegistryError, match="changed on disk since it was imported"):
@@ -124,12 +125,10 @@ def test_a_helper_imported_before_the_plugin_is_covered_too(tmp_path, lab):
 
 def test_a_module_imported_only_for_its_side_effects_is_covered(tmp_path, lab):
     lib, helper = lab
-    name = f"pis_{_uid()}"
-    folder = tmp_path / "ext_side"
-    _plugin(folder, name, f"import {helper} as _h\n_VALUE = _h.scale()\ndel _h\n\n\ndef scale():\n    return _VALUE")
-    load_plugins([folder])
+    _, _, cls = _load(tmp_path, "ext_side", f"import {helper} as _h\n_VALUE = _h.scale()\ndel _h\n\n\ndef scale():\n"
+                                            f"    return _VALUE")
     # nothing of the plugin's namespace points into the helper any more: the record of its import remains
-    assert f"{helper}.py" in _labels(get_method_class(name))
+    assert f"{helper}.py" in _labels(cls)
 
 
 def test_a_data_file_beside_the_plugin_is_part_of_the_code_hash(tmp_path):
